@@ -1,0 +1,3 @@
+from mtlsproxy.cli import main
+
+raise SystemExit(main())

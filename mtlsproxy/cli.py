@@ -1,0 +1,198 @@
+"""Command line: run | check-config | demo | dev-pki. The only module that exits.
+
+Exit codes: 0 success, 1 runtime failure (demo request failed), 2 bad configuration or
+usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mtlsproxy import __version__
+from mtlsproxy.config import Config, admin_is_loopback, load_config, parse_config
+from mtlsproxy.errors import ConfigError, TruststoreError
+from mtlsproxy.pki import DevPKI, write_dev_pki
+
+log = logging.getLogger("mtlsproxy")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format='{"time":"%(asctime)s","level":"%(levelname)s",'
+                               '"logger":"%(name)s","message":"%(message)s"}')
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency; stay usable anyway
+        loop = asyncio.new_event_loop()
+    return loop
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return args.config or os.environ.get("MTLSPROXY_CONFIG")
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    path = _config_path(args)
+    if not path:
+        print("error: --config FILE (or MTLSPROXY_CONFIG) is required", file=sys.stderr)
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    from mtlsproxy.truststore.holder import load_generation
+    problems = []
+    for i, lc in enumerate(config.listeners):
+        try:
+            load_generation(lc)
+        except TruststoreError as exc:
+            key = "mutual_tls.truststore_uri" if "truststore" in str(exc) else "tls.certificates"
+            problems.append(f"listeners[{i}].{key}: {exc}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 2
+    print(f"config ok: {len(config.listeners)} listener(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    if not admin_is_loopback(config):
+        log.warning("admin listener is not on loopback: /metrics and /truststore are exposed")
+    from mtlsproxy.server import ProxyServer
+    try:
+        server = ProxyServer(config)
+    except TruststoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(server.serve())
+    except OSError as exc:
+        print(f"error: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+def cmd_dev_pki(args: argparse.Namespace) -> int:
+    pki = write_dev_pki(Path(args.directory))
+    print(f"wrote a development PKI to {pki.directory}:")
+    for name in ("root-ca.pem", "intermediate-ca.pem", "truststore.pem", "server.pem",
+                 "server.key", "client.pem", "client.key"):
+        print(f"  {pki.directory / name}")
+    return 0
+
+
+def _demo_config(pki: DevPKI, upstream_port: int, port: int) -> Config:
+    raw = {
+        "listeners": [{
+            "name": "demo",
+            "address": f"127.0.0.1:{port}",
+            "tls": {"certificates": [{"cert_file": str(pki.server_cert),
+                                      "key_file": str(pki.server_key)}]},
+            "mutual_tls": {"truststore_uri": str(pki.truststore)},
+            "routes": [{"path_prefix": "/", "upstream": f"http://127.0.0.1:{upstream_port}"}],
+        }],
+        "admin": {"address": "127.0.0.1:0"},
+        "access_log": False,
+    }
+    return parse_config(raw, pki.directory)
+
+
+async def _demo(pki: DevPKI, once: bool, port: int) -> int:
+    from mtlsproxy.demo_client import mtls_get
+    from mtlsproxy.echo import start_echo
+    from mtlsproxy.server import ProxyServer
+    echo = await start_echo()
+    upstream_port = echo.sockets[0].getsockname()[1]
+    server = ProxyServer(_demo_config(pki, upstream_port, port))
+    await server.start()
+    bound = server.listeners[0].bound_port
+    try:
+        status, body = await asyncio.get_running_loop().run_in_executor(
+            None, mtls_get, "127.0.0.1", bound, "/hello", pki)
+    except OSError as exc:
+        print(f"demo request failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"GET https://localhost:{bound}/hello with the demo client certificate -> {status}")
+    print(body.decode("utf-8", "replace"))
+    if status != 200:
+        return 1
+    print("\nTry it yourself:")
+    print(f"  curl --cert {pki.client_cert} --key {pki.client_key} "
+          f"--cacert {pki.root_cert} https://localhost:{bound}/hello")
+    if once:
+        await server.drain()
+        echo.close()
+        return 0
+    print("\nServing until Ctrl-C.")
+    try:
+        await server.serve()
+    finally:
+        echo.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="mtlsproxy-demo-") as tmp:
+        pki = write_dev_pki(Path(tmp))
+        loop = _new_loop()
+        try:
+            return loop.run_until_complete(_demo(pki, args.once, args.port))
+        finally:
+            loop.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtlsproxy",
+                                     description="A mutual-TLS reverse proxy sidecar.")
+    parser.add_argument("--version", action="version", version=f"mtlsproxy {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("MTLSPROXY_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the proxy")
+    p.add_argument("--config", help="config file (default: $MTLSPROXY_CONFIG)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-config", help="validate a config file without serving")
+    p.add_argument("--config", help="config file (default: $MTLSPROXY_CONFIG)")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("demo", help="throw-away PKI + echo upstream + proxy, one request")
+    p.add_argument("--once", action="store_true", help="make the request and exit")
+    p.add_argument("--port", type=int, default=8443, help="proxy port (0: any free port)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("dev-pki", help="write a development PKI to DIR")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=cmd_dev_pki)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,426 @@
+"""Typed, frozen configuration and its loader.
+
+Rules of this module:
+- Every problem is collected, not just the first, and each names its key path
+  (``listeners[0].tls.certificates[0].key_file: file not found: ...``), like ghostunnel's
+  validators. ``load_config`` raises one ``ConfigError`` carrying all of them.
+- Unknown keys are errors: a typo must never silently fall back to a default.
+- Relative paths resolve against the config file's folder.
+- Nothing here opens a socket or exits the process; files are only checked to exist.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from mtlsproxy.errors import ConfigError
+
+SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
+FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    security_policy: str
+    certificates: tuple[CertificateConfig, ...]
+
+
+@dataclass(frozen=True)
+class MutualTLSConfig:
+    """``truststore_uri == ""`` means mutual TLS is off for the listener."""
+
+    truststore_uri: str = ""
+    max_chain_length: int = 4
+    forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
+
+    @property
+    def enabled(self) -> bool:
+        return self.truststore_uri != ""
+
+    @property
+    def truststore_path(self) -> Path:
+        """The local path of a file truststore (a plain path or a file:// URI)."""
+        uri = self.truststore_uri
+        return Path(urlsplit(uri).path) if uri.startswith("file://") else Path(uri)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def key(self) -> str:
+        """The label used in metrics and logs: ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    path_prefix: str
+    upstream: Upstream
+    host: str | None = None
+    strip_prefix: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.host or ''}{self.path_prefix}"
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    # Defaults follow the peers: nginx client_header_timeout 60s is too generous for a
+    # sidecar; Envoy's recommended edge settings use 10s for headers and 60s idle.
+    handshake: float = 10.0
+    request_headers: float = 10.0
+    idle: float = 60.0
+    upstream_connect: float = 5.0
+    upstream_read: float = 60.0  # nginx proxy_read_timeout
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Envoy's max_request_headers_kb defaults to 60; nginx's large buffers to 4 x 8k.
+    max_header_bytes: int = 32768
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    tls: TLSConfig
+    mutual_tls: MutualTLSConfig
+    routes: tuple[RouteConfig, ...]
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    admin: AdminConfig | None = AdminConfig()
+    drain_timeout: float = 20.0
+    parser: str = "httptools"
+    access_log: bool = True
+    source: Path | None = None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks a YAML mapping, recording problems with their key paths."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a mapping, got {type(value).__name__}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.problem(f"{path}.{key}" if path else str(key),
+                             f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def get(self, data: dict[str, Any], key: str, path: str, kind: type[T] | tuple[type, ...],
+            default: T, check: Callable[[Any], str | None] | None = None) -> T:
+        where = f"{path}.{key}" if path else key
+        if key not in data or data[key] is None:
+            return default
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool:
+            self.problem(where, f"must be {_kind_name(kind)}, got bool")
+            return default
+        if not isinstance(value, kind):
+            self.problem(where, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+            return default
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problem(where, message)
+                return default
+        return value  # type: ignore[return-value]
+
+    def required(self, data: dict[str, Any], key: str, path: str) -> bool:
+        if key not in data or data[key] in (None, ""):
+            self.problem(f"{path}.{key}" if path else key, "required")
+            return False
+        return True
+
+    def file(self, data: dict[str, Any], key: str, path: str) -> Path:
+        if not self.required(data, key, path):
+            return Path()
+        raw = data[key]
+        if not isinstance(raw, str):
+            self.problem(f"{path}.{key}", "must be a string path")
+            return Path()
+        resolved = self.resolve(raw)
+        if not resolved.is_file():
+            self.problem(f"{path}.{key}", f"file not found: {resolved}")
+        return resolved
+
+    def resolve(self, raw: str) -> Path:
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "a list", dict: "a mapping"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [ipv6]:port")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    if not host:
+        raise ValueError("missing host")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port {port!r}")
+    return host, int(port)
+
+
+def parse_upstream(value: str) -> Upstream:
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise ValueError("only http:// upstreams are supported (TLS to the upstream is not)")
+    if not parts.hostname:
+        raise ValueError("missing host")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError("must not carry a query, fragment or credentials")
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return Upstream("http", parts.hostname, port, parts.path.rstrip("/"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> ListenerConfig | None:
+    data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
+                                 "timeouts", "limits"))
+    if not data:
+        r.problem(path, "must be a non-empty mapping")
+        return None
+    name = r.get(data, "name", path, str, "")
+    if not name:
+        r.problem(f"{path}.name", "required")
+    elif name in names:
+        r.problem(f"{path}.name", f"duplicate listener name {name!r}")
+    names.add(name)
+    host, port = "", 0
+    if r.required(data, "address", path):
+        try:
+            host, port = parse_address(str(data["address"]))
+        except ValueError as exc:
+            r.problem(f"{path}.address", str(exc))
+
+    tpath = f"{path}.tls"
+    tdata = r.mapping(data.get("tls"), tpath, ("security_policy", "certificates"))
+    if "tls" not in data:
+        r.problem(tpath, "required: every listener terminates TLS")
+    policy = r.get(tdata, "security_policy", tpath, str, "TLS_1_2",
+                   lambda v: None if v in SECURITY_POLICIES
+                   else f"must be one of {', '.join(SECURITY_POLICIES)}")
+    certs: list[CertificateConfig] = []
+    raw_certs = r.get(tdata, "certificates", tpath, list, [])
+    if tdata and not raw_certs:
+        r.problem(f"{tpath}.certificates", "at least one server certificate is required")
+    for i, item in enumerate(raw_certs):
+        cpath = f"{tpath}.certificates[{i}]"
+        cdata = r.mapping(item, cpath, ("cert_file", "key_file"))
+        certs.append(CertificateConfig(r.file(cdata, "cert_file", cpath),
+                                       r.file(cdata, "key_file", cpath)))
+
+    mpath = f"{path}.mutual_tls"
+    mdata = r.mapping(data.get("mutual_tls"), mpath,
+                      ("truststore_uri", "max_chain_length", "forward_client_cert"))
+    uri = r.get(mdata, "truststore_uri", mpath, str, "")
+    if uri.startswith("s3://"):
+        r.problem(f"{mpath}.truststore_uri", "s3:// truststores are not supported yet")
+        uri = ""
+    elif uri:
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        resolved = r.resolve(local)
+        if not resolved.is_file():
+            r.problem(f"{mpath}.truststore_uri", f"file not found: {resolved}")
+        uri = str(resolved)
+    families = r.get(mdata, "forward_client_cert", mpath, list, list(FORWARD_FAMILIES))
+    for i, fam in enumerate(families):
+        if fam not in FORWARD_FAMILIES:
+            r.problem(f"{mpath}.forward_client_cert[{i}]",
+                      f"unknown header family {fam!r} (allowed: {', '.join(FORWARD_FAMILIES)})")
+    mtls = MutualTLSConfig(
+        truststore_uri=uri,
+        max_chain_length=r.get(mdata, "max_chain_length", mpath, int, 4,
+                               lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"),
+        forward_client_cert=tuple(f for f in families if f in FORWARD_FAMILIES),
+    )
+
+    routes: list[RouteConfig] = []
+    raw_routes = r.get(data, "routes", path, list, [])
+    if not raw_routes:
+        r.problem(f"{path}.routes", "at least one route is required")
+    seen: set[tuple[str | None, str]] = set()
+    for i, item in enumerate(raw_routes):
+        rpath = f"{path}.routes[{i}]"
+        rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix"))
+        prefix = r.get(rdata, "path_prefix", rpath, str, "/",
+                       lambda v: None if v.startswith("/") else "must start with /")
+        rhost = r.get(rdata, "host", rpath, str, "") or None
+        if (rhost, prefix) in seen:
+            r.problem(rpath, f"duplicate route for host {rhost!r} and path_prefix {prefix!r}")
+        seen.add((rhost, prefix))
+        upstream = Upstream("http", "", 0, "")
+        if r.required(rdata, "upstream", rpath):
+            try:
+                upstream = parse_upstream(str(rdata["upstream"]))
+            except ValueError as exc:
+                r.problem(f"{rpath}.upstream", str(exc))
+        routes.append(RouteConfig(
+            path_prefix=prefix if prefix == "/" else prefix.rstrip("/"),
+            upstream=upstream,
+            host=rhost.lower() if rhost else None,
+            strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
+        ))
+
+    tmpath = f"{path}.timeouts"
+    tm = r.mapping(data.get("timeouts"), tmpath, tuple(TimeoutsConfig.__dataclass_fields__))
+    d = TimeoutsConfig()
+    timeouts = TimeoutsConfig(**{
+        k: r.get(tm, k, tmpath, float, getattr(d, k), _positive)
+        for k in TimeoutsConfig.__dataclass_fields__})
+    lpath = f"{path}.limits"
+    lm = r.mapping(data.get("limits"), lpath, tuple(LimitsConfig.__dataclass_fields__))
+    dl = LimitsConfig()
+    limits = LimitsConfig(
+        max_header_bytes=r.get(lm, "max_header_bytes", lpath, int, dl.max_header_bytes,
+                               lambda v: None if 1024 <= v <= 1 << 20
+                               else "must be between 1024 and 1048576"),
+        max_connections=r.get(lm, "max_connections", lpath, int, dl.max_connections,
+                              _positive),
+    )
+    return ListenerConfig(name=name, host=host, port=port,
+                          tls=TLSConfig(policy, tuple(certs)), mutual_tls=mtls,
+                          routes=tuple(routes), timeouts=timeouts, limits=limits)
+
+
+def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a decoded YAML document; raises ConfigError with every problem found."""
+    r = _Reader(base_dir)
+    top = r.mapping(raw, "", ("listeners", "admin", "drain_timeout", "parser", "access_log"))
+    if not isinstance(raw, dict):
+        raise ConfigError(r.problems or ["(top level): must be a mapping"])
+    listeners: list[ListenerConfig] = []
+    raw_listeners = r.get(top, "listeners", "", list, [])
+    if not raw_listeners:
+        r.problem("listeners", "at least one listener is required")
+    names: set[str] = set()
+    addresses: set[tuple[str, int]] = set()
+    for i, item in enumerate(raw_listeners):
+        listener = _read_listener(r, item, f"listeners[{i}]", names)
+        if listener is None:
+            continue
+        if listener.port and (listener.host, listener.port) in addresses:
+            r.problem(f"listeners[{i}].address", "address used by another listener")
+        addresses.add((listener.host, listener.port))
+        listeners.append(listener)
+
+    admin: AdminConfig | None = AdminConfig()
+    if "admin" in top and top["admin"] is False:
+        admin = None
+    elif "admin" in top:
+        adata = r.mapping(top.get("admin"), "admin", ("address",))
+        if "address" in adata:
+            try:
+                ahost, aport = parse_address(str(adata["address"]))
+                admin = AdminConfig(ahost, aport)
+            except ValueError as exc:
+                r.problem("admin.address", str(exc))
+    parser = r.get(top, "parser", "", str, "httptools",
+                   lambda v: None if v in ("httptools", "h11") else "must be httptools or h11")
+    config = Config(
+        listeners=tuple(listeners),
+        admin=admin,
+        drain_timeout=r.get(top, "drain_timeout", "", float, 20.0, _positive),
+        parser=parser,
+        access_log=r.get(top, "access_log", "", bool, True),
+        source=source,
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; raises ConfigError naming every bad key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(config file): cannot read {p}: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"(config file): invalid YAML{where}: {exc}"]) from None
+    return parse_config(raw, p.resolve().parent, source=p.resolve())
+
+
+def admin_is_loopback(config: Config) -> bool:
+    return config.admin is None or _is_loopback(config.admin.host)

@@ -1,0 +1,88 @@
+"""An event inbox between a protocol (producer) and one coroutine (consumer).
+
+Back-pressure: when the body bytes waiting in the inbox exceed ``high``, the producer's
+transport is paused; it resumes once the consumer brings them under ``low``. Memory per
+direction is therefore bounded by ``high`` plus one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from mtlsproxy.http.parser import Data
+
+E = TypeVar("E")
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class Inbox(Generic[E]):
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None],
+                 high: int = HIGH_WATER, low: int = LOW_WATER) -> None:
+        self._events: deque[E] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._pause, self._resume = pause, resume
+        self._high, self._low = high, low
+        self._buffered = 0
+        self._paused = False
+
+    def put(self, events: list[E]) -> None:
+        for ev in events:
+            self._events.append(ev)
+            if isinstance(ev, Data):
+                self._buffered += len(ev.data)
+        if self._buffered > self._high and not self._paused:
+            self._paused = True
+            self._pause()
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """No more events will come: the consumer gets ``exc`` once the queue is empty."""
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._error
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pending(self) -> bool:
+        return bool(self._events)
+
+    def get_nowait(self) -> E | None:
+        if not self._events:
+            return None
+        ev = self._events.popleft()
+        if isinstance(ev, Data):
+            self._buffered -= len(ev.data)
+            if self._paused and self._buffered < self._low:
+                self._paused = False
+                self._resume()
+        return ev
+
+    async def get(self) -> E:
+        while not self._events:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        ev = self.get_nowait()
+        assert ev is not None
+        return ev
+
+    def __repr__(self) -> str:
+        return (f"<Inbox events={len(self._events)} buffered={self._buffered} "
+                f"paused={self._paused} failed={self._error is not None}>")

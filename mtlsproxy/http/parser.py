@@ -1,0 +1,528 @@
+"""The sans-IO HTTP/1.1 parsing seam: bytes in, events out, no sockets.
+
+Two implementations sit behind it: httptools (llhttp), the fast default, and h11, the
+strict reference. The proxy re-serialises every message itself (``http/wire.py``), so a
+parser's job ends at events; framing decisions that could differ between parsers are
+taken HERE, once, by ``_framing`` and ``_check_head``, so both parsers accept exactly the
+same messages (the differential test holds them to that).
+
+Rules of this module:
+- Header names are delivered lower-case; values as received, without surrounding spaces.
+- A message with both Content-Length and Transfer-Encoding, a Transfer-Encoding other
+  than ``chunked``, repeated differing Content-Length, obs-fold, bare LF, or control
+  bytes in a header is refused (RFC 9112 sections 6.1, 6.3, 5.2; request smuggling).
+- Errors are ``RemoteProtocolError`` with the status to answer (400, 431, 501, 505).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+import httptools
+
+from mtlsproxy.errors import RemoteProtocolError
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    expect_continue: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: bytes
+    http_version: bytes
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    close_delimited: bool = False
+
+
+@dataclass(slots=True)
+class Informational:
+    status: int
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    pass
+
+
+END = EndOfMessage()
+Event = Request | Response | Informational | Data | EndOfMessage
+
+
+class RequestParser(Protocol):
+    def feed(self, data: bytes) -> list[Event]: ...
+
+
+class ResponseParser(Protocol):
+    def expect(self, method: bytes) -> None: ...
+    def feed(self, data: bytes) -> list[Event]: ...
+    def feed_eof(self) -> list[Event]: ...
+
+
+# -- shared checks ----------------------------------------------------------------------
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_VERSIONS = (b"1.1", b"1.0")
+# llhttp refuses methods it does not know; h11 takes any token. The proxy takes the common
+# ones that both parse (RFC 9110 section 9 plus PATCH and WebDAV).
+METHODS = frozenset({
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"TRACE", b"PATCH",
+    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    b"SEARCH", b"PURGE",
+})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def _keep_alive(version: bytes, headers: Headers) -> bool:
+    tokens = _connection_tokens(headers)
+    if b"close" in tokens:
+        return False
+    return version == b"1.1" or b"keep-alive" in tokens
+
+
+def _framing(headers: Headers, is_request: bool) -> tuple[bool, int | None]:
+    """(chunked, content_length) per RFC 9112 section 6, strictly."""
+    te = [v for n, v in headers if n == b"transfer-encoding"]
+    cl = [v for n, v in headers if n == b"content-length"]
+    if te and cl:
+        raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
+    if te:
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        if codings != [b"chunked"]:
+            raise RemoteProtocolError("unsupported Transfer-Encoding",
+                                      501 if is_request else 502)
+        return True, None
+    if cl:
+        values = {c.strip() for v in cl for c in v.split(b",")}
+        if len(values) != 1:
+            raise RemoteProtocolError("conflicting Content-Length values")
+        (value,) = values
+        if not value.isdigit() or len(value) > 18:
+            raise RemoteProtocolError("invalid Content-Length")
+        return False, int(value)
+    return False, None
+
+
+def _check_head(headers: Headers) -> None:
+    for name, value in headers:
+        if not _TOKEN.match(name):
+            raise RemoteProtocolError(f"invalid header name {name[:40]!r}")
+        if _BAD_VALUE.search(value):
+            raise RemoteProtocolError(f"invalid byte in header {name.decode()!r}")
+
+
+def _check_raw_head(raw: bytes) -> None:
+    """Line-level rules that the two parsers do not agree on by themselves."""
+    if b"\n" in raw.replace(b"\r\n", b""):
+        raise RemoteProtocolError("bare LF line ending")
+    for line in raw.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise RemoteProtocolError("obs-fold header continuation")
+    if b"\x00" in raw:
+        raise RemoteProtocolError("NUL byte in message head")
+
+
+def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers) -> Request:
+    if method == b"CONNECT" or b"upgrade" in _connection_tokens(headers):
+        raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
+    if method not in METHODS:
+        raise RemoteProtocolError("unknown method", 501)
+    if version not in _VERSIONS:
+        raise RemoteProtocolError("unsupported HTTP version", 505)
+    _check_head(headers)
+    if not target or (target[:1] != b"/" and target != b"*" and not target.startswith(
+            (b"http://", b"https://"))):
+        raise RemoteProtocolError("invalid request target")
+    if any(c <= 0x20 or c == 0x7F for c in target):
+        raise RemoteProtocolError("invalid byte in request target")
+    hosts = [v for n, v in headers if n == b"host"]
+    if len(hosts) > 1 or (version == b"1.1" and not hosts):
+        raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
+    chunked, length = _framing(headers, True)
+    expect = any(n == b"expect" and v.strip().lower() == b"100-continue" for n, v in headers)
+    return Request(method, target, version, headers, _keep_alive(version, headers), chunked,
+                   length, expect)
+
+
+def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
+                   method: bytes) -> Response:
+    _check_head(headers)
+    no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+    chunked, length = _framing(headers, False)
+    if no_body:
+        chunked = False
+    close_delimited = not no_body and not chunked and length is None
+    keep = _keep_alive(version, headers) and not close_delimited
+    return Response(status, reason, version, headers, keep, chunked, length, close_delimited)
+
+
+# -- httptools (llhttp) -------------------------------------------------------------------
+
+@dataclass
+class _Head:
+    url: bytearray = field(default_factory=bytearray)
+    headers: Headers = field(default_factory=list)
+    size: int = 0
+
+
+class HttptoolsRequestParser:
+    """llhttp behind the seam; the default fast path."""
+
+    def __init__(self, max_header_bytes: int = 32768) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._head: _Head | None = None
+        self._raw_size = 0
+        self._in_body = False
+
+    # llhttp callbacks
+    def on_message_begin(self) -> None:
+        self._head = _Head()
+        self._in_body = False
+
+    def on_url(self, url: bytes) -> None:
+        assert self._head is not None
+        self._head.url += url
+        self._head.size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._head.headers.append((name.lower(), value.strip(b" \t")))
+        self._head.size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        head, self._head = self._head, None
+        assert head is not None
+        self._in_body = True
+        p = self._parser
+        self._events.append(_make_request(p.get_method(), bytes(head.url),
+                                          p.get_http_version().encode(), head.headers))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._events.append(END)
+
+    def feed(self, data: bytes) -> list[Event]:
+        # llhttp buffers a header line until it ends: count the bytes of a head in
+        # progress here, so one endless header line meets the limit too.
+        head_in_progress = self._head is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade/CONNECT: the proxy does not tunnel; refuse rather than forward bytes
+            # that llhttp stopped parsing.
+            raise RemoteProtocolError("protocol upgrade is not supported", 501) from None
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RemoteProtocolError):
+                raise cause from None
+            raise RemoteProtocolError(f"malformed request: {exc}") from None
+        except httptools.HttpParserError as exc:
+            raise RemoteProtocolError(f"malformed request: {exc}") from None
+        if self._head is not None:
+            self._raw_size = (self._raw_size if head_in_progress else 0) + len(data)
+            if self._raw_size > self.max_header_bytes or self._head.size > self.max_header_bytes:
+                raise RemoteProtocolError("request header block too large", 431)
+        else:
+            self._raw_size = 0
+        events, self._events = self._events, []
+        return events
+
+
+class HttptoolsResponseParser:
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._method = b"GET"
+        self._events: list[Event] = []
+        self._new()
+
+    def _new(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: _Head | None = None
+        self._response: Response | None = None
+        self._done = False
+
+    def expect(self, method: bytes) -> None:
+        self._method = method
+        if self._done:
+            self._new()
+
+    def on_message_begin(self) -> None:
+        self._head = _Head()
+
+    def on_status(self, status: bytes) -> None:
+        assert self._head is not None
+        self._head.url += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._head.headers.append((name.lower(), value.strip(b" \t")))
+        self._head.size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        head, self._head = self._head, None
+        assert head is not None
+        p = self._parser
+        status = p.get_status_code()
+        if 100 <= status < 200:
+            self._events.append(Informational(status))
+            return
+        self._response = _make_response(status, bytes(head.url), p.get_http_version().encode(),
+                                        head.headers, self._method)
+        self._events.append(self._response)
+        if self._method == b"HEAD":
+            # llhttp cannot be told that this answers a HEAD: end the message here and use
+            # a fresh parser for the next response.
+            self._events.append(END)
+            self._done = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        if self._response is not None and not self._done:
+            self._events.append(END)
+            self._done = True
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._done:
+            raise RemoteProtocolError("upstream sent data after a complete response", 502)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RemoteProtocolError):
+                raise RemoteProtocolError(str(cause), 502) from None
+            raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not self._done:
+                raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
+        if self._head is not None and self._head.size > self.max_header_bytes:
+            raise RemoteProtocolError("response header block too large", 502)
+        events, self._events = self._events, []
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        r = self._response
+        if r is not None and not self._done and r.close_delimited:
+            self._done = True
+            return [END]
+        if self._done:
+            return []
+        raise RemoteProtocolError("upstream closed the connection mid-response", 502)
+
+
+# -- h11 ------------------------------------------------------------------------------
+
+def _h11_headers(headers: h11._headers.Headers) -> Headers:
+    return [(bytes(n), bytes(v)) for n, v in headers]
+
+
+class _ChunkLines:
+    """Checks the line endings of a chunked body, which h11 reads leniently (bare LF).
+
+    Only framing lines are looked at (size lines, the CRLF after data, trailers); chunk
+    data passes through uncounted. llhttp refuses a bare LF there, so h11 must too.
+    """
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+        self._remaining = 0
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n and self._state != "done":
+            if self._state == "data":
+                take = min(self._remaining, n - i)
+                i += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "crlf"
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self._line += data[i:]
+                if len(self._line) > 4096:
+                    raise RemoteProtocolError("chunk line too long")
+                return
+            line = bytes(self._line) + data[i:j + 1]
+            self._line.clear()
+            i = j + 1
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                raise RemoteProtocolError("bare LF in chunked framing")
+            self._line_done(line[:-2])
+
+    def _line_done(self, line: bytes) -> None:
+        if self._state == "crlf":
+            if line:
+                raise RemoteProtocolError("chunk data longer than its size")
+            self._state = "size"
+        elif self._state == "size":
+            size = line.split(b";", 1)[0].strip()
+            try:
+                self._remaining = int(size, 16)
+            except ValueError:
+                raise RemoteProtocolError("invalid chunk size") from None
+            self._state = "data" if self._remaining else "trailer"
+        elif self._state == "trailer" and not line:
+            self._state = "done"
+
+
+class H11RequestParser:
+    """h11 behind the seam; the strict reference implementation."""
+
+    def __init__(self, max_header_bytes: int = 32768) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._raw_head = bytearray()
+        self._in_body = False
+        self._chunks: _ChunkLines | None = None
+
+    def _finish_cycle(self) -> None:
+        # h11 parses the next request only after a response was sent; the proxy writes
+        # its own responses, so tell h11 a minimal one went out.
+        c = self._conn
+        if c.our_state is h11.SEND_RESPONSE:
+            c.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+            c.send(h11.EndOfMessage())
+        if c.our_state is h11.DONE and c.their_state is h11.DONE:
+            c.start_next_cycle()
+
+    def feed(self, data: bytes) -> list[Event]:
+        if not self._in_body:
+            # h11 tolerates obs-fold and bare LF where llhttp refuses them: hold h11 to
+            # llhttp's line rules so the two parsers accept the same heads.
+            self._raw_head += data
+            end = self._raw_head.find(b"\r\n\r\n")
+            _check_raw_head(bytes(self._raw_head if end < 0 else self._raw_head[:end]))
+        elif self._chunks is not None:
+            self._chunks.feed(data)
+        self._conn.receive_data(data)
+        events: list[Event] = []
+        while True:
+            try:
+                ev = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                raise RemoteProtocolError(f"malformed request: {exc}", status) from None
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
+                break
+            if isinstance(ev, h11.Request):
+                self._raw_head.clear()
+                self._in_body = True
+                headers = _h11_headers(ev.headers)
+                request = _make_request(ev.method, ev.target, ev.http_version, headers)
+                events.append(request)
+                if request.chunked:
+                    self._chunks = _ChunkLines()
+                    self._chunks.feed(self._conn.trailing_data[0])
+            elif isinstance(ev, h11.Data):
+                events.append(Data(bytes(ev.data)))
+            elif isinstance(ev, h11.EndOfMessage):
+                events.append(END)
+                self._in_body = False
+                self._chunks = None
+                self._finish_cycle()
+                # What h11 holds beyond this message starts the next head.
+                self._raw_head = bytearray(self._conn.trailing_data[0])
+        return events
+
+
+class H11ResponseParser:
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self._method = b"GET"
+
+    def expect(self, method: bytes) -> None:
+        c = self._conn
+        if c.our_state is h11.DONE and c.their_state is h11.DONE:
+            c.start_next_cycle()
+        self._method = method
+        # h11 frames a response by the request it answers: describe that request to it.
+        c.send(h11.Request(method=method, target="/", headers=[("host", "upstream")]))
+        c.send(h11.EndOfMessage())
+
+    def _drain(self) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            try:
+                ev = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
+                return events
+            if isinstance(ev, h11.InformationalResponse):
+                events.append(Informational(ev.status_code))
+            elif isinstance(ev, h11.Response):
+                events.append(_make_response(ev.status_code, bytes(ev.reason), ev.http_version,
+                                             _h11_headers(ev.headers), self._method))
+            elif isinstance(ev, h11.Data):
+                events.append(Data(bytes(ev.data)))
+            elif isinstance(ev, h11.EndOfMessage):
+                events.append(END)
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._conn.receive_data(data)
+        return self._drain()
+
+    def feed_eof(self) -> list[Event]:
+        self._conn.receive_data(b"")
+        events = self._drain()
+        if not any(e is END for e in events) and self._conn.their_state is not h11.DONE:
+            raise RemoteProtocolError("upstream closed the connection mid-response", 502)
+        return events
+
+
+PARSERS = ("httptools", "h11")
+
+
+def request_parser(kind: str, max_header_bytes: int) -> RequestParser:
+    if kind == "h11":
+        return H11RequestParser(max_header_bytes)
+    return HttptoolsRequestParser(max_header_bytes)
+
+
+def response_parser(kind: str) -> ResponseParser:
+    if kind == "h11":
+        return H11ResponseParser()
+    return HttptoolsResponseParser()

@@ -1,0 +1,403 @@
+"""One client connection's HTTP side: identity check, route, forward, stream back.
+
+Rules of this module:
+- The TLS protocol pushes plaintext into ``plaintext_received``; parsing happens there
+  (sans-IO parser) and events queue in an ``Inbox`` with back-pressure. One task per
+  connection (``run``) consumes them, one request at a time.
+- Identity comes only from the TLS layer (``Verdict``); the certificate headers a client
+  sends are always dropped (``wire.upstream_request_head``).
+- Before the response head is sent, every failure becomes a small JSON error
+  (400/403/404/408/431/501/502/504); after it, the only honest signal is closing the
+  connection. Either way the client is never left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING
+
+from mtlsproxy.config import Upstream
+from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
+from mtlsproxy.flow import Inbox
+from mtlsproxy.http import wire
+from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
+from mtlsproxy.identity.cache import Verdict
+from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
+from mtlsproxy.tls.bio import TLSConnection, TLSState
+from mtlsproxy.upstream.connection import UpstreamConnection
+
+if TYPE_CHECKING:
+    from mtlsproxy.listener import ListenerRuntime
+
+
+class _ClientGone(Exception):
+    """The client connection closed while we were writing to it."""
+
+
+class ProxySession:
+    def __init__(self, rt: ListenerRuntime, conn: TLSConnection) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.generation = rt.holder.current  # one snapshot for the connection's life
+        self.verdict: Verdict | None = None
+        self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes)
+        self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
+        self.task: asyncio.Task[None] | None = None
+        self.idle = False  # waiting for a request head (drain may close it)
+        self._head_timer: asyncio.Timeout | None = None
+        self._head_bytes_seen = False
+        self._refusal_counted = False
+        self._parse_failed = False
+        rt.connection_opened(self)
+
+    def __repr__(self) -> str:
+        return f"<ProxySession {self.rt.name} {self.conn!r} idle={self.idle}>"
+
+    # -- TLSHandler ---------------------------------------------------------------------
+
+    def context(self) -> ssl.SSLContext:
+        return self.generation.contexts.default
+
+    def handshake_done(self, conn: TLSConnection) -> None:
+        rt = self.rt
+        resumed = conn.session_reused
+        rt.count_handshake(resumed)
+        gen = self.generation
+        if gen.bundle is None:
+            self.verdict = anonymous(gen.number)
+        else:
+            leaf = conn.peer_certificate_der()
+            if leaf is None:
+                self.verdict = refused(gen.number, "no_client_certificate")
+            else:
+                chain = None if resumed else conn.verified_chain_der()
+                self.verdict, hit = cached_verdict(rt.cache, leaf, chain, gen.bundle,
+                                                   gen.number, rt.config.mutual_tls)
+                rt.count_cache(hit)
+        reason = self.verdict.reason_at(rt.clock())
+        if reason is not None:
+            self._count_refusal(reason)
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None:
+        self.rt.count_handshake_failure(reason, conn.peername[0], exc)
+
+    def plaintext_received(self, data: bytes) -> None:
+        if self._parse_failed:
+            return
+        if self._head_timer is not None and not self._head_bytes_seen:
+            # Slowloris: once a head has started, it must complete within request_headers.
+            self._head_bytes_seen = True
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.rt.config.timeouts.request_headers
+            when = self._head_timer.when()
+            if when is None or deadline < when:
+                self._head_timer.reschedule(deadline)
+        try:
+            events = self.parser.feed(data)
+        except RemoteProtocolError as exc:
+            self._parse_failed = True
+            self.conn.pause_reading()
+            self.inbox.fail(exc)
+            return
+        if events:
+            self.inbox.put(events)
+
+    def eof_received(self) -> None:
+        self.inbox.fail(ConnectionClosed("client closed the connection"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.inbox.fail(ConnectionClosed("client connection lost"))
+        if self.task is not None and not self.task.done() and not self.idle:
+            self.task.cancel()
+        self.rt.connection_closed(self)
+
+    # -- the request loop ---------------------------------------------------------------
+
+    def _count_refusal(self, reason: str) -> None:
+        if not self._refusal_counted:
+            self._refusal_counted = True
+            self.rt.count_handshake_failure(reason, self.conn.peername[0], None)
+
+    async def run(self) -> None:
+        first = True
+        try:
+            while self.conn.state is TLSState.OPEN:
+                request = await self._next_request(first)
+                if request is None:
+                    break
+                first = False
+                if not await self._serve(request):
+                    break
+        except RemoteProtocolError as exc:
+            # A malformed head: answer with its status; nothing went upstream.
+            self._write_error(exc.status_hint, exc.reason, str(exc))
+            self.rt.count_request("", exc.status_hint, 0.0)
+        except TimeoutError:
+            if self._head_bytes_seen:
+                self._write_error(408, "request_timeout")
+                self.rt.count_request("", 408, 0.0)
+        except (ConnectionClosed, _ClientGone, asyncio.CancelledError):
+            pass
+        finally:
+            self.idle = False
+            self.conn.close()
+
+    async def _next_request(self, first: bool) -> Request | None:
+        """The next request head, or None when the client or a drain ends the connection."""
+        ev = self.inbox.get_nowait()
+        if ev is None:
+            if self.rt.draining:
+                return None
+            timeouts = self.rt.config.timeouts
+            self._head_bytes_seen = False
+            self.idle = True
+            try:
+                async with asyncio.timeout(timeouts.request_headers if first
+                                           else timeouts.idle) as self._head_timer:
+                    ev = await self.inbox.get()
+            except ConnectionClosed:
+                return None
+            except TimeoutError:
+                if self._head_bytes_seen:
+                    raise
+                return None  # idle keep-alive connection: close quietly, like nginx
+            finally:
+                self._head_timer = None
+                self.idle = False
+        if not isinstance(ev, Request):
+            raise RemoteProtocolError("unexpected message data")
+        return ev
+
+    def _write_error(self, status: int, reason: str, message: str | None = None,
+                     keep_alive: bool = False) -> int:
+        data = wire.error_response(status, reason, keep_alive,
+                                   None if status != 400 else "Bad Request")
+        self.conn.write(data)
+        return len(data)
+
+    async def _serve(self, req: Request) -> bool:
+        """Answer one request; True when the connection may carry another."""
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        route_name = ""
+        status = 0
+        sent = 0
+        upstream_key = "-"
+        keep = False
+        try:
+            verdict = self.verdict
+            assert verdict is not None
+            if verdict.generation != rt.holder.current.number and verdict.identity is not None:
+                verdict = self._recheck(verdict)
+            reason = verdict.reason_at(rt.clock())
+            if reason is not None:
+                self._count_refusal(reason)
+                status = 403
+                sent = self._write_error(403, reason)
+                return False
+            host = next((v for n, v in req.headers if n == b"host"), b"")
+            match = rt.router.match(host, req.target)
+            if match is None:
+                status = 404
+                keep = req.keep_alive and not req.has_body and not rt.draining
+                sent = self._write_error(404, "no_route", keep_alive=keep)
+                return keep
+            route, target = match
+            route_name = route.name
+            upstream_key = route.upstream.key
+            head = wire.upstream_request_head(req, target, self.conn.peername[0],
+                                              verdict.headers)
+            status, sent, keep = await self._forward(req, route.upstream, head)
+            return keep
+        except _UpstreamAfterHead as exc:
+            # The response head went out: closing is the only honest signal left.
+            rt.count_upstream_error(upstream_key, exc.kind)
+            status = exc.status_hint
+            self.conn.abort()
+            return False
+        except UpstreamError as exc:
+            rt.count_upstream_error(upstream_key, exc.kind)
+            status = exc.status_hint
+            reason = "upstream_timeout" if status == 504 else "upstream_unavailable"
+            sent = self._write_error(status, reason)
+            return False
+        except RemoteProtocolError as exc:
+            # A malformed request body (bad chunking): nothing more can be read from it.
+            status = exc.status_hint
+            sent = self._write_error(status, exc.reason)
+            return False
+        except TimeoutError:
+            status = 408  # the client stopped sending its body
+            sent = self._write_error(408, "request_timeout")
+            return False
+        finally:
+            duration = loop.time() - start
+            if status == 0:
+                status = 499  # nginx's code for "client closed the request"
+            rt.count_request(route_name, status, duration)
+            rt.access(self, req, status, sent, duration, upstream_key)
+
+    def _recheck(self, old: Verdict) -> Verdict:
+        """The truststore changed since this connection's verdict: decide again."""
+        rt = self.rt
+        gen = rt.holder.current
+        identity = old.identity
+        assert identity is not None
+        if gen.bundle is None:
+            return anonymous(gen.number)
+        verdict, hit = cached_verdict(rt.cache, identity.leaf_der, None, gen.bundle,
+                                      gen.number, rt.config.mutual_tls)
+        rt.count_cache(hit)
+        self.verdict = verdict
+        return verdict
+
+    async def _forward(self, req: Request, upstream: Upstream, head: bytes
+                       ) -> tuple[int, int, bool]:
+        """Send the request upstream and stream the response back: (status, bytes, keep)."""
+        rt = self.rt
+        timeouts = rt.config.timeouts
+        if req.expect_continue and req.has_body:
+            self.conn.write(wire.CONTINUE)
+        for attempt in (0, 1):
+            up, reused = await rt.pool.acquire(upstream, timeouts.upstream_connect)
+            up.parser.expect(req.method)
+            up.write(head)
+            pump: asyncio.Task[None] | None = None
+            if req.has_body:
+                pump = asyncio.get_running_loop().create_task(self._pump_body(req, up))
+            try:
+                resp = await self._response_head(up, pump, timeouts.upstream_read)
+            except ConnectionClosed:
+                up.close()
+                if reused and attempt == 0 and pump is None:
+                    # The pooled connection died idle (the upstream's keep-alive timeout
+                    # raced us); nothing was processed, so one retry on a fresh one is safe.
+                    continue
+                raise UpstreamError("upstream closed before responding", "reset") from None
+            except BaseException:
+                up.close()
+                if pump is not None:
+                    pump.cancel()
+                raise
+            return await self._stream_response(req, resp, up, pump)
+        raise AssertionError("unreachable")
+
+    async def _pump_body(self, req: Request, up: UpstreamConnection) -> None:
+        """Client body -> upstream, re-framed, with back-pressure both ways."""
+        idle = self.rt.config.timeouts.idle
+        while True:
+            ev = self.inbox.get_nowait()
+            if ev is None:
+                async with asyncio.timeout(idle):
+                    ev = await self.inbox.get()
+            if isinstance(ev, Data):
+                up.write(wire.chunk(ev.data) if req.chunked else ev.data)
+                if up.write_paused:
+                    try:
+                        async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
+                            await up.drain()
+                    except TimeoutError:
+                        raise UpstreamError("upstream write timed out", "timeout", 504) from None
+            elif isinstance(ev, EndOfMessage):
+                if req.chunked:
+                    up.write(wire.LAST_CHUNK)
+                return
+            else:
+                raise RemoteProtocolError("unexpected message data")
+
+    async def _response_head(self, up: UpstreamConnection, pump: asyncio.Task[None] | None,
+                             read_timeout: float) -> Response:
+        async def head() -> Response:
+            while True:
+                ev = await up.inbox.get()
+                if isinstance(ev, Response):
+                    return ev
+                if isinstance(ev, Data | EndOfMessage):
+                    raise UpstreamError("upstream sent body data before a head", "protocol")
+                # 1xx: the proxy answered Expect itself; other interim responses are dropped.
+
+        try:
+            if pump is None:
+                async with asyncio.timeout(read_timeout):
+                    return await head()
+            # While the body uploads, the pump's own timeouts apply; the read timeout
+            # starts when the request is complete (nginx's proxy_read_timeout).
+            head_task = asyncio.get_running_loop().create_task(head())
+            try:
+                done, _ = await asyncio.wait({head_task, pump},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if head_task in done:
+                    return head_task.result()
+                pump.result()  # raises if the client's body failed
+                async with asyncio.timeout(read_timeout):
+                    return await head_task
+            finally:
+                if not head_task.done():
+                    head_task.cancel()
+        except TimeoutError:
+            raise UpstreamError("upstream read timed out", "timeout", 504) from None
+
+    async def _stream_response(self, req: Request, resp: Response, up: UpstreamConnection,
+                               pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
+        rt = self.rt
+        bodyless = req.method == b"HEAD" or resp.status in (204, 304)
+        rechunk = not bodyless and (resp.chunked or resp.close_delimited)
+        keep = req.keep_alive and not rt.draining
+        head = wire.client_response_head(resp, rechunk, keep)
+        conn = self.conn
+        conn.write(head)
+        sent = len(head)
+        status = resp.status
+        read_timeout = rt.config.timeouts.upstream_read
+        try:
+            while True:
+                ev = up.inbox.get_nowait()
+                if ev is None:
+                    try:
+                        async with asyncio.timeout(read_timeout):
+                            ev = await up.inbox.get()
+                    except TimeoutError:
+                        raise UpstreamError("upstream read timed out", "timeout", 504) from None
+                    except ConnectionClosed:
+                        raise UpstreamError("upstream closed mid-response", "reset") from None
+                if isinstance(ev, Data):
+                    data = wire.chunk(ev.data) if rechunk else ev.data
+                    conn.write(data)
+                    sent += len(data)
+                    if conn.write_paused:
+                        try:
+                            await conn.drain()
+                        except ConnectionResetError:
+                            raise _ClientGone() from None
+                    if conn.state is not TLSState.OPEN:
+                        raise _ClientGone()
+                elif isinstance(ev, EndOfMessage):
+                    break
+            if rechunk:
+                conn.write(wire.LAST_CHUNK)
+                sent += len(wire.LAST_CHUNK)
+        except BaseException as exc:
+            up.close()
+            if pump is not None:
+                pump.cancel()
+            if isinstance(exc, UpstreamError):
+                exc.status_hint = status  # the head went out; the caller must not answer
+                raise _UpstreamAfterHead(exc) from None
+            raise
+        body_done = pump is None or pump.done() and not pump.cancelled() and \
+            pump.exception() is None
+        if pump is not None and not pump.done():
+            # The upstream answered before reading the whole request body: neither side
+            # can be resynchronised.
+            pump.cancel()
+            keep = False
+        rt.pool.release(up, resp.keep_alive and body_done)
+        return status, sent, keep and body_done
+
+
+class _UpstreamAfterHead(UpstreamError):
+    def __init__(self, exc: UpstreamError) -> None:
+        super().__init__(str(exc), exc.kind, exc.status_hint)

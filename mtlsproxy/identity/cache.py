@@ -1,0 +1,59 @@
+"""Validation results per client certificate and truststore generation; bounded LRU.
+
+The key is (SHA-256 of the leaf DER, generation number): a truststore swap makes every
+old entry unreachable, so keep-alive connections re-check on their next request. The
+session id is NOT part of the key: it changes on every TLS 1.3 resumption.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from mtlsproxy.identity.headers import Header
+from mtlsproxy.identity.peer import ClientIdentity
+from mtlsproxy.identity.policy import validity_reason
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The cached outcome: ``reason`` None means admitted (subject to the clock)."""
+
+    generation: int
+    reason: str | None
+    identity: ClientIdentity | None
+    headers: tuple[Header, ...]
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+    def reason_at(self, now: dt.datetime) -> str | None:
+        """The refusal reason at ``now``: the cached one, or the clock's."""
+        return self.reason or validity_reason(self.valid_from, self.valid_until, now)
+
+
+CacheKey = tuple[bytes, int]
+
+
+class ValidationCache:
+    def __init__(self, max_entries: int = 10000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[CacheKey, Verdict] = OrderedDict()
+
+    def get(self, key: CacheKey) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: CacheKey, verdict: Verdict) -> None:
+        self._entries[key] = verdict
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<ValidationCache entries={len(self._entries)} max={self.max_entries}>"

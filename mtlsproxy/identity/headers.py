@@ -1,0 +1,95 @@
+"""Certificate headers sent upstream, and the headers a client may never send; pure.
+
+Public interface (exact names): RFC 9440 ``Client-Cert`` / ``Client-Cert-Chain``,
+Envoy's ``X-Forwarded-Client-Cert``, and the ``X-Client-Cert-*`` detail headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import Iterable
+
+from mtlsproxy.identity.peer import ClientIdentity
+
+Header = tuple[bytes, bytes]
+
+DETAIL_PREFIX = b"x-client-cert-"
+# Removed from every client request on every route, whatever forward_client_cert says:
+# identity comes only from the TLS layer. Lower-case, as the parsers deliver names.
+SPOOFABLE = frozenset({
+    b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert",
+    # Common aliases other proxies use; an upstream might trust any of them.
+    b"ssl-client-cert", b"x-ssl-client-cert", b"x-client-cert", b"x-client-verify",
+    b"x-ssl-client-verify", b"x-ssl-client-dn", b"x-ssl-client-s-dn",
+})
+
+
+def is_spoofable(name: bytes) -> bool:
+    return name in SPOOFABLE or name.startswith(DETAIL_PREFIX)
+
+
+def _byte_sequence(der: bytes) -> bytes:
+    # RFC 9440 section 2.1: a Structured Field Byte Sequence (RFC 8941 3.3.5), base64
+    # between colons, of the DER certificate.
+    return b":" + base64.b64encode(der) + b":"
+
+
+def safe_value(text: str) -> bytes:
+    """Visible ASCII only: anything else becomes an RFC 4514 style ``\\XX`` escape.
+
+    Certificate fields are attacker-influenced (a CA may sign any subject); a CR or LF
+    must never split a header.
+    """
+    out = bytearray()
+    for ch in text.encode("utf-8"):
+        if 0x20 <= ch < 0x7F:
+            out.append(ch)
+        else:
+            out += b"\\%02X" % ch
+    return bytes(out)
+
+
+def _xfcc_quote(value: str) -> bytes:
+    # Envoy quotes values that contain , ; = and escapes " inside them.
+    return b'"' + safe_value(value).replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _rfc3339(t: dt.datetime) -> bytes:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+
+
+def _xfcc_value(v: str) -> bytes:
+    raw = safe_value(v)
+    return _xfcc_quote(v) if any(c in raw for c in b',;="') else raw
+
+
+def render(identity: ClientIdentity, families: Iterable[str]) -> list[Header]:
+    """The headers to add upstream for ``identity``, rendered once and cached."""
+    out: list[Header] = []
+    fams = set(families)
+    if "rfc9440" in fams:
+        out.append((b"Client-Cert", _byte_sequence(identity.leaf_der)))
+        if identity.chain_der:
+            out.append((b"Client-Cert-Chain",
+                        b", ".join(_byte_sequence(d) for d in identity.chain_der)))
+    if "xfcc" in fams:
+        parts = [b"Hash=" + identity.fingerprint_sha256.encode(),
+                 b"Subject=" + _xfcc_quote(identity.subject)]
+        parts += [b"URI=" + _xfcc_value(u) for u in identity.san_uri]
+        parts += [b"DNS=" + _xfcc_value(d) for d in identity.san_dns]
+        out.append((b"X-Forwarded-Client-Cert", b";".join(parts)))
+    if "details" in fams:
+        out += [
+            (b"X-Client-Cert-Subject", safe_value(identity.subject)),
+            (b"X-Client-Cert-Issuer", safe_value(identity.issuer)),
+            (b"X-Client-Cert-Serial", identity.serial_hex.encode()),
+            (b"X-Client-Cert-Not-Before", _rfc3339(identity.not_before)),
+            (b"X-Client-Cert-Not-After", _rfc3339(identity.not_after)),
+            (b"X-Client-Cert-Fingerprint-SHA256", identity.fingerprint_sha256.encode()),
+        ]
+        if identity.san_dns:
+            out.append((b"X-Client-Cert-SAN-DNS", safe_value(",".join(identity.san_dns))))
+        if identity.san_uri:
+            out.append((b"X-Client-Cert-SAN-URI", safe_value(",".join(identity.san_uri))))
+    return out

@@ -1,0 +1,67 @@
+"""From what the handshake established to a cached ``Verdict``; pure (no sockets).
+
+Called once per connection, then once per request with the cached verdict and the clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from mtlsproxy.config import MutualTLSConfig
+from mtlsproxy.identity.cache import ValidationCache, Verdict
+from mtlsproxy.identity.headers import render
+from mtlsproxy.identity.peer import read_identity
+from mtlsproxy.identity.policy import build_path, check_chain
+from mtlsproxy.truststore.bundle import TrustBundle
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_FOREVER = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc)
+
+
+def refused(generation: int, reason: str) -> Verdict:
+    return Verdict(generation, reason, None, (), _EPOCH, _FOREVER)
+
+
+def anonymous(generation: int) -> Verdict:
+    """Mutual TLS off: nobody to identify, nothing to forward."""
+    return Verdict(generation, None, None, (), _EPOCH, _FOREVER)
+
+
+def evaluate(leaf_der: bytes, chain_der: list[bytes] | None, bundle: TrustBundle,
+             generation: int, mtls: MutualTLSConfig) -> Verdict:
+    """Policy verdict for a leaf OpenSSL accepted; ``chain_der`` is leaf-first or None."""
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    if chain_der is not None:
+        chain = chain_der[1:]
+    else:
+        # Resumed session: OpenSSL kept no chain; rebuild it from the truststore.
+        path = build_path(leaf, bundle)
+        if path is None:
+            return refused(generation, "untrusted")
+        chain = [c.public_bytes(Encoding.DER) for c in path]
+    identity = read_identity(leaf_der, chain)
+    reason = check_chain(identity.leaf, identity.chain, mtls.max_chain_length)
+    if reason is not None:
+        return Verdict(generation, reason, identity, (), identity.valid_from,
+                       identity.valid_until)
+    headers = tuple(render(identity, mtls.forward_client_cert))
+    return Verdict(generation, None, identity, headers, identity.valid_from,
+                   identity.valid_until)
+
+
+def cached_verdict(cache: ValidationCache, leaf_der: bytes, chain_der: list[bytes] | None,
+                   bundle: TrustBundle, generation: int,
+                   mtls: MutualTLSConfig) -> tuple[Verdict, bool]:
+    """(verdict, cache hit)."""
+    key = (hashlib.sha256(leaf_der).digest(), generation)
+    verdict = cache.get(key)
+    if verdict is not None:
+        return verdict, True
+    verdict = evaluate(leaf_der, chain_der, bundle, generation, mtls)
+    cache.put(key, verdict)
+    return verdict, False
+

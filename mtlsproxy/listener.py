@@ -1,0 +1,188 @@
+"""One listener at runtime: accepts, owns its sessions, counts what happens to them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from mtlsproxy.config import ListenerConfig
+from mtlsproxy.errors import ConnectionClosed
+from mtlsproxy.http.parser import Request
+from mtlsproxy.http.proxy import ProxySession
+from mtlsproxy.http.routing import Router
+from mtlsproxy.identity.cache import ValidationCache
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.tls.bio import TLSConnection
+from mtlsproxy.truststore.holder import TruststoreHolder
+from mtlsproxy.upstream.pool import UpstreamPool
+
+log = logging.getLogger("mtlsproxy")
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class AccessLog:
+    """One JSON line per request; buffered and flushed at most every 200 ms."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._lines.append(json.dumps(record, separators=(",", ":")))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(0.2, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if self._lines:
+            lines, self._lines = self._lines, []
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class _Refuse(asyncio.Protocol):
+    """Over max_connections: close before spending a handshake on it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+class ListenerRuntime:
+    def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
+                 pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
+                 clock: Callable[[], dt.datetime] = utc_now,
+                 access_log: AccessLog | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.holder = holder
+        self.metrics = metrics
+        self.pool = pool
+        self.cache = cache
+        self.parser_kind = parser_kind
+        self.clock = clock
+        self.access_log = access_log
+        self.router = Router(config.routes)
+        self.sessions: set[ProxySession] = set()
+        self.draining = False
+        self.server: asyncio.Server | None = None
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._active = metrics.connections_active.labels(self.name)
+        metrics.declare_listener(self.name)
+
+    def __repr__(self) -> str:
+        return (f"<ListenerRuntime {self.name} {self.config.host}:{self.config.port} "
+                f"sessions={len(self.sessions)} draining={self.draining}>")
+
+    # -- accept -----------------------------------------------------------------------
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        if len(self.sessions) >= self.config.limits.max_connections:
+            return _Refuse()
+        return TLSConnection(lambda conn: ProxySession(self, conn),
+                             self.config.timeouts.handshake)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.protocol_factory, self.config.host,
+                                               self.config.port, reuse_address=True,
+                                               backlog=1024)
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None and self.server.sockets
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def begin_drain(self) -> None:
+        """Idle keep-alive connections close now; busy ones after their response."""
+        self.draining = True
+        for session in list(self.sessions):
+            if session.idle:
+                session.inbox.fail(ConnectionClosed("draining"))
+
+    async def wait_drained(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.conn.abort()
+        return not self.sessions
+
+    # -- session bookkeeping ----------------------------------------------------------------
+
+    def connection_opened(self, session: ProxySession) -> None:
+        self.sessions.add(session)
+        self._active.inc()
+
+    def connection_closed(self, session: ProxySession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._active.dec()
+
+    # -- counting -----------------------------------------------------------------------
+
+    def count_handshake(self, resumed: bool) -> None:
+        self.metrics.handshakes.labels(self.name, "true" if resumed else "false").inc()
+
+    def count_handshake_failure(self, reason: str, client: str,
+                                exc: BaseException | None) -> None:
+        self.metrics.handshake_failures.labels(self.name, reason).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s refused on %s: %s (%s)", client, self.name, reason, exc)
+
+    def count_cache(self, hit: bool) -> None:
+        self.metrics.cert_cache.labels("hit" if hit else "miss").inc()
+
+    def count_upstream_error(self, upstream: str, kind: str) -> None:
+        self.metrics.upstream_errors.labels(upstream, kind).inc()
+
+    def count_request(self, route: str, status: int, duration: float) -> None:
+        key = (route, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.metrics.requests.labels(
+                self.name, route, str(status))
+        counter.inc()
+        hist = self._durations.get(route)
+        if hist is None:
+            hist = self._durations[route] = self.metrics.request_duration.labels(
+                self.name, route)
+        hist.observe(duration)
+
+    def access(self, session: ProxySession, req: Request, status: int, sent: int,
+               duration: float, upstream: str) -> None:
+        if self.access_log is None:
+            return
+        identity = session.verdict.identity if session.verdict is not None else None
+        self.access_log.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "listener": self.name,
+            "client": session.conn.peername[0],
+            "client_cert_subject": identity.subject if identity else None,
+            "client_cert_fingerprint": identity.fingerprint_sha256 if identity else None,
+            "method": req.method.decode("latin-1"),
+            "path": req.target.decode("latin-1"),
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream": upstream,
+            "resumed": session.conn.session_reused,
+        })

@@ -1,0 +1,54 @@
+"""Every collector in one place, built on an injected ``CollectorRegistry``.
+
+Names and labels are a public interface (dashboards and alerts depend on them): change
+them only with a deprecation. No label ever carries a certificate subject or a client
+address, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mtlsproxy.tls.failures import REASONS
+
+# Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.handshakes = Counter(
+            "mtlsproxy_tls_handshakes", "Completed TLS handshakes.",
+            ["listener", "resumed"], registry=registry)
+        self.handshake_failures = Counter(
+            "mtlsproxy_tls_handshake_failures",
+            "Client connections refused, in the TLS handshake or by the proxy's certificate "
+            "policy after it, by reason.", ["listener", "reason"], registry=registry)
+        self.requests = Counter(
+            "mtlsproxy_requests", "HTTP requests answered, by status code.",
+            ["listener", "route", "code"], registry=registry)
+        self.request_duration = Histogram(
+            "mtlsproxy_request_duration_seconds",
+            "Time from a request head to the end of its response.",
+            ["listener", "route"], buckets=_BUCKETS, registry=registry)
+        self.upstream_errors = Counter(
+            "mtlsproxy_upstream_errors", "Failures talking to an upstream, by kind.",
+            ["upstream", "kind"], registry=registry)
+        self.connections_active = Gauge(
+            "mtlsproxy_connections_active", "Open client connections.",
+            ["listener"], registry=registry)
+        self.cert_cache = Counter(
+            "mtlsproxy_client_cert_cache", "Client-certificate validation cache lookups.",
+            ["result"], registry=registry)
+
+    def declare_listener(self, listener: str) -> None:
+        """Create the listener's series at zero, so rates exist before the first event."""
+        self.connections_active.labels(listener)
+        for resumed in ("true", "false"):
+            self.handshakes.labels(listener, resumed)
+        for reason in REASONS:
+            self.handshake_failures.labels(listener, reason)
+        for result in ("hit", "miss"):
+            self.cert_cache.labels(result)

@@ -1,0 +1,106 @@
+"""Composition root: builds every part from a ``Config``, starts them, drains on SIGTERM.
+
+Start order: truststores and contexts are built first (a bad one stops start-up before
+anything listens), then the admin listener, then the proxy listeners; ``ready`` turns
+true only when all are bound. Stop order is the reverse, with a bounded drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+from collections.abc import Callable
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
+
+from mtlsproxy.admin import AdminServer
+from mtlsproxy.config import Config
+from mtlsproxy.identity.cache import ValidationCache
+from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.truststore.holder import TruststoreHolder, load_generation
+from mtlsproxy.upstream.pool import UpstreamPool
+
+log = logging.getLogger("mtlsproxy")
+
+
+class ProxyServer:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], dt.datetime] = utc_now,
+                 access_stream: IO[str] | None = None) -> None:
+        """Builds everything that can fail (raises TruststoreError) without listening."""
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.cache = ValidationCache()
+        self.pool = UpstreamPool(config.parser)
+        self.access_log = AccessLog(access_stream) if config.access_log else None
+        self.listeners = [
+            ListenerRuntime(lc, TruststoreHolder(load_generation(lc)), self.metrics, self.pool,
+                            self.cache, config.parser, clock, self.access_log)
+            for lc in config.listeners
+        ]
+        self.admin: AdminServer | None = None
+        if config.admin is not None:
+            self.admin = AdminServer(config.admin.host, config.admin.port, self.registry,
+                                     self.is_ready, self.describe_truststores)
+        self.started = False
+        self.draining = False
+        self._stop = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<ProxyServer listeners={[lr.name for lr in self.listeners]} ready={self.is_ready()}>"
+
+    def is_ready(self) -> bool:
+        return self.started and not self.draining and all(
+            lr.server is not None and lr.server.is_serving() for lr in self.listeners)
+
+    def describe_truststores(self) -> dict[str, Any]:
+        return {lr.name: lr.holder.current.describe() for lr in self.listeners}
+
+    def listener(self, name: str) -> ListenerRuntime:
+        return next(lr for lr in self.listeners if lr.name == name)
+
+    async def start(self) -> None:
+        if self.admin is not None:
+            await self.admin.start()
+        for lr in self.listeners:
+            await lr.start()
+            log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
+        self.started = True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def drain(self) -> None:
+        """Stop accepting, finish in-flight requests (bounded), then close everything."""
+        self.draining = True
+        for lr in self.listeners:
+            lr.stop_accepting()
+            lr.begin_drain()
+        results = await asyncio.gather(*(lr.wait_drained(self.config.drain_timeout)
+                                          for lr in self.listeners))
+        if not all(results):
+            log.warning("drain timeout: connections still open were closed")
+        self.pool.close_all()
+        if self.access_log is not None:
+            self.access_log.flush()
+        if self.admin is not None:
+            self.admin.close()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``request_stop``), then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+            log.info("draining (up to %.0fs)", self.config.drain_timeout)
+            await self.drain()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

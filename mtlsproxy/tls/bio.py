@@ -1,0 +1,289 @@
+"""Server-side TLS as an asyncio Protocol over ``ssl.MemoryBIO``.
+
+Why not ``create_server(ssl=...)`` or ``start_tls``: the context must be chosen per
+connection (hot-swappable truststore), uvloop's ``start_tls`` loses ClientHellos
+(uvloop issue 707), and only the MemoryBIO way lets OpenSSL's alert reach the client
+(python-tls-findings.md).
+
+Rules of this module:
+- The context is taken once, in ``connection_made``, from ``handler.context()``.
+- Every call into the SSLObject is followed by ``_flush()`` so alerts, tickets and
+  records reach the socket in order.
+- States move HANDSHAKING -> OPEN -> CLOSING -> CLOSED (or HANDSHAKING -> CLOSED); any
+  other transition is a bug and raises.
+- The handler sees plaintext only; it never touches the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ssl
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from mtlsproxy.tls.failures import classify
+
+_READ_SIZE = 256 * 1024
+
+
+class TLSState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    TLSState.HANDSHAKING: {TLSState.OPEN, TLSState.CLOSING, TLSState.CLOSED},
+    TLSState.OPEN: {TLSState.CLOSING, TLSState.CLOSED},
+    TLSState.CLOSING: {TLSState.CLOSED},
+    TLSState.CLOSED: set(),
+}
+
+
+class TLSHandler(Protocol):
+    """What a TLS connection reports to the layer above it."""
+
+    def context(self) -> ssl.SSLContext: ...
+    def handshake_done(self, conn: TLSConnection) -> None: ...
+    def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None: ...
+    def plaintext_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def connection_lost(self, exc: BaseException | None) -> None: ...
+
+
+class TLSConnection(asyncio.Protocol):
+    def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
+                 handshake_timeout: float) -> None:
+        self._handler_factory = handler_factory
+        self._handshake_timeout = handshake_timeout
+        self.state = TLSState.HANDSHAKING
+        self.transport: asyncio.Transport | None = None
+        self.handler: TLSHandler | None = None
+        self.sslobj: ssl.SSLObject | None = None
+        self.peername: tuple[str, int] = ("", 0)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+    def __repr__(self) -> str:
+        return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
+
+    def _set_state(self, new: TLSState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"TLS state {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peername = (str(peer[0]), int(peer[1]))
+        self.handler = self._handler_factory(self)
+        self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing, server_side=True)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if self.state is TLSState.HANDSHAKING:
+            self._do_handshake()
+            if self.state is not TLSState.OPEN:
+                return
+        if self.state is TLSState.OPEN or self.state is TLSState.CLOSING:
+            self._read_plaintext()
+
+    def eof_received(self) -> bool | None:
+        self._incoming.write_eof()
+        if self.state is TLSState.HANDSHAKING:
+            self._fail_handshake(ssl.SSLEOFError("EOF during handshake"))
+        elif self.state is TLSState.OPEN:
+            self._read_plaintext()
+            if self.handler is not None and self.state is TLSState.OPEN:
+                self.handler.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        was = self.state
+        if was is not TLSState.CLOSED:
+            self.state = TLSState.CLOSED
+        if was is TLSState.HANDSHAKING and self.handler is not None:
+            self.handler.handshake_failed(
+                self, "client_closed", exc or ConnectionResetError("closed in handshake"))
+        self._wake_drain(exc)
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain(None)
+
+    # -- handshake ----------------------------------------------------------------------
+
+    def _do_handshake(self) -> None:
+        assert self.sslobj is not None and self.handler is not None
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._fail_handshake(exc)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._set_state(TLSState.OPEN)
+        self._flush()
+        self.handler.handshake_done(self)
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        # OpenSSL has written the alert (certificate expired, unknown ca, ...) into the
+        # outgoing BIO: send it before closing so the client sees a real TLS alert.
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._set_state(TLSState.CLOSED)
+        if self.handler is not None:
+            self.handler.handshake_failed(self, classify(exc), exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _on_handshake_timeout(self) -> None:
+        self._timer = None
+        if self.state is TLSState.HANDSHAKING:
+            self._set_state(TLSState.CLOSED)
+            if self.handler is not None:
+                self.handler.handshake_failed(self, "timeout", TimeoutError("TLS handshake"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    # -- data -------------------------------------------------------------------------
+
+    def _read_plaintext(self) -> None:
+        assert self.sslobj is not None and self.handler is not None
+        chunks: list[bytes] = []
+        eof = False
+        try:
+            while True:
+                chunk = self.sslobj.read(_READ_SIZE)
+                if not chunk:
+                    eof = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            eof = True
+        except ssl.SSLError:
+            self._flush()
+            self.abort()
+            return
+        self._flush()
+        if chunks:
+            self.handler.plaintext_received(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        if eof and self.state is TLSState.OPEN:
+            self.handler.eof_received()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None:
+            self.transport.write(self._outgoing.read())
+
+    def write(self, data: bytes) -> None:
+        """Encrypt and send; silently dropped once the connection is closing."""
+        if self.state is not TLSState.OPEN or self.sslobj is None:
+            return
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        self._flush()
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.write(b"".join(parts))
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is under its low-water mark."""
+        if not self._write_paused or self.state is TLSState.CLOSED:
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
+
+    def _wake_drain(self, exc: BaseException | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            if exc is None and self.state is not TLSState.CLOSED:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(ConnectionResetError("client connection lost"))
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Send close_notify, then close the socket after the buffered data is written."""
+        if self.state is TLSState.OPEN:
+            self._set_state(TLSState.CLOSING)
+            if self.sslobj is not None:
+                try:
+                    self.sslobj.unwrap()
+                except (ssl.SSLError, ValueError):
+                    pass
+                self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.state is not TLSState.CLOSED and self.state is not TLSState.HANDSHAKING:
+            self._set_state(TLSState.CLOSED)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- what the handshake established ---------------------------------------------------
+
+    def peer_certificate_der(self) -> bytes | None:
+        assert self.sslobj is not None
+        return self.sslobj.getpeercert(binary_form=True)
+
+    def verified_chain_der(self) -> list[bytes] | None:
+        """Leaf first, root last; None on a resumed session (OpenSSL keeps no chain)."""
+        assert self.sslobj is not None
+        getter = getattr(self.sslobj, "get_verified_chain", None)
+        if getter is None:
+            # Public from Python 3.13; present but private in 3.11 and 3.12.
+            getter = self.sslobj._sslobj.get_verified_chain  # type: ignore[attr-defined]
+        chain = getter()
+        if not chain:
+            return None
+        return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+    @property
+    def session_reused(self) -> bool:
+        return bool(self.sslobj is not None and self.sslobj.session_reused)

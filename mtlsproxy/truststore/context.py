@@ -1,0 +1,99 @@
+"""Build the server ``SSLContext`` set for one listener and one truststore generation; pure.
+
+Rules of this module:
+- A truststore change always builds NEW contexts: a live context can gain CAs but never
+  lose one (python-tls-findings.md), and old session tickets die with the old context.
+- One context per server certificate, all sharing the truststore; the SNI callback only
+  selects among the contexts of the SAME generation, so tickets stay tied to the
+  generation that issued them.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+from mtlsproxy.config import TLSConfig
+from mtlsproxy.errors import TruststoreError
+from mtlsproxy.truststore.bundle import TrustBundle
+
+
+@dataclass(frozen=True)
+class ServerContexts:
+    default: ssl.SSLContext
+    exact: dict[str, ssl.SSLContext]
+    wildcard: dict[str, ssl.SSLContext]  # "example.com" for "*.example.com"
+
+    def select(self, server_name: str | None) -> ssl.SSLContext | None:
+        """Exact name before wildcard; None keeps the default (first) certificate."""
+        if not server_name:
+            return None
+        name = server_name.lower().rstrip(".")
+        ctx = self.exact.get(name)
+        if ctx is None and "." in name:
+            ctx = self.wildcard.get(name.split(".", 1)[1])
+        return ctx
+
+
+def _names(cert_file: str) -> list[str]:
+    with open(cert_file, "rb") as fh:
+        leaf = x509.load_pem_x509_certificate(fh.read())
+    try:
+        san = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        names = [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [str(a.value).lower()
+                 for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names
+
+
+def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if tls.security_policy == "TLS_1_3"
+                           else ssl.TLSVersion.TLSv1_2)
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if bundle is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cadata=bundle.cadata)
+        except ssl.SSLError as exc:
+            raise TruststoreError(f"OpenSSL refused the truststore: {exc}") from exc
+    return ctx
+
+
+def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None) -> ServerContexts:
+    """One context per server certificate; raises TruststoreError on unusable input."""
+    contexts: list[tuple[ssl.SSLContext, list[str]]] = []
+    for cert in tls.certificates:
+        ctx = _new_context(tls, bundle)
+        try:
+            ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+            names = _names(str(cert.cert_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise TruststoreError(
+                f"cannot load server certificate {cert.cert_file} / {cert.key_file}: {exc}"
+            ) from exc
+        contexts.append((ctx, names))
+    exact: dict[str, ssl.SSLContext] = {}
+    wildcard: dict[str, ssl.SSLContext] = {}
+    for ctx, names in contexts:
+        for n in names:
+            if n.startswith("*."):
+                wildcard.setdefault(n[2:], ctx)
+            else:
+                exact.setdefault(n, ctx)
+    result = ServerContexts(contexts[0][0], exact, wildcard)
+    if len(contexts) > 1:
+        def on_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            chosen = result.select(name)
+            if chosen is not None:
+                sslobj.context = chosen
+        for ctx, _ in contexts:
+            ctx.sni_callback = on_sni  # type: ignore[assignment]
+    return result

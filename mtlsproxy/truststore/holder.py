@@ -1,0 +1,81 @@
+"""The current truststore generation of one listener; a swap is one assignment.
+
+Everything a generation needs (bundle, contexts) is built completely before ``swap``;
+readers take ``holder.current`` once per connection and keep that snapshot, so a swap can
+never leave a connection with half of an old and half of a new truststore.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from mtlsproxy.config import ListenerConfig
+from mtlsproxy.errors import TruststoreError
+from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
+from mtlsproxy.truststore.context import ServerContexts, build_server_contexts
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    uri: str
+    bundle: TrustBundle | None  # None: mutual TLS is off
+    contexts: ServerContexts
+    loaded_at: float
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.bundle is not None
+
+    def describe(self) -> dict[str, object]:
+        if self.bundle is None:
+            return {"uri": self.uri, "mutual_tls": False, "generation": self.number}
+        return {
+            "uri": self.uri,
+            "mutual_tls": True,
+            "generation": self.number,
+            "sha256": self.bundle.sha256,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "certificates": [c.describe() for c in self.bundle.certs],
+        }
+
+
+def build_generation(listener: ListenerConfig, data: bytes | None,
+                     now: float | None = None) -> Generation:
+    """Parse and build everything; raises TruststoreError and leaves nothing half-built."""
+    bundle = parse_bundle(data) if data is not None else None
+    contexts = build_server_contexts(listener.tls, bundle)
+    return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
+                      time.time() if now is None else now)
+
+
+def load_generation(listener: ListenerConfig) -> Generation:
+    """Read the listener's truststore file (if mutual TLS is on) and build a generation."""
+    data = None
+    if listener.mutual_tls.enabled:
+        path = listener.mutual_tls.truststore_path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise TruststoreError(f"cannot read truststore {path}: {exc.strerror}") from exc
+    return build_generation(listener, data)
+
+
+class TruststoreHolder:
+    """Holds one listener's current generation."""
+
+    def __init__(self, initial: Generation) -> None:
+        self.current = initial
+
+    def swap(self, new: Generation) -> Generation:
+        old, self.current = self.current, new
+        return old
+
+    def __repr__(self) -> str:
+        g = self.current
+        sha = g.bundle.sha256[:12] if g.bundle else "-"
+        return f"<TruststoreHolder generation={g.number} uri={g.uri!r} sha256={sha}>"

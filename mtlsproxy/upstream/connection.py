@@ -1,0 +1,122 @@
+"""One plain-HTTP connection to an upstream, with explicit states."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import cast
+
+from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
+from mtlsproxy.flow import Inbox
+from mtlsproxy.http.parser import Event, ResponseParser
+
+
+class UpstreamState(enum.Enum):
+    CONNECTING = "connecting"
+    ACTIVE = "active"   # carrying one request/response
+    IDLE = "idle"       # in the pool
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    UpstreamState.CONNECTING: {UpstreamState.ACTIVE, UpstreamState.CLOSED},
+    UpstreamState.ACTIVE: {UpstreamState.IDLE, UpstreamState.CLOSED},
+    UpstreamState.IDLE: {UpstreamState.ACTIVE, UpstreamState.CLOSED},
+    UpstreamState.CLOSED: set(),
+}
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, key: str, parser: ResponseParser) -> None:
+        self.key = key
+        self.parser = parser
+        self.state = UpstreamState.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.inbox: Inbox[Event] = Inbox(self._pause_reading, self._resume_reading)
+        self.requests = 0
+        self.idle_since = 0.0
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.key} {self.state.value} requests={self.requests}>"
+
+    def set_state(self, new: UpstreamState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"upstream state {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not UpstreamState.ACTIVE:
+            # Bytes while idle: the upstream is confused; this connection is not reusable.
+            self.close()
+            return
+        try:
+            self.inbox.put(self.parser.feed(data))
+        except ProtocolError as exc:
+            self.inbox.fail(UpstreamError(str(exc), "protocol"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        if self.state is UpstreamState.ACTIVE:
+            try:
+                self.inbox.put(self.parser.feed_eof())
+            except ProtocolError as exc:
+                self.inbox.fail(UpstreamError(str(exc), "reset"))
+        self.inbox.fail(ConnectionClosed("upstream closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not UpstreamState.CLOSED:
+            self.state = UpstreamState.CLOSED
+        self.inbox.fail(ConnectionClosed("upstream connection lost"))
+        self._wake(exc or ConnectionResetError("upstream connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake(None)
+
+    def _wake(self, exc: BaseException | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise UpstreamError("upstream connection closed while sending", "reset")
+        self.transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    async def drain(self) -> None:
+        if not self._write_paused:
+            return
+        if self.state is UpstreamState.CLOSED:
+            raise UpstreamError("upstream connection closed while sending", "reset")
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
+
+    def close(self) -> None:
+        if self.state is not UpstreamState.CLOSED:
+            self.state = UpstreamState.CLOSED
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,91 @@
+"""Keep-alive connections per upstream.
+
+Bookkeeping (which idle connection to hand out, which to drop) is plain code over deques;
+only ``_connect`` does I/O. Idle connections are handed out last-in first-out, so the
+warmest socket is reused and the coldest ages out (``idle_timeout``, below the 60 s
+keep-alive timeout of nginx and most application servers, so we drop first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from mtlsproxy.config import Upstream
+from mtlsproxy.errors import UpstreamError
+from mtlsproxy.http.parser import response_parser
+from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
+
+
+class UpstreamPool:
+    def __init__(self, parser_kind: str = "httptools", connect_timeout: float = 5.0,
+                 max_idle_per_upstream: int = 64, idle_timeout: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.parser_kind = parser_kind
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle_per_upstream
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
+        self.opened = 0
+
+    def __repr__(self) -> str:
+        idle = {k: len(v) for k, v in self._idle.items() if v}
+        return f"<UpstreamPool opened={self.opened} idle={idle}>"
+
+    def take_idle(self, key: str) -> UpstreamConnection | None:
+        """Pop the newest usable idle connection; drop dead or stale ones on the way."""
+        idle = self._idle.get(key)
+        now = self.clock()
+        while idle:
+            conn = idle.pop()
+            if conn.state is UpstreamState.IDLE and now - conn.idle_since < self.idle_timeout:
+                conn.set_state(UpstreamState.ACTIVE)
+                return conn
+            conn.close()
+        return None
+
+    async def acquire(self, upstream: Upstream,
+                      connect_timeout: float | None = None) -> tuple[UpstreamConnection, bool]:
+        """(connection, reused)."""
+        conn = self.take_idle(upstream.key)
+        if conn is not None:
+            return conn, True
+        return await self._connect(upstream, connect_timeout or self.connect_timeout), False
+
+    async def _connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        key = upstream.key
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConnection(key, response_parser(self.parser_kind)),
+                    upstream.host, upstream.port)
+        except TimeoutError:
+            raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
+        except OSError as exc:
+            raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
+                                "connect_refused", 502) from None
+        self.opened += 1
+        proto.set_state(UpstreamState.ACTIVE)
+        return proto
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.requests += 1
+        if not reusable or conn.state is not UpstreamState.ACTIVE or conn.inbox.pending():
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.set_state(UpstreamState.IDLE)
+        conn.idle_since = self.clock()
+        idle.append(conn)
+
+    def close_all(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
