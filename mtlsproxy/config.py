@@ -235,9 +235,13 @@ def parse_upstream(value: str) -> Upstream:
     if parts.query or parts.fragment or parts.username:
         raise ValueError("must not carry a query, fragment or credentials")
     try:
-        port = parts.port or 80
+        port = parts.port
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+    if port is None:
+        port = 80
+    elif port == 0:
+        raise ValueError("port 0 is not a valid upstream port")
     return Upstream("http", parts.hostname, port, parts.path.rstrip("/"))
 
 

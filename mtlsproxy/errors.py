@@ -47,7 +47,7 @@ class LocalProtocolError(ProtocolError):
 
 
 class UpstreamError(MtlsProxyError):
-    """Talking to the upstream failed; ``kind`` is the metric label and ``status_hint`` the answer."""
+    """Talking to the upstream failed; ``kind`` is the metric label, ``status_hint`` the answer."""
 
     def __init__(self, message: str, kind: str, status_hint: int = 502) -> None:
         super().__init__(message)

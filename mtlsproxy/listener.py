@@ -26,7 +26,7 @@ log = logging.getLogger("mtlsproxy")
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class AccessLog:

@@ -41,7 +41,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def make_ca(cn: str, issuer: Issued | None = None, days: int = 3650) -> Issued:

@@ -52,7 +52,8 @@ class ProxyServer:
         self._stop = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"<ProxyServer listeners={[lr.name for lr in self.listeners]} ready={self.is_ready()}>"
+        names = [lr.name for lr in self.listeners]
+        return f"<ProxyServer listeners={names} ready={self.is_ready()}>"
 
     def is_ready(self) -> bool:
         return self.started and not self.draining and all(

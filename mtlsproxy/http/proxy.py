@@ -168,6 +168,12 @@ class ProxySession:
                 self.idle = False
         if not isinstance(ev, Request):
             raise RemoteProtocolError("unexpected message data")
+        if not ev.has_body:
+            # A bodyless request's EndOfMessage arrives with its head: consume it here so
+            # the next get() finds the next request.
+            end = self.inbox.get_nowait()
+            if not isinstance(end, EndOfMessage):
+                raise RemoteProtocolError("unexpected message data")
         return ev
 
     def _write_error(self, status: int, reason: str, message: str | None = None,

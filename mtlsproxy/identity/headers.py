@@ -56,7 +56,7 @@ def _xfcc_quote(value: str) -> bytes:
 
 
 def _rfc3339(t: dt.datetime) -> bytes:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
 
 
 def _xfcc_value(v: str) -> bytes:

@@ -7,7 +7,6 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def read_identity(leaf_der: bytes, chain_der: list[bytes]) -> ClientIdentity:
     leaf = x509.load_der_x509_certificate(leaf_der)
     chain = tuple(x509.load_der_x509_certificate(d) for d in chain_der)
     try:
-        san = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns = tuple(san.get_values_for_type(x509.DNSName))
         uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:

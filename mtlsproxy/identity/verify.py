@@ -18,8 +18,8 @@ from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.identity.policy import build_path, check_chain
 from mtlsproxy.truststore.bundle import TrustBundle
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_FOREVER = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_FOREVER = dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
 
 
 def refused(generation: int, reason: str) -> Verdict:

@@ -73,6 +73,9 @@ class TLSConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
 
+    def _state_is_open(self) -> bool:
+        return self.state is TLSState.OPEN or self.state is TLSState.CLOSING
+
     def _set_state(self, new: TLSState) -> None:
         if new not in _ALLOWED[self.state]:
             raise RuntimeError(f"TLS state {self.state.value} -> {new.value} is not allowed")
@@ -86,7 +89,8 @@ class TLSConnection(asyncio.Protocol):
         if peer:
             self.peername = (str(peer[0]), int(peer[1]))
         self.handler = self._handler_factory(self)
-        self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing,
+                                                      server_side=True)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
 
@@ -94,9 +98,8 @@ class TLSConnection(asyncio.Protocol):
         self._incoming.write(data)
         if self.state is TLSState.HANDSHAKING:
             self._do_handshake()
-            if self.state is not TLSState.OPEN:
-                return
-        if self.state is TLSState.OPEN or self.state is TLSState.CLOSING:
+        # The state may have moved in _do_handshake; re-read it (mypy narrows too eagerly).
+        if self._state_is_open():
             self._read_plaintext()
 
     def eof_received(self) -> bool | None:

@@ -14,7 +14,7 @@ import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import TLSConfig
 from mtlsproxy.errors import TruststoreError
@@ -42,7 +42,7 @@ def _names(cert_file: str) -> list[str]:
     with open(cert_file, "rb") as fh:
         leaf = x509.load_pem_x509_certificate(fh.read())
     try:
-        san = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         names = []
@@ -95,5 +95,5 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None) -> ServerC
             if chosen is not None:
                 sslobj.context = chosen
         for ctx, _ in contexts:
-            ctx.sni_callback = on_sni  # type: ignore[assignment]
+            ctx.sni_callback = on_sni
     return result
