@@ -229,6 +229,7 @@ class Harness:
         self.echo: asyncio.Server | None = None
         self.echo_port = 0
         self.access_lines: list[str] = []
+        self.servers: list[asyncio.Server] = []  # extra upstreams the tests start
 
     def start_echo(self) -> int:
         async def go() -> int:
@@ -351,8 +352,8 @@ class Harness:
                 self.server.pool.close_all()
                 if self.server.admin is not None:
                     self.server.admin.close()
-            if self.echo is not None:
-                self.echo.close()
+            for srv in [*self.servers, *([self.echo] if self.echo else [])]:
+                srv.close()
         self.loop.run(go())
 
 

@@ -228,6 +228,8 @@ class HttptoolsRequestParser:
     def on_headers_complete(self) -> None:
         head, self._head = self._head, None
         assert head is not None
+        if head.size > self.max_header_bytes:
+            raise RemoteProtocolError("request header block too large", 431)
         self._in_body = True
         p = self._parser
         self._events.append(_make_request(p.get_method(), bytes(head.url),
@@ -451,6 +453,10 @@ class H11RequestParser:
                 self._raw_head.clear()
                 self._in_body = True
                 headers = _h11_headers(ev.headers)
+                # h11 bounds only an INCOMPLETE head; a complete one in one read can be larger.
+                size = len(ev.target) + sum(len(n) + len(v) + 4 for n, v in headers)
+                if size > self.max_header_bytes:
+                    raise RemoteProtocolError("request header block too large", 431)
                 request = _make_request(ev.method, ev.target, ev.http_version, headers)
                 events.append(request)
                 if request.chunked:

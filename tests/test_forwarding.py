@@ -1,0 +1,385 @@
+"""Forwarding over real sockets, on both parsers (httptools and h11)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.conftest import Harness
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def scripted_upstream(h: Harness, handler: Handler) -> tuple[int, list[bytes]]:
+    """An upstream whose behaviour the test scripts; returns (port, raw bytes received)."""
+    received: list[bytes] = []
+
+    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def go() -> int:
+        async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            orig = reader.read
+
+            async def read(n: int = -1) -> bytes:
+                data = await orig(n)
+                received.append(data)
+                return data
+            reader.read = read  # type: ignore[method-assign]
+            await wrapped(reader, writer)
+        server = await asyncio.start_server(record, "127.0.0.1", 0)
+        h.servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+    return h.loop.run(go()), received
+
+
+def headers_of(body: bytes) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in json.loads(body)["headers"]:
+        out.setdefault(name, []).append(value)
+    return out
+
+
+# -- certificate headers --------------------------------------------------------------------
+
+def test_client_certificate_is_forwarded_in_rfc9440_xfcc_and_detail_headers(
+        proxy: Harness) -> None:
+    status, _, body = proxy.get("/cert")
+    assert status == 200
+    hdrs = headers_of(body)
+    client = proxy.pki.client
+    der = client.der
+    assert hdrs["client-cert"] == [":" + base64.b64encode(der).decode() + ":"]
+    chain = hdrs["client-cert-chain"][0].split(", ")
+    inter_der = proxy.pki.inter.cert.public_bytes(serialization.Encoding.DER)
+    assert chain[0] == ":" + base64.b64encode(inter_der).decode() + ":"  # issuer first
+    fp = hashlib.sha256(der).hexdigest()
+    xfcc = hdrs["x-forwarded-client-cert"][0]
+    assert xfcc.startswith(f"Hash={fp};Subject=\"")
+    assert "URI=spiffe://prod.example.test/ns/payments/sa/api" in xfcc
+    assert "DNS=client.example.test" in xfcc
+    assert hdrs["x-client-cert-subject"] == [client.cert.subject.rfc4514_string()]
+    assert hdrs["x-client-cert-issuer"] == [client.cert.issuer.rfc4514_string()]
+    assert hdrs["x-client-cert-serial"] == [format(client.cert.serial_number, "x")]
+    assert hdrs["x-client-cert-fingerprint-sha256"] == [fp]
+    assert hdrs["x-client-cert-not-after"] == [
+        client.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")]
+    assert hdrs["x-client-cert-not-before"][0].endswith("Z")
+    assert hdrs["x-client-cert-san-dns"] == ["client.example.test"]
+    assert hdrs["x-client-cert-san-uri"] == ["spiffe://prod.example.test/ns/payments/sa/api"]
+    # The forwarded leaf is the one the client presented, byte for byte.
+    assert x509.load_der_x509_certificate(base64.b64decode(
+        hdrs["client-cert"][0].strip(":"))) == client.cert
+
+
+def test_forward_client_cert_selects_header_families(harness_for: Any,
+                                                     parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(mutual_tls={"truststore_uri": str(h.pki.truststore),
+                                 "forward_client_cert": ["xfcc"]}), parser=parser_kind)
+    hdrs = headers_of(h.get("/")[2])
+    assert "x-forwarded-client-cert" in hdrs
+    assert "client-cert" not in hdrs and "x-client-cert-subject" not in hdrs
+
+
+SPOOFED = {
+    "Client-Cert": ":c3Bvb2Y=:",
+    "Client-Cert-Chain": ":c3Bvb2Y=:",
+    "X-Forwarded-Client-Cert": "Hash=00;Subject=\"CN=admin\"",
+    "X-Client-Cert-Subject": "CN=admin",
+    "X-Client-Cert-Fingerprint-SHA256": "00",
+    "X-Client-Cert-Whatever": "x",
+}
+
+
+def test_spoofed_certificate_headers_never_reach_the_upstream(harness_for: Any,
+                                                             parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    # Even with forwarding off, a client's own certificate headers are dropped.
+    h.start(h.config(mutual_tls={"truststore_uri": str(h.pki.truststore),
+                                 "forward_client_cert": []}), parser=parser_kind)
+    hdrs = headers_of(h.get("/", headers=SPOOFED)[2])
+    for name in SPOOFED:
+        assert name.lower() not in hdrs
+    assert not any(n.startswith("x-client-cert") for n in hdrs)
+
+
+def test_spoofed_headers_are_replaced_not_merged(proxy: Harness) -> None:
+    hdrs = headers_of(proxy.get("/", headers=SPOOFED)[2])
+    assert hdrs["x-client-cert-subject"] != ["CN=admin"]
+    assert len(hdrs["client-cert"]) == 1 and hdrs["client-cert"] != [":c3Bvb2Y=:"]
+    assert len(hdrs["x-forwarded-client-cert"]) == 1
+
+
+# -- request rewriting ----------------------------------------------------------------------
+
+def test_hop_by_hop_headers_are_removed_and_forwarded_headers_set(proxy: Harness) -> None:
+    hdrs = headers_of(proxy.get("/", headers={
+        "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "300",
+        "TE": "trailers", "Proxy-Authorization": "Basic eA==", "X-Forwarded-For": "10.9.9.9",
+        "X-Forwarded-Proto": "http", "X-Keep": "yes"})[2])
+    for gone in ("connection", "x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert gone not in hdrs
+    assert hdrs["x-keep"] == ["yes"]
+    assert hdrs["x-forwarded-for"] == ["10.9.9.9, 127.0.0.1"]
+    assert hdrs["x-forwarded-proto"] == ["https"]
+    assert hdrs["x-forwarded-host"] == [f"localhost:{proxy.port}"]
+    assert hdrs["host"] == [f"localhost:{proxy.port}"]  # the client's Host goes upstream
+
+
+def test_longest_prefix_wins_and_strip_prefix_rewrites_the_path(harness_for: Any,
+                                                                parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    echo = f"http://127.0.0.1:{h.start_echo()}"
+    h.start(h.config(routes=[
+        {"path_prefix": "/", "upstream": echo},
+        {"path_prefix": "/api", "upstream": echo + "/v2", "strip_prefix": True},
+        {"path_prefix": "/api/admin", "upstream": echo + "/admin"},
+    ]), parser=parser_kind)
+    assert json.loads(h.get("/api/users?x=1")[2])["path"] == "/v2/users?x=1"
+    assert json.loads(h.get("/api")[2])["path"] == "/v2/"
+    assert json.loads(h.get("/api/admin/x")[2])["path"] == "/admin/api/admin/x"
+    assert json.loads(h.get("/apix")[2])["path"] == "/apix"  # segment boundary
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/api",
+                    code="200") == 2
+
+
+def test_request_without_a_route_gets_404(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(routes=[{"path_prefix": "/only",
+                              "upstream": f"http://127.0.0.1:{h.start_echo()}"}]),
+            parser=parser_kind)
+    status, _, body = h.get("/elsewhere")
+    assert status == 404
+    assert json.loads(body) == {"message": "Not Found", "reason": "no_route"}
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_refused_upstream_gets_502_and_is_counted(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    port = _closed_port()
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    status, _, body = h.get("/")
+    assert status == 502 and json.loads(body)["reason"] == "upstream_unavailable"
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="connect_refused") == 1
+
+
+def test_silent_upstream_gets_504(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(30)
+    port, _ = scripted_upstream(h, silent)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}",
+                     timeouts={"upstream_read": 0.3}), parser=parser_kind)
+    status, _, body = h.get("/")
+    assert status == 504 and json.loads(body)["reason"] == "upstream_timeout"
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="timeout") == 1
+
+
+def test_upstream_reset_before_responding_gets_502(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.transport.abort()
+    port, _ = scripted_upstream(h, reset)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    assert h.get("/")[0] == 502
+
+
+def test_malformed_request_gets_400_and_never_reaches_the_upstream(
+        harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+    port, received = scripted_upstream(h, record)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    for bad in (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"):
+        out = h.raw(bad)
+        assert out.startswith(b"HTTP/1.1 400 "), out
+        assert b'"reason":"bad_request"' in out
+    assert received == []
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 3
+
+
+def test_oversized_headers_get_431(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(limits={"max_header_bytes": 4096}), parser=parser_kind)
+    out = h.raw(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431 "), out[:80]
+
+
+def test_upgrade_requests_get_501(proxy: Harness) -> None:
+    out = proxy.raw(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: websocket\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 501 "), out[:80]
+
+
+def test_slow_request_headers_get_408(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(timeouts={"request_headers": 0.3}), parser=parser_kind)
+    ctx = h.client_context()
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # and never finishes the head
+            start = time.monotonic()
+            data = b""
+            while chunk := t.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - start < 5
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(harness_for: Any,
+                                                      parser_kind: str) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(timeouts={"idle": 0.3}), parser=parser_kind)
+    conn = h.https()
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    assert conn.sock is not None
+    conn.sock.settimeout(5)
+    try:
+        assert conn.sock.recv(10) == b""  # closed by the proxy, no stray bytes
+    finally:
+        conn.close()
+
+
+def test_connections_over_the_limit_are_refused(harness_for: Any) -> None:
+    h = harness_for("uvloop")
+    h.start(h.config(limits={"max_connections": 1}))
+    first = h.https()
+    first.request("GET", "/")
+    assert first.getresponse().status == 200
+    second = h.https()
+    try:
+        second.request("GET", "/")
+        second.getresponse()
+        raise AssertionError("the second connection should have been refused")
+    except (ConnectionError, OSError):
+        pass
+    first.close()
+
+
+# -- keep-alive, bodies ---------------------------------------------------------------------
+
+def test_keep_alive_on_both_sides_reuses_one_upstream_connection(proxy: Harness) -> None:
+    conn = proxy.https()
+    for i in range(5):
+        conn.request("GET", f"/{i}")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["path"] == f"/{i}"
+    conn.close()
+    assert proxy.server is not None and proxy.server.pool.opened == 1
+    assert proxy.metric("mtlsproxy_tls_handshakes_total", listener="public",
+                        resumed="false") == 1
+
+
+def test_content_length_and_chunked_bodies_are_streamed_upstream(proxy: Harness) -> None:
+    body = b"hello world" * 1000
+    conn = proxy.https()
+    conn.request("POST", "/cl", body=body)
+    r = json.loads(conn.getresponse().read())
+    assert r["body_bytes"] == len(body) and r["body_sha256"] == hashlib.sha256(body).hexdigest()
+    conn.request("POST", "/chunked", body=iter([body[:5000], body[5000:]]),
+                 encode_chunked=True)
+    r = json.loads(conn.getresponse().read())
+    assert r["body_bytes"] == len(body) and r["body_sha256"] == hashlib.sha256(body).hexdigest()
+    conn.close()
+
+
+def test_chunked_response_is_streamed_back(proxy: Harness) -> None:
+    status, headers, body = proxy.get("/bytes/300000")
+    assert status == 200 and len(body) == 300000
+    assert headers.get("transfer-encoding") == "chunked"
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(proxy: Harness) -> None:
+    out = proxy.raw(b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                    b"Expect: 100-continue\r\nConnection: close\r\n\r\nhello")
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+    assert b'"body_bytes": 5' in out
+    assert b"expect" not in out.split(b"\r\n\r\n", 2)[2].lower()
+
+
+def test_head_and_204_responses_have_no_body(harness_for: Any, parser_kind: str) -> None:
+    h = harness_for("uvloop")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+    port, _ = scripted_upstream(h, answer)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    conn = h.https()
+    conn.request("HEAD", "/")
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("content-length") == "1234" and r.read() == b""
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 204 and r.read() == b""
+    conn.request("HEAD", "/")  # the same connections still work after both
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_close_delimited_upstream_response_is_rechunked(harness_for: Any,
+                                                       parser_kind: str) -> None:
+    h = harness_for("uvloop")
+
+    async def old_style(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+        await writer.drain()
+    port, _ = scripted_upstream(h, old_style)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    status, headers, body = h.get("/")
+    assert status == 200 and body == b"until close"
+    assert headers.get("transfer-encoding") == "chunked"
+
+
+def test_access_log_has_one_json_line_per_request(proxy: Harness) -> None:
+    proxy.get("/logged")
+    deadline = time.monotonic() + 3
+    while not proxy.access_lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = json.loads(proxy.access_lines[-1])
+    assert record["path"] == "/logged" and record["status"] == 200
+    assert record["listener"] == "public" and record["client"] == "127.0.0.1"
+    assert record["client_cert_fingerprint"] == hashlib.sha256(proxy.pki.client.der).hexdigest()
+    assert "CN=good-client" in record["client_cert_subject"]
+    for key in ("time", "method", "bytes", "duration_ms", "upstream", "resumed"):
+        assert key in record
