@@ -63,10 +63,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = []
     for i, lc in enumerate(config.listeners):
         try:
-            load_generation(lc)
+            load_generation(lc)  # truststore and server certificates, as run would load them
         except TruststoreError as exc:
-            key = "mutual_tls.truststore_uri" if "truststore" in str(exc) else "tls.certificates"
-            problems.append(f"listeners[{i}].{key}: {exc}")
+            problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -85,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         server = ProxyServer(config)
     except TruststoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc.key or 'error'}: {exc}", file=sys.stderr)
         return 2
     loop = _new_loop()
     try:

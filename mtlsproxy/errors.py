@@ -21,7 +21,14 @@ class ConfigError(MtlsProxyError):
 
 
 class TruststoreError(MtlsProxyError):
-    """A truststore could not be read, parsed or turned into a TLS context."""
+    """A truststore or server certificate could not be read, parsed or made a TLS context.
+
+    ``key`` is the config key path below the listener that caused it, when known.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ProtocolError(MtlsProxyError):

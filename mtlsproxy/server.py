@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from mtlsproxy.admin import AdminServer
 from mtlsproxy.config import Config
+from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics
@@ -38,11 +39,15 @@ class ProxyServer:
         self.cache = ValidationCache()
         self.pool = UpstreamPool(config.parser)
         self.access_log = AccessLog(access_stream) if config.access_log else None
-        self.listeners = [
-            ListenerRuntime(lc, TruststoreHolder(load_generation(lc)), self.metrics, self.pool,
-                            self.cache, config.parser, clock, self.access_log)
-            for lc in config.listeners
-        ]
+        self.listeners = []
+        for i, lc in enumerate(config.listeners):
+            try:
+                generation = load_generation(lc)
+            except TruststoreError as exc:
+                raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
+            self.listeners.append(ListenerRuntime(
+                lc, TruststoreHolder(generation), self.metrics, self.pool, self.cache,
+                config.parser, clock, self.access_log))
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(config.admin.host, config.admin.port, self.registry,

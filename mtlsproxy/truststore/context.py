@@ -63,22 +63,23 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cadata=bundle.cadata)
         except ssl.SSLError as exc:
-            raise TruststoreError(f"OpenSSL refused the truststore: {exc}") from exc
+            raise TruststoreError(f"OpenSSL refused the truststore: {exc}",
+                                  key="mutual_tls.truststore_uri") from exc
     return ctx
 
 
 def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None) -> ServerContexts:
     """One context per server certificate; raises TruststoreError on unusable input."""
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
-    for cert in tls.certificates:
+    for i, cert in enumerate(tls.certificates):
         ctx = _new_context(tls, bundle)
         try:
             ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
             names = _names(str(cert.cert_file))
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise TruststoreError(
-                f"cannot load server certificate {cert.cert_file} / {cert.key_file}: {exc}"
-            ) from exc
+                f"cannot load server certificate {cert.cert_file} with key {cert.key_file}: "
+                f"{exc}", key=f"tls.certificates[{i}]") from exc
         contexts.append((ctx, names))
     exact: dict[str, ssl.SSLContext] = {}
     wildcard: dict[str, ssl.SSLContext] = {}

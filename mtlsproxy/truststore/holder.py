@@ -47,7 +47,13 @@ class Generation:
 def build_generation(listener: ListenerConfig, data: bytes | None,
                      now: float | None = None) -> Generation:
     """Parse and build everything; raises TruststoreError and leaves nothing half-built."""
-    bundle = parse_bundle(data) if data is not None else None
+    bundle = None
+    if data is not None:
+        try:
+            bundle = parse_bundle(data)
+        except TruststoreError as exc:
+            raise TruststoreError(f"{listener.mutual_tls.truststore_uri}: {exc}",
+                                  key="mutual_tls.truststore_uri") from exc
     contexts = build_server_contexts(listener.tls, bundle)
     return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
                       time.time() if now is None else now)
@@ -61,7 +67,8 @@ def load_generation(listener: ListenerConfig) -> Generation:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise TruststoreError(f"cannot read truststore {path}: {exc.strerror}") from exc
+            raise TruststoreError(f"cannot read truststore {path}: {exc.strerror}",
+                                  key="mutual_tls.truststore_uri") from exc
     return build_generation(listener, data)
 
 

@@ -1,0 +1,202 @@
+"""The sans-IO parsing seam, without sockets: both implementations, and a differential
+test that holds them to accepting exactly the same messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http.parser import (
+    END,
+    Data,
+    EndOfMessage,
+    Event,
+    H11RequestParser,
+    H11ResponseParser,
+    HttptoolsRequestParser,
+    HttptoolsResponseParser,
+    Request,
+    Response,
+    request_parser,
+    response_parser,
+)
+
+
+def feed_all(parser_kind: str, data: bytes, split: int | None = None) -> list[Event]:
+    p = request_parser(parser_kind, 32768)
+    if split is None:
+        return p.feed(data)
+    events: list[Event] = []
+    for i in range(0, len(data), split):
+        events += p.feed(data[i:i + split])
+    return events
+
+
+def test_a_simple_request_parses_to_head_and_end(parser_kind: str) -> None:
+    events = feed_all(parser_kind, b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-Y:  z \r\n\r\n")
+    assert len(events) == 2
+    req = events[0]
+    assert isinstance(req, Request)
+    assert (req.method, req.target, req.http_version) == (b"GET", b"/a?b=c", b"1.1")
+    assert req.headers == [(b"host", b"x"), (b"x-y", b"z")]
+    assert req.keep_alive and not req.has_body
+    assert isinstance(events[1], EndOfMessage)
+
+
+def test_bodies_parse_the_same_fed_byte_by_byte(parser_kind: str) -> None:
+    msg = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+           b"PUT /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    events = feed_all(parser_kind, msg, split=1)
+    heads = [e for e in events if isinstance(e, Request)]
+    assert [h.target for h in heads] == [b"/", b"/2"]
+    assert heads[0].chunked and heads[1].content_length == 3
+    body = b"".join(e.data for e in events if isinstance(e, Data))
+    assert body == b"hello worldabc"
+    assert sum(isinstance(e, EndOfMessage) for e in events) == 2
+
+
+def test_http10_and_connection_close_are_not_keep_alive(parser_kind: str) -> None:
+    (req, _) = feed_all(parser_kind, b"GET / HTTP/1.0\r\n\r\n")
+    assert isinstance(req, Request) and not req.keep_alive
+    (req, _) = feed_all(parser_kind, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert isinstance(req, Request) and not req.keep_alive
+
+
+def test_an_endless_header_line_hits_431_before_it_ends(parser_kind: str) -> None:
+    p = request_parser(parser_kind, 4096)
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: ")
+    with pytest.raises(RemoteProtocolError) as info:
+        for _ in range(10):
+            p.feed(b"a" * 1000)
+    assert info.value.status_hint == 431
+
+
+# Malformed and ambiguous inputs (request smuggling vectors and friends).
+CORPUS = {
+    "ok": b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "cl_and_te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te_and_cl": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Length: 3\r\n\r\n0\r\n\r\n",
+    "two_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "cl_list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\nabcd",
+    "te_gzip": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "te_identity": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+    "te_space": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "obs_fold": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+    "obs_fold_tab": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tc\r\n\r\n",
+    "bare_lf": b"GET / HTTP/1.1\nHost: a\n\n",
+    "bare_lf_header": b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",
+    "bare_cr": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+    "nul_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+    "nul_name": b"GET / HTTP/1.1\r\nHost: a\r\nX\x00: b\r\n\r\n",
+    "nul_target": b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "space_before_colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    "no_host": b"GET / HTTP/1.1\r\n\r\n",
+    "two_hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "http09": b"GET /\r\n\r\n",
+    "http2_version": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    "http12_version": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+    "lower_method": b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "unknown_method": b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "connect": b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    "upgrade": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    "chunk_bad_size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"zz\r\nabc\r\n0\r\n\r\n",
+    "chunk_bare_lf": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\nabc\n0\n\n",
+    "chunk_ext": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3;x=y\r\nabc\r\n0\r\n\r\n",
+    "neg_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    "plus_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
+    "header_no_colon": b"GET / HTTP/1.1\r\nHost: a\r\nfoo\r\n\r\n",
+    "target_space": b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "target_not_origin": b"GET a HTTP/1.1\r\nHost: a\r\n\r\n",
+    "oversized": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 40000 + b"\r\n\r\n",
+    "utf8_value": "GET / HTTP/1.1\r\nHost: a\r\nX: é\r\n\r\n".encode(),
+    "tab_value": b"GET / HTTP/1.1\r\nHost: a\r\nX:\tb\t\r\n\r\n",
+    "pipelined": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+}
+
+
+def _outcome(kind: str, data: bytes, split: int | None) -> tuple[str, object]:
+    try:
+        events = feed_all(kind, data, split)
+    except RemoteProtocolError as exc:
+        return "rejected", exc.status_hint
+    return "accepted", [(type(e).__name__, getattr(e, "target", None),
+                         getattr(e, "headers", None), getattr(e, "data", None))
+                        for e in events]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+@pytest.mark.parametrize("split", [None, 7])
+def test_both_parsers_agree_on_what_to_accept(name: str, split: int | None) -> None:
+    """Neither parser forwards anything the other rejects; accepted messages are the same."""
+    fast = _outcome("httptools", CORPUS[name], split)
+    strict = _outcome("h11", CORPUS[name], split)
+    assert fast[0] == strict[0], (fast, strict)
+    if fast[0] == "accepted":
+        assert fast == strict
+
+
+@pytest.mark.parametrize("name", ["cl_and_te", "te_and_cl", "two_cl", "obs_fold", "bare_lf",
+                                  "nul_value", "chunk_bare_lf", "no_host", "oversized"])
+def test_smuggling_vectors_are_rejected(name: str, parser_kind: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        feed_all(parser_kind, CORPUS[name])
+
+
+@pytest.mark.parametrize("name, status", [("oversized", 431), ("te_gzip", 501),
+                                          ("http2_version", 505), ("upgrade", 501)])
+def test_rejections_carry_the_status_to_answer(name: str, status: int,
+                                               parser_kind: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        feed_all(parser_kind, CORPUS[name])
+    assert info.value.status_hint == status
+
+
+# -- responses ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_response_to_head_ends_after_its_head(cls: type) -> None:
+    p = cls()
+    p.expect(b"HEAD")
+    events = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert isinstance(events[0], Response) and events[1:] == [END]
+    p.expect(b"GET")
+    events = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert [type(e) for e in events] == [Response, Data, EndOfMessage]
+
+
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_close_delimited_response_ends_at_eof(cls: type) -> None:
+    p = cls()
+    p.expect(b"GET")
+    events = p.feed(b"HTTP/1.0 200 OK\r\n\r\nabc")
+    assert isinstance(events[0], Response) and events[0].close_delimited
+    assert not events[0].keep_alive
+    assert [type(e) for e in p.feed_eof()] == [EndOfMessage]
+
+
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_truncated_response_is_an_error_at_eof(cls: type) -> None:
+    p = cls()
+    p.expect(b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(RemoteProtocolError):
+        p.feed_eof()
+
+
+@pytest.mark.parametrize("kind", ["httptools", "h11"])
+def test_interim_responses_are_reported_separately(kind: str) -> None:
+    p = response_parser(kind)
+    p.expect(b"POST")
+    events = p.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    assert [type(e).__name__ for e in events] == ["Informational", "Response", "EndOfMessage"]
+
+
+def test_request_parsers_are_the_named_implementations() -> None:
+    assert isinstance(request_parser("httptools", 1024), HttptoolsRequestParser)
+    assert isinstance(request_parser("h11", 1024), H11RequestParser)
