@@ -1,0 +1,329 @@
+"""The proxy as users run it: the CLI process, real curl and openssl s_client binaries,
+SIGTERM drain, and 50 MB streamed each way with bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mtlsproxy.echo import start_echo
+from mtlsproxy.pki import DevPKI, make_leaf, write_dev_pki
+from tests.conftest import LoopThread, make_cert
+
+MiB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProxyProcess:
+    def __init__(self, proc: subprocess.Popen[str], port: int, admin: int) -> None:
+        self.proc, self.port, self.admin = proc, port, admin
+
+    def admin_get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def rss_hwm_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def devpki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
+    return write_dev_pki(tmp_path_factory.mktemp("devpki"))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[LoopThread, int]]:
+    loop = LoopThread("uvloop")
+    echo = loop.run(start_echo())
+    yield loop, int(echo.sockets[0].getsockname()[1])
+    loop.call(echo.close)
+    loop.stop()
+
+
+def start_proxy(devpki: DevPKI, upstream_port: int, tmp: Path,
+                routes: list[dict[str, object]] | None = None, **top: object) -> ProxyProcess:
+    port, admin = free_port(), free_port()
+    config = {
+        "listeners": [{
+            "name": "public", "address": f"127.0.0.1:{port}",
+            "tls": {"certificates": [{"cert_file": str(devpki.server_cert),
+                                      "key_file": str(devpki.server_key)}]},
+            "mutual_tls": {"truststore_uri": str(devpki.truststore)},
+            "routes": routes or [{"path_prefix": "/",
+                                  "upstream": f"http://127.0.0.1:{upstream_port}"}],
+        }],
+        "admin": {"address": f"127.0.0.1:{admin}"},
+        **top,
+    }
+    path = tmp / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "mtlsproxy", "run", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pp = ProxyProcess(proc, port, admin)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"proxy exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if pp.admin_get("/readyz")[0] == 200:
+                return pp
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("proxy did not become ready")
+
+
+@pytest.fixture
+def proxy_proc(devpki: DevPKI, upstream: tuple[LoopThread, int],
+               tmp_path: Path) -> Iterator[ProxyProcess]:
+    pp = start_proxy(devpki, upstream[1], tmp_path)
+    yield pp
+    if pp.proc.poll() is None:
+        pp.proc.send_signal(signal.SIGTERM)
+        try:
+            pp.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pp.proc.kill()
+            pp.proc.wait()
+    for stream in (pp.proc.stdout, pp.proc.stderr):
+        if stream:
+            stream.close()
+
+
+def client_ctx(devpki: DevPKI) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(devpki.root_cert))
+    ctx.load_cert_chain(str(devpki.client_cert), str(devpki.client_key))
+    return ctx
+
+
+# -- real clients ---------------------------------------------------------------------
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="openssl not installed")
+
+
+@needs_curl
+def test_curl_with_the_dev_client_certificate_gets_the_upstream(devpki: DevPKI,
+                                                                proxy_proc: ProxyProcess
+                                                                ) -> None:
+    out = subprocess.run(
+        ["curl", "-sS", "--cert", str(devpki.client_cert), "--key", str(devpki.client_key),
+         "--cacert", str(devpki.root_cert), f"https://localhost:{proxy_proc.port}/curl"],
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["path"] == "/curl"
+    assert any(n == "x-forwarded-client-cert" for n, _ in body["headers"])
+
+
+@needs_curl
+@pytest.mark.parametrize("case, alert", [("expired", "alert certificate expired"),
+                                         ("untrusted", "alert unknown ca")])
+def test_curl_with_a_bad_certificate_prints_the_tls_alert(harness_for: Any, case: str,
+                                                          alert: str) -> None:
+    h = harness_for("uvloop")
+    now = dt.datetime.now(dt.UTC)
+    cert = (make_cert("expired", h.pki.inter, not_before=now - dt.timedelta(days=9),
+                      not_after=now - dt.timedelta(days=1)) if case == "expired"
+            else make_cert("stranger", make_cert("Unknown CA", ca=True)))
+    c, k = h.pki.client_files(cert, case)
+    h.start()
+    out = subprocess.run(
+        ["curl", "-sS", "--cert", str(c), "--key", str(k),
+         "--cacert", str(h.pki.directory / "root.pem"), f"https://localhost:{h.port}/"],
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert alert in out.stderr, out.stderr
+    assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                    reason=case) == 1
+
+
+@needs_openssl
+def test_openssl_s_client_without_a_certificate_sees_certificate_required(
+        devpki: DevPKI, proxy_proc: ProxyProcess) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy_proc.port}",
+         "-servername", "localhost", "-CAfile", str(devpki.root_cert), "-quiet"],
+        input="GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", capture_output=True, text=True,
+        timeout=30)
+    assert "certificate required" in (out.stderr + out.stdout)
+
+
+@needs_openssl
+def test_openssl_s_client_sees_the_server_chain_and_gets_a_response(
+        devpki: DevPKI, proxy_proc: ProxyProcess) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy_proc.port}",
+         "-servername", "localhost", "-CAfile", str(devpki.root_cert),
+         "-cert", str(devpki.client_cert), "-key", str(devpki.client_key), "-ign_eof"],
+        input="GET /s_client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        capture_output=True, text=True, timeout=30)
+    assert "Verify return code: 0 (ok)" in out.stdout, out.stdout[-2000:]
+    assert "HTTP/1.1 200 OK" in out.stdout
+    assert '"path": "/s_client"' in out.stdout
+
+
+# -- metrics and admin through the process ---------------------------------------------
+
+def test_admin_endpoints_answer(devpki: DevPKI, proxy_proc: ProxyProcess) -> None:
+    assert proxy_proc.admin_get("/healthz")[0] == 200
+    assert proxy_proc.admin_get("/readyz")[0] == 200
+    status, body = proxy_proc.admin_get("/truststore")
+    store = json.loads(body)["public"]
+    assert status == 200 and store["uri"] == str(devpki.truststore)
+    assert len(store["sha256"]) == 64 and store["loaded_at"].endswith("Z")
+    subjects = [c["subject"] for c in store["certificates"]]
+    assert any("intermediate" in s for s in subjects) and any("root" in s for s in subjects)
+    for cert in store["certificates"]:
+        assert set(cert) >= {"subject", "issuer", "serial", "not_before", "not_after",
+                             "fingerprint_sha256"}
+    status, metrics = proxy_proc.admin_get("/metrics")
+    text = metrics.decode()
+    for name in ("mtlsproxy_tls_handshakes_total", "mtlsproxy_tls_handshake_failures_total",
+                 "mtlsproxy_connections_active"):
+        assert name in text
+
+
+def test_access_log_goes_to_stdout_as_json(devpki: DevPKI, upstream: tuple[LoopThread, int],
+                                           tmp_path: Path) -> None:
+    pp = start_proxy(devpki, upstream[1], tmp_path)
+    conn = http.client.HTTPSConnection("localhost", pp.port, context=client_ctx(devpki))
+    conn.request("GET", "/log-me")
+    assert conn.getresponse().status == 200
+    conn.close()
+    pp.proc.send_signal(signal.SIGTERM)
+    stdout, _ = pp.proc.communicate(timeout=20)
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert any(r["path"] == "/log-me" and r["status"] == 200 for r in records)
+
+
+# -- SIGTERM drain ------------------------------------------------------------------------
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(devpki: DevPKI, tmp_path: Path) -> None:
+    loop = LoopThread("uvloop")
+    started = threading.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        loop.loop.call_soon_threadsafe(started.set)
+        await asyncio.sleep(1.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    async def serve() -> tuple[asyncio.Server, int]:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        return server, int(server.sockets[0].getsockname()[1])
+    server, port = loop.run(serve())
+    pp = start_proxy(devpki, port, tmp_path)
+    result: dict[str, object] = {}
+
+    def request() -> None:
+        conn = http.client.HTTPSConnection("localhost", pp.port, context=client_ctx(devpki),
+                                           timeout=20)
+        conn.request("GET", "/slow")
+        r = conn.getresponse()
+        result["status"], result["body"] = r.status, r.read()
+        conn.close()
+    t = threading.Thread(target=request)
+    t.start()
+    try:
+        assert started.wait(10)
+        pp.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert pp.admin_get("/readyz")[0] == 503  # draining: no new traffic, please
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", pp.port), timeout=2).close()
+        t.join(20)
+        assert result == {"status": 200, "body": b"done"}
+        assert pp.proc.wait(20) == 0
+    finally:
+        if pp.proc.poll() is None:
+            pp.proc.kill()
+        pp.proc.communicate()
+        loop.call(server.close)
+        loop.stop()
+
+
+# -- 50 MB each way -------------------------------------------------------------------
+
+def test_50_mb_stream_each_way_with_bounded_proxy_memory(devpki: DevPKI,
+                                                         proxy_proc: ProxyProcess) -> None:
+    size = 50 * MiB
+    block = os.urandom(MiB)
+    before = proxy_proc.rss_hwm_kib()
+    conn = http.client.HTTPSConnection("localhost", proxy_proc.port, context=client_ctx(devpki),
+                                       timeout=120)
+    conn.request("POST", "/upload", body=(block for _ in range(50)),
+                 headers={"Content-Length": str(size)})
+    reply = json.loads(conn.getresponse().read())
+    assert reply["body_bytes"] == size
+    assert reply["body_sha256"] == hashlib.sha256(block * 50).hexdigest()
+    conn.request("GET", f"/bytes/{size}")
+    r = conn.getresponse()
+    received = 0
+    while chunk := r.read(MiB):
+        received += len(chunk)
+    assert received == size
+    conn.close()
+    growth_mib = (proxy_proc.rss_hwm_kib() - before) / 1024
+    # 100 MB went through; a buffering proxy would grow by at least 50 MB.
+    assert growth_mib < 24, f"proxy peak RSS grew by {growth_mib:.1f} MiB"
+
+
+# -- demo and dev-pki -----------------------------------------------------------------
+
+def test_demo_once_exits_0_and_prints_a_curl_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "mtlsproxy", "demo", "--once", "--port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "-> 200" in out.stdout
+    assert "curl --cert " in out.stdout and " --key " in out.stdout and "--cacert" in out.stdout
+
+
+def test_dev_pki_writes_a_working_pki(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "mtlsproxy", "dev-pki", str(tmp_path / "p")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("server.pem", "server.key", "client.pem", "client.key", "truststore.pem",
+                 "root-ca.pem", "intermediate-ca.pem"):
+        assert (tmp_path / "p" / name).is_file()
+    from cryptography import x509
+    certs = x509.load_pem_x509_certificates((tmp_path / "p" / "truststore.pem").read_bytes())
+    assert len(certs) == 2  # intermediate + root
+    server = x509.load_pem_x509_certificates((tmp_path / "p" / "server.pem").read_bytes())[0]
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert make_leaf  # the helper dev-pki uses is importable for users' own scripts
