@@ -65,7 +65,7 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLEOFError | ConnectionError | EOFError):
         return "client_closed"
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
+        reason = getattr(exc, "reason", None) or ""
         if reason in _SSL_REASONS:
             return _SSL_REASONS[reason]
         if reason.startswith("TLSV1_ALERT_") or reason.startswith("SSLV3_ALERT_"):

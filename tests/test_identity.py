@@ -1,0 +1,248 @@
+"""The sans-IO identity core: policy, path building, cache, headers, routing, failure
+labels, pool bookkeeping and metric names. No sockets."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ssl
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from prometheus_client import CollectorRegistry
+
+from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
+from mtlsproxy.http.parser import HttptoolsResponseParser, Request
+from mtlsproxy.http.routing import Router
+from mtlsproxy.http.wire import error_response, upstream_request_head
+from mtlsproxy.identity.cache import ValidationCache, Verdict
+from mtlsproxy.identity.headers import is_spoofable, render, safe_value
+from mtlsproxy.identity.peer import read_identity
+from mtlsproxy.identity.policy import algorithm_problem, build_path, check_chain
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.tls.failures import REASONS, classify
+from mtlsproxy.truststore.bundle import parse_bundle
+from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
+from mtlsproxy.upstream.pool import UpstreamPool
+from tests.conftest import PKI, UTC, make_cert
+
+# -- policy ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, ok", [
+    (lambda: ec.generate_private_key(ec.SECP256R1()), True),
+    (lambda: ec.generate_private_key(ec.SECP384R1()), True),
+    (lambda: rsa.generate_private_key(65537, 2048), True),
+    (lambda: ec.generate_private_key(ec.SECP521R1()), False),
+    (lambda: ed25519.Ed25519PrivateKey.generate(), False),
+])
+def test_algorithm_policy_follows_the_model(pki: PKI, key: object, ok: bool) -> None:
+    cert = make_cert("k", pki.inter, key=key())  # type: ignore[operator]
+    assert (algorithm_problem(cert.cert) is None) == ok
+
+
+def test_chain_length_counts_leaf_to_root(pki: PKI) -> None:
+    leaf = pki.client.cert
+    chain = [pki.inter.cert, pki.root.cert]
+    assert check_chain(leaf, chain, 3) is None
+    assert check_chain(leaf, chain, 2) == "chain_too_long"
+
+
+def test_path_is_rebuilt_from_the_truststore(pki: PKI) -> None:
+    bundle = parse_bundle(pki.truststore.read_bytes())
+    path = build_path(pki.client.cert, bundle)
+    assert path == [pki.inter.cert, pki.root.cert]
+
+
+def test_no_path_without_the_issuer(pki: PKI) -> None:
+    bundle = parse_bundle(pki.truststore.read_bytes())
+    stranger = make_cert("x", make_cert("Other CA", ca=True))
+    assert build_path(stranger.cert, bundle) is None
+
+
+def test_verdict_rechecks_the_clock(pki: PKI) -> None:
+    identity = read_identity(pki.client.der, [pki.inter.der, pki.root.der])
+    v = Verdict(1, None, identity, (), identity.valid_from, identity.valid_until)
+    now = dt.datetime.now(UTC)
+    assert v.reason_at(now) is None
+    assert v.reason_at(now + dt.timedelta(days=400)) == "expired"
+    assert v.reason_at(now - dt.timedelta(days=400)) == "not_yet_valid"
+
+
+def test_cache_is_bounded_lru() -> None:
+    cache = ValidationCache(max_entries=2)
+    v = Verdict(1, None, None, (), dt.datetime.now(UTC), dt.datetime.now(UTC))
+    cache.put((b"a", 1), v)
+    cache.put((b"b", 1), v)
+    assert cache.get((b"a", 1)) is v  # a is now the most recent
+    cache.put((b"c", 1), v)
+    assert cache.get((b"b", 1)) is None and len(cache) == 2
+    assert repr(cache) == "<ValidationCache entries=2 max=2>"
+
+
+# -- headers ------------------------------------------------------------------------------
+
+def test_rfc9440_values_are_byte_sequences(pki: PKI) -> None:
+    identity = read_identity(pki.client.der, [pki.inter.der])
+    headers = dict(render(identity, ["rfc9440"]))
+    assert headers[b"Client-Cert"] == b":" + base64.b64encode(pki.client.der) + b":"
+    assert headers[b"Client-Cert-Chain"] == b":" + base64.b64encode(pki.inter.der) + b":"
+
+
+def test_header_values_cannot_carry_control_characters() -> None:
+    assert safe_value("CN=evil\r\nX-Admin: 1") == b"CN=evil\\0D\\0AX-Admin: 1"
+    assert safe_value("CN=caf\u00e9") == b"CN=caf\\C3\\A9"
+
+
+def test_xfcc_quotes_values_with_separators(pki: PKI) -> None:
+    cert = make_cert("a;b", pki.inter, uris=("spiffe://x/a,b",))
+    identity = read_identity(cert.der, [pki.inter.der])
+    (xfcc,) = [v for n, v in render(identity, ["xfcc"])]
+    assert b'URI="spiffe://x/a,b"' in xfcc
+    assert b'Subject="CN=a\\\\;b,O=mtlsproxy tests"' in xfcc
+
+
+@pytest.mark.parametrize("name, spoofable", [
+    (b"client-cert", True), (b"client-cert-chain", True), (b"x-forwarded-client-cert", True),
+    (b"x-client-cert-subject", True), (b"x-client-cert-anything", True),
+    (b"x-forwarded-for", False), (b"authorization", False)])
+def test_spoofable_header_names(name: bytes, spoofable: bool) -> None:
+    assert is_spoofable(name) is spoofable
+
+
+def test_upstream_head_drops_client_identity_and_reframes() -> None:
+    req = Request(b"POST", b"/x", b"1.1", [
+        (b"host", b"h"), (b"client-cert", b":x:"), (b"transfer-encoding", b"chunked"),
+        (b"x-client-cert-subject", b"CN=admin"), (b"connection", b"x-drop"),
+        (b"x-drop", b"1"), (b"x-ok", b"1")], True, True, None)
+    head = upstream_request_head(req, b"/x", "127.0.0.9", [(b"Client-Cert", b":real:")])
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /x HTTP/1.1"
+    assert b"client-cert: :x:" not in head and b"CN=admin" not in head and b"x-drop" not in head
+    assert b"Client-Cert: :real:" in lines and b"x-ok: 1" in lines
+    assert b"x-forwarded-for: 127.0.0.9" in lines
+    assert head.count(b"transfer-encoding: chunked") == 1
+    assert head.endswith(b"\r\n\r\n")
+
+
+def test_error_responses_are_small_json() -> None:
+    raw = error_response(403, "expired")
+    head, body = raw.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 Forbidden")
+    assert b"connection: close" in head
+    assert body == b'{"message":"Forbidden","reason":"expired"}'
+
+
+# -- routing ----------------------------------------------------------------------------
+
+def _route(prefix: str, host: str | None = None, strip: bool = False,
+           upstream: str = "http://u:1") -> RouteConfig:
+    return RouteConfig(prefix, parse_upstream(upstream), host, strip)
+
+
+def test_host_specific_route_beats_a_generic_one_of_equal_length() -> None:
+    router = Router((_route("/a"), _route("/a", host="api.test", upstream="http://v:2")))
+    match = router.match(b"api.test:443", b"/a/b")
+    assert match is not None and match[0].upstream.host == "v"
+    match = router.match(b"other.test", b"/a/b")
+    assert match is not None and match[0].upstream.host == "u"
+
+
+def test_no_route_for_absolute_form_targets() -> None:
+    assert Router((_route("/"),)).match(b"h", b"http://evil/") is None
+
+
+def test_upstream_urls_are_validated() -> None:
+    assert parse_upstream("http://127.0.0.1:8080/base/") == Upstream("http", "127.0.0.1", 8080,
+                                                                     "/base")
+    for bad in ("https://x", "http://", "http://x:0", "http://u:p@x", "http://x/?q=1"):
+        with pytest.raises(ValueError):
+            parse_upstream(bad)
+
+
+# -- failure labels ----------------------------------------------------------------------
+
+def _verify_error(code: int) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError("CERTIFICATE_VERIFY_FAILED")
+    exc.verify_code = code
+    return exc
+
+
+@pytest.mark.parametrize("code, reason", [(10, "expired"), (9, "not_yet_valid"),
+                                          (18, "untrusted"), (20, "untrusted"),
+                                          (2, "untrusted"), (7, "bad_signature"),
+                                          (66, "weak_algorithm"), (68, "weak_algorithm"),
+                                          (26, "unsupported_purpose"), (22, "chain_too_long")])
+def test_verify_codes_map_to_reasons(code: int, reason: str) -> None:
+    assert classify(_verify_error(code)) == reason
+
+
+def test_every_label_is_in_the_bounded_set() -> None:
+    samples: list[BaseException] = [TimeoutError(), ConnectionResetError(), ssl.SSLError(),
+                                    _verify_error(999)]
+    for exc in samples:
+        assert classify(exc) in REASONS
+
+
+# -- pool bookkeeping -------------------------------------------------------------------
+
+class _Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _conn(state: UpstreamState) -> UpstreamConnection:
+    conn = UpstreamConnection("u:1", HttptoolsResponseParser())
+    conn.state = state
+    return conn
+
+
+def test_pool_hands_out_the_newest_idle_connection_and_drops_stale_ones() -> None:
+    clock = _Clock()
+    pool = UpstreamPool(idle_timeout=30, clock=clock)
+    old, new = _conn(UpstreamState.ACTIVE), _conn(UpstreamState.ACTIVE)
+    pool.release(old, reusable=True)
+    clock.now = 120.0
+    pool.release(new, reusable=True)
+    assert pool.take_idle("u:1") is new and new.state is UpstreamState.ACTIVE
+    clock.now = 140.0  # old has idled 40 s, over the 30 s timeout
+    assert pool.take_idle("u:1") is None and old.state is UpstreamState.CLOSED
+
+
+def test_pool_does_not_keep_non_reusable_connections() -> None:
+    pool = UpstreamPool()
+    conn = _conn(UpstreamState.ACTIVE)
+    pool.release(conn, reusable=False)
+    assert conn.state is UpstreamState.CLOSED and pool.take_idle("u:1") is None
+
+
+def test_upstream_state_transitions_are_checked() -> None:
+    conn = _conn(UpstreamState.CLOSED)
+    with pytest.raises(RuntimeError):
+        conn.set_state(UpstreamState.ACTIVE)
+
+
+# -- metric names (public interface) ------------------------------------------------------
+
+def test_metric_names_are_the_public_ones() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.declare_listener("public")
+    metrics.requests.labels("public", "/", "200").inc()
+    metrics.request_duration.labels("public", "/").observe(0.01)
+    metrics.upstream_errors.labels("u:1", "timeout").inc()
+    names = {s.name for m in registry.collect() for s in m.samples}
+    for name in ("mtlsproxy_tls_handshakes_total", "mtlsproxy_tls_handshake_failures_total",
+                 "mtlsproxy_requests_total", "mtlsproxy_request_duration_seconds_bucket",
+                 "mtlsproxy_upstream_errors_total", "mtlsproxy_connections_active",
+                 "mtlsproxy_client_cert_cache_total"):
+        assert name in names, name
+    labels = {tuple(sorted(s.labels)) for m in registry.collect() for s in m.samples
+              if s.name == "mtlsproxy_tls_handshake_failures_total"}
+    assert labels == {("listener", "reason")}
+    for reason in ("no_client_certificate", "untrusted", "expired", "not_yet_valid",
+                   "bad_signature", "weak_algorithm", "chain_too_long",
+                   "unsupported_purpose", "protocol", "timeout", "other"):
+        assert registry.get_sample_value("mtlsproxy_tls_handshake_failures_total",
+                                         {"listener": "public", "reason": reason}) == 0
