@@ -350,9 +350,13 @@ class ProxySession:
                                pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
         rt = self.rt
         bodyless = req.method == b"HEAD" or resp.status in (204, 304)
-        rechunk = not bodyless and (resp.chunked or resp.close_delimited)
-        keep = req.keep_alive and not rt.draining
-        head = wire.client_response_head(resp, rechunk, keep)
+        http10 = req.http_version == b"1.0"
+        unframed = not bodyless and (resp.chunked or resp.close_delimited)
+        # HTTP/1.1 clients get unframed bodies re-chunked; HTTP/1.0 clients cannot read
+        # chunked, so their body ends when the connection does.
+        rechunk = unframed and not http10
+        keep = req.keep_alive and not rt.draining and not (unframed and http10)
+        head = wire.client_response_head(resp, rechunk, keep, http10)
         conn = self.conn
         conn.write(head)
         sent = len(head)

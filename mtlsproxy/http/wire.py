@@ -75,8 +75,12 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     return b"".join(out)
 
 
-def client_response_head(resp: Response, chunked: bool, keep_alive: bool) -> bytes:
-    """The response head sent to the client; ``chunked`` re-frames a close-delimited body."""
+def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
+                         http10_client: bool = False) -> bytes:
+    """The response head sent to the client; ``chunked`` re-frames a close-delimited body.
+
+    An HTTP/1.0 client keeps the connection only when told so (RFC 9112 section 9.3).
+    """
     named = _connection_named(resp.headers)
     reason = resp.reason or REASONS.get(resp.status, "").encode()
     out = [b"HTTP/1.1 ", str(resp.status).encode(), b" ", reason, b"\r\n"]
@@ -90,6 +94,8 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool) -> byt
         out.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive:
         out.append(b"connection: close\r\n")
+    elif http10_client:
+        out.append(b"connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out)
 
@@ -109,5 +115,5 @@ def error_response(status: int, reason: str, keep_alive: bool = False,
                       separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n")
+            f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
     return head.encode() + body
