@@ -47,6 +47,14 @@ class Inbox(Generic[E]):
             self._error = exc
         self._wake()
 
+    def interrupt(self, exc: BaseException) -> bool:
+        """Raise ``exc`` in the consumer if it is waiting now (a timeout); True if it was."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+            return True
+        return False
+
     @property
     def failed(self) -> BaseException | None:
         return self._error

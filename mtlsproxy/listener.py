@@ -24,6 +24,10 @@ from mtlsproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("mtlsproxy")
 
+# Request timeouts fire within this many seconds of their deadline (nginx's timers are
+# similarly coarse); a ticker beats a timer handle per request on the hot path.
+TICK = 0.1
+
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -78,6 +82,8 @@ class ListenerRuntime:
         self.sessions: set[ProxySession] = set()
         self.draining = False
         self.server: asyncio.Server | None = None
+        self.loop_time: Callable[[], float] = time.monotonic
+        self._ticker: asyncio.Task[None] | None = None
         self._requests: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._active = metrics.connections_active.labels(self.name)
@@ -97,9 +103,25 @@ class ListenerRuntime:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
+        self._ticker = loop.create_task(self._tick())
         self.server = await loop.create_server(self.protocol_factory, self.config.host,
                                                self.config.port, reuse_address=True,
                                                backlog=1024)
+
+    async def _tick(self) -> None:
+        """Fire the sessions' expired deadlines; the granularity of every request timeout."""
+        while True:
+            await asyncio.sleep(TICK)
+            now = self.loop_time()
+            for session in list(self.sessions):
+                if session.deadline:
+                    session.on_tick(now)
+
+    def stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     @property
     def bound_port(self) -> int:
@@ -124,6 +146,7 @@ class ListenerRuntime:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.conn.abort()
+        self.stop_ticker()
         return not self.sessions
 
     # -- session bookkeeping ----------------------------------------------------------------

@@ -348,6 +348,7 @@ class Harness:
                 self.server.draining = True
                 for lr in self.server.listeners:
                     lr.stop_accepting()
+                    lr.stop_ticker()
                     for s in list(lr.sessions):
                         s.conn.abort()
                 self.server.pool.close_all()

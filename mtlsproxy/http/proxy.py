@@ -45,7 +45,10 @@ class ProxySession:
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
         self.task: asyncio.Task[None] | None = None
         self.idle = False  # waiting for a request head (drain may close it)
-        self._head_timer: asyncio.Timeout | None = None
+        # Hot-path timeouts are deadlines checked by the listener's ticker (one float store
+        # per wait) rather than an asyncio.timeout (a timer handle per wait).
+        self.deadline = 0.0
+        self.waiting_on: Inbox[Event] | None = None
         self._head_bytes_seen = False
         self._refusal_counted = False
         self._parse_failed = False
@@ -86,14 +89,12 @@ class ProxySession:
     def plaintext_received(self, data: bytes) -> None:
         if self._parse_failed:
             return
-        if self._head_timer is not None and not self._head_bytes_seen:
+        if self.idle and not self._head_bytes_seen:
             # Slowloris: once a head has started, it must complete within request_headers.
             self._head_bytes_seen = True
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.rt.config.timeouts.request_headers
-            when = self._head_timer.when()
-            if when is None or deadline < when:
-                self._head_timer.reschedule(deadline)
+            deadline = self.rt.loop_time() + self.rt.config.timeouts.request_headers
+            if deadline < self.deadline:
+                self.deadline = deadline
         try:
             events = self.parser.feed(data)
         except RemoteProtocolError as exc:
@@ -154,9 +155,8 @@ class ProxySession:
             self._head_bytes_seen = False
             self.idle = True
             try:
-                async with asyncio.timeout(timeouts.request_headers if first
-                                           else timeouts.idle) as self._head_timer:
-                    ev = await self.inbox.get()
+                ev = await self._get(self.inbox, timeouts.request_headers if first
+                                     else timeouts.idle)
             except ConnectionClosed:
                 return None
             except TimeoutError:
@@ -164,7 +164,6 @@ class ProxySession:
                     raise
                 return None  # idle keep-alive connection: close quietly, like nginx
             finally:
-                self._head_timer = None
                 self.idle = False
         if not isinstance(ev, Request):
             raise RemoteProtocolError("unexpected message data")
@@ -175,6 +174,25 @@ class ProxySession:
             if not isinstance(end, EndOfMessage):
                 raise RemoteProtocolError("unexpected message data")
         return ev
+
+    async def _get(self, inbox: Inbox[Event], timeout: float) -> Event:
+        """The next event of ``inbox``; TimeoutError after ``timeout`` seconds of nothing."""
+        ev = inbox.get_nowait()
+        if ev is not None:
+            return ev
+        self.deadline = self.rt.loop_time() + timeout
+        self.waiting_on = inbox
+        try:
+            return await inbox.get()
+        finally:
+            self.deadline = 0.0
+            self.waiting_on = None
+
+    def on_tick(self, now: float) -> None:
+        """Called by the listener's ticker: fire an expired deadline."""
+        if self.deadline and now >= self.deadline and self.waiting_on is not None:
+            self.deadline = 0.0
+            self.waiting_on.interrupt(TimeoutError())
 
     def _write_error(self, status: int, reason: str, message: str | None = None,
                      keep_alive: bool = False) -> int:
@@ -327,8 +345,12 @@ class ProxySession:
 
         try:
             if pump is None:
-                async with asyncio.timeout(read_timeout):
-                    return await head()
+                while True:
+                    ev = await self._get(up.inbox, read_timeout)
+                    if isinstance(ev, Response):
+                        return ev
+                    if isinstance(ev, Data | EndOfMessage):
+                        raise UpstreamError("upstream sent body data before a head", "protocol")
             # While the body uploads, the pump's own timeouts apply; the read timeout
             # starts when the request is complete (nginx's proxy_read_timeout).
             head_task = asyncio.get_running_loop().create_task(head())
@@ -357,38 +379,40 @@ class ProxySession:
         rechunk = unframed and not http10
         keep = req.keep_alive and not rt.draining and not (unframed and http10)
         head = wire.client_response_head(resp, rechunk, keep, http10)
-        conn = self.conn
-        conn.write(head)
-        sent = len(head)
+        # Writes are coalesced: the head and whatever body is already here go out as one
+        # TLS record and one system call (for small responses, the whole response).
+        pending = [head]
+        pending_size = sent = len(head)
         status = resp.status
         read_timeout = rt.config.timeouts.upstream_read
         try:
             while True:
                 ev = up.inbox.get_nowait()
                 if ev is None:
+                    if pending:
+                        await self._write_out(pending)
+                        pending, pending_size = [], 0
                     try:
-                        async with asyncio.timeout(read_timeout):
-                            ev = await up.inbox.get()
+                        ev = await self._get(up.inbox, read_timeout)
                     except TimeoutError:
                         raise UpstreamError("upstream read timed out", "timeout", 504) from None
                     except ConnectionClosed:
                         raise UpstreamError("upstream closed mid-response", "reset") from None
                 if isinstance(ev, Data):
                     data = wire.chunk(ev.data) if rechunk else ev.data
-                    conn.write(data)
+                    pending.append(data)
+                    pending_size += len(data)
                     sent += len(data)
-                    if conn.write_paused:
-                        try:
-                            await conn.drain()
-                        except ConnectionResetError:
-                            raise _ClientGone() from None
-                    if conn.state is not TLSState.OPEN:
-                        raise _ClientGone()
+                    if pending_size >= _COALESCE_LIMIT:
+                        await self._write_out(pending)
+                        pending, pending_size = [], 0
                 elif isinstance(ev, EndOfMessage):
                     break
             if rechunk:
-                conn.write(wire.LAST_CHUNK)
+                pending.append(wire.LAST_CHUNK)
                 sent += len(wire.LAST_CHUNK)
+            if pending:
+                await self._write_out(pending)
         except BaseException as exc:
             up.close()
             if pump is not None:
@@ -406,6 +430,21 @@ class ProxySession:
             keep = False
         rt.pool.release(up, resp.keep_alive and body_done)
         return status, sent, keep and body_done
+
+
+    async def _write_out(self, parts: list[bytes]) -> None:
+        conn = self.conn
+        conn.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        if conn.write_paused:
+            try:
+                await conn.drain()
+            except ConnectionResetError:
+                raise _ClientGone() from None
+        if conn.state is not TLSState.OPEN:
+            raise _ClientGone()
+
+
+_COALESCE_LIMIT = 64 * 1024
 
 
 class _UpstreamAfterHead(UpstreamError):
