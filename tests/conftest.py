@@ -231,6 +231,7 @@ class Harness:
         self.echo_port = 0
         self.access_lines: list[str] = []
         self.servers: list[asyncio.Server] = []  # extra upstreams the tests start
+        self.default_parser = "httptools"
 
     def start_echo(self) -> int:
         async def go() -> int:
@@ -256,11 +257,11 @@ class Harness:
         base.update(listener)
         return {"listeners": [base], "admin": {"address": "127.0.0.1:0"}, **top}
 
-    def start(self, raw: dict[str, Any] | None = None, parser: str = "httptools") -> ProxyServer:
+    def start(self, raw: dict[str, Any] | None = None, parser: str | None = None) -> ProxyServer:
         if not self.echo_port:
             self.start_echo()
         raw = raw or self.config()
-        raw.setdefault("parser", parser)
+        raw.setdefault("parser", parser or self.default_parser)
         config = parse_config(raw, self.tmp)
 
         class Sink:
@@ -391,8 +392,17 @@ def parser_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def proxy(harness_for: Callable[[str], Harness], parser_kind: str) -> Harness:
-    """A started proxy with the default config, on each parser (HTTP tests run on both)."""
-    h = harness_for("uvloop")
+def unstarted(harness_for: Callable[[str], Harness], parser_kind: str,
+              loop_kind: str) -> Harness:
+    """A harness on each loop kind whose proxy will use each parser; not started yet."""
+    h = harness_for(loop_kind)
+    h.default_parser = parser_kind
+    return h
+
+
+@pytest.fixture
+def proxy(harness_for: Callable[[str], Harness], parser_kind: str, loop_kind: str) -> Harness:
+    """A started proxy with the default config, on each parser and each loop kind."""
+    h = harness_for(loop_kind)
     h.start(parser=parser_kind)
     return h

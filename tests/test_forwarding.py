@@ -9,7 +9,6 @@ import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -86,11 +85,10 @@ def test_client_certificate_is_forwarded_in_rfc9440_xfcc_and_detail_headers(
         hdrs["client-cert"][0].strip(":"))) == client.cert
 
 
-def test_forward_client_cert_selects_header_families(harness_for: Any,
-                                                     parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_forward_client_cert_selects_header_families(unstarted: Harness) -> None:
+    h = unstarted
     h.start(h.config(mutual_tls={"truststore_uri": str(h.pki.truststore),
-                                 "forward_client_cert": ["xfcc"]}), parser=parser_kind)
+                                 "forward_client_cert": ["xfcc"]}))
     hdrs = headers_of(h.get("/")[2])
     assert "x-forwarded-client-cert" in hdrs
     assert "client-cert" not in hdrs and "x-client-cert-subject" not in hdrs
@@ -106,12 +104,11 @@ SPOOFED = {
 }
 
 
-def test_spoofed_certificate_headers_never_reach_the_upstream(harness_for: Any,
-                                                             parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_spoofed_certificate_headers_never_reach_the_upstream(unstarted: Harness) -> None:
+    h = unstarted
     # Even with forwarding off, a client's own certificate headers are dropped.
     h.start(h.config(mutual_tls={"truststore_uri": str(h.pki.truststore),
-                                 "forward_client_cert": []}), parser=parser_kind)
+                                 "forward_client_cert": []}))
     hdrs = headers_of(h.get("/", headers=SPOOFED)[2])
     for name in SPOOFED:
         assert name.lower() not in hdrs
@@ -141,15 +138,14 @@ def test_hop_by_hop_headers_are_removed_and_forwarded_headers_set(proxy: Harness
     assert hdrs["host"] == [f"localhost:{proxy.port}"]  # the client's Host goes upstream
 
 
-def test_longest_prefix_wins_and_strip_prefix_rewrites_the_path(harness_for: Any,
-                                                                parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_longest_prefix_wins_and_strip_prefix_rewrites_the_path(unstarted: Harness) -> None:
+    h = unstarted
     echo = f"http://127.0.0.1:{h.start_echo()}"
     h.start(h.config(routes=[
         {"path_prefix": "/", "upstream": echo},
         {"path_prefix": "/api", "upstream": echo + "/v2", "strip_prefix": True},
         {"path_prefix": "/api/admin", "upstream": echo + "/admin"},
-    ]), parser=parser_kind)
+    ]))
     assert json.loads(h.get("/api/users?x=1")[2])["path"] == "/v2/users?x=1"
     assert json.loads(h.get("/api")[2])["path"] == "/v2/"
     assert json.loads(h.get("/api/admin/x")[2])["path"] == "/admin/api/admin/x"
@@ -158,11 +154,10 @@ def test_longest_prefix_wins_and_strip_prefix_rewrites_the_path(harness_for: Any
                     code="200") == 2
 
 
-def test_request_without_a_route_gets_404(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_request_without_a_route_gets_404(unstarted: Harness) -> None:
+    h = unstarted
     h.start(h.config(routes=[{"path_prefix": "/only",
-                              "upstream": f"http://127.0.0.1:{h.start_echo()}"}]),
-            parser=parser_kind)
+                              "upstream": f"http://127.0.0.1:{h.start_echo()}"}]))
     status, _, body = h.get("/elsewhere")
     assert status == 404
     assert json.loads(body) == {"message": "Not Found", "reason": "no_route"}
@@ -176,50 +171,49 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_refused_upstream_gets_502_and_is_counted(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_refused_upstream_gets_502_and_is_counted(unstarted: Harness) -> None:
+    h = unstarted
     port = _closed_port()
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     status, _, body = h.get("/")
     assert status == 502 and json.loads(body)["reason"] == "upstream_unavailable"
     assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
                     kind="connect_refused") == 1
 
 
-def test_silent_upstream_gets_504(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_silent_upstream_gets_504(unstarted: Harness) -> None:
+    h = unstarted
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         await asyncio.sleep(30)
     port, _ = scripted_upstream(h, silent)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}",
-                     timeouts={"upstream_read": 0.3}), parser=parser_kind)
+                     timeouts={"upstream_read": 0.3}))
     status, _, body = h.get("/")
     assert status == 504 and json.loads(body)["reason"] == "upstream_timeout"
     assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
                     kind="timeout") == 1
 
 
-def test_upstream_reset_before_responding_gets_502(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_upstream_reset_before_responding_gets_502(unstarted: Harness) -> None:
+    h = unstarted
 
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         writer.transport.abort()
     port, _ = scripted_upstream(h, reset)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     assert h.get("/")[0] == 502
 
 
-def test_malformed_request_gets_400_and_never_reaches_the_upstream(
-        harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Harness) -> None:
+    h = unstarted
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
     port, received = scripted_upstream(h, record)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     for bad in (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                 b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
@@ -231,9 +225,9 @@ def test_malformed_request_gets_400_and_never_reaches_the_upstream(
     assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 3
 
 
-def test_oversized_headers_get_431(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
-    h.start(h.config(limits={"max_header_bytes": 4096}), parser=parser_kind)
+def test_oversized_headers_get_431(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(limits={"max_header_bytes": 4096}))
     out = h.raw(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 431 "), out[:80]
 
@@ -244,9 +238,9 @@ def test_upgrade_requests_get_501(proxy: Harness) -> None:
     assert out.startswith(b"HTTP/1.1 501 "), out[:80]
 
 
-def test_slow_request_headers_get_408(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
-    h.start(h.config(timeouts={"request_headers": 0.3}), parser=parser_kind)
+def test_slow_request_headers_get_408(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(timeouts={"request_headers": 0.3}))
     ctx = h.client_context()
     with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
         with ctx.wrap_socket(s, server_hostname="localhost") as t:
@@ -259,10 +253,9 @@ def test_slow_request_headers_get_408(harness_for: Any, parser_kind: str) -> Non
     assert time.monotonic() - start < 5
 
 
-def test_idle_keep_alive_connection_is_closed_quietly(harness_for: Any,
-                                                      parser_kind: str) -> None:
-    h = harness_for("uvloop")
-    h.start(h.config(timeouts={"idle": 0.3}), parser=parser_kind)
+def test_idle_keep_alive_connection_is_closed_quietly(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(timeouts={"idle": 0.3}))
     conn = h.https()
     conn.request("GET", "/")
     conn.getresponse().read()
@@ -274,8 +267,8 @@ def test_idle_keep_alive_connection_is_closed_quietly(harness_for: Any,
         conn.close()
 
 
-def test_connections_over_the_limit_are_refused(harness_for: Any) -> None:
-    h = harness_for("uvloop")
+def test_connections_over_the_limit_are_refused(unstarted: Harness) -> None:
+    h = unstarted
     h.start(h.config(limits={"max_connections": 1}))
     first = h.https()
     first.request("GET", "/")
@@ -331,8 +324,8 @@ def test_expect_100_continue_is_answered_by_the_proxy(proxy: Harness) -> None:
     assert b"expect" not in out.split(b"\r\n\r\n", 2)[2].lower()
 
 
-def test_head_and_204_responses_have_no_body(harness_for: Any, parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_head_and_204_responses_have_no_body(unstarted: Harness) -> None:
+    h = unstarted
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -343,7 +336,7 @@ def test_head_and_204_responses_have_no_body(harness_for: Any, parser_kind: str)
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
             await writer.drain()
     port, _ = scripted_upstream(h, answer)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     conn = h.https()
     conn.request("HEAD", "/")
     r = conn.getresponse()
@@ -356,16 +349,15 @@ def test_head_and_204_responses_have_no_body(harness_for: Any, parser_kind: str)
     conn.close()
 
 
-def test_close_delimited_upstream_response_is_rechunked(harness_for: Any,
-                                                       parser_kind: str) -> None:
-    h = harness_for("uvloop")
+def test_close_delimited_upstream_response_is_rechunked(unstarted: Harness) -> None:
+    h = unstarted
 
     async def old_style(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
         await writer.drain()
     port, _ = scripted_upstream(h, old_style)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"), parser=parser_kind)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     status, headers, body = h.get("/")
     assert status == 200 and body == b"until close"
     assert headers.get("transfer-encoding") == "chunked"

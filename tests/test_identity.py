@@ -246,3 +246,15 @@ def test_metric_names_are_the_public_ones() -> None:
                    "unsupported_purpose", "protocol", "timeout", "other"):
         assert registry.get_sample_value("mtlsproxy_tls_handshake_failures_total",
                                          {"listener": "public", "reason": reason}) == 0
+
+
+def test_readyz_is_503_until_started_and_while_draining() -> None:
+    from mtlsproxy.admin import AdminServer
+    state = {"ready": False}
+    admin = AdminServer("127.0.0.1", 0, CollectorRegistry(), lambda: state["ready"], dict)
+    assert admin.respond("GET", "/readyz")[0] == 503
+    state["ready"] = True
+    assert admin.respond("GET", "/readyz")[0] == 200
+    assert admin.respond("GET", "/healthz")[0] == 200
+    assert admin.respond("POST", "/metrics")[0] == 405
+    assert admin.respond("GET", "/nope")[0] == 404

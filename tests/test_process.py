@@ -327,3 +327,23 @@ def test_dev_pki_writes_a_working_pki(tmp_path: Path) -> None:
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     assert make_leaf  # the helper dev-pki uses is importable for users' own scripts
+
+
+def test_demo_serves_until_ctrl_c() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mtlsproxy", "demo", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Serving until Ctrl-C" in line:
+                break
+        assert any("-> 200" in line for line in lines), lines
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
