@@ -290,3 +290,30 @@ def test_server_certificate_is_chosen_by_sni_exact_before_wildcard(harness: Harn
     assert "CN=exact" in served_cn("exact.example.test")
     assert "CN=wild" in served_cn("other.example.test")
     assert "CN=exact" not in served_cn("localhost") and "CN=wild" not in served_cn("localhost")
+
+
+def test_a_swapped_truststore_applies_to_new_connections_and_rechecks_old_ones(
+        harness: Harness) -> None:
+    from mtlsproxy.truststore.holder import build_generation
+    harness.start()
+    kept = harness.https()
+    kept.request("GET", "/before")
+    r = kept.getresponse()
+    assert r.status == 200
+    r.read()
+    new_ca = make_cert("Rotated CA", ca=True)
+    new_client = make_cert("rotated-client", new_ca)
+    assert harness.server is not None
+    runtime = harness.server.listeners[0]
+    generation = build_generation(runtime.config, new_ca.cert_pem())
+    harness.loop.call(lambda: runtime.holder.swap(generation))
+    # The keep-alive connection was authenticated by a CA that is gone: re-checked, refused.
+    kept.request("GET", "/after")
+    r = kept.getresponse()
+    assert r.status == 403 and json.loads(r.read())["reason"] == "untrusted"
+    kept.close()
+    # New connections take the new context: the old client is refused in the handshake...
+    assert "unknown ca" in outcome(harness, harness.client_context()).lower()
+    # ...and a client of the new CA is admitted.
+    status, _, _ = harness.get("/", ctx=harness.client_context(new_client, name="rotated"))
+    assert status == 200
