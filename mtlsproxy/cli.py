@@ -148,9 +148,8 @@ async def _demo(pki: DevPKI, once: bool, port: int) -> int:
         await server.drain()
         echo.close()
         return 0
-    print("\nServing until Ctrl-C.")
     try:
-        await server.serve()
+        await server.serve(on_ready=lambda: print("\nServing until Ctrl-C.", flush=True))
     finally:
         echo.close()
     return 0

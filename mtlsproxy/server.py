@@ -71,6 +71,8 @@ class ProxyServer:
         return next(lr for lr in self.listeners if lr.name == name)
 
     async def start(self) -> None:
+        if self.started:
+            raise RuntimeError("ProxyServer.start() called twice")
         if self.admin is not None:
             await self.admin.start()
         for lr in self.listeners:
@@ -97,13 +99,20 @@ class ProxyServer:
         if self.admin is not None:
             self.admin.close()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (or ``request_stop``), then drain."""
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or ``request_stop``), then drain.
+
+        Signal handlers go in first, so a signal never finds the default handler once the
+        caller has been told (``on_ready``) that we serve.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            await self.start()
+            if not self.started:
+                await self.start()
+            if on_ready is not None:
+                on_ready()
             await self._stop.wait()
             log.info("draining (up to %.0fs)", self.config.drain_timeout)
             await self.drain()

@@ -199,38 +199,41 @@ class _Head:
     size: int = 0
 
 
-class HttptoolsRequestParser:
-    """llhttp behind the seam; the default fast path."""
+class _LlhttpHead:
+    """The llhttp callbacks that collect a head, shared by requests and responses."""
 
-    def __init__(self, max_header_bytes: int = 32768) -> None:
-        self.max_header_bytes = max_header_bytes
-        self._parser = httptools.HttpRequestParser(self)
-        self._events: list[Event] = []
-        self._head: _Head | None = None
-        self._raw_size = 0
-        self._in_body = False
+    _head: _Head | None
 
-    # llhttp callbacks
     def on_message_begin(self) -> None:
         self._head = _Head()
-        self._in_body = False
-
-    def on_url(self, url: bytes) -> None:
-        assert self._head is not None
-        self._head.url += url
-        self._head.size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._head is not None
         self._head.headers.append((name.lower(), value.strip(b" \t")))
         self._head.size += len(name) + len(value) + 4
 
+
+class HttptoolsRequestParser(_LlhttpHead):
+    """llhttp behind the seam; the default fast path."""
+
+    def __init__(self, max_header_bytes: int = 32768) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._head = None
+        self._raw_size = 0
+
+    # llhttp callbacks
+    def on_url(self, url: bytes) -> None:
+        assert self._head is not None
+        self._head.url += url
+        self._head.size += len(url)
+
     def on_headers_complete(self) -> None:
         head, self._head = self._head, None
         assert head is not None
         if head.size > self.max_header_bytes:
             raise RemoteProtocolError("request header block too large", 431)
-        self._in_body = True
         p = self._parser
         self._events.append(_make_request(p.get_method(), bytes(head.url),
                                           p.get_http_version().encode(), head.headers))
@@ -239,7 +242,6 @@ class HttptoolsRequestParser:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
-        self._in_body = False
         self._events.append(END)
 
     def feed(self, data: bytes) -> list[Event]:
@@ -269,7 +271,7 @@ class HttptoolsRequestParser:
         return events
 
 
-class HttptoolsResponseParser:
+class HttptoolsResponseParser(_LlhttpHead):
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self.max_header_bytes = max_header_bytes
         self._method = b"GET"
@@ -287,17 +289,9 @@ class HttptoolsResponseParser:
         if self._done:
             self._new()
 
-    def on_message_begin(self) -> None:
-        self._head = _Head()
-
     def on_status(self, status: bytes) -> None:
         assert self._head is not None
         self._head.url += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._head is not None
-        self._head.headers.append((name.lower(), value.strip(b" \t")))
-        self._head.size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         head, self._head = self._head, None

@@ -216,9 +216,6 @@ class TLSConnection(asyncio.Protocol):
             return
         self._flush()
 
-    def writelines(self, parts: list[bytes]) -> None:
-        self.write(b"".join(parts))
-
     @property
     def write_paused(self) -> bool:
         return self._write_paused
