@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from mtlsproxy.truststore.bundle import TrustBundle
+if TYPE_CHECKING:
+    from mtlsproxy.truststore.bundle import TrustBundle
 
 # The model's supported algorithms: SHA-256 or stronger, RSA >= 2048, ECDSA P-256/P-384.
 _HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)

@@ -1,7 +1,18 @@
-"""Parse a PEM truststore bundle into a ``TrustBundle``; pure (bytes in, objects out).
+"""Parse and analyse a PEM truststore bundle into a ``TrustBundle``; pure (bytes in).
 
-The bundle keeps every certificate that parsed, an index by subject for path building,
-and the DER of the certificates that go into the TLS context.
+Like the model's create/update warnings, every problem of every certificate becomes a
+``CertWarning`` naming the certificate's subject, and the bundle is applied when at least
+one CA is usable. Beyond the model, a CA expiring within 30 days is a warning too, and
+the analysis is cheap enough to repeat on every refresh.
+
+Rules of this module:
+- ``certs`` holds only the usable CAs: those that can validate some client (a CA per
+  basicConstraints, inside its validity period or not yet valid, algorithms inside the
+  policy, with a complete path to a self-signed root of usable CAs, short enough for
+  ``max_chain_length``). Those go into the TLS context; the rest only warn.
+- ``all_certs`` keeps every certificate that parsed, for ``truststore check`` and
+  ``/truststore``.
+- A bundle with no usable CA raises ``TruststoreError``: it never replaces a good one.
 """
 
 from __future__ import annotations
@@ -12,12 +23,24 @@ import re
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from mtlsproxy.errors import TruststoreError
+from mtlsproxy.identity.policy import algorithm_problem
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class CertWarning:
+    subject: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.problem}"
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,10 @@ class TrustedCert:
     @property
     def issuer(self) -> str:
         return self.cert.issuer.rfc4514_string()
+
+    @property
+    def self_signed(self) -> bool:
+        return self.cert.issuer == self.cert.subject
 
     def describe(self) -> dict[str, str]:
         c = self.cert
@@ -52,9 +79,10 @@ def _rfc3339(t: dt.datetime) -> str:
 
 @dataclass(frozen=True)
 class TrustBundle:
-    certs: tuple[TrustedCert, ...]
+    certs: tuple[TrustedCert, ...]  # usable CAs only: what goes into the TLS context
     sha256: str
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[CertWarning, ...] = ()
+    all_certs: tuple[TrustedCert, ...] = ()
     by_subject: dict[bytes, tuple[TrustedCert, ...]] = field(default_factory=dict)
 
     @property
@@ -66,31 +94,130 @@ class TrustBundle:
         return self.by_subject.get(cert.issuer.public_bytes(), ())
 
 
-def parse_bundle(data: bytes) -> TrustBundle:
-    """Parse every CERTIFICATE block; raise TruststoreError when none is usable."""
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _split(data: bytes) -> tuple[list[TrustedCert], list[CertWarning]]:
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
         raise TruststoreError("no PEM CERTIFICATE block found")
     certs: list[TrustedCert] = []
-    warnings: list[str] = []
+    warnings: list[CertWarning] = []
     seen: set[str] = set()
     for i, block in enumerate(blocks):
         try:
             cert = x509.load_pem_x509_certificate(block)
             der = cert.public_bytes(serialization.Encoding.DER)
         except ValueError as exc:
-            warnings.append(f"certificate #{i + 1}: not parseable: {exc}")
+            warnings.append(CertWarning(f"certificate #{i + 1}", f"not parseable: {exc}"))
             continue
         fp = hashlib.sha256(der).hexdigest()
         if fp in seen:
-            warnings.append(f"{cert.subject.rfc4514_string()}: duplicate")
+            warnings.append(CertWarning(cert.subject.rfc4514_string(), "duplicate"))
             continue
         seen.add(fp)
         certs.append(TrustedCert(cert, der, fp))
+    return certs, warnings
+
+
+def parse_bundle(data: bytes, max_chain_length: int = 4,
+                 now: dt.datetime | None = None) -> TrustBundle:
+    """Parse and analyse; raise TruststoreError when no CA is usable."""
+    now = now or dt.datetime.now(dt.UTC)
+    certs, warnings = _split(data)
     if not certs:
         raise TruststoreError("no parseable certificate in the bundle")
     index: dict[bytes, list[TrustedCert]] = {}
     for c in certs:
         index.setdefault(c.cert.subject.public_bytes(), []).append(c)
-    return TrustBundle(tuple(certs), hashlib.sha256(data).hexdigest(), tuple(warnings),
-                       {k: tuple(v) for k, v in index.items()})
+
+    intrinsic: dict[str, bool] = {}
+    issuers_seen: dict[bytes, str] = {}
+    for c in certs:
+        ok = True
+        cert = c.cert
+        if now > cert.not_valid_after_utc:
+            warnings.append(CertWarning(
+                c.subject, f"expired on {_rfc3339(cert.not_valid_after_utc)}"))
+            ok = False
+        elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
+            days = (cert.not_valid_after_utc - now).days
+            warnings.append(CertWarning(
+                c.subject, f"expires in {days} days ({_rfc3339(cert.not_valid_after_utc)})"))
+        if now < cert.not_valid_before_utc:
+            warnings.append(CertWarning(
+                c.subject, f"not yet valid (from {_rfc3339(cert.not_valid_before_utc)})"))
+        problem = algorithm_problem(cert, check_signature=not c.self_signed)
+        if problem is not None:
+            warnings.append(CertWarning(c.subject, problem))
+            ok = False
+        if not _is_ca(cert):
+            warnings.append(CertWarning(c.subject, "not a CA (basicConstraints CA:FALSE or "
+                                                   "missing): it can never issue a client"))
+            ok = False
+        subject_key = cert.subject.public_bytes()
+        other = issuers_seen.setdefault(subject_key, c.issuer)
+        if other != c.issuer:
+            warnings.append(CertWarning(
+                c.subject, "conflicts with an existing certificate from a different issuer "
+                           f"({other})"))
+        intrinsic[c.fingerprint_sha256] = ok
+
+    # depth[c]: certificates from c up to its root, both counted; None: no usable path.
+    depth: dict[str, int | None] = {}
+
+    def path_depth(c: TrustedCert, visiting: frozenset[str]) -> int | None:
+        fp = c.fingerprint_sha256
+        if fp in depth:
+            return depth[fp]
+        if not intrinsic[fp] or fp in visiting:
+            return None
+        if c.self_signed:
+            result: int | None = 1 if _issued_by(c.cert, c.cert) else None
+        else:
+            found = [d for i in index.get(c.cert.issuer.public_bytes(), [])
+                     if _issued_by(c.cert, i.cert)
+                     and (d := path_depth(i, visiting | {fp})) is not None]
+            result = 1 + min(found) if found else None
+        depth[fp] = result
+        return result
+
+    usable: list[TrustedCert] = []
+    for c in certs:
+        d = path_depth(c, frozenset())
+        if d is None:
+            if intrinsic[c.fingerprint_sha256] and not c.self_signed:
+                if not index.get(c.cert.issuer.public_bytes()):
+                    warnings.append(CertWarning(
+                        c.subject, f"issuer missing from the bundle (chain incomplete): "
+                                   f"{c.issuer}"))
+                else:
+                    warnings.append(CertWarning(
+                        c.subject, f"no usable path to a root through {c.issuer}"))
+            continue
+        if d + 1 > max_chain_length:
+            warnings.append(CertWarning(
+                c.subject, f"chain longer than max_chain_length: a client it issues has a "
+                           f"chain of {d + 1} (max {max_chain_length})"))
+            continue
+        usable.append(c)
+    if not usable:
+        raise TruststoreError("no usable CA in the bundle: "
+                              + "; ".join(str(w) for w in warnings[:5]))
+    by_subject: dict[bytes, list[TrustedCert]] = {}
+    for c in usable:
+        by_subject.setdefault(c.cert.subject.public_bytes(), []).append(c)
+    return TrustBundle(tuple(usable), hashlib.sha256(data).hexdigest(), tuple(warnings),
+                       tuple(certs), {k: tuple(v) for k, v in by_subject.items()})

@@ -40,7 +40,9 @@ class Generation:
             "generation": self.number,
             "sha256": self.bundle.sha256,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-            "certificates": [c.describe() for c in self.bundle.certs],
+            "certificates": [c.describe() for c in self.bundle.all_certs],
+            "warnings": [{"subject": w.subject, "problem": w.problem}
+                         for w in self.bundle.warnings],
         }
 
 
@@ -50,7 +52,7 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
     bundle = None
     if data is not None:
         try:
-            bundle = parse_bundle(data)
+            bundle = parse_bundle(data, listener.mutual_tls.max_chain_length)
         except TruststoreError as exc:
             raise TruststoreError(f"{listener.mutual_tls.truststore_uri}: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
