@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from mtlsproxy.errors import ConfigError
+from mtlsproxy.truststore.sources import parse_s3_uri
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
 FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
@@ -44,6 +45,8 @@ class MutualTLSConfig:
     """``truststore_uri == ""`` means mutual TLS is off for the listener."""
 
     truststore_uri: str = ""
+    truststore_version: str = ""  # S3 VersionId to pin; "" follows the newest version
+    refresh_interval: float = 30.0
     max_chain_length: int = 4
     forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
 
@@ -292,11 +295,14 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
 
     mpath = f"{path}.mutual_tls"
     mdata = r.mapping(data.get("mutual_tls"), mpath,
-                      ("truststore_uri", "max_chain_length", "forward_client_cert"))
+                      ("truststore_uri", "truststore_version", "refresh_interval",
+                       "max_chain_length", "forward_client_cert"))
     uri = r.get(mdata, "truststore_uri", mpath, str, "")
     if uri.startswith("s3://"):
-        r.problem(f"{mpath}.truststore_uri", "s3:// truststores are not supported yet")
-        uri = ""
+        try:
+            parse_s3_uri(uri)
+        except ValueError as exc:
+            r.problem(f"{mpath}.truststore_uri", str(exc))
     elif uri:
         local = uri[len("file://"):] if uri.startswith("file://") else uri
         resolved = r.resolve(local)
@@ -310,6 +316,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                       f"unknown header family {fam!r} (allowed: {', '.join(FORWARD_FAMILIES)})")
     mtls = MutualTLSConfig(
         truststore_uri=uri,
+        truststore_version=r.get(mdata, "truststore_version", mpath, str, ""),
+        refresh_interval=r.get(mdata, "refresh_interval", mpath, float, 30.0, _positive),
         max_chain_length=r.get(mdata, "max_chain_length", mpath, int, 4,
                                lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"),
         forward_client_cert=tuple(f for f in families if f in FORWARD_FAMILIES),

@@ -110,9 +110,14 @@ def test_every_problem_is_reported_at_once(pki: PKI) -> None:
     assert len(problems(pki, data)) == 3
 
 
-def test_s3_truststores_are_refused_until_supported(pki: PKI) -> None:
-    data = good(pki, mutual_tls={"truststore_uri": "s3://bucket/key"})
-    assert any("listeners[0].mutual_tls.truststore_uri" in p for p in problems(pki, data))
+def test_s3_truststore_uris_need_a_bucket_and_a_key(pki: PKI) -> None:
+    data = good(pki, mutual_tls={"truststore_uri": "s3://bucket-only"})
+    assert problems(pki, data) == [
+        "listeners[0].mutual_tls.truststore_uri: expected s3://bucket/key"]
+    data = good(pki, mutual_tls={"truststore_uri": "s3://bucket/path/key.pem",
+                                 "truststore_version": "v1", "refresh_interval": 5})
+    mtls = load_config(write(pki.directory, data)).listeners[0].mutual_tls
+    assert (mtls.truststore_version, mtls.refresh_interval) == ("v1", 5.0)
 
 
 def test_not_a_mapping_is_a_clear_error(tmp_path: Path) -> None:

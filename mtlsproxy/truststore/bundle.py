@@ -112,7 +112,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def _split(data: bytes) -> tuple[list[TrustedCert], list[CertWarning]]:
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
-        raise TruststoreError("no PEM CERTIFICATE block found")
+        return [], [CertWarning("(bundle)", "no PEM CERTIFICATE block found")]
     certs: list[TrustedCert] = []
     warnings: list[CertWarning] = []
     seen: set[str] = set()
@@ -135,10 +135,18 @@ def _split(data: bytes) -> tuple[list[TrustedCert], list[CertWarning]]:
 def parse_bundle(data: bytes, max_chain_length: int = 4,
                  now: dt.datetime | None = None) -> TrustBundle:
     """Parse and analyse; raise TruststoreError when no CA is usable."""
+    bundle = analyse(data, max_chain_length, now)
+    if not bundle.certs:
+        raise TruststoreError("no usable CA in the bundle: "
+                              + "; ".join(str(w) for w in bundle.warnings[:5]))
+    return bundle
+
+
+def analyse(data: bytes, max_chain_length: int = 4,
+            now: dt.datetime | None = None) -> TrustBundle:
+    """Parse and analyse without judging: ``certs`` may be empty (``truststore check``)."""
     now = now or dt.datetime.now(dt.UTC)
     certs, warnings = _split(data)
-    if not certs:
-        raise TruststoreError("no parseable certificate in the bundle")
     index: dict[bytes, list[TrustedCert]] = {}
     for c in certs:
         index.setdefault(c.cert.subject.public_bytes(), []).append(c)
@@ -213,9 +221,6 @@ def parse_bundle(data: bytes, max_chain_length: int = 4,
                            f"chain of {d + 1} (max {max_chain_length})"))
             continue
         usable.append(c)
-    if not usable:
-        raise TruststoreError("no usable CA in the bundle: "
-                              + "; ".join(str(w) for w in warnings[:5]))
     by_subject: dict[bytes, list[TrustedCert]] = {}
     for c in usable:
         by_subject.setdefault(c.cert.subject.public_bytes(), []).append(c)

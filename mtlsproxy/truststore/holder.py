@@ -15,6 +15,7 @@ from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
 from mtlsproxy.truststore.context import ServerContexts, build_server_contexts
+from mtlsproxy.truststore.sources import Source, make_source
 
 _generations = itertools.count(1)
 
@@ -26,6 +27,7 @@ class Generation:
     bundle: TrustBundle | None  # None: mutual TLS is off
     contexts: ServerContexts
     loaded_at: float
+    version: str = ""  # the source's version: S3 VersionId, or the file's SHA-256
 
     @property
     def mutual_tls(self) -> bool:
@@ -39,6 +41,7 @@ class Generation:
             "mutual_tls": True,
             "generation": self.number,
             "sha256": self.bundle.sha256,
+            "version": self.version,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "certificates": [c.describe() for c in self.bundle.all_certs],
             "warnings": [{"subject": w.subject, "problem": w.problem}
@@ -47,7 +50,7 @@ class Generation:
 
 
 def build_generation(listener: ListenerConfig, data: bytes | None,
-                     now: float | None = None) -> Generation:
+                     now: float | None = None, version: str = "") -> Generation:
     """Parse and build everything; raises TruststoreError and leaves nothing half-built."""
     bundle = None
     if data is not None:
@@ -58,20 +61,21 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
                                   key="mutual_tls.truststore_uri") from exc
     contexts = build_server_contexts(listener.tls, bundle)
     return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
-                      time.time() if now is None else now)
+                      time.time() if now is None else now, version)
 
 
-def load_generation(listener: ListenerConfig) -> Generation:
-    """Read the listener's truststore file (if mutual TLS is on) and build a generation."""
-    data = None
-    if listener.mutual_tls.enabled:
-        path = listener.mutual_tls.truststore_path
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise TruststoreError(f"cannot read truststore {path}: {exc.strerror}",
-                                  key="mutual_tls.truststore_uri") from exc
-    return build_generation(listener, data)
+def load_generation(listener: ListenerConfig, source: Source | None = None) -> Generation:
+    """Fetch the listener's truststore (if mutual TLS is on) and build a generation."""
+    if not listener.mutual_tls.enabled:
+        return build_generation(listener, None)
+    mtls = listener.mutual_tls
+    source = source or make_source(mtls.truststore_uri, mtls.truststore_version)
+    try:
+        fetched = source.check(None)
+    except TruststoreError as exc:
+        raise TruststoreError(str(exc), key="mutual_tls.truststore_uri") from exc
+    assert fetched is not None  # check(None) always fetches
+    return build_generation(listener, fetched.data, version=fetched.version)
 
 
 class TruststoreHolder:

@@ -1,0 +1,113 @@
+"""Where a truststore comes from: a file (watched by content hash) or an S3 object
+(watched by VersionId/ETag). ``check`` is blocking I/O: callers run it off the event loop.
+
+Rules of this module:
+- ``check(current)`` returns None when the version is still ``current`` (a cheap HEAD for
+  S3, a read + hash for a file), otherwise the new bytes and their version.
+- Every failure is a ``TruststoreError`` naming the URI; nothing here swaps anything.
+- S3 goes through boto3's standard credential chain and honours AWS_ENDPOINT_URL /
+  AWS_ENDPOINT_URL_S3 by itself: no endpoint code here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from mtlsproxy.errors import TruststoreError
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    version: str  # S3 VersionId (or ETag when unversioned); a file's SHA-256
+
+
+class Source(Protocol):
+    uri: str
+
+    def check(self, current: str | None) -> Fetched | None: ...
+
+
+class FileSource:
+    """A local file. Reading through the path each time follows a Kubernetes ConfigMap's
+    ``..data`` symlink swap, which replaces the whole directory atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.uri = str(path)
+
+    def __repr__(self) -> str:
+        return f"<FileSource {self.uri}>"
+
+    def check(self, current: str | None) -> Fetched | None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise TruststoreError(f"cannot read truststore {self.path}: {exc.strerror}") from exc
+        version = hashlib.sha256(data).hexdigest()
+        return None if version == current else Fetched(data, version)
+
+
+def default_s3_client() -> Any:
+    import boto3  # imported lazily: file-only deployments never pay for it
+    return boto3.client("s3")
+
+
+class S3Source:
+    def __init__(self, bucket: str, key: str, version: str = "",
+                 client_factory: Callable[[], Any] = default_s3_client) -> None:
+        self.bucket, self.key, self.pinned = bucket, key, version
+        self.uri = f"s3://{bucket}/{key}"
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"<S3Source {self.uri} pinned={self.pinned or '-'}>"
+
+    def _call(self, op: str, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            return getattr(self._client, op)(Bucket=self.bucket, Key=self.key, **kw)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            raise TruststoreError(f"{self.uri}: {op} failed: {err.get('Code', '?')} "
+                                  f"{err.get('Message', '')}".rstrip()) from None
+        except BotoCoreError as exc:
+            raise TruststoreError(f"{self.uri}: {op} failed: {exc}") from None
+
+    def check(self, current: str | None) -> Fetched | None:
+        pin = {"VersionId": self.pinned} if self.pinned else {}
+        head = self._call("head_object", **pin)
+        version = head.get("VersionId") or head.get("ETag", "").strip('"')
+        if version and version == current:
+            return None
+        version_arg = {"VersionId": head["VersionId"]} if head.get("VersionId") else {}
+        obj = self._call("get_object", **version_arg)
+        try:
+            data = obj["Body"].read()
+        except Exception as exc:  # botocore streaming errors are not one class
+            raise TruststoreError(f"{self.uri}: reading the object failed: {exc}") from None
+        return Fetched(data, version)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    key = parts.path.lstrip("/")
+    if parts.scheme != "s3" or not parts.netloc or not key:
+        raise ValueError("expected s3://bucket/key")
+    return parts.netloc, key
+
+
+def make_source(uri: str, version: str = "",
+                s3_client_factory: Callable[[], Any] = default_s3_client) -> Source:
+    if uri.startswith("s3://"):
+        bucket, key = parse_s3_uri(uri)
+        return S3Source(bucket, key, version, s3_client_factory)
+    return FileSource(Path(urlsplit(uri).path if uri.startswith("file://") else uri))
