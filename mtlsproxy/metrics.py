@@ -52,3 +52,55 @@ class Metrics:
             self.handshake_failures.labels(listener, reason)
         for result in ("hit", "miss"):
             self.cert_cache.labels(result)
+
+
+class TruststoreMetrics:
+    """The truststore collectors (issue #3's public names), one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reloads = Counter(
+            "mtlsproxy_truststore_reloads", "Truststore refreshes by result: applied, "
+            "unchanged, failed.", ["listener", "result"], registry=registry)
+        self.info = Gauge(
+            "mtlsproxy_truststore_info", "The truststore in use (value 1).",
+            ["listener", "uri", "version", "sha256"], registry=registry)
+        self.certificates = Gauge(
+            "mtlsproxy_truststore_certificates", "Usable CA certificates in the truststore.",
+            ["listener"], registry=registry)
+        self.warnings = Gauge(
+            "mtlsproxy_truststore_warnings", "Warnings of the truststore in use, re-evaluated "
+            "on every refresh.", ["listener"], registry=registry)
+        self.last_success = Gauge(
+            "mtlsproxy_truststore_last_success_timestamp_seconds",
+            "When the truststore source was last checked successfully.", ["listener"],
+            registry=registry)
+        self.cert_not_after = Gauge(
+            "mtlsproxy_truststore_cert_not_after_timestamp_seconds",
+            "Expiry of each truststore CA (one series per CA).",
+            ["listener", "subject", "fingerprint_sha256"], registry=registry)
+        self._info_labels: dict[str, tuple[str, ...]] = {}
+        self._cert_labels: dict[str, list[tuple[str, ...]]] = {}
+
+    def declare_listener(self, listener: str) -> None:
+        for result in ("applied", "unchanged", "failed"):
+            self.reloads.labels(listener, result)
+
+    def publish(self, listener: str, uri: str, version: str, sha256: str,
+                cas: list[tuple[str, str, float]], warnings: int, now: float) -> None:
+        """Replace the listener's series with those of the truststore now in use."""
+        old = self._info_labels.pop(listener, None)
+        if old is not None:
+            self.info.remove(*old)
+        labels = (listener, uri, version, sha256)
+        self.info.labels(*labels).set(1)
+        self._info_labels[listener] = labels
+        for cert_labels in self._cert_labels.pop(listener, []):
+            self.cert_not_after.remove(*cert_labels)
+        self._cert_labels[listener] = []
+        for subject, fingerprint, not_after in cas:
+            cert_labels = (listener, subject, fingerprint)
+            self.cert_not_after.labels(*cert_labels).set(not_after)
+            self._cert_labels[listener].append(cert_labels)
+        self.certificates.labels(listener).set(len(cas))
+        self.warnings.labels(listener).set(warnings)
+        self.last_success.labels(listener).set(now)

@@ -21,8 +21,10 @@ from mtlsproxy.config import Config
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
-from mtlsproxy.metrics import Metrics
-from mtlsproxy.truststore.holder import TruststoreHolder, load_generation
+from mtlsproxy.metrics import Metrics, TruststoreMetrics
+from mtlsproxy.truststore.holder import TruststoreHolder, fetch_generation
+from mtlsproxy.truststore.sources import default_s3_client, make_source
+from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("mtlsproxy")
@@ -31,7 +33,8 @@ log = logging.getLogger("mtlsproxy")
 class ProxyServer:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
                  clock: Callable[[], dt.datetime] = utc_now,
-                 access_stream: IO[str] | None = None) -> None:
+                 access_stream: IO[str] | None = None,
+                 s3_client_factory: Callable[[], Any] = default_s3_client) -> None:
         """Builds everything that can fail (raises TruststoreError) without listening."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -39,15 +42,23 @@ class ProxyServer:
         self.cache = ValidationCache()
         self.pool = UpstreamPool(config.parser)
         self.access_log = AccessLog(access_stream) if config.access_log else None
-        self.listeners = []
+        self.truststore_metrics = TruststoreMetrics(self.registry)
+        self.listeners: list[ListenerRuntime] = []
+        self.watchers: dict[str, TruststoreWatcher] = {}
         for i, lc in enumerate(config.listeners):
+            mtls = lc.mutual_tls
+            source = (make_source(mtls.truststore_uri, mtls.truststore_version,
+                                  s3_client_factory) if mtls.enabled else None)
             try:
-                generation = load_generation(lc)
+                generation, data = fetch_generation(lc, source)
             except TruststoreError as exc:
                 raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
-            self.listeners.append(ListenerRuntime(
-                lc, TruststoreHolder(generation), self.metrics, self.pool, self.cache,
-                config.parser, clock, self.access_log))
+            runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
+                                      self.cache, config.parser, clock, self.access_log)
+            self.listeners.append(runtime)
+            if source is not None and data is not None:
+                self.watchers[lc.name] = TruststoreWatcher(runtime, source,
+                                                           self.truststore_metrics, data)
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(config.admin.host, config.admin.port, self.registry,
@@ -65,7 +76,14 @@ class ProxyServer:
             lr.server is not None and lr.server.is_serving() for lr in self.listeners)
 
     def describe_truststores(self) -> dict[str, Any]:
-        return {lr.name: lr.holder.current.describe() for lr in self.listeners}
+        out = {}
+        for lr in self.listeners:
+            entry = lr.holder.current.describe()
+            watcher = self.watchers.get(lr.name)
+            if watcher is not None:
+                entry.update(watcher.describe())
+            out[lr.name] = entry
+        return out
 
     def listener(self, name: str) -> ListenerRuntime:
         return next(lr for lr in self.listeners if lr.name == name)
@@ -78,6 +96,8 @@ class ProxyServer:
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
+        for watcher in self.watchers.values():
+            watcher.start()
         self.started = True
 
     def request_stop(self) -> None:
@@ -86,6 +106,8 @@ class ProxyServer:
     async def drain(self) -> None:
         """Stop accepting, finish in-flight requests (bounded), then close everything."""
         self.draining = True
+        for watcher in self.watchers.values():
+            watcher.stop()
         for lr in self.listeners:
             lr.stop_accepting()
             lr.begin_drain()

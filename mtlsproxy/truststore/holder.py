@@ -66,8 +66,14 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
 
 def load_generation(listener: ListenerConfig, source: Source | None = None) -> Generation:
     """Fetch the listener's truststore (if mutual TLS is on) and build a generation."""
+    return fetch_generation(listener, source)[0]
+
+
+def fetch_generation(listener: ListenerConfig, source: Source | None = None
+                     ) -> tuple[Generation, bytes | None]:
+    """(generation, the truststore bytes); blocking: start-up and CLI only."""
     if not listener.mutual_tls.enabled:
-        return build_generation(listener, None)
+        return build_generation(listener, None), None
     mtls = listener.mutual_tls
     source = source or make_source(mtls.truststore_uri, mtls.truststore_version)
     try:
@@ -75,7 +81,7 @@ def load_generation(listener: ListenerConfig, source: Source | None = None) -> G
     except TruststoreError as exc:
         raise TruststoreError(str(exc), key="mutual_tls.truststore_uri") from exc
     assert fetched is not None  # check(None) always fetches
-    return build_generation(listener, fetched.data, version=fetched.version)
+    return build_generation(listener, fetched.data, version=fetched.version), fetched.data
 
 
 class TruststoreHolder:

@@ -1,0 +1,123 @@
+"""poll -> fetch -> analyse -> build -> swap, one watcher per mutual-TLS listener.
+
+Rules of this module (ghostunnel's reload): everything is built completely off the event
+loop (S3 calls, parsing, the new SSLContext), then swapped in with one assignment. A failed
+refresh keeps the old generation serving, is counted (``result="failed"``) and logged once
+per distinct error; the next refresh tries again. Unchanged sources cost one HEAD (S3) or
+one read + hash (file) and re-evaluate the expiry warnings of the truststore in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mtlsproxy.errors import TruststoreError
+from mtlsproxy.metrics import TruststoreMetrics
+from mtlsproxy.truststore.bundle import CertWarning, analyse
+from mtlsproxy.truststore.holder import Generation, build_generation
+from mtlsproxy.truststore.sources import Source
+
+if TYPE_CHECKING:
+    from mtlsproxy.listener import ListenerRuntime
+
+log = logging.getLogger("mtlsproxy.truststore")
+
+
+class TruststoreWatcher:
+    def __init__(self, rt: ListenerRuntime, source: Source, metrics: TruststoreMetrics,
+                 data: bytes, wall_clock: Callable[[], float] = time.time) -> None:
+        self.rt = rt
+        self.source = source
+        self.metrics = metrics
+        self.wall_clock = wall_clock
+        self._data = data  # bytes of the truststore in use, for re-analysis
+        self.version = rt.holder.current.version
+        self.warnings: tuple[CertWarning, ...] = ()
+        self.last_error: str | None = None
+        self.last_checked_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        metrics.declare_listener(rt.name)
+        self._publish(rt.holder.current, self._bundle_warnings(rt.holder.current))
+
+    def __repr__(self) -> str:
+        return (f"<TruststoreWatcher {self.rt.name} {self.source!r} version={self.version!r} "
+                f"failing={self.last_error is not None}>")
+
+    @staticmethod
+    def _bundle_warnings(gen: Generation) -> tuple[CertWarning, ...]:
+        return gen.bundle.warnings if gen.bundle is not None else ()
+
+    def _publish(self, gen: Generation, warnings: tuple[CertWarning, ...]) -> None:
+        self.warnings = warnings
+        if gen.bundle is None:
+            return
+        cas = [(c.subject, c.fingerprint_sha256, c.cert.not_valid_after_utc.timestamp())
+               for c in gen.bundle.certs]
+        self.metrics.publish(self.rt.name, gen.uri, gen.version, gen.bundle.sha256, cas,
+                             len(warnings), self.wall_clock())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.rt.config.mutual_tls.refresh_interval)
+            await self.refresh()
+
+    async def refresh(self) -> str:
+        """One check; returns the result label (applied, unchanged, failed)."""
+        loop = asyncio.get_running_loop()
+        config = self.rt.config
+        try:
+            fetched = await loop.run_in_executor(None, self.source.check, self.version)
+            if fetched is None:
+                # Same bytes: only the clock moved. Re-evaluate expiry warnings.
+                bundle = await loop.run_in_executor(
+                    None, analyse, self._data, config.mutual_tls.max_chain_length)
+                self._publish(self.rt.holder.current, bundle.warnings)
+                result = "unchanged"
+            else:
+                gen = await loop.run_in_executor(None, _build, config, fetched.data,
+                                                 fetched.version)
+                old = self.rt.holder.swap(gen)
+                self.version, self._data = fetched.version, fetched.data
+                self._publish(gen, self._bundle_warnings(gen))
+                result = "applied"
+                log.info("truststore of %s: generation %d -> %d (version %s, %d CAs, "
+                         "%d warnings)", self.rt.name, old.number, gen.number, gen.version,
+                         len(gen.bundle.certs) if gen.bundle else 0, len(self.warnings))
+                for warning in self.warnings:
+                    log.warning("truststore of %s: WARNING %s", self.rt.name, warning)
+            self.last_error = None
+        except TruststoreError as exc:
+            result = "failed"
+            message = str(exc)
+            if message != self.last_error:
+                log.warning("truststore of %s not updated, generation %d keeps serving: %s",
+                            self.rt.name, self.rt.holder.current.number, message)
+            self.last_error = message
+        self.last_checked_at = self.wall_clock()
+        self.metrics.reloads.labels(self.rt.name, result).inc()
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "warnings": [{"subject": w.subject, "problem": w.problem} for w in self.warnings],
+            "last_error": self.last_error,
+            "last_checked_at": (time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                              time.gmtime(self.last_checked_at))
+                                if self.last_checked_at is not None else None),
+        }
+
+
+def _build(config: Any, data: bytes, version: str) -> Generation:
+    return build_generation(config, data, version=version)
