@@ -27,6 +27,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format='{"time":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","message":"%(message)s"}')
+    # boto3 announces where it found credentials at INFO: noise in a proxy's log.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -94,6 +97,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         loop.close()
+    return 0
+
+
+def cmd_truststore_check(args: argparse.Namespace) -> int:
+    """One line per certificate, then one WARNING line per problem; 0 usable, 1 not."""
+    from mtlsproxy.truststore.bundle import analyse
+    from mtlsproxy.truststore.sources import make_source
+    try:
+        fetched = make_source(args.uri, args.version or "").check(None)
+    except (TruststoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    assert fetched is not None
+    bundle = analyse(fetched.data, args.max_chain_length)
+    usable = {c.fingerprint_sha256 for c in bundle.certs}
+    print(f"# {args.uri} version={fetched.version} certificates={len(bundle.all_certs)} "
+          f"usable={len(usable)} warnings={len(bundle.warnings)}")
+    for c in bundle.all_certs:
+        d = c.describe()
+        mark = "" if c.fingerprint_sha256 in usable else "  (not used)"
+        print(f"{d['subject']}  issuer={d['issuer']}  not_after={d['not_after']}  "
+              f"sha256={d['fingerprint_sha256']}{mark}")
+    for w in bundle.warnings:
+        print(f"WARNING {w.subject}: {w.problem}")
+    if not usable:
+        print("error: no usable CA: this truststore would not be applied", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -181,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="make the request and exit")
     p.add_argument("--port", type=int, default=8443, help="proxy port (0: any free port)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("truststore", help="truststore tools")
+    tsub = p.add_subparsers(dest="truststore_command", required=True)
+    t = tsub.add_parser("check", help="analyse a truststore (file or s3://) without serving")
+    t.add_argument("uri", help="a path, file:// or s3://bucket/key")
+    t.add_argument("--version", help="S3 VersionId (default: the newest)")
+    t.add_argument("--max-chain-length", type=int, default=4)
+    t.set_defaults(func=cmd_truststore_check)
     p = sub.add_parser("dev-pki", help="write a development PKI to DIR")
     p.add_argument("directory", metavar="DIR")
     p.set_defaults(func=cmd_dev_pki)

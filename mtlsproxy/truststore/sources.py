@@ -55,7 +55,11 @@ class FileSource:
 
 def default_s3_client() -> Any:
     import boto3  # imported lazily: file-only deployments never pay for it
-    return boto3.client("s3")
+    from botocore.config import Config
+
+    # Every refresh is itself a retry: fail a check fast rather than back off for long.
+    return boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10,
+                                            retries={"max_attempts": 2, "mode": "standard"}))
 
 
 class S3Source:
