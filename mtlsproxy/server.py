@@ -14,15 +14,16 @@ import signal
 from collections.abc import Callable
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from mtlsproxy.admin import AdminServer
-from mtlsproxy.config import Config
-from mtlsproxy.errors import TruststoreError
+from mtlsproxy.config import Config, ListenerConfig, load_config
+from mtlsproxy.errors import ConfigError, TruststoreError
+from mtlsproxy.http.routing import Router
 from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics, TruststoreMetrics
-from mtlsproxy.truststore.holder import TruststoreHolder, fetch_generation
+from mtlsproxy.truststore.holder import Generation, TruststoreHolder, fetch_generation
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
@@ -43,6 +44,10 @@ class ProxyServer:
         self.pool = UpstreamPool(config.parser)
         self.access_log = AccessLog(access_stream) if config.access_log else None
         self.truststore_metrics = TruststoreMetrics(self.registry)
+        self.s3_client_factory = s3_client_factory
+        self.config_reloads = Counter(
+            "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
+            registry=self.registry)
         self.listeners: list[ListenerRuntime] = []
         self.watchers: dict[str, TruststoreWatcher] = {}
         for i, lc in enumerate(config.listeners):
@@ -100,6 +105,87 @@ class ProxyServer:
             watcher.start()
         self.started = True
 
+    # -- SIGHUP: re-read the config file --------------------------------------------------
+
+    def _not_live(self, new: Config) -> list[str]:
+        """What a reload cannot change without dropping connections."""
+        problems = []
+        old_l = [(lc.name, lc.host, lc.port) for lc in self.config.listeners]
+        new_l = [(lc.name, lc.host, lc.port) for lc in new.listeners]
+        if old_l != new_l:
+            problems.append("listeners: names and addresses cannot change without a restart")
+        if self.config.admin != new.admin:
+            problems.append("admin.address: cannot change without a restart")
+        if self.config.parser != new.parser:
+            problems.append("parser: cannot change without a restart")
+        return problems
+
+    async def reload_from_file(self) -> list[str]:
+        """Re-read ``config.source``; apply what can change live. Returns the problems
+        (empty when applied); on any problem the old config keeps running."""
+        loop = asyncio.get_running_loop()
+        if self.config.source is None:
+            return ["(config file): this server was not started from a file"]
+        try:
+            new = await loop.run_in_executor(None, load_config, self.config.source)
+        except ConfigError as exc:
+            return self._reload_failed(exc.problems)
+        return await self.reload(new)
+
+    def _reload_failed(self, problems: list[str]) -> list[str]:
+        self.config_reloads.labels("failed").inc()
+        for p in problems:
+            log.error("config reload refused, old config stays: %s", p)
+        return problems
+
+    async def reload(self, new: Config) -> list[str]:
+        problems = self._not_live(new)
+        if problems:
+            return self._reload_failed(problems)
+        loop = asyncio.get_running_loop()
+        # Build every new truststore generation first; apply nothing unless all succeed.
+        built: dict[str, tuple[Generation, bytes | None, Any]] = {}
+        for i, (lr, lc) in enumerate(zip(self.listeners, new.listeners, strict=True)):
+            old = lr.config
+            if (old.mutual_tls.truststore_uri, old.mutual_tls.truststore_version, old.tls,
+                    old.mutual_tls.max_chain_length) == (
+                    lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version, lc.tls,
+                    lc.mutual_tls.max_chain_length):
+                continue
+            source = (make_source(lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version,
+                                  self.s3_client_factory) if lc.mutual_tls.enabled else None)
+            try:
+                generation, data = await loop.run_in_executor(None, fetch_generation, lc, source)
+            except TruststoreError as exc:
+                problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
+                continue
+            built[lc.name] = (generation, data, source)
+        if problems:
+            return self._reload_failed(problems)
+        for lr, lc in zip(self.listeners, new.listeners, strict=True):
+            self._apply(lr, lc, built.get(lc.name))
+        self.config = new
+        self.config_reloads.labels("applied").inc()
+        log.info("config reloaded from %s", new.source)
+        return []
+
+    def _apply(self, lr: ListenerRuntime, lc: ListenerConfig,
+               built: tuple[Generation, bytes | None, Any] | None) -> None:
+        lr.config = lc
+        lr.router = Router(lc.routes)
+        if built is None:
+            return
+        generation, data, source = built
+        lr.holder.swap(generation)
+        old_watcher = self.watchers.pop(lc.name, None)
+        if old_watcher is not None:
+            old_watcher.stop()
+        if source is not None and data is not None:
+            watcher = TruststoreWatcher(lr, source, self.truststore_metrics, data)
+            self.watchers[lc.name] = watcher
+            if self.started:
+                watcher.start()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -130,6 +216,13 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        reloads: set[asyncio.Task[list[str]]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload_from_file())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             if not self.started:
                 await self.start()
@@ -139,5 +232,5 @@ class ProxyServer:
             log.info("draining (up to %.0fs)", self.config.drain_timeout)
             await self.drain()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -21,13 +21,14 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 import uvloop
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import CollectorRegistry
 
-from mtlsproxy.config import parse_config
+from mtlsproxy.config import load_config
 from mtlsproxy.echo import start_echo
 from mtlsproxy.server import ProxyServer
 
@@ -232,6 +233,7 @@ class Harness:
         self.access_lines: list[str] = []
         self.servers: list[asyncio.Server] = []  # extra upstreams the tests start
         self.default_parser = "httptools"
+        self.config_file = tmp / "proxy.yaml"
 
     def start_echo(self) -> int:
         async def go() -> int:
@@ -262,7 +264,8 @@ class Harness:
             self.start_echo()
         raw = raw or self.config()
         raw.setdefault("parser", parser or self.default_parser)
-        config = parse_config(raw, self.tmp)
+        self.config_file.write_text(yaml.safe_dump(raw))
+        config = load_config(self.config_file)
 
         class Sink:
             def write(s, text: str) -> int:  # noqa: N805
@@ -278,6 +281,13 @@ class Harness:
             return server
         self.server = self.loop.run(go())
         return self.server
+
+    def reload(self, raw: dict[str, Any]) -> list[str]:
+        """Rewrite the config file and reload it, as SIGHUP does."""
+        raw.setdefault("parser", self.default_parser)
+        self.config_file.write_text(yaml.safe_dump(raw))
+        assert self.server is not None
+        return self.loop.run(self.server.reload_from_file())
 
     @property
     def port(self) -> int:

@@ -326,3 +326,75 @@ def test_twenty_swaps_under_load_fail_no_valid_request(harness: Harness,
             t.join(10)
     assert results["failed"] == 0, errors[:5]
     assert results["ok"] > 20
+
+
+# -- SIGHUP: the config file re-read ---------------------------------------------------
+
+def test_repinning_an_older_version_rolls_back_live(harness: Harness, moto: Moto,
+                                                    new_ca: tuple[Cert, Cert]) -> None:
+    s3 = make_bucket(moto)
+    v1 = upload(s3, harness.pki.truststore.read_bytes())
+    upload(s3, new_ca[0].cert_pem())
+    harness.start(s3_config(harness))  # follows the newest: v2
+    assert admitted(harness, new_ca[1], "rotated") and not admitted(harness)
+    assert harness.reload(s3_config(harness, truststore_version=v1)) == []
+    assert admitted(harness) and not admitted(harness, new_ca[1], "rotated")
+
+
+def test_mutual_tls_is_turned_off_and_on_live(harness: Harness) -> None:
+    harness.start()
+    assert not admitted_without_cert(harness)
+    assert harness.reload(harness.config(mutual_tls={"truststore_uri": ""})) == []
+    assert admitted_without_cert(harness)
+    assert harness.reload(harness.config()) == []
+    assert not admitted_without_cert(harness) and admitted(harness)
+
+
+def admitted_without_cert(h: Harness) -> bool:
+    try:
+        return h.get("/", ctx=h.client_context(with_cert=False))[0] == 200
+    except (ssl.SSLError, ConnectionError):
+        return False
+
+
+def test_routes_change_live_without_dropping_a_keep_alive_connection(harness: Harness) -> None:
+    harness.start_echo()
+    harness.start(harness.config(routes=[
+        {"path_prefix": "/old", "upstream": f"http://127.0.0.1:{harness.echo_port}"}]))
+    conn = harness.https()
+    conn.request("GET", "/new")
+    r = conn.getresponse()
+    assert r.status == 404
+    r.read()
+    assert harness.reload(harness.config(routes=[
+        {"path_prefix": "/new", "upstream": f"http://127.0.0.1:{harness.echo_port}"}])) == []
+    conn.request("GET", "/new")  # same connection, new routes
+    r = conn.getresponse()
+    assert r.status == 200
+    r.read()
+    conn.close()
+
+
+def test_a_listener_address_change_is_refused_and_the_old_config_stays(
+        harness: Harness) -> None:
+    harness.start()
+    raw = harness.config(routes=[{"path_prefix": "/nothing-else",
+                                  "upstream": f"http://127.0.0.1:{harness.echo_port}"}])
+    raw["listeners"][0]["address"] = "127.0.0.1:1"
+    problems = harness.reload(raw)
+    assert problems == ["listeners: names and addresses cannot change without a restart"]
+    assert harness.get("/")[0] == 200  # the old "/" route still serves
+    assert harness.metric("mtlsproxy_config_reloads_total", result="failed") == 1
+
+
+def test_a_bad_config_or_truststore_on_reload_keeps_the_old_config(harness: Harness,
+                                                                   tmp_path: Path) -> None:
+    harness.start()
+    raw = harness.config()
+    raw["listeners"][0]["mutual_tls"]["truststore_url"] = "typo"
+    assert harness.reload(raw)[0].startswith("listeners[0].mutual_tls.truststore_url")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("garbage")
+    problems = harness.reload(harness.config(mutual_tls={"truststore_uri": str(broken)}))
+    assert problems and problems[0].startswith("listeners[0].mutual_tls.truststore_uri:")
+    assert admitted(harness)
