@@ -347,3 +347,31 @@ def test_demo_serves_until_ctrl_c() -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_sighup_rereads_the_config_file(devpki: DevPKI, upstream: tuple[LoopThread, int],
+                                        tmp_path: Path) -> None:
+    pp = start_proxy(devpki, upstream[1], tmp_path,
+                     routes=[{"path_prefix": "/old",
+                              "upstream": f"http://127.0.0.1:{upstream[1]}"}])
+    try:
+        def status(path: str) -> int:
+            conn = http.client.HTTPSConnection("localhost", pp.port,
+                                               context=client_ctx(devpki), timeout=10)
+            conn.request("GET", path)
+            code = conn.getresponse().status
+            conn.close()
+            return code
+        assert status("/new") == 404
+        config = yaml.safe_load((tmp_path / "proxy.yaml").read_text())
+        config["listeners"][0]["routes"][0]["path_prefix"] = "/new"
+        (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(config))
+        pp.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while status("/new") != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status("/new") == 200
+        assert pp.proc.poll() is None
+    finally:
+        pp.proc.send_signal(signal.SIGTERM)
+        pp.proc.communicate(timeout=20)
