@@ -398,3 +398,22 @@ def test_a_bad_config_or_truststore_on_reload_keeps_the_old_config(harness: Harn
     problems = harness.reload(harness.config(mutual_tls={"truststore_uri": str(broken)}))
     assert problems and problems[0].startswith("listeners[0].mutual_tls.truststore_uri:")
     assert admitted(harness)
+
+
+def test_a_ca_nearing_expiry_becomes_a_warning_on_a_later_refresh(harness: Harness,
+                                                                  tmp_path: Path) -> None:
+    """The model warns only at upload time; we re-evaluate on every refresh."""
+    path = tmp_path / "ts.pem"
+    path.write_bytes(harness.pki.truststore.read_bytes())
+    harness.start(harness.config(mutual_tls={"truststore_uri": str(path),
+                                             "refresh_interval": REFRESH}))
+    assert harness.metric("mtlsproxy_truststore_warnings", listener="public") == 0
+    not_after = min(c.cert.not_valid_after_utc
+                    for c in harness.server.listeners[0].holder.current.bundle.certs)  # type: ignore[union-attr]
+    # Move the injected clock to 10 days before the first CA expires.
+    import datetime as dt
+    harness.clock.advance(not_after - dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    wait_for(lambda: harness.metric("mtlsproxy_truststore_warnings", listener="public") >= 1)
+    store = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{harness.admin_port}/truststore", timeout=5).read())["public"]
+    assert any(w["problem"].startswith("expires in") for w in store["warnings"])

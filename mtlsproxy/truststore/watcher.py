@@ -82,7 +82,8 @@ class TruststoreWatcher:
             if fetched is None:
                 # Same bytes: only the clock moved. Re-evaluate expiry warnings.
                 bundle = await loop.run_in_executor(
-                    None, analyse, self._data, config.mutual_tls.max_chain_length)
+                    None, analyse, self._data, config.mutual_tls.max_chain_length,
+                    self.rt.clock())
                 self._publish(self.rt.holder.current, bundle.warnings)
                 result = "unchanged"
             else:
@@ -98,9 +99,9 @@ class TruststoreWatcher:
                 for warning in self.warnings:
                     log.warning("truststore of %s: WARNING %s", self.rt.name, warning)
             self.last_error = None
-        except TruststoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - a refresh must never kill the watcher
             result = "failed"
-            message = str(exc)
+            message = str(exc) if isinstance(exc, TruststoreError) else f"unexpected: {exc!r}"
             if message != self.last_error:
                 log.warning("truststore of %s not updated, generation %d keeps serving: %s",
                             self.rt.name, self.rt.holder.current.number, message)
