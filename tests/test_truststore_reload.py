@@ -294,8 +294,10 @@ def test_twenty_swaps_under_load_fail_no_valid_request(harness: Harness,
     results = {"ok": 0, "failed": 0}
     errors: list[str] = []
 
-    def load(keep_alive: bool) -> None:
-        ctx = harness.client_context(name=f"load-{keep_alive}")
+    # Contexts are made here, one file pair each: threads writing one file would race.
+    contexts = [harness.client_context(name=f"load-{i}") for i in range(3)]
+
+    def load(ctx: ssl.SSLContext, keep_alive: bool) -> None:
         while not stop.is_set():
             conn = harness.https(ctx)
             try:
@@ -312,7 +314,8 @@ def test_twenty_swaps_under_load_fail_no_valid_request(harness: Harness,
             finally:
                 conn.close()
 
-    threads = [threading.Thread(target=load, args=(ka,)) for ka in (True, False, True)]
+    threads = [threading.Thread(target=load, args=(ctx, ka))
+               for ctx, ka in zip(contexts, (True, False, True), strict=True)]
     for t in threads:
         t.start()
     try:
