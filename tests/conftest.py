@@ -106,7 +106,7 @@ def make_cert(cn: str, issuer: Cert | None = None, *, key: Any = None, ca: bool 
     return Cert(cert, key, chain)
 
 
-def make_sha1_cert(cn: str, issuer: Cert, tmp: Path) -> Cert:
+def make_sha1_cert(cn: str, issuer: Cert, tmp: Path, ca: bool = False) -> Cert:
     """cryptography refuses to sign with SHA-1; the openssl binary still does."""
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
@@ -114,7 +114,8 @@ def make_sha1_cert(cn: str, issuer: Cert, tmp: Path) -> Cert:
            .sign(key, hashes.SHA256()))
     (tmp / "sha1.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
     ca_cert, ca_key = issuer.write(tmp, "sha1-issuer")
-    (tmp / "sha1.ext").write_text("extendedKeyUsage=clientAuth\n")
+    (tmp / "sha1.ext").write_text("basicConstraints=critical,CA:TRUE\n" if ca
+                                  else "extendedKeyUsage=clientAuth\n")
     subprocess.run(["openssl", "x509", "-req", "-in", str(tmp / "sha1.csr"), "-CA", str(ca_cert),
                     "-CAkey", str(ca_key), "-CAcreateserial", "-sha1", "-days", "30",
                     "-extfile", str(tmp / "sha1.ext"), "-out", str(tmp / "sha1.pem")],

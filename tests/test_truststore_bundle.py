@@ -4,13 +4,14 @@ certificate's subject; unusable CAs stay out of the context; no usable CA is an 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.truststore.bundle import parse_bundle
-from tests.conftest import PKI, UTC, Cert, make_cert
+from tests.conftest import PKI, UTC, Cert, make_cert, make_sha1_cert
 
 NOW = dt.datetime.now(UTC)
 
@@ -71,6 +72,15 @@ def test_weak_ca_keys_warn_and_are_left_out(key: object, text: str) -> None:
     found = problems(pem(weak, good))
     assert any(text in p for p in found["CN=Weak Root,O=mtlsproxy tests"])
     assert usable_subjects(pem(weak, good)) == {"CN=Good Root,O=mtlsproxy tests"}
+
+
+def test_a_sha1_signed_ca_warns_and_is_left_out(pki: PKI, tmp_path: Path) -> None:
+    weak = make_sha1_cert("SHA1 Intermediate", pki.root, tmp_path, ca=True)
+    data = pki.truststore.read_bytes() + pem(weak)
+    found = problems(data)
+    assert any("signature hash sha1" in p
+               for p in found["CN=SHA1 Intermediate"])
+    assert "CN=SHA1 Intermediate" not in usable_subjects(data)
 
 
 def test_a_leaf_is_not_a_ca(pki: PKI) -> None:

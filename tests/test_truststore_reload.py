@@ -153,16 +153,20 @@ def test_a_pinned_version_ignores_newer_uploads(harness: Harness, moto: Moto,
 
 @pytest.mark.parametrize("broken", [b"garbage", b"", b"leaf-only"])
 def test_a_broken_upload_keeps_the_last_good_truststore(harness: Harness, moto: Moto,
-                                                        broken: bytes) -> None:
+                                                        broken: bytes,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
     s3 = make_bucket(moto)
     upload(s3, harness.pki.truststore.read_bytes())
     harness.start(s3_config(harness))
     if broken == b"leaf-only":
         broken = make_cert("just-a-leaf", harness.pki.root).cert_pem()
     upload(s3, broken)
-    wait_for(lambda: reloads(harness, "failed") >= 2)
+    wait_for(lambda: reloads(harness, "failed") >= 3)
     assert admitted(harness)
     assert reloads(harness, "applied") == 0
+    logged = [r for r in caplog.records if "not updated" in r.getMessage()]
+    assert len(logged) == 1  # once per change, not once per refresh
     store = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{harness.admin_port}/truststore", timeout=5).read())["public"]
     assert store["last_error"] and store["last_checked_at"].endswith("Z")
