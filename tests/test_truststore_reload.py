@@ -357,6 +357,20 @@ def test_mutual_tls_is_turned_off_and_on_live(harness: Harness) -> None:
     assert not admitted_without_cert(harness) and admitted(harness)
 
 
+def test_turning_mutual_tls_on_refuses_open_anonymous_connections(harness: Harness) -> None:
+    harness.start(harness.config(mutual_tls={"truststore_uri": ""}))
+    conn = harness.https(harness.client_context(with_cert=False))
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 200
+    r.read()
+    assert harness.reload(harness.config()) == []
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 403 and json.loads(r.read())["reason"] == "no_client_certificate"
+    conn.close()
+
+
 def admitted_without_cert(h: Harness) -> bool:
     try:
         return h.get("/", ctx=h.client_context(with_cert=False))[0] == 200

@@ -133,7 +133,7 @@ class ProxySession:
                     break
         except RemoteProtocolError as exc:
             # A malformed head: answer with its status; nothing went upstream.
-            self._write_error(exc.status_hint, exc.reason, str(exc))
+            self._write_error(exc.status_hint, exc.reason)
             self.rt.count_request("", exc.status_hint, 0.0)
         except TimeoutError:
             if self._head_bytes_seen:
@@ -194,10 +194,8 @@ class ProxySession:
             self.deadline = 0.0
             self.waiting_on.interrupt(TimeoutError())
 
-    def _write_error(self, status: int, reason: str, message: str | None = None,
-                     keep_alive: bool = False) -> int:
-        data = wire.error_response(status, reason, keep_alive,
-                                   None if status != 400 else "Bad Request")
+    def _write_error(self, status: int, reason: str, keep_alive: bool = False) -> int:
+        data = wire.error_response(status, reason, keep_alive)
         self.conn.write(data)
         return len(data)
 
@@ -214,7 +212,7 @@ class ProxySession:
         try:
             verdict = self.verdict
             assert verdict is not None
-            if verdict.generation != rt.holder.current.number and verdict.identity is not None:
+            if verdict.generation != rt.holder.current.number:
                 verdict = self._recheck(verdict)
             reason = verdict.reason_at(rt.clock())
             if reason is not None:
@@ -269,12 +267,16 @@ class ProxySession:
         rt = self.rt
         gen = rt.holder.current
         identity = old.identity
-        assert identity is not None
         if gen.bundle is None:
-            return anonymous(gen.number)
-        verdict, hit = cached_verdict(rt.cache, identity.leaf_der, None, gen.bundle,
-                                      gen.number, rt.config.mutual_tls)
-        rt.count_cache(hit)
+            verdict = anonymous(gen.number)
+        elif identity is None:
+            # Mutual TLS was turned on under a connection that never showed a certificate
+            # (or was refused before one was read): it cannot be admitted now.
+            verdict = refused(gen.number, old.reason or "no_client_certificate")
+        else:
+            verdict, hit = cached_verdict(rt.cache, identity.leaf_der, None, gen.bundle,
+                                          gen.number, rt.config.mutual_tls)
+            rt.count_cache(hit)
         self.verdict = verdict
         return verdict
 
