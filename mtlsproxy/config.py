@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from mtlsproxy.errors import ConfigError
+from mtlsproxy.identity.authz import Rule, RuleError, parse_rule
 from mtlsproxy.truststore.sources import parse_s3_uri
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
@@ -80,6 +81,7 @@ class RouteConfig:
     upstream: Upstream
     host: str | None = None
     strip_prefix: bool = False
+    allow: tuple[Rule, ...] | None = None  # None: every validated client
 
     @property
     def name(self) -> str:
@@ -330,7 +332,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
     seen: set[tuple[str | None, str]] = set()
     for i, item in enumerate(raw_routes):
         rpath = f"{path}.routes[{i}]"
-        rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix"))
+        rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix",
+                                        "allow"))
         prefix = r.get(rdata, "path_prefix", rpath, str, "/",
                        lambda v: None if v.startswith("/") else "must start with /")
         rhost = r.get(rdata, "host", rpath, str, "") or None
@@ -343,11 +346,25 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                 upstream = parse_upstream(str(rdata["upstream"]))
             except ValueError as exc:
                 r.problem(f"{rpath}.upstream", str(exc))
+        allow: tuple[Rule, ...] | None = None
+        if "allow" in rdata:
+            raw_rules = r.get(rdata, "allow", rpath, list, [])
+            if not raw_rules:
+                r.problem(f"{rpath}.allow", "must list at least one alternative "
+                                            "(omit allow to admit every validated client)")
+            rules = []
+            for j, raw_rule in enumerate(raw_rules):
+                try:
+                    rules.append(parse_rule(raw_rule))
+                except RuleError as exc:
+                    r.problem(f"{rpath}.allow[{j}]", str(exc))
+            allow = tuple(rules)
         routes.append(RouteConfig(
             path_prefix=prefix if prefix == "/" else prefix.rstrip("/"),
             upstream=upstream,
             host=rhost.lower() if rhost else None,
             strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
+            allow=allow,
         ))
 
     tmpath = f"{path}.timeouts"

@@ -14,14 +14,16 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from mtlsproxy.config import Upstream
+from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.flow import Inbox
 from mtlsproxy.http import wire
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
+from mtlsproxy.identity.authz import authorize
 from mtlsproxy.identity.cache import Verdict
 from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
 from mtlsproxy.tls.bio import TLSConnection, TLSState
@@ -29,6 +31,9 @@ from mtlsproxy.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
     from mtlsproxy.listener import ListenerRuntime
+
+
+log = logging.getLogger("mtlsproxy")
 
 
 class _ClientGone(Exception):
@@ -229,6 +234,11 @@ class ProxySession:
                 return keep
             route, target = match
             route_name = route.name
+            if route.allow is not None and not self._authorized(verdict, route):
+                status = 403
+                keep = req.keep_alive and not req.has_body and not rt.draining
+                sent = self._write_error(403, "unauthorized", keep_alive=keep)
+                return keep
             upstream_key = route.upstream.key
             head = wire.upstream_request_head(req, target, self.conn.peername[0],
                                               verdict.headers)
@@ -261,6 +271,18 @@ class ProxySession:
                 status = 499  # nginx's code for "client closed the request"
             rt.count_request(route_name, status, duration)
             rt.access(self, req, status, sent, duration, upstream_key)
+
+    def _authorized(self, verdict: Verdict, route: RouteConfig) -> bool:
+        allowed = verdict.authz.get(route)
+        if allowed is None:
+            allowed = verdict.authz[route] = authorize(route.allow, verdict.identity)
+        if not allowed:
+            identity = verdict.identity
+            self.rt.count_handshake_failure("unauthorized", self.conn.peername[0], None)
+            log.warning("client %s refused on route %s: no allow rule matched (%s)",
+                        identity.subject if identity else "(no certificate)", route.name,
+                        " | ".join(r.source for r in route.allow or ()))
+        return allowed
 
     def _recheck(self, old: Verdict) -> Verdict:
         """The truststore changed since this connection's verdict: decide again."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from mtlsproxy.identity.headers import Header
 from mtlsproxy.identity.peer import ClientIdentity
@@ -26,6 +27,8 @@ class Verdict:
     headers: tuple[Header, ...]
     valid_from: dt.datetime
     valid_until: dt.datetime
+    # Per-route authorization results, cached with the verdict (keyed by the route).
+    authz: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def reason_at(self, now: dt.datetime) -> str | None:
         """The refusal reason at ``now``: the cached one, or the clock's."""
