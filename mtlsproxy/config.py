@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mtlsproxy.authorizer import AuthorizerConfig
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.identity.authz import Rule, RuleError, parse_rule
 from mtlsproxy.truststore.sources import parse_s3_uri
@@ -82,6 +83,7 @@ class RouteConfig:
     host: str | None = None
     strip_prefix: bool = False
     allow: tuple[Rule, ...] | None = None  # None: every validated client
+    authorizer: AuthorizerConfig | None = None
 
     @property
     def name(self) -> str:
@@ -259,6 +261,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _read_authorizer(r: _Reader, raw: Any, path: str) -> AuthorizerConfig | None:
+    data = r.mapping(raw, path, ("url", "timeout", "failure_mode", "forward_headers",
+                                 "max_ttl"))
+    if not r.required(data, "url", path):
+        return None
+    url = str(data["url"])
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.problem(f"{path}.url", "must be an http:// or https:// URL")
+    headers = r.get(data, "forward_headers", path, list, [])
+    for i, h in enumerate(headers):
+        if not isinstance(h, str) or not h:
+            r.problem(f"{path}.forward_headers[{i}]", "must be a header name")
+    return AuthorizerConfig(
+        url=url,
+        timeout=r.get(data, "timeout", path, float, 1.0, _positive),
+        failure_mode=r.get(data, "failure_mode", path, str, "closed",
+                           lambda v: None if v in ("closed", "open")
+                           else "must be closed or open"),
+        forward_headers=tuple(str(h) for h in headers),
+        max_ttl=r.get(data, "max_ttl", path, float, 300.0, _positive),
+    )
+
+
 def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> ListenerConfig | None:
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
                                  "timeouts", "limits"))
@@ -333,7 +359,7 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
     for i, item in enumerate(raw_routes):
         rpath = f"{path}.routes[{i}]"
         rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix",
-                                        "allow"))
+                                        "allow", "authorizer"))
         prefix = r.get(rdata, "path_prefix", rpath, str, "/",
                        lambda v: None if v.startswith("/") else "must start with /")
         rhost = r.get(rdata, "host", rpath, str, "") or None
@@ -359,12 +385,16 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                 except RuleError as exc:
                     r.problem(f"{rpath}.allow[{j}]", str(exc))
             allow = tuple(rules)
+        authorizer = None
+        if "authorizer" in rdata:
+            authorizer = _read_authorizer(r, rdata["authorizer"], f"{rpath}.authorizer")
         routes.append(RouteConfig(
             path_prefix=prefix if prefix == "/" else prefix.rstrip("/"),
             upstream=upstream,
             host=rhost.lower() if rhost else None,
             strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
             allow=allow,
+            authorizer=authorizer,
         ))
 
     tmpath = f"{path}.timeouts"

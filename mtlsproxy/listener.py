@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from mtlsproxy.authorizer import AuthorizerClient
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import ConnectionClosed
 from mtlsproxy.http.parser import Request
@@ -79,6 +80,8 @@ class ListenerRuntime:
         self.clock = clock
         self.access_log = access_log
         self.router = Router(config.routes)
+        self.authorizer = AuthorizerClient(
+            lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
         self.sessions: set[ProxySession] = set()
         self.draining = False
         self.server: asyncio.Server | None = None

@@ -39,6 +39,9 @@ class Metrics:
         self.connections_active = Gauge(
             "mtlsproxy_connections_active", "Open client connections.",
             ["listener"], registry=registry)
+        self.authorizer_requests = Counter(
+            "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
+            "deny, timeout, error.", ["route", "result"], registry=registry)
         self.cert_cache = Counter(
             "mtlsproxy_client_cert_cache", "Client-certificate validation cache lookups.",
             ["result"], registry=registry)

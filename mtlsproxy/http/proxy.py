@@ -18,6 +18,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
+from mtlsproxy.authorizer import Decision
 from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.flow import Inbox
@@ -234,14 +235,24 @@ class ProxySession:
                 return keep
             route, target = match
             route_name = route.name
+            keep = req.keep_alive and not req.has_body and not rt.draining
             if route.allow is not None and not self._authorized(verdict, route):
                 status = 403
-                keep = req.keep_alive and not req.has_body and not rt.draining
                 sent = self._write_error(403, "unauthorized", keep_alive=keep)
                 return keep
+            extra: tuple[tuple[bytes, bytes], ...] = ()
+            if route.authorizer is not None:
+                decision = await self._ask_authorizer(verdict, route, req)
+                if not decision.allow:
+                    status, reason = ((403, "unauthorized") if decision.result == "deny"
+                                      or verdict.identity is None
+                                      else (503, "authorizer_unavailable"))
+                    sent = self._write_error(status, reason, keep_alive=keep)
+                    return keep
+                extra = decision.headers
             upstream_key = route.upstream.key
             head = wire.upstream_request_head(req, target, self.conn.peername[0],
-                                              verdict.headers)
+                                              verdict.headers + extra)
             status, sent, keep = await self._forward(req, route.upstream, head)
             return keep
         except _UpstreamAfterHead as exc:
@@ -283,6 +294,18 @@ class ProxySession:
                         identity.subject if identity else "(no certificate)", route.name,
                         " | ".join(r.source for r in route.allow or ()))
         return allowed
+
+    async def _ask_authorizer(self, verdict: Verdict, route: RouteConfig,
+                              req: Request) -> Decision:
+        assert route.authorizer is not None
+        identity = verdict.identity
+        if identity is None:
+            return Decision(False, (), "deny")  # fail closed: nothing to authorize
+        decision = await self.rt.authorizer.decide(route.authorizer, identity, req,
+                                                   route.name, self.rt.name, verdict.generation)
+        if decision.result == "deny":
+            self.rt.count_handshake_failure("unauthorized", self.conn.peername[0], None)
+        return decision
 
     def _recheck(self, old: Verdict) -> Verdict:
         """The truststore changed since this connection's verdict: decide again."""

@@ -1,0 +1,208 @@
+"""The external authorizer hook (``routes[].authorizer``): the analogue of a gateway's
+authorizer function.
+
+Contract: a POST of a JSON document describing the client certificate and the request; a
+2xx answer ``{"allow": true|false, "ttl": seconds, "headers": {...}}`` decides, and the
+returned headers go upstream. Decisions are cached per (leaf fingerprint, route, truststore
+generation) for ``ttl`` (capped by ``max_ttl``); concurrent identical misses share one
+call. Timeouts, refused connections, non-2xx answers and bad JSON are failures, handled by
+``failure_mode``: ``closed`` (default) refuses, ``open`` admits without extra headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from mtlsproxy.errors import ProtocolError
+from mtlsproxy.http.parser import Data, EndOfMessage, HttptoolsResponseParser, Request, Response
+from mtlsproxy.identity.headers import is_spoofable, safe_value
+from mtlsproxy.identity.peer import ClientIdentity
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Headers an authorizer may never set upstream: framing, routing and identity stay ours.
+_RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
+                       "upgrade", "keep-alive", "trailer", "x-forwarded-for",
+                       "x-forwarded-proto", "x-forwarded-host"})
+MAX_RESPONSE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AuthorizerConfig:
+    url: str
+    timeout: float = 1.0
+    failure_mode: str = "closed"  # closed | open
+    forward_headers: tuple[str, ...] = ()
+    max_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    allow: bool
+    headers: tuple[tuple[bytes, bytes], ...]
+    result: str  # allow, deny, timeout, error (the metric label)
+
+
+def _pem(der: bytes) -> str:
+    b64 = base64.b64encode(der).decode()
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
+def request_document(identity: ClientIdentity, req: Request, route: str, listener: str,
+                     forward_headers: tuple[str, ...]) -> dict[str, Any]:
+    wanted = {h.lower().encode() for h in forward_headers}
+    headers: dict[str, str] = {}
+    for name, value in req.headers:
+        if name in wanted:
+            key = name.decode("latin-1")
+            headers[key] = (headers[key] + ", " if key in headers else "") + \
+                value.decode("latin-1")
+    host = next((v for n, v in req.headers if n == b"host"), b"").decode("latin-1")
+    return {
+        "listener": listener,
+        "route": route,
+        "client_certificate": {
+            "pem": _pem(identity.leaf_der),
+            "subject": identity.subject,
+            "issuer": identity.issuer,
+            "serial": identity.serial_hex,
+            "not_before": identity.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "not_after": identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "san_dns": list(identity.san_dns),
+            "san_uri": list(identity.san_uri),
+            "fingerprint_sha256": identity.fingerprint_sha256,
+            "chain": [_pem(d) for d in identity.chain_der],
+        },
+        "request": {"method": req.method.decode("latin-1"),
+                    "path": req.target.decode("latin-1"), "host": host, "headers": headers},
+    }
+
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+def parse_answer(status: int, body: bytes) -> tuple[bool, float, Headers]:
+    """(allow, ttl, headers) from the authorizer's answer; ValueError when malformed."""
+    if not 200 <= status < 300:
+        raise ValueError(f"authorizer answered {status}")
+    doc = json.loads(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("allow"), bool):
+        raise ValueError('the answer needs "allow": true|false')
+    ttl = doc.get("ttl", 0)
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl < 0:
+        raise ValueError('"ttl" must be a number of seconds')
+    headers: list[tuple[bytes, bytes]] = []
+    raw_headers = doc.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ValueError('"headers" must be an object')
+    for name, value in raw_headers.items():
+        if not isinstance(name, str) or not _TOKEN.match(name) or not isinstance(value, str):
+            raise ValueError(f"invalid header {name!r}")
+        lname = name.lower()
+        if lname in _RESERVED or is_spoofable(lname.encode()):
+            continue  # never let the authorizer forge framing or certificate headers
+        headers.append((name.encode(), safe_value(value)))
+    return doc["allow"], float(ttl), tuple(headers)
+
+
+async def _post(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    ctx = ssl.create_default_context() if tls else None
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=ctx)
+        try:
+            writer.write(f"POST {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+                         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                         f"connection: close\r\n\r\n".encode() + body)
+            parser = HttptoolsResponseParser()
+            parser.expect(b"POST")
+            status, chunks, size = 0, [], 0
+            while True:
+                data = await reader.read(65536)
+                events = parser.feed(data) if data else parser.feed_eof()
+                for ev in events:
+                    if isinstance(ev, Response):
+                        status = ev.status
+                    elif isinstance(ev, Data):
+                        size += len(ev.data)
+                        if size > MAX_RESPONSE:
+                            raise ValueError("authorizer answer too large")
+                        chunks.append(ev.data)
+                    elif isinstance(ev, EndOfMessage):
+                        return status, b"".join(chunks)
+                if not data:
+                    raise ValueError("authorizer closed the connection mid-answer")
+        finally:
+            writer.close()
+
+
+class AuthorizerClient:
+    """Calls, caches and coalesces authorizer decisions for one listener."""
+
+    def __init__(self, count: Callable[[str, str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.count = count
+        self.clock = clock
+        self._cache: dict[tuple[str, str, int], tuple[float, Decision]] = {}
+        self._inflight: dict[tuple[str, str, int], asyncio.Future[Decision]] = {}
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return (f"<AuthorizerClient cached={len(self._cache)} inflight={len(self._inflight)} "
+                f"calls={self.calls}>")
+
+    async def decide(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
+                     route: str, listener: str, generation: int) -> Decision:
+        key = (identity.fingerprint_sha256, route, generation)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > self.clock():
+            return cached[1]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            decision, ttl = await self._call(config, identity, req, route, listener)
+            if ttl > 0:
+                self._cache[key] = (self.clock() + min(ttl, config.max_ttl), decision)
+            future.set_result(decision)
+            return decision
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning if nobody waits
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _call(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
+                    route: str, listener: str) -> tuple[Decision, float]:
+        self.calls += 1
+        body = json.dumps(request_document(identity, req, route, listener,
+                                           config.forward_headers)).encode()
+        try:
+            status, answer = await _post(config.url, body, config.timeout)
+            allow, ttl, headers = parse_answer(status, answer)
+        except TimeoutError:
+            return self._failure(config, route, "timeout"), 0.0
+        except (OSError, ValueError, ProtocolError):
+            return self._failure(config, route, "error"), 0.0
+        result = "allow" if allow else "deny"
+        self.count(route, result)
+        return Decision(allow, headers if allow else (), result), ttl
+
+    def _failure(self, config: AuthorizerConfig, route: str, result: str) -> Decision:
+        self.count(route, result)
+        return Decision(config.failure_mode == "open", (), result)
