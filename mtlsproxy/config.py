@@ -43,6 +43,12 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class RevocationConfig:
+    crl_uris: tuple[str, ...] = ()
+    mode: str = "soft"  # soft: allow and count when a CRL is missing or stale; hard: refuse
+
+
+@dataclass(frozen=True)
 class MutualTLSConfig:
     """``truststore_uri == ""`` means mutual TLS is off for the listener."""
 
@@ -51,6 +57,7 @@ class MutualTLSConfig:
     refresh_interval: float = 30.0
     max_chain_length: int = 4
     forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
+    revocation: RevocationConfig = RevocationConfig()
 
     @property
     def enabled(self) -> bool:
@@ -324,7 +331,7 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
     mpath = f"{path}.mutual_tls"
     mdata = r.mapping(data.get("mutual_tls"), mpath,
                       ("truststore_uri", "truststore_version", "refresh_interval",
-                       "max_chain_length", "forward_client_cert"))
+                       "max_chain_length", "forward_client_cert", "revocation"))
     uri = r.get(mdata, "truststore_uri", mpath, str, "")
     if uri.startswith("s3://"):
         try:
@@ -342,7 +349,28 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
         if fam not in FORWARD_FAMILIES:
             r.problem(f"{mpath}.forward_client_cert[{i}]",
                       f"unknown header family {fam!r} (allowed: {', '.join(FORWARD_FAMILIES)})")
+    rpath_ = f"{mpath}.revocation"
+    rv = r.mapping(mdata.get("revocation"), rpath_, ("crl_uris", "mode", "ocsp"))
+    if r.get(rv, "ocsp", rpath_, bool, False):
+        r.problem(f"{rpath_}.ocsp", "OCSP is not implemented yet (CRLs are)")
+    crl_uris: list[str] = []
+    for i, cu in enumerate(r.get(rv, "crl_uris", rpath_, list, [])):
+        if not isinstance(cu, str) or not cu:
+            r.problem(f"{rpath_}.crl_uris[{i}]", "must be a path, file://, s3:// or http(s):// URI")
+            continue
+        if cu.startswith(("s3://", "http://", "https://")):
+            crl_uris.append(cu)
+            continue
+        crl_path = r.resolve(cu[len("file://"):] if cu.startswith("file://") else cu)
+        if not crl_path.is_file():
+            r.problem(f"{rpath_}.crl_uris[{i}]", f"file not found: {crl_path}")
+        crl_uris.append(str(crl_path))
+    revocation = RevocationConfig(
+        tuple(crl_uris),
+        r.get(rv, "mode", rpath_, str, "soft",
+              lambda v: None if v in ("soft", "hard") else "must be soft or hard"))
     mtls = MutualTLSConfig(
+        revocation=revocation,
         truststore_uri=uri,
         truststore_version=r.get(mdata, "truststore_version", mpath, str, ""),
         refresh_interval=r.get(mdata, "refresh_interval", mpath, float, 30.0, _positive),

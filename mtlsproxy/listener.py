@@ -21,6 +21,7 @@ from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.tls.bio import TLSConnection
 from mtlsproxy.truststore.holder import TruststoreHolder
+from mtlsproxy.truststore.revocation_watcher import RevocationWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("mtlsproxy")
@@ -82,6 +83,7 @@ class ListenerRuntime:
         self.router = Router(config.routes)
         self.authorizer = AuthorizerClient(
             lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
+        self.revocation: RevocationWatcher | None = None
         self.sessions: set[ProxySession] = set()
         self.draining = False
         self.server: asyncio.Server | None = None

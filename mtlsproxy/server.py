@@ -24,6 +24,7 @@ from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics, TruststoreMetrics
 from mtlsproxy.truststore.holder import Generation, TruststoreHolder, fetch_generation
+from mtlsproxy.truststore.revocation_watcher import RevocationWatcher, crl_stale_gauge
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
@@ -45,6 +46,7 @@ class ProxyServer:
         self.access_log = AccessLog(access_stream) if config.access_log else None
         self.truststore_metrics = TruststoreMetrics(self.registry)
         self.s3_client_factory = s3_client_factory
+        self.crl_stale = crl_stale_gauge(self.registry)
         self.config_reloads = Counter(
             "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
             registry=self.registry)
@@ -60,6 +62,7 @@ class ProxyServer:
                 raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
             runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log)
+            self._setup_revocation(runtime)
             self.listeners.append(runtime)
             if source is not None and data is not None:
                 self.watchers[lc.name] = TruststoreWatcher(runtime, source,
@@ -71,6 +74,16 @@ class ProxyServer:
         self.started = False
         self.draining = False
         self._stop = asyncio.Event()
+
+    def _setup_revocation(self, runtime: ListenerRuntime) -> None:
+        """Fetch the CRLs (blocking: start-up and reload only) and attach them."""
+        if not runtime.config.mutual_tls.revocation.crl_uris:
+            runtime.revocation = None
+            return
+        watcher = RevocationWatcher(runtime, self.crl_stale)
+        watcher.fetch_all()
+        runtime.holder.swap(watcher.attach(runtime.holder.current))
+        runtime.revocation = watcher
 
     def __repr__(self) -> str:
         names = [lr.name for lr in self.listeners]
@@ -103,6 +116,9 @@ class ProxyServer:
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
         for watcher in self.watchers.values():
             watcher.start()
+        for lr in self.listeners:
+            if lr.revocation is not None:
+                lr.revocation.start()
         self.started = True
 
     # -- SIGHUP: re-read the config file --------------------------------------------------
@@ -171,11 +187,25 @@ class ProxyServer:
 
     def _apply(self, lr: ListenerRuntime, lc: ListenerConfig,
                built: tuple[Generation, bytes | None, Any] | None) -> None:
+        old_revocation = lr.config.mutual_tls.revocation
         lr.config = lc
         lr.router = Router(lc.routes)
+        if old_revocation != lc.mutual_tls.revocation:
+            if lr.revocation is not None:
+                lr.revocation.stop()
+            lr.revocation = None
+            if lc.mutual_tls.revocation.crl_uris:
+                lr.revocation = RevocationWatcher(lr, self.crl_stale)
+                if self.started:
+                    lr.revocation.start()
+                    asyncio.get_running_loop().create_task(lr.revocation.refresh())
         if built is None:
+            if old_revocation != lc.mutual_tls.revocation and lr.revocation is None:
+                lr.holder.swap(lr.holder.current.with_revocation(None))
             return
         generation, data, source = built
+        if lr.revocation is not None:
+            generation = lr.revocation.attach(generation)
         lr.holder.swap(generation)
         old_watcher = self.watchers.pop(lc.name, None)
         if old_watcher is not None:
@@ -194,6 +224,9 @@ class ProxyServer:
         self.draining = True
         for watcher in self.watchers.values():
             watcher.stop()
+        for lr in self.listeners:
+            if lr.revocation is not None:
+                lr.revocation.stop()
         for lr in self.listeners:
             lr.stop_accepting()
             lr.begin_drain()

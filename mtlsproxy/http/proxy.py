@@ -82,7 +82,8 @@ class ProxySession:
             else:
                 chain = None if resumed else conn.verified_chain_der()
                 self.verdict, hit = cached_verdict(rt.cache, leaf, chain, gen.bundle,
-                                                   gen.number, rt.config.mutual_tls)
+                                                   gen.number, rt.config.mutual_tls,
+                                                   gen.revocation)
                 rt.count_cache(hit)
         reason = self.verdict.reason_at(rt.clock())
         if reason is not None:
@@ -320,7 +321,7 @@ class ProxySession:
             verdict = refused(gen.number, old.reason or "no_client_certificate")
         else:
             verdict, hit = cached_verdict(rt.cache, identity.leaf_der, None, gen.bundle,
-                                          gen.number, rt.config.mutual_tls)
+                                          gen.number, rt.config.mutual_tls, gen.revocation)
             rt.count_cache(hit)
         self.verdict = verdict
         return verdict

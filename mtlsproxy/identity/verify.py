@@ -16,6 +16,7 @@ from mtlsproxy.identity.cache import ValidationCache, Verdict
 from mtlsproxy.identity.headers import render
 from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.identity.policy import build_path, check_chain
+from mtlsproxy.identity.revocation import RevocationState
 from mtlsproxy.truststore.bundle import TrustBundle
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -32,7 +33,8 @@ def anonymous(generation: int) -> Verdict:
 
 
 def evaluate(leaf_der: bytes, chain_der: list[bytes] | None, bundle: TrustBundle,
-             generation: int, mtls: MutualTLSConfig) -> Verdict:
+             generation: int, mtls: MutualTLSConfig,
+             revocation: RevocationState | None = None) -> Verdict:
     """Policy verdict for a leaf OpenSSL accepted; ``chain_der`` is leaf-first or None."""
     leaf = x509.load_der_x509_certificate(leaf_der)
     if chain_der is not None:
@@ -45,6 +47,8 @@ def evaluate(leaf_der: bytes, chain_der: list[bytes] | None, bundle: TrustBundle
         chain = [c.public_bytes(Encoding.DER) for c in path]
     identity = read_identity(leaf_der, chain)
     reason = check_chain(identity.leaf, identity.chain, mtls.max_chain_length)
+    if reason is None and revocation is not None:
+        reason = revocation.reason(identity, dt.datetime.now(dt.UTC))
     if reason is not None:
         return Verdict(generation, reason, identity, (), identity.valid_from,
                        identity.valid_until)
@@ -54,14 +58,14 @@ def evaluate(leaf_der: bytes, chain_der: list[bytes] | None, bundle: TrustBundle
 
 
 def cached_verdict(cache: ValidationCache, leaf_der: bytes, chain_der: list[bytes] | None,
-                   bundle: TrustBundle, generation: int,
-                   mtls: MutualTLSConfig) -> tuple[Verdict, bool]:
+                   bundle: TrustBundle, generation: int, mtls: MutualTLSConfig,
+                   revocation: RevocationState | None = None) -> tuple[Verdict, bool]:
     """(verdict, cache hit)."""
     key = (hashlib.sha256(leaf_der).digest(), generation)
     verdict = cache.get(key)
     if verdict is not None:
         return verdict, True
-    verdict = evaluate(leaf_der, chain_der, bundle, generation, mtls)
+    verdict = evaluate(leaf_der, chain_der, bundle, generation, mtls, revocation)
     cache.put(key, verdict)
     return verdict, False
 

@@ -7,12 +7,14 @@ never leave a connection with half of an old and half of a new truststore.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
 
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import TruststoreError
+from mtlsproxy.identity.revocation import RevocationState
 from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
 from mtlsproxy.truststore.context import ServerContexts, build_server_contexts
 from mtlsproxy.truststore.sources import Source, make_source
@@ -28,6 +30,12 @@ class Generation:
     contexts: ServerContexts
     loaded_at: float
     version: str = ""  # the source's version: S3 VersionId, or the file's SHA-256
+    revocation: RevocationState | None = None  # CRLs verified against this bundle
+
+    def with_revocation(self, state: RevocationState | None) -> Generation:
+        """The same contexts (session tickets stay valid) under a new number, so every
+        cached verdict is re-decided against the new revocation state."""
+        return dataclasses.replace(self, number=next(_generations), revocation=state)
 
     @property
     def mutual_tls(self) -> bool:

@@ -101,6 +101,28 @@ class S3Source:
         return Fetched(data, version)
 
 
+class HttpSource:
+    """An http(s):// URL (CRL distribution points); version = SHA-256 of the body."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.uri = url
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<HttpSource {self.uri}>"
+
+    def check(self, current: str | None) -> Fetched | None:
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.uri, timeout=self.timeout) as resp:
+                data = resp.read(16 * 1024 * 1024)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TruststoreError(f"{self.uri}: {exc}") from None
+        version = hashlib.sha256(data).hexdigest()
+        return None if version == current else Fetched(data, version)
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
     key = parts.path.lstrip("/")
@@ -114,4 +136,6 @@ def make_source(uri: str, version: str = "",
     if uri.startswith("s3://"):
         bucket, key = parse_s3_uri(uri)
         return S3Source(bucket, key, version, s3_client_factory)
+    if uri.startswith(("http://", "https://")):
+        return HttpSource(uri)
     return FileSource(Path(urlsplit(uri).path if uri.startswith("file://") else uri))

@@ -89,6 +89,8 @@ class TruststoreWatcher:
             else:
                 gen = await loop.run_in_executor(None, _build, config, fetched.data,
                                                  fetched.version)
+                if self.rt.revocation is not None:
+                    gen = self.rt.revocation.attach(gen)
                 old = self.rt.holder.swap(gen)
                 self.version, self._data = fetched.version, fetched.data
                 self._publish(gen, self._bundle_warnings(gen))
