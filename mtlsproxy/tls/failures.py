@@ -13,7 +13,8 @@ import ssl
 REASONS = (
     "no_client_certificate", "untrusted", "expired", "not_yet_valid", "bad_signature",
     "weak_algorithm", "chain_too_long", "unsupported_purpose", "protocol", "timeout",
-    "client_closed", "server_cert_rejected", "unauthorized", "other",
+    "client_closed", "server_cert_rejected", "unauthorized", "revoked",
+    "revocation_unavailable", "other",
 )
 
 _VERIFY_CODES = {

@@ -1,0 +1,136 @@
+"""CRL revocation (issue #6) over real TLS: a revoked leaf, a revoked intermediate, a CRL
+swapped live under a kept-alive connection, and a stale CRL under hard and soft modes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mtlsproxy.config import parse_config
+from mtlsproxy.errors import ConfigError
+from tests.conftest import UTC, Cert, Harness
+
+REFRESH = 0.2
+
+
+def crl(issuer: Cert, revoked: list[int], next_update: dt.timedelta = dt.timedelta(days=1),
+        signer: Any = None) -> bytes:
+    now = dt.datetime.now(UTC)
+    b = (x509.CertificateRevocationListBuilder()
+         .issuer_name(issuer.cert.subject)
+         .last_update(now - dt.timedelta(hours=1))
+         .next_update(now + next_update))
+    for serial in revoked:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(now - dt.timedelta(minutes=5)).build())
+    return b.sign(signer or issuer.key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM)
+
+
+def start(h: Harness, files: list[Path], mode: str = "soft") -> None:
+    h.start(h.config(mutual_tls={
+        "truststore_uri": str(h.pki.truststore), "refresh_interval": REFRESH,
+        "revocation": {"crl_uris": [str(f) for f in files], "mode": mode}}))
+
+
+def wait_for(predicate: Any, timeout: float = REFRESH + 3) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def reason(h: Harness) -> str | None:
+    status, _, body = h.get("/")
+    return None if status == 200 else json.loads(body)["reason"]
+
+
+def test_a_revoked_leaf_gets_403_revoked(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [harness.pki.client.cert.serial_number]))
+    start(harness, [f])
+    assert reason(harness) == "revoked"
+    assert harness.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                          reason="revoked") == 1
+
+
+def test_an_unrevoked_leaf_passes(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [12345]))
+    start(harness, [f], mode="hard")
+    assert reason(harness) is None
+
+
+def test_a_revoked_intermediate_gets_403_revoked(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "root.crl"
+    f.write_bytes(crl(harness.pki.root, [harness.pki.inter.cert.serial_number]))
+    start(harness, [f])
+    assert reason(harness) == "revoked"
+
+
+def test_a_crl_swapped_live_refuses_the_next_request_of_a_kept_connection(
+        harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, []))
+    start(harness, [f])
+    conn = harness.https()
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 200
+    r.read()
+    f.write_bytes(crl(harness.pki.inter, [harness.pki.client.cert.serial_number]))
+    number = harness.server.listeners[0].holder.current.number  # type: ignore[union-attr]
+    wait_for(lambda: harness.server.listeners[0].holder.current.number != number)  # type: ignore[union-attr]
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 403 and json.loads(r.read())["reason"] == "revoked"
+    conn.close()
+
+
+@pytest.mark.parametrize("mode, expected", [("hard", "revocation_unavailable"),
+                                            ("soft", None)])
+def test_a_stale_crl_follows_the_mode(harness: Harness, tmp_path: Path, mode: str,
+                                      expected: str | None) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [], next_update=-dt.timedelta(hours=1)))
+    start(harness, [f], mode=mode)
+    assert reason(harness) == expected
+    issuer = harness.pki.inter.cert.subject.rfc4514_string()
+    assert harness.metric("mtlsproxy_crl_stale", listener="public", issuer=issuer) == 1
+
+
+def test_a_crl_not_signed_by_its_issuer_is_ignored(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "forged.crl"
+    forged_key = ec.generate_private_key(ec.SECP256R1())
+    f.write_bytes(crl(harness.pki.inter, [harness.pki.client.cert.serial_number],
+                      signer=forged_key))
+    start(harness, [f])  # soft: the forged CRL must not revoke anyone
+    assert reason(harness) is None
+
+
+def test_a_missing_crl_refuses_in_hard_mode(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(b"not a crl")
+    start(harness, [f], mode="hard")
+    assert reason(harness) == "revocation_unavailable"
+
+
+def test_ocsp_is_refused_until_implemented(tmp_path: Path) -> None:
+    raw = {"listeners": [{"name": "l", "address": "127.0.0.1:1",
+                          "tls": {"certificates": []},
+                          "mutual_tls": {"revocation": {"ocsp": True}},
+                          "routes": [{"path_prefix": "/", "upstream": "http://a:1"}]}]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, tmp_path)
+    assert "listeners[0].mutual_tls.revocation.ocsp: OCSP is not implemented yet" in \
+        "\n".join(info.value.problems)
