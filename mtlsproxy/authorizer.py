@@ -15,15 +15,14 @@ import asyncio
 import base64
 import json
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from mtlsproxy.errors import ProtocolError
-from mtlsproxy.http.parser import Data, EndOfMessage, HttptoolsResponseParser, Request, Response
+from mtlsproxy.http.client import post
+from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.headers import is_spoofable, safe_value
 from mtlsproxy.identity.peer import ClientIdentity
 
@@ -32,7 +31,6 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
                        "upgrade", "keep-alive", "trailer", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host"})
-MAX_RESPONSE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,40 +112,6 @@ def parse_answer(status: int, body: bytes) -> tuple[bool, float, Headers]:
     return doc["allow"], float(ttl), tuple(headers)
 
 
-async def _post(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    ctx = ssl.create_default_context() if tls else None
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=ctx)
-        try:
-            writer.write(f"POST {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
-                         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                         f"connection: close\r\n\r\n".encode() + body)
-            parser = HttptoolsResponseParser()
-            parser.expect(b"POST")
-            status, chunks, size = 0, [], 0
-            while True:
-                data = await reader.read(65536)
-                events = parser.feed(data) if data else parser.feed_eof()
-                for ev in events:
-                    if isinstance(ev, Response):
-                        status = ev.status
-                    elif isinstance(ev, Data):
-                        size += len(ev.data)
-                        if size > MAX_RESPONSE:
-                            raise ValueError("authorizer answer too large")
-                        chunks.append(ev.data)
-                    elif isinstance(ev, EndOfMessage):
-                        return status, b"".join(chunks)
-                if not data:
-                    raise ValueError("authorizer closed the connection mid-answer")
-        finally:
-            writer.close()
-
-
 class AuthorizerClient:
     """Calls, caches and coalesces authorizer decisions for one listener."""
 
@@ -193,7 +157,7 @@ class AuthorizerClient:
         body = json.dumps(request_document(identity, req, route, listener,
                                            config.forward_headers)).encode()
         try:
-            status, answer = await _post(config.url, body, config.timeout)
+            status, answer = await post(config.url, body, config.timeout)
             allow, ttl, headers = parse_answer(status, answer)
         except TimeoutError:
             return self._failure(config, route, "timeout"), 0.0

@@ -46,6 +46,7 @@ class TLSConfig:
 class RevocationConfig:
     crl_uris: tuple[str, ...] = ()
     mode: str = "soft"  # soft: allow and count when a CRL is missing or stale; hard: refuse
+    ocsp: bool = False
 
 
 @dataclass(frozen=True)
@@ -351,8 +352,6 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                       f"unknown header family {fam!r} (allowed: {', '.join(FORWARD_FAMILIES)})")
     rpath_ = f"{mpath}.revocation"
     rv = r.mapping(mdata.get("revocation"), rpath_, ("crl_uris", "mode", "ocsp"))
-    if r.get(rv, "ocsp", rpath_, bool, False):
-        r.problem(f"{rpath_}.ocsp", "OCSP is not implemented yet (CRLs are)")
     crl_uris: list[str] = []
     for i, cu in enumerate(r.get(rv, "crl_uris", rpath_, list, [])):
         if not isinstance(cu, str) or not cu:
@@ -368,7 +367,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
     revocation = RevocationConfig(
         tuple(crl_uris),
         r.get(rv, "mode", rpath_, str, "soft",
-              lambda v: None if v in ("soft", "hard") else "must be soft or hard"))
+              lambda v: None if v in ("soft", "hard") else "must be soft or hard"),
+        r.get(rv, "ocsp", rpath_, bool, False))
     mtls = MutualTLSConfig(
         revocation=revocation,
         truststore_uri=uri,

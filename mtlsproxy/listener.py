@@ -14,10 +14,12 @@ from typing import IO, Any
 from mtlsproxy.authorizer import AuthorizerClient
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import ConnectionClosed
+from mtlsproxy.http.client import post
 from mtlsproxy.http.parser import Request
 from mtlsproxy.http.proxy import ProxySession
 from mtlsproxy.http.routing import Router
 from mtlsproxy.identity.cache import ValidationCache
+from mtlsproxy.identity.ocsp import OcspClient
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.tls.bio import TLSConnection
 from mtlsproxy.truststore.holder import TruststoreHolder
@@ -84,6 +86,8 @@ class ListenerRuntime:
         self.authorizer = AuthorizerClient(
             lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
         self.revocation: RevocationWatcher | None = None
+        self.ocsp: OcspClient | None = None
+        self.configure_ocsp()
         self.sessions: set[ProxySession] = set()
         self.draining = False
         self.server: asyncio.Server | None = None
@@ -93,6 +97,13 @@ class ListenerRuntime:
         self._durations: dict[str, Any] = {}
         self._active = metrics.connections_active.labels(self.name)
         metrics.declare_listener(self.name)
+
+    def configure_ocsp(self) -> None:
+        wanted = self.config.mutual_tls.revocation.ocsp
+        if wanted and self.ocsp is None:
+            self.ocsp = OcspClient(post)
+        elif not wanted:
+            self.ocsp = None
 
     def __repr__(self) -> str:
         return (f"<ListenerRuntime {self.name} {self.config.host}:{self.config.port} "

@@ -70,7 +70,7 @@ def make_cert(cn: str, issuer: Cert | None = None, *, key: Any = None, ca: bool 
               hash_alg: hashes.HashAlgorithm | None = None,
               not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
               eku: list[x509.ObjectIdentifier] | None = None, dns: tuple[str, ...] = (),
-              uris: tuple[str, ...] = ()) -> Cert:
+              uris: tuple[str, ...] = (), ocsp_url: str | None = None) -> Cert:
     """The cryptography helper: any key type, hash, validity, EKU and SANs."""
     now = dt.datetime.now(UTC)
     key = key or ec.generate_private_key(ec.SECP256R1())
@@ -94,6 +94,10 @@ def make_cert(cn: str, issuer: Cert | None = None, *, key: Any = None, ca: bool 
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if ocsp_url:
+        b = b.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP,
+            x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
     signer = issuer.key if issuer else key
     if isinstance(signer, ed25519.Ed25519PrivateKey):
         algo = None

@@ -14,8 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mtlsproxy.config import parse_config
-from mtlsproxy.errors import ConfigError
 from tests.conftest import UTC, Cert, Harness
 
 REFRESH = 0.2
@@ -123,14 +121,3 @@ def test_a_missing_crl_refuses_in_hard_mode(harness: Harness, tmp_path: Path) ->
     f.write_bytes(b"not a crl")
     start(harness, [f], mode="hard")
     assert reason(harness) == "revocation_unavailable"
-
-
-def test_ocsp_is_refused_until_implemented(tmp_path: Path) -> None:
-    raw = {"listeners": [{"name": "l", "address": "127.0.0.1:1",
-                          "tls": {"certificates": []},
-                          "mutual_tls": {"revocation": {"ocsp": True}},
-                          "routes": [{"path_prefix": "/", "upstream": "http://a:1"}]}]}
-    with pytest.raises(ConfigError) as info:
-        parse_config(raw, tmp_path)
-    assert "listeners[0].mutual_tls.revocation.ocsp: OCSP is not implemented yet" in \
-        "\n".join(info.value.problems)

@@ -26,6 +26,7 @@ from mtlsproxy.http import wire
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.authz import authorize
 from mtlsproxy.identity.cache import Verdict
+from mtlsproxy.identity.ocsp import reason_for
 from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
 from mtlsproxy.tls.bio import TLSConnection, TLSState
 from mtlsproxy.upstream.connection import UpstreamConnection
@@ -222,6 +223,9 @@ class ProxySession:
             if verdict.generation != rt.holder.current.number:
                 verdict = self._recheck(verdict)
             reason = verdict.reason_at(rt.clock())
+            if reason is None and rt.ocsp is not None and verdict.identity is not None:
+                answer = await rt.ocsp.answer(verdict.identity)  # cached until nextUpdate
+                reason = reason_for(answer, rt.config.mutual_tls.revocation.mode)
             if reason is not None:
                 self._count_refusal(reason)
                 status = 403
