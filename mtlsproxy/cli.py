@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mtlsproxy import __version__
 from mtlsproxy.config import Config, admin_is_loopback, load_config, parse_config
@@ -100,6 +101,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crl_report(uris: list[str], bundle: Any) -> Any:
+    from mtlsproxy.identity.revocation import build_state
+    from mtlsproxy.truststore.sources import make_source
+    datas: dict[str, bytes | None] = {}
+    for uri in uris:
+        try:
+            fetched = make_source(uri).check(None)
+            datas[uri] = fetched.data if fetched else None
+        except TruststoreError:
+            datas[uri] = None
+    return build_state("soft", datas, bundle)
+
+
 def cmd_truststore_check(args: argparse.Namespace) -> int:
     """One line per certificate, then one WARNING line per problem; 0 usable, 1 not."""
     from mtlsproxy.truststore.bundle import analyse
@@ -114,11 +128,18 @@ def cmd_truststore_check(args: argparse.Namespace) -> int:
     usable = {c.fingerprint_sha256 for c in bundle.certs}
     print(f"# {args.uri} version={fetched.version} certificates={len(bundle.all_certs)} "
           f"usable={len(usable)} warnings={len(bundle.warnings)}")
+    crls = _crl_report(args.crl or [], bundle)
     for c in bundle.all_certs:
         d = c.describe()
         mark = "" if c.fingerprint_sha256 in usable else "  (not used)"
         print(f"{d['subject']}  issuer={d['issuer']}  not_after={d['not_after']}  "
               f"sha256={d['fingerprint_sha256']}{mark}")
+        if args.crl:
+            crl = crls.crls.get(c.cert.subject.public_bytes())
+            print(f"  CRL: {crl.uri} next_update={crl.next_update} revoked={len(crl.revoked)}"
+                  if crl else "  CRL: none covers this CA")
+    for problem in crls.problems:
+        print(f"WARNING {problem}")
     for w in bundle.warnings:
         print(f"WARNING {w.subject}: {w.problem}")
     if not usable:
@@ -217,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("uri", help="a path, file:// or s3://bucket/key")
     t.add_argument("--version", help="S3 VersionId (default: the newest)")
     t.add_argument("--max-chain-length", type=int, default=4)
+    t.add_argument("--crl", action="append", metavar="URI",
+                   help="a CRL to report per CA (repeatable): path, s3:// or http(s)://")
     t.set_defaults(func=cmd_truststore_check)
     p = sub.add_parser("dev-pki", help="write a development PKI to DIR")
     p.add_argument("directory", metavar="DIR")

@@ -121,3 +121,30 @@ def test_a_missing_crl_refuses_in_hard_mode(harness: Harness, tmp_path: Path) ->
     f.write_bytes(b"not a crl")
     start(harness, [f], mode="hard")
     assert reason(harness) == "revocation_unavailable"
+
+
+def test_truststore_check_reports_which_crl_covers_each_ca(harness: Harness,
+                                                           tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [1, 2, 3]))
+    out = subprocess.run([sys.executable, "-m", "mtlsproxy", "truststore", "check",
+                          str(harness.pki.truststore), "--crl", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    inter = harness.pki.inter.cert.subject.rfc4514_string()
+    i = next(n for n, line in enumerate(lines) if line.startswith(inter + "  issuer="))
+    assert lines[i + 1].startswith(f"  CRL: {f} next_update=") and "revoked=3" in lines[i + 1]
+    assert "  CRL: none covers this CA" in lines
+
+
+def test_crls_are_refetched_by_their_next_update(harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [], next_update=dt.timedelta(seconds=5)))
+    harness.start(harness.config(mutual_tls={
+        "truststore_uri": str(harness.pki.truststore), "refresh_interval": 3600,
+        "revocation": {"crl_uris": [str(f)]}}))
+    watcher = harness.server.listeners[0].revocation  # type: ignore[union-attr]
+    assert watcher is not None and 1.0 <= watcher.next_wait() <= 5.0

@@ -82,9 +82,21 @@ class RevocationWatcher:
             self._task.cancel()
             self._task = None
 
+    def next_wait(self) -> float:
+        """Seconds to the next refresh: the interval, or sooner when a CRL's nextUpdate
+        comes first (re-fetch as soon as the issuer publishes the next one)."""
+        wait = self.rt.config.mutual_tls.refresh_interval
+        state = self.rt.holder.current.revocation
+        if state is not None:
+            now = self.rt.clock()
+            for crl in state.crls.values():
+                if crl.next_update is not None and crl.next_update > now:
+                    wait = min(wait, max(1.0, (crl.next_update - now).total_seconds()))
+        return wait
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.rt.config.mutual_tls.refresh_interval)
+            await asyncio.sleep(self.next_wait())
             await self.refresh()
 
     async def refresh(self) -> None:
