@@ -11,7 +11,6 @@ call. Timeouts, refused connections, non-2xx answers and bad JSON are failures, 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
 from mtlsproxy.http.parser import Request
@@ -118,42 +118,20 @@ class AuthorizerClient:
     def __init__(self, count: Callable[[str, str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.count = count
-        self.clock = clock
-        self._cache: dict[tuple[str, str, int], tuple[float, Decision]] = {}
-        self._inflight: dict[tuple[str, str, int], asyncio.Future[Decision]] = {}
-        self.calls = 0
+        self.cache: CoalescingCache[tuple[str, str, int], Decision] = CoalescingCache(clock)
 
     def __repr__(self) -> str:
-        return (f"<AuthorizerClient cached={len(self._cache)} inflight={len(self._inflight)} "
-                f"calls={self.calls}>")
+        return f"<AuthorizerClient {self.cache!r}>"
 
     async def decide(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
                      route: str, listener: str, generation: int) -> Decision:
-        key = (identity.fingerprint_sha256, route, generation)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > self.clock():
-            return cached[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
+        async def call() -> tuple[Decision, float]:
             decision, ttl = await self._call(config, identity, req, route, listener)
-            if ttl > 0:
-                self._cache[key] = (self.clock() + min(ttl, config.max_ttl), decision)
-            future.set_result(decision)
-            return decision
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning if nobody waits
-            raise
-        finally:
-            del self._inflight[key]
+            return decision, min(ttl, config.max_ttl)
+        return await self.cache.get((identity.fingerprint_sha256, route, generation), call)
 
     async def _call(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
                     route: str, listener: str) -> tuple[Decision, float]:
-        self.calls += 1
         body = json.dumps(request_document(identity, req, route, listener,
                                            config.forward_headers)).encode()
         try:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,26 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     client = make_cert("good-client", inter, dns=("client.example.test",),
                        uris=("spiffe://prod.example.test/ns/payments/sa/api",))
     return PKI(d, root, inter, server_cert, server_key, truststore, client)
+
+
+# -- small helpers shared by test modules -------------------------------------------------
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Poll until ``predicate()``; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def read_post_body(reader: asyncio.StreamReader) -> bytes:
+    """The body of one Content-Length request, for the small servers tests run."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return await reader.readexactly(length)
 
 
 # -- clock ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import threading
 from typing import Any
 
-from tests.conftest import Harness
+from tests.conftest import Harness, read_post_body
 
 
 class FakeAuthorizer:
@@ -23,10 +23,7 @@ class FakeAuthorizer:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
-                body = await reader.readexactly(length)
+                body = await read_post_body(reader)
                 with self.lock:
                     self.requests.append(json.loads(body))
                 await asyncio.sleep(self.delay)

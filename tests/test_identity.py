@@ -258,3 +258,34 @@ def test_readyz_is_503_until_started_and_while_draining() -> None:
     assert admin.respond("GET", "/healthz")[0] == 200
     assert admin.respond("POST", "/metrics")[0] == 405
     assert admin.respond("GET", "/nope")[0] == 404
+
+
+def test_coalescing_cache_shares_one_call_and_never_hangs_waiters() -> None:
+    import asyncio
+
+    from mtlsproxy.coalesce import CoalescingCache
+
+    async def scenario() -> None:
+        clock = _Clock()
+        cache: CoalescingCache[str, int] = CoalescingCache(clock, max_entries=2)
+        calls = 0
+
+        async def compute() -> tuple[int, float]:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.01)
+            return calls, 10.0
+        assert await asyncio.gather(*(cache.get("a", compute) for _ in range(5))) == [1] * 5
+        clock.now += 11  # expired
+        assert await cache.get("a", compute) == 2
+
+        async def boom() -> tuple[int, float]:
+            await asyncio.sleep(0.01)
+            raise ValueError("down")
+        results = await asyncio.gather(*(cache.get("b", boom) for _ in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results)
+        await cache.get("c", compute)
+        await cache.get("d", compute)
+        assert len(cache._cache) <= 2  # bounded
+    asyncio.run(scenario())

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.conftest import UTC, Cert, Harness, make_cert
+from tests.conftest import UTC, Cert, Harness, make_cert, read_post_body
 
 
 class Responder:
@@ -25,10 +25,7 @@ class Responder:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
-                req = ocsp.load_der_ocsp_request(await reader.readexactly(length))
+                req = ocsp.load_der_ocsp_request(await read_post_body(reader))
                 self.calls += 1
                 body = self.answer(req.serial_number)
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/ocsp-response\r\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import UTC, Cert, Harness
+from tests.conftest import wait_for as shared_wait_for
 
 REFRESH = 0.2
 
@@ -39,13 +40,9 @@ def start(h: Harness, files: list[Path], mode: str = "soft") -> None:
         "revocation": {"crl_uris": [str(f) for f in files], "mode": mode}}))
 
 
-def wait_for(predicate: Any, timeout: float = REFRESH + 3) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+
+def wait_for(predicate: Callable[[], bool], timeout: float = REFRESH + 3) -> None:
+    shared_wait_for(predicate, timeout)
 
 
 def reason(h: Harness) -> str | None:

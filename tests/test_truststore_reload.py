@@ -21,6 +21,7 @@ import boto3
 import pytest
 
 from tests.conftest import Cert, Harness, make_cert
+from tests.conftest import wait_for as shared_wait_for
 
 REFRESH = 0.2
 
@@ -87,13 +88,9 @@ def upload(s3: Any, data: bytes) -> str:
     return str(s3.put_object(Bucket="trust", Key="ca.pem", Body=data)["VersionId"])
 
 
+
 def wait_for(predicate: Callable[[], bool], timeout: float = REFRESH + 2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+    shared_wait_for(predicate, timeout)
 
 
 def reloads(h: Harness, result: str) -> float:

@@ -12,7 +12,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
+from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import MtlsProxyError
 from mtlsproxy.identity.peer import ClientIdentity
 
@@ -113,33 +113,16 @@ class OcspClient:
     def __init__(self, post: Callable[..., object], clock: Callable[[], float] = time.monotonic,
                  timeout: float = 3.0) -> None:
         self.post = post
-        self.clock = clock
         self.timeout = timeout
-        self._cache: dict[str, tuple[float, OcspAnswer]] = {}
-        self._inflight: dict[str, asyncio.Future[OcspAnswer]] = {}
-        self.calls = 0
+        self.cache: CoalescingCache[str, OcspAnswer] = CoalescingCache(clock)
 
     def __repr__(self) -> str:
-        return f"<OcspClient cached={len(self._cache)} calls={self.calls}>"
+        return f"<OcspClient {self.cache!r}>"
 
     async def answer(self, identity: ClientIdentity) -> OcspAnswer:
-        key = identity.fingerprint_sha256
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > self.clock():
-            return cached[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[OcspAnswer] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result, ttl = await self._lookup(identity)
-            if ttl > 0:
-                self._cache[key] = (self.clock() + ttl, result)
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[key]
+        """Cached per certificate until the answer's nextUpdate."""
+        return await self.cache.get(identity.fingerprint_sha256,
+                                    lambda: self._lookup(identity))
 
     async def _lookup(self, identity: ClientIdentity) -> tuple[OcspAnswer, float]:
         if not identity.chain:
@@ -148,7 +131,6 @@ class OcspClient:
         if url is None:
             return OcspAnswer("unavailable", "no OCSP responder in the certificate"), 0.0
         issuer = identity.chain[0]
-        self.calls += 1
         try:
             status, body = await self.post(  # type: ignore[misc]
                 url, build_request(identity.leaf, issuer), self.timeout,
