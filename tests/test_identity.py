@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from prometheus_client import CollectorRegistry
 
 from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
-from mtlsproxy.http.parser import HttptoolsResponseParser, Request
+from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParser, Request
 from mtlsproxy.http.routing import Router
 from mtlsproxy.http.wire import error_response, upstream_request_head
 from mtlsproxy.identity.cache import ValidationCache, Verdict
@@ -110,10 +110,11 @@ def test_spoofable_header_names(name: bytes, spoofable: bool) -> None:
 
 
 def test_upstream_head_drops_client_identity_and_reframes() -> None:
-    req = Request(b"POST", b"/x", b"1.1", [
-        (b"host", b"h"), (b"client-cert", b":x:"), (b"transfer-encoding", b"chunked"),
-        (b"x-client-cert-subject", b"CN=admin"), (b"connection", b"x-drop"),
-        (b"x-drop", b"1"), (b"x-ok", b"1")], True, True, None)
+    (req, *_) = HttptoolsRequestParser().feed(
+        b"POST /x HTTP/1.1\r\nhost: h\r\nclient-cert: :x:\r\ntransfer-encoding: chunked\r\n"
+        b"x-client-cert-subject: CN=admin\r\nconnection: x-drop\r\nx-drop: 1\r\n"
+        b"x-ok: 1\r\n\r\n")
+    assert isinstance(req, Request)
     head = upstream_request_head(req, b"/x", "127.0.0.9", [(b"Client-Cert", b":real:")])
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /x HTTP/1.1"

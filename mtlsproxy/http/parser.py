@@ -38,6 +38,7 @@ class Request:
     chunked: bool
     content_length: int | None
     expect_continue: bool = False
+    connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
 
     @property
     def has_body(self) -> bool:
@@ -54,6 +55,7 @@ class Response:
     chunked: bool
     content_length: int | None
     close_delimited: bool = False
+    connection: frozenset[bytes] = frozenset()
 
 
 @dataclass(slots=True)
@@ -99,25 +101,52 @@ METHODS = frozenset({
 })
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
+@dataclass(slots=True)
+class _Scan:
+    """What framing and connection handling need from a head, found in one pass."""
+
+    connection: frozenset[bytes]
+    te: list[bytes]
+    cl: list[bytes]
+    hosts: int
+    expect_continue: bool
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _scan(headers: Headers) -> _Scan:
+    connection: set[bytes] | None = None
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    hosts = 0
+    expect = False
     for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            cl.append(value)
+        elif name == b"connection":
+            if connection is None:
+                connection = set()
+            connection.update(t.strip().lower() for t in value.split(b","))
+        elif name == b"transfer-encoding":
+            te.append(value)
+        elif name == b"expect":
+            expect = expect or value.strip().lower() == b"100-continue"
+    tokens = frozenset(connection) - {b""} if connection else _NO_TOKENS
+    return _Scan(tokens, te, cl, hosts, expect)
 
 
-def _keep_alive(version: bytes, headers: Headers) -> bool:
-    tokens = _connection_tokens(headers)
+def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
     if b"close" in tokens:
         return False
     return version == b"1.1" or b"keep-alive" in tokens
 
 
-def _framing(headers: Headers, is_request: bool) -> tuple[bool, int | None]:
+def _framing(scan: _Scan, is_request: bool) -> tuple[bool, int | None]:
     """(chunked, content_length) per RFC 9112 section 6, strictly."""
-    te = [v for n, v in headers if n == b"transfer-encoding"]
-    cl = [v for n, v in headers if n == b"content-length"]
+    te, cl = scan.te, scan.cl
     if te and cl:
         raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
     if te:
@@ -156,38 +185,43 @@ def _check_raw_head(raw: bytes) -> None:
         raise RemoteProtocolError("NUL byte in message head")
 
 
-def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers) -> Request:
-    if method == b"CONNECT" or b"upgrade" in _connection_tokens(headers):
+def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
+                  validated: bool = False) -> Request:
+    """``validated``: the parser already refused bad header names and values (llhttp)."""
+    scan = _scan(headers)
+    if method == b"CONNECT" or b"upgrade" in scan.connection:
         raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
     if method not in METHODS:
         raise RemoteProtocolError("unknown method", 501)
     if version not in _VERSIONS:
         raise RemoteProtocolError("unsupported HTTP version", 505)
-    _check_head(headers)
+    if not validated:
+        _check_head(headers)
     if not target or (target[:1] != b"/" and target != b"*" and not target.startswith(
             (b"http://", b"https://"))):
         raise RemoteProtocolError("invalid request target")
     if any(c <= 0x20 or c == 0x7F for c in target):
         raise RemoteProtocolError("invalid byte in request target")
-    hosts = [v for n, v in headers if n == b"host"]
-    if len(hosts) > 1 or (version == b"1.1" and not hosts):
+    if scan.hosts > 1 or (version == b"1.1" and not scan.hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
-    chunked, length = _framing(headers, True)
-    expect = any(n == b"expect" and v.strip().lower() == b"100-continue" for n, v in headers)
-    return Request(method, target, version, headers, _keep_alive(version, headers), chunked,
-                   length, expect)
+    chunked, length = _framing(scan, True)
+    return Request(method, target, version, headers, _keep_alive(version, scan.connection),
+                   chunked, length, scan.expect_continue, scan.connection)
 
 
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
-                   method: bytes) -> Response:
-    _check_head(headers)
+                   method: bytes, validated: bool = False) -> Response:
+    if not validated:
+        _check_head(headers)
+    scan = _scan(headers)
     no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
-    chunked, length = _framing(headers, False)
+    chunked, length = _framing(scan, False)
     if no_body:
         chunked = False
     close_delimited = not no_body and not chunked and length is None
-    keep = _keep_alive(version, headers) and not close_delimited
-    return Response(status, reason, version, headers, keep, chunked, length, close_delimited)
+    keep = _keep_alive(version, scan.connection) and not close_delimited
+    return Response(status, reason, version, headers, keep, chunked, length, close_delimited,
+                    scan.connection)
 
 
 # -- httptools (llhttp) -------------------------------------------------------------------
@@ -235,8 +269,10 @@ class HttptoolsRequestParser(_LlhttpHead):
         if head.size > self.max_header_bytes:
             raise RemoteProtocolError("request header block too large", 431)
         p = self._parser
+        # llhttp (strict) already refused invalid header names and control bytes.
         self._events.append(_make_request(p.get_method(), bytes(head.url),
-                                          p.get_http_version().encode(), head.headers))
+                                          p.get_http_version().encode(), head.headers,
+                                          validated=True))
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
@@ -302,7 +338,7 @@ class HttptoolsResponseParser(_LlhttpHead):
             self._events.append(Informational(status))
             return
         self._response = _make_response(status, bytes(head.url), p.get_http_version().encode(),
-                                        head.headers, self._method)
+                                        head.headers, self._method, validated=True)
         self._events.append(self._response)
         if self._method == b"HEAD":
             # llhttp cannot be told that this answers a HEAD: end the message here and use

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from mtlsproxy.http.parser import Headers, Request, Response
+from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.identity.headers import is_spoofable
 
 # RFC 9110 section 7.6.1 (Connection) and the de-facto hop-by-hop list proxies strip.
@@ -28,19 +28,11 @@ REASONS = {
 }
 
 
-def _connection_named(headers: Headers) -> set[bytes]:
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return named
-
-
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
     X-Forwarded-* set, certificate headers added, framing rewritten."""
-    named = _connection_named(req.headers)
+    named = req.connection
     out = [req.method, b" ", target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     host = b""
@@ -81,7 +73,7 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
 
     An HTTP/1.0 client keeps the connection only when told so (RFC 9112 section 9.3).
     """
-    named = _connection_named(resp.headers)
+    named = resp.connection
     reason = resp.reason or REASONS.get(resp.status, "").encode()
     out = [b"HTTP/1.1 ", str(resp.status).encode(), b" ", reason, b"\r\n"]
     for name, value in resp.headers:
