@@ -312,18 +312,23 @@ class HttptoolsResponseParser(_LlhttpHead):
         self.max_header_bytes = max_header_bytes
         self._method = b"GET"
         self._events: list[Event] = []
-        self._new()
-
-    def _new(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._stale_parser = False
         self._head: _Head | None = None
         self._response: Response | None = None
         self._done = False
 
     def expect(self, method: bytes) -> None:
+        """Ready for the response to a ``method`` request (one at a time, no pipelining)."""
         self._method = method
         if self._done:
-            self._new()
+            if self._stale_parser:
+                # After a HEAD answer llhttp still waits for a body: start afresh.
+                self._parser = httptools.HttpResponseParser(self)
+                self._stale_parser = False
+            self._head = None
+            self._response = None
+            self._done = False
 
     def on_status(self, status: bytes) -> None:
         assert self._head is not None
@@ -345,6 +350,7 @@ class HttptoolsResponseParser(_LlhttpHead):
             # a fresh parser for the next response.
             self._events.append(END)
             self._done = True
+            self._stale_parser = True
 
     def on_body(self, body: bytes) -> None:
         if not self._done:
