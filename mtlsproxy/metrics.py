@@ -89,7 +89,8 @@ class TruststoreMetrics:
             self.reloads.labels(listener, result)
 
     def publish(self, listener: str, uri: str, version: str, sha256: str,
-                cas: list[tuple[str, str, float]], warnings: int, now: float) -> None:
+                cas: list[tuple[str, str, float]], usable: int, warnings: int,
+                now: float) -> None:
         """Replace the listener's series with those of the truststore now in use."""
         old = self._info_labels.pop(listener, None)
         if old is not None:
@@ -104,6 +105,6 @@ class TruststoreMetrics:
             cert_labels = (listener, subject, fingerprint)
             self.cert_not_after.labels(*cert_labels).set(not_after)
             self._cert_labels[listener].append(cert_labels)
-        self.certificates.labels(listener).set(len(cas))
+        self.certificates.labels(listener).set(usable)
         self.warnings.labels(listener).set(warnings)
         self.last_success.labels(listener).set(now)

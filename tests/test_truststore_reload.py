@@ -19,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import Cert, Harness, make_cert
 from tests.conftest import wait_for as shared_wait_for
@@ -277,7 +278,7 @@ def test_truststore_metrics_describe_the_store_in_use(harness: Harness) -> None:
     assert harness.metric("mtlsproxy_truststore_warnings", listener="public") == 0
     assert harness.metric("mtlsproxy_truststore_last_success_timestamp_seconds",
                           listener="public") > 0
-    for c in bundle.certs:
+    for c in bundle.all_certs:
         assert harness.metric("mtlsproxy_truststore_cert_not_after_timestamp_seconds",
                               listener="public", subject=c.subject,
                               fingerprint_sha256=c.fingerprint_sha256) == \
@@ -435,3 +436,18 @@ def test_a_ca_nearing_expiry_becomes_a_warning_on_a_later_refresh(harness: Harne
     store = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{harness.admin_port}/truststore", timeout=5).read())["public"]
     assert any(w["problem"].startswith("expires in") for w in store["warnings"])
+
+
+def test_an_expired_ca_still_has_its_expiry_series(harness: Harness, tmp_path: Path) -> None:
+    import datetime as dt
+    now = dt.datetime.now(dt.UTC)
+    old = make_cert("Expired Root", ca=True, not_before=now - dt.timedelta(days=9),
+                    not_after=now - dt.timedelta(days=1))
+    path = tmp_path / "ts.pem"
+    path.write_bytes(harness.pki.truststore.read_bytes() + old.cert_pem())
+    harness.start(harness.config(mutual_tls={"truststore_uri": str(path)}))
+    fp = old.cert.fingerprint(hashes.SHA256()).hex()
+    assert harness.metric("mtlsproxy_truststore_cert_not_after_timestamp_seconds",
+                          listener="public", subject=old.cert.subject.rfc4514_string(),
+                          fingerprint_sha256=fp) == old.cert.not_valid_after_utc.timestamp()
+    assert harness.metric("mtlsproxy_truststore_certificates", listener="public") == 2

@@ -55,10 +55,11 @@ class TruststoreWatcher:
         self.warnings = warnings
         if gen.bundle is None:
             return
+        # Every certificate of the bundle, used or not: an alert must see an expired CA too.
         cas = [(c.subject, c.fingerprint_sha256, c.cert.not_valid_after_utc.timestamp())
-               for c in gen.bundle.certs]
+               for c in gen.bundle.all_certs]
         self.metrics.publish(self.rt.name, gen.uri, gen.version, gen.bundle.sha256, cas,
-                             len(warnings), self.wall_clock())
+                             len(gen.bundle.certs), len(warnings), self.wall_clock())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
