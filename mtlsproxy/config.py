@@ -126,6 +126,7 @@ class ListenerConfig:
     routes: tuple[RouteConfig, ...]
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    proxy_protocol: bool = False  # PROXY v1/v2 header required before TLS
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ def _read_authorizer(r: _Reader, raw: Any, path: str) -> AuthorizerConfig | None
 
 def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> ListenerConfig | None:
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
-                                 "timeouts", "limits"))
+                                 "timeouts", "limits", "proxy_protocol"))
     if not data:
         r.problem(path, "must be a non-empty mapping")
         return None
@@ -443,7 +444,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
     )
     return ListenerConfig(name=name, host=host, port=port,
                           tls=TLSConfig(policy, tuple(certs)), mutual_tls=mtls,
-                          routes=tuple(routes), timeouts=timeouts, limits=limits)
+                          routes=tuple(routes), timeouts=timeouts, limits=limits,
+                          proxy_protocol=r.get(data, "proxy_protocol", path, bool, False))
 
 
 def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config:

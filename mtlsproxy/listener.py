@@ -115,7 +115,7 @@ class ListenerRuntime:
         if len(self.sessions) >= self.config.limits.max_connections:
             return _Refuse()
         return TLSConnection(lambda conn: ProxySession(self, conn),
-                             self.config.timeouts.handshake)
+                             self.config.timeouts.handshake, self.config.proxy_protocol)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -132,6 +132,9 @@ class ProxyServer:
             problems.append("listeners: names and addresses cannot change without a restart")
         if self.config.admin != new.admin:
             problems.append("admin.address: cannot change without a restart")
+        if [lc.proxy_protocol for lc in self.config.listeners] != [
+                lc.proxy_protocol for lc in new.listeners]:
+            problems.append("listeners[].proxy_protocol: cannot change without a restart")
         if self.config.parser != new.parser:
             problems.append("parser: cannot change without a restart")
         return problems

@@ -22,12 +22,15 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.tls import proxy_protocol
 from mtlsproxy.tls.failures import classify
 
 _READ_SIZE = 256 * 1024
 
 
 class TLSState(enum.Enum):
+    PROXY_HEADER = "proxy_header"  # waiting for a PROXY protocol header (when enabled)
     HANDSHAKING = "handshaking"
     OPEN = "open"
     CLOSING = "closing"
@@ -35,6 +38,7 @@ class TLSState(enum.Enum):
 
 
 _ALLOWED = {
+    TLSState.PROXY_HEADER: {TLSState.HANDSHAKING, TLSState.CLOSED},
     TLSState.HANDSHAKING: {TLSState.OPEN, TLSState.CLOSING, TLSState.CLOSED},
     TLSState.OPEN: {TLSState.CLOSING, TLSState.CLOSED},
     TLSState.CLOSING: {TLSState.CLOSED},
@@ -55,10 +59,11 @@ class TLSHandler(Protocol):
 
 class TLSConnection(asyncio.Protocol):
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, proxy_protocol: bool = False) -> None:
         self._handler_factory = handler_factory
         self._handshake_timeout = handshake_timeout
-        self.state = TLSState.HANDSHAKING
+        self.state = TLSState.PROXY_HEADER if proxy_protocol else TLSState.HANDSHAKING
+        self._proxy_buf = b""
         self.transport: asyncio.Transport | None = None
         self.handler: TLSHandler | None = None
         self.sslobj: ssl.SSLObject | None = None
@@ -95,6 +100,10 @@ class TLSConnection(asyncio.Protocol):
         self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.state is TLSState.PROXY_HEADER:
+            data = self._proxy_header(data)
+            if not data:
+                return
         self._incoming.write(data)
         if self.state is TLSState.HANDSHAKING:
             self._do_handshake()
@@ -104,7 +113,7 @@ class TLSConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._incoming.write_eof()
-        if self.state is TLSState.HANDSHAKING:
+        if self.state is TLSState.HANDSHAKING or self.state is TLSState.PROXY_HEADER:
             self._fail_handshake(ssl.SSLEOFError("EOF during handshake"))
         elif self.state is TLSState.OPEN:
             self._read_plaintext()
@@ -119,7 +128,7 @@ class TLSConnection(asyncio.Protocol):
         was = self.state
         if was is not TLSState.CLOSED:
             self.state = TLSState.CLOSED
-        if was is TLSState.HANDSHAKING and self.handler is not None:
+        if was in (TLSState.HANDSHAKING, TLSState.PROXY_HEADER) and self.handler is not None:
             self.handler.handshake_failed(
                 self, "client_closed", exc or ConnectionResetError("closed in handshake"))
         self._wake_drain(exc)
@@ -132,6 +141,24 @@ class TLSConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_drain(None)
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Consume the PROXY protocol header; returns the bytes after it (TLS)."""
+        buf = self._proxy_buf + data
+        try:
+            parsed = proxy_protocol.parse(buf)
+        except RemoteProtocolError as exc:
+            self._fail_handshake(exc, "protocol")
+            return b""
+        if parsed is None:
+            self._proxy_buf = buf
+            return b""
+        consumed, client = parsed
+        self._proxy_buf = b""
+        if client is not None:
+            self.peername = client  # logs, X-Forwarded-For and limits see the real client
+        self._set_state(TLSState.HANDSHAKING)
+        return buf[consumed:]
 
     # -- handshake ----------------------------------------------------------------------
 
@@ -152,7 +179,7 @@ class TLSConnection(asyncio.Protocol):
         self._flush()
         self.handler.handshake_done(self)
 
-    def _fail_handshake(self, exc: BaseException) -> None:
+    def _fail_handshake(self, exc: BaseException, reason: str | None = None) -> None:
         # OpenSSL has written the alert (certificate expired, unknown ca, ...) into the
         # outgoing BIO: send it before closing so the client sees a real TLS alert.
         self._flush()
@@ -161,13 +188,13 @@ class TLSConnection(asyncio.Protocol):
             self._timer = None
         self._set_state(TLSState.CLOSED)
         if self.handler is not None:
-            self.handler.handshake_failed(self, classify(exc), exc)
+            self.handler.handshake_failed(self, reason or classify(exc), exc)
         if self.transport is not None:
             self.transport.close()
 
     def _on_handshake_timeout(self) -> None:
         self._timer = None
-        if self.state is TLSState.HANDSHAKING:
+        if self.state is TLSState.HANDSHAKING or self.state is TLSState.PROXY_HEADER:
             self._set_state(TLSState.CLOSED)
             if self.handler is not None:
                 self.handler.handshake_failed(self, "timeout", TimeoutError("TLS handshake"))
