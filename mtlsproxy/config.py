@@ -40,6 +40,7 @@ class CertificateConfig:
 class TLSConfig:
     security_policy: str
     certificates: tuple[CertificateConfig, ...]
+    reload_interval: float = 30.0  # seconds between server certificate file checks
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
             r.problem(f"{path}.address", str(exc))
 
     tpath = f"{path}.tls"
-    tdata = r.mapping(data.get("tls"), tpath, ("security_policy", "certificates"))
+    tdata = r.mapping(data.get("tls"), tpath, ("security_policy", "certificates",
+                                               "reload_interval"))
     if "tls" not in data:
         r.problem(tpath, "required: every listener terminates TLS")
     policy = r.get(tdata, "security_policy", tpath, str, "TLS_1_2",
@@ -443,7 +445,10 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                               _positive),
     )
     return ListenerConfig(name=name, host=host, port=port,
-                          tls=TLSConfig(policy, tuple(certs)), mutual_tls=mtls,
+                          tls=TLSConfig(policy, tuple(certs),
+                                        r.get(tdata, "reload_interval", tpath, float, 30.0,
+                                              _positive)),
+                          mutual_tls=mtls,
                           routes=tuple(routes), timeouts=timeouts, limits=limits,
                           proxy_protocol=r.get(data, "proxy_protocol", path, bool, False))
 

@@ -25,6 +25,7 @@ from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics, TruststoreMetrics
 from mtlsproxy.truststore.holder import Generation, TruststoreHolder, fetch_generation
 from mtlsproxy.truststore.revocation_watcher import RevocationWatcher, crl_stale_gauge
+from mtlsproxy.truststore.server_certs import ServerCertMetrics, ServerCertWatcher
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
@@ -47,6 +48,8 @@ class ProxyServer:
         self.truststore_metrics = TruststoreMetrics(self.registry)
         self.s3_client_factory = s3_client_factory
         self.crl_stale = crl_stale_gauge(self.registry)
+        self.server_cert_metrics = ServerCertMetrics(self.registry)
+        self.cert_watchers: list[ServerCertWatcher] = []
         self.config_reloads = Counter(
             "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
             registry=self.registry)
@@ -63,6 +66,7 @@ class ProxyServer:
             runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log)
             self._setup_revocation(runtime)
+            self.cert_watchers.append(ServerCertWatcher(runtime, self.server_cert_metrics))
             self.listeners.append(runtime)
             if source is not None and data is not None:
                 self.watchers[lc.name] = TruststoreWatcher(runtime, source,
@@ -119,6 +123,8 @@ class ProxyServer:
         for lr in self.listeners:
             if lr.revocation is not None:
                 lr.revocation.start()
+        for cw in self.cert_watchers:
+            cw.start()
         self.started = True
 
     # -- SIGHUP: re-read the config file --------------------------------------------------
@@ -231,6 +237,8 @@ class ProxyServer:
         for lr in self.listeners:
             if lr.revocation is not None:
                 lr.revocation.stop()
+        for cw in self.cert_watchers:
+            cw.stop()
         for lr in self.listeners:
             lr.stop_accepting()
             lr.begin_drain()

@@ -22,6 +22,10 @@ from mtlsproxy.truststore.sources import Source, make_source
 _generations = itertools.count(1)
 
 
+def next_generation_number() -> int:
+    return next(_generations)
+
+
 @dataclass(frozen=True)
 class Generation:
     number: int
@@ -35,7 +39,7 @@ class Generation:
     def with_revocation(self, state: RevocationState | None) -> Generation:
         """The same contexts (session tickets stay valid) under a new number, so every
         cached verdict is re-decided against the new revocation state."""
-        return dataclasses.replace(self, number=next(_generations), revocation=state)
+        return dataclasses.replace(self, number=next_generation_number(), revocation=state)
 
     @property
     def mutual_tls(self) -> bool:
