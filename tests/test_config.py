@@ -170,3 +170,15 @@ def test_run_reads_MTLSPROXY_CONFIG(pki: PKI) -> None:  # noqa: N802
     env = dict(os.environ, MTLSPROXY_CONFIG=str(write(pki.directory, data)))
     result = _cli("check-config", env=env)
     assert result.returncode == 2 and "routes" in result.stderr
+
+
+def test_logs_are_one_json_object_per_line_even_with_quotes() -> None:
+    import json
+    import logging
+
+    from mtlsproxy.cli import JsonFormatter
+    record = logging.LogRecord("mtlsproxy", logging.WARNING, __file__, 1,
+                               'bad "quoted" %s', ("value\nnewline",), None)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert json.loads(line)["message"] == 'bad "quoted" value\nnewline'
