@@ -16,6 +16,7 @@ from prometheus_client import Gauge
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.revocation import RevocationState, build_state
+from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.holder import Generation
 from mtlsproxy.truststore.sources import Source, make_source
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtlsproxy.revocation")
 
 
-class RevocationWatcher:
+class RevocationWatcher(Periodic):
     def __init__(self, rt: ListenerRuntime, stale_gauge: Gauge) -> None:
         self.rt = rt
         cfg = rt.config.mutual_tls.revocation
@@ -35,7 +36,6 @@ class RevocationWatcher:
         self.versions: dict[str, str | None] = {u: None for u in cfg.crl_uris}
         self.stale_gauge = stale_gauge
         self._stale: frozenset[str] = frozenset()
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<RevocationWatcher {self.rt.name} crls={len(self.sources)} mode={self.mode}>"
@@ -74,14 +74,6 @@ class RevocationWatcher:
         self._stale = stale
         return stale
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
     def next_wait(self) -> float:
         """Seconds to the next refresh: the interval, or sooner when a CRL's nextUpdate
         comes first (re-fetch as soon as the issuer publishes the next one)."""
@@ -93,11 +85,6 @@ class RevocationWatcher:
                 if crl.next_update is not None and crl.next_update > now:
                     wait = min(wait, max(1.0, (crl.next_update - now).total_seconds()))
         return wait
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.next_wait())
-            await self.refresh()
 
     async def refresh(self) -> None:
         loop = asyncio.get_running_loop()

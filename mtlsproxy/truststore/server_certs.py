@@ -19,6 +19,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mtlsproxy.errors import TruststoreError
+from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.context import build_server_contexts
 from mtlsproxy.truststore.holder import next_generation_number
 
@@ -54,13 +55,12 @@ def earliest_not_after(config: ListenerConfig) -> float:
     return min(times).timestamp()
 
 
-class ServerCertWatcher:
+class ServerCertWatcher(Periodic):
     def __init__(self, rt: ListenerRuntime, metrics: ServerCertMetrics) -> None:
         self.rt = rt
         self.metrics = metrics
         self.digest = files_digest(rt.config)
         self._failed_digest: str | None = None
-        self._task: asyncio.Task[None] | None = None
         metrics.reloads.labels(rt.name, "applied")
         metrics.reloads.labels(rt.name, "failed")
         metrics.not_after.labels(rt.name).set(earliest_not_after(rt.config))
@@ -68,18 +68,8 @@ class ServerCertWatcher:
     def __repr__(self) -> str:
         return f"<ServerCertWatcher {self.rt.name} digest={self.digest[:12]}>"
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.rt.config.tls.reload_interval)
-            await self.refresh()
+    def next_wait(self) -> float:
+        return self.rt.config.tls.reload_interval
 
     async def refresh(self) -> str | None:
         """One check: ``applied``, ``failed`` or None (unchanged)."""

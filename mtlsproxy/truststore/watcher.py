@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.metrics import TruststoreMetrics
+from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.bundle import CertWarning, analyse
 from mtlsproxy.truststore.holder import Generation, build_generation
 from mtlsproxy.truststore.sources import Source
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtlsproxy.truststore")
 
 
-class TruststoreWatcher:
+class TruststoreWatcher(Periodic):
     def __init__(self, rt: ListenerRuntime, source: Source, metrics: TruststoreMetrics,
                  data: bytes, wall_clock: Callable[[], float] = time.time) -> None:
         self.rt = rt
@@ -39,7 +40,6 @@ class TruststoreWatcher:
         self.warnings: tuple[CertWarning, ...] = ()
         self.last_error: str | None = None
         self.last_checked_at: float | None = None
-        self._task: asyncio.Task[None] | None = None
         metrics.declare_listener(rt.name)
         self._publish(rt.holder.current, self._bundle_warnings(rt.holder.current))
 
@@ -61,18 +61,8 @@ class TruststoreWatcher:
         self.metrics.publish(self.rt.name, gen.uri, gen.version, gen.bundle.sha256, cas,
                              len(gen.bundle.certs), len(warnings), self.wall_clock())
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.rt.config.mutual_tls.refresh_interval)
-            await self.refresh()
+    def next_wait(self) -> float:
+        return self.rt.config.mutual_tls.refresh_interval
 
     async def refresh(self) -> str:
         """One check; returns the result label (applied, unchanged, failed)."""
