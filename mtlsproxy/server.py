@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mtlsproxy.admin import AdminServer
 from mtlsproxy.config import Config, ListenerConfig, load_config
@@ -49,6 +49,8 @@ class ProxyServer:
         self.s3_client_factory = s3_client_factory
         self.crl_stale = crl_stale_gauge(self.registry)
         self.server_cert_metrics = ServerCertMetrics(self.registry)
+        Gauge("mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
+              registry=self.registry).set_function(lambda: 1.0 if self.is_ready() else 0.0)
         self.cert_watchers: list[ServerCertWatcher] = []
         self.config_reloads = Counter(
             "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
