@@ -182,3 +182,12 @@ def test_logs_are_one_json_object_per_line_even_with_quotes() -> None:
     line = JsonFormatter().format(record)
     assert "\n" not in line
     assert json.loads(line)["message"] == 'bad "quoted" value\nnewline'
+
+
+def test_the_example_config_is_valid_with_a_dev_pki(tmp_path: Path) -> None:
+    import shutil
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "config" / "example.yaml", tmp_path / "example.yaml")
+    assert _cli("dev-pki", str(tmp_path / "dev")).returncode == 0
+    result = _cli("check-config", "--config", str(tmp_path / "example.yaml"))
+    assert result.returncode == 0, result.stderr
