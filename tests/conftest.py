@@ -9,9 +9,11 @@ import asyncio
 import datetime as dt
 import http.client
 import json
+import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -180,6 +182,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 # -- small helpers shared by test modules -------------------------------------------------
+
+def tool(name: str) -> str:
+    """A console script of the test extras: beside this interpreter first (a fresh pyenv or
+    venv may not have it on PATH yet), else from PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
     """Poll until ``predicate()``; AssertionError after ``timeout`` seconds."""

@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import tool
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted(p for p in (ROOT / "deploy" / "k8s").rglob("*.yaml")
                    if p.name != "kustomization.yaml")
 
 
 def test_dockerfile_passes_hadolint_with_no_warnings() -> None:
-    out = subprocess.run(["hadolint", "Dockerfile"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
 
@@ -30,7 +32,7 @@ def test_dockerfile_runs_mtlsproxy_as_non_root() -> None:
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_manifest_validates_strictly_offline(manifest: Path) -> None:
-    out = subprocess.run(["kubernetes-validate", "--strict", str(manifest)],
+    out = subprocess.run([tool("kubernetes-validate"), "--strict", str(manifest)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
