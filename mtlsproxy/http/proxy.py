@@ -386,9 +386,10 @@ class ProxySession:
 
     async def _response_head(self, up: UpstreamConnection, pump: asyncio.Task[None] | None,
                              read_timeout: float) -> Response:
-        async def head() -> Response:
+        async def head(timeout: float | None) -> Response:
             while True:
-                ev = await up.inbox.get()
+                ev = await (up.inbox.get() if timeout is None
+                            else self._get(up.inbox, timeout))
                 if isinstance(ev, Response):
                     return ev
                 if isinstance(ev, Data | EndOfMessage):
@@ -397,15 +398,10 @@ class ProxySession:
 
         try:
             if pump is None:
-                while True:
-                    ev = await self._get(up.inbox, read_timeout)
-                    if isinstance(ev, Response):
-                        return ev
-                    if isinstance(ev, Data | EndOfMessage):
-                        raise UpstreamError("upstream sent body data before a head", "protocol")
+                return await head(read_timeout)
             # While the body uploads, the pump's own timeouts apply; the read timeout
             # starts when the request is complete (nginx's proxy_read_timeout).
-            head_task = asyncio.get_running_loop().create_task(head())
+            head_task = asyncio.get_running_loop().create_task(head(None))
             try:
                 done, _ = await asyncio.wait({head_task, pump},
                                              return_when=asyncio.FIRST_COMPLETED)
