@@ -23,6 +23,7 @@ from mtlsproxy.http.routing import Router
 from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics, TruststoreMetrics
+from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.holder import Generation, TruststoreHolder, fetch_generation
 from mtlsproxy.truststore.revocation_watcher import RevocationWatcher, crl_stale_gauge
 from mtlsproxy.truststore.server_certs import ServerCertMetrics, ServerCertWatcher
@@ -120,14 +121,15 @@ class ProxyServer:
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
-        for watcher in self.watchers.values():
-            watcher.start()
-        for lr in self.listeners:
-            if lr.revocation is not None:
-                lr.revocation.start()
-        for cw in self.cert_watchers:
-            cw.start()
+        for periodic in self._periodics():
+            periodic.start()
         self.started = True
+
+    def _periodics(self) -> list[Periodic]:
+        """Every refresh loop: truststores, CRLs (these change on reload), server certs."""
+        return [*self.watchers.values(),
+                *(lr.revocation for lr in self.listeners if lr.revocation is not None),
+                *self.cert_watchers]
 
     # -- SIGHUP: re-read the config file --------------------------------------------------
 
@@ -234,13 +236,8 @@ class ProxyServer:
     async def drain(self) -> None:
         """Stop accepting, finish in-flight requests (bounded), then close everything."""
         self.draining = True
-        for watcher in self.watchers.values():
-            watcher.stop()
-        for lr in self.listeners:
-            if lr.revocation is not None:
-                lr.revocation.stop()
-        for cw in self.cert_watchers:
-            cw.stop()
+        for periodic in self._periodics():
+            periodic.stop()
         for lr in self.listeners:
             lr.stop_accepting()
             lr.begin_drain()

@@ -392,8 +392,8 @@ class Harness:
         async def go() -> None:
             if self.server is not None:
                 self.server.draining = True
-                for watcher in self.server.watchers.values():
-                    watcher.stop()
+                for periodic in self.server._periodics():
+                    periodic.stop()
                 for lr in self.server.listeners:
                     lr.stop_accepting()
                     lr.stop_ticker()
