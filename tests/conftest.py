@@ -317,6 +317,15 @@ class Harness:
         self.server = self.loop.run(go())
         return self.server
 
+    def serve(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                      Coroutine[Any, Any, None]]) -> int:
+        """A small server of the test's on loopback, closed with the harness; its port."""
+        async def go() -> int:
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            self.servers.append(server)
+            return int(server.sockets[0].getsockname()[1])
+        return self.loop.run(go())
+
     def reload(self, raw: dict[str, Any]) -> list[str]:
         """Rewrite the config file and reload it, as SIGHUP does."""
         raw.setdefault("parser", self.default_parser)

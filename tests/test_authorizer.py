@@ -36,11 +36,7 @@ class FakeAuthorizer:
             finally:
                 writer.close()
 
-        async def go() -> int:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            h.servers.append(server)
-            return int(server.sockets[0].getsockname()[1])
-        self.port = h.loop.run(go())
+        self.port = h.serve(handle)
 
     @property
     def url(self) -> str:

@@ -30,20 +30,16 @@ def scripted_upstream(h: Harness, handler: Handler) -> tuple[int, list[bytes]]:
         finally:
             writer.close()
 
-    async def go() -> int:
-        async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            orig = reader.read
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        orig = reader.read
 
-            async def read(n: int = -1) -> bytes:
-                data = await orig(n)
-                received.append(data)
-                return data
-            reader.read = read  # type: ignore[method-assign]
-            await wrapped(reader, writer)
-        server = await asyncio.start_server(record, "127.0.0.1", 0)
-        h.servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-    return h.loop.run(go()), received
+        async def read(n: int = -1) -> bytes:
+            data = await orig(n)
+            received.append(data)
+            return data
+        reader.read = read  # type: ignore[method-assign]
+        await wrapped(reader, writer)
+    return h.serve(record), received
 
 
 def headers_of(body: bytes) -> dict[str, list[str]]:

@@ -36,11 +36,7 @@ class Responder:
             finally:
                 writer.close()
 
-        async def go() -> int:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            h.servers.append(server)
-            return int(server.sockets[0].getsockname()[1])
-        self.url = f"http://127.0.0.1:{h.loop.run(go())}/ocsp"
+        self.url = f"http://127.0.0.1:{h.serve(handle)}/ocsp"
 
     def answer(self, serial: int) -> bytes:
         if self.status == "broken":
