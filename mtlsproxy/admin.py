@@ -14,7 +14,9 @@ _MAX_HEAD = 8192
 
 class AdminServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 ready: Callable[[], bool], truststores: Callable[[], dict[str, Any]]) -> None:
+                 ready: Callable[[], bool], truststores: Callable[[], dict[str, Any]],
+                 reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port
         self.host, self.port = host, port
         self.registry = registry
         self.ready = ready
@@ -23,7 +25,8 @@ class AdminServer:
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                 reuse_address=True)
+                                                 reuse_address=True,
+                                                 reuse_port=self.reuse_port or None)
 
     @property
     def bound_port(self) -> int:

@@ -96,20 +96,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mtlsproxy.workers import Supervisor, WorkerSettings, notify_ready
     config = _load(args)
     if config is None:
         return 2
-    if not admin_is_loopback(config):
+    worker = WorkerSettings.from_env(os.environ)
+    if worker is None and not admin_is_loopback(config):
         log.warning("admin listener is not on loopback: /metrics and /truststore are exposed")
+    if worker is None and config.workers > 1:
+        try:
+            return Supervisor(config, str(_config_path(args)), config.workers).run()
+        except OSError as exc:
+            print(f"error: cannot listen: {exc}", file=sys.stderr)
+            return 1
     from mtlsproxy.server import ProxyServer
+    from mtlsproxy.tls import ticket_keys
+    if worker is not None:
+        ticket_keys.use_secret(worker.read_secret())
     try:
-        server = ProxyServer(config)
+        server = ProxyServer(config, worker=worker)
     except TruststoreError as exc:
         print(f"{exc.key or 'error'}: {exc}", file=sys.stderr)
         return 2
     loop = _new_loop()
     try:
-        loop.run_until_complete(server.serve())
+        loop.run_until_complete(server.serve(
+            on_ready=None if worker is None else lambda: notify_ready(worker)))
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1

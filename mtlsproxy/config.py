@@ -144,6 +144,7 @@ class Config:
     parser: str = "httptools"
     access_log: bool = True
     source: Path | None = None
+    workers: int = 1  # processes sharing the listen ports (SO_REUSEPORT); "auto" = cores
 
 
 T = TypeVar("T")
@@ -456,7 +457,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
 def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config:
     """Validate a decoded YAML document; raises ConfigError with every problem found."""
     r = _Reader(base_dir)
-    top = r.mapping(raw, "", ("listeners", "admin", "drain_timeout", "parser", "access_log"))
+    top = r.mapping(raw, "", ("listeners", "admin", "drain_timeout", "parser", "access_log",
+                                    "workers"))
     if not isinstance(raw, dict):
         raise ConfigError(r.problems or ["(top level): must be a mapping"])
     listeners: list[ListenerConfig] = []
@@ -494,10 +496,29 @@ def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config
         parser=parser,
         access_log=r.get(top, "access_log", "", bool, True),
         source=source,
+        workers=_read_workers(r, top),
     )
     if r.problems:
         raise ConfigError(r.problems)
     return config
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _read_workers(r: _Reader, top: dict[str, Any]) -> int:
+    value = top.get("workers", 1)
+    if value == "auto":
+        return cpu_count()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        r.problem("workers", f"must be an integer from 1 to 256 or \"auto\", got {value!r}")
+        return 1
+    return value
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

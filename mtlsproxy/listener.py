@@ -72,8 +72,9 @@ class ListenerRuntime:
     def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
                  clock: Callable[[], dt.datetime] = utc_now,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, worker: int | None = None) -> None:
         self.config = config
+        self.worker = worker  # index among ``workers: N``; None when there is one process
         self.name = config.name
         self.holder = holder
         self.metrics = metrics
@@ -123,6 +124,7 @@ class ListenerRuntime:
         self._ticker = loop.create_task(self._tick())
         self.server = await loop.create_server(self.protocol_factory, self.config.host,
                                                self.config.port, reuse_address=True,
+                                               reuse_port=self.worker is not None or None,
                                                backlog=1024)
 
     async def _tick(self) -> None:
@@ -211,7 +213,7 @@ class ListenerRuntime:
         if self.access_log is None:
             return
         identity = session.verdict.identity if session.verdict is not None else None
-        self.access_log.write({
+        record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "listener": self.name,
             "client": session.conn.peername[0],
@@ -224,4 +226,7 @@ class ListenerRuntime:
             "duration_ms": round(duration * 1000, 3),
             "upstream": upstream,
             "resumed": session.conn.session_reused,
-        })
+        }
+        if self.worker is not None:
+            record["worker"] = self.worker
+        self.access_log.write(record)

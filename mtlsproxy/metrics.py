@@ -38,7 +38,7 @@ class Metrics:
             ["upstream", "kind"], registry=registry)
         self.connections_active = Gauge(
             "mtlsproxy_connections_active", "Open client connections.",
-            ["listener"], registry=registry)
+            ["listener"], registry=registry, multiprocess_mode="livesum")
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
@@ -66,21 +66,23 @@ class TruststoreMetrics:
             "unchanged, failed.", ["listener", "result"], registry=registry)
         self.info = Gauge(
             "mtlsproxy_truststore_info", "The truststore in use (value 1).",
-            ["listener", "uri", "version", "sha256"], registry=registry)
+            ["listener", "uri", "version", "sha256"], registry=registry,
+            multiprocess_mode="livemax")
         self.certificates = Gauge(
             "mtlsproxy_truststore_certificates", "Usable CA certificates in the truststore.",
-            ["listener"], registry=registry)
+            ["listener"], registry=registry, multiprocess_mode="livemax")
         self.warnings = Gauge(
             "mtlsproxy_truststore_warnings", "Warnings of the truststore in use, re-evaluated "
-            "on every refresh.", ["listener"], registry=registry)
+            "on every refresh.", ["listener"], registry=registry, multiprocess_mode="livemax")
         self.last_success = Gauge(
             "mtlsproxy_truststore_last_success_timestamp_seconds",
             "When the truststore source was last checked successfully.", ["listener"],
-            registry=registry)
+            registry=registry, multiprocess_mode="livemax")
         self.cert_not_after = Gauge(
             "mtlsproxy_truststore_cert_not_after_timestamp_seconds",
             "Expiry of each truststore CA (one series per CA).",
-            ["listener", "subject", "fingerprint_sha256"], registry=registry)
+            ["listener", "subject", "fingerprint_sha256"], registry=registry,
+            multiprocess_mode="livemax")
         self._info_labels: dict[str, tuple[str, ...]] = {}
         self._cert_labels: dict[str, list[tuple[str, ...]]] = {}
 
@@ -94,11 +96,16 @@ class TruststoreMetrics:
         """Replace the listener's series with those of the truststore now in use."""
         old = self._info_labels.pop(listener, None)
         if old is not None:
+            # With workers the sample lives on in the worker's file after remove():
+            # zero it first, so only the truststore in use reads 1.
+            self.info.labels(*old).set(0)
             self.info.remove(*old)
         labels = (listener, uri, version, sha256)
         self.info.labels(*labels).set(1)
         self._info_labels[listener] = labels
         for cert_labels in self._cert_labels.pop(listener, []):
+            # NaN, not 0, for the same reason: 0 would read as "expired in 1970" to alerts.
+            self.cert_not_after.labels(*cert_labels).set(float("nan"))
             self.cert_not_after.remove(*cert_labels)
         self._cert_labels[listener] = []
         for subject, fingerprint, not_after in cas:

@@ -30,6 +30,7 @@ from mtlsproxy.truststore.server_certs import ServerCertMetrics, ServerCertWatch
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
+from mtlsproxy.workers import WorkerSettings
 
 log = logging.getLogger("mtlsproxy")
 
@@ -38,8 +39,15 @@ class ProxyServer:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
                  clock: Callable[[], dt.datetime] = utc_now,
                  access_stream: IO[str] | None = None,
-                 s3_client_factory: Callable[[], Any] = default_s3_client) -> None:
-        """Builds everything that can fail (raises TruststoreError) without listening."""
+                 s3_client_factory: Callable[[], Any] = default_s3_client,
+                 worker: WorkerSettings | None = None) -> None:
+        """Builds everything that can fail (raises TruststoreError) without listening.
+
+        ``worker``: this process is one of ``workers: N`` (workers.py): ports are shared
+        with SO_REUSEPORT and /metrics aggregates every worker's files."""
+        self.worker = worker
+        if worker is not None:
+            config = worker.apply(config)
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -50,8 +58,12 @@ class ProxyServer:
         self.s3_client_factory = s3_client_factory
         self.crl_stale = crl_stale_gauge(self.registry)
         self.server_cert_metrics = ServerCertMetrics(self.registry)
-        Gauge("mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
-              registry=self.registry).set_function(lambda: 1.0 if self.is_ready() else 0.0)
+        # Set on every change of state, not computed at scrape time: a worker's value must
+        # reach the multiprocess files. With workers: 1 only when every worker is ready.
+        self.ready_gauge = Gauge(
+            "mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
+            registry=self.registry, multiprocess_mode="livemin")
+        self.ready_gauge.set(0)
         self.cert_watchers: list[ServerCertWatcher] = []
         self.config_reloads = Counter(
             "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
@@ -67,7 +79,8 @@ class ProxyServer:
             except TruststoreError as exc:
                 raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
             runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
-                                      self.cache, config.parser, clock, self.access_log)
+                                      self.cache, config.parser, clock, self.access_log,
+                                      worker=None if worker is None else worker.index)
             self._setup_revocation(runtime)
             self.cert_watchers.append(ServerCertWatcher(runtime, self.server_cert_metrics))
             self.listeners.append(runtime)
@@ -76,11 +89,23 @@ class ProxyServer:
                                                            self.truststore_metrics, data)
         self.admin: AdminServer | None = None
         if config.admin is not None:
-            self.admin = AdminServer(config.admin.host, config.admin.port, self.registry,
-                                     self.is_ready, self.describe_truststores)
+            self.admin = AdminServer(config.admin.host, config.admin.port,
+                                     self._exposition_registry(), self.is_ready,
+                                     self.describe_truststores,
+                                     reuse_port=worker is not None)
         self.started = False
         self.draining = False
         self._stop = asyncio.Event()
+
+    def _exposition_registry(self) -> CollectorRegistry:
+        """What /metrics shows: this registry, or with workers every worker's files."""
+        if self.worker is None:
+            return self.registry
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, self.worker.metrics_dir)
+        return registry
 
     def _setup_revocation(self, runtime: ListenerRuntime) -> None:
         """Fetch the CRLs (blocking: start-up and reload only) and attach them."""
@@ -118,12 +143,14 @@ class ProxyServer:
             raise RuntimeError("ProxyServer.start() called twice")
         if self.admin is not None:
             await self.admin.start()
+            log.info("admin on %s:%d", self.admin.host, self.admin.bound_port)
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
         for periodic in self._periodics():
             periodic.start()
         self.started = True
+        self.ready_gauge.set(1 if self.is_ready() else 0)
 
     def _periodics(self) -> list[Periodic]:
         """Every refresh loop: truststores, CRLs (these change on reload), server certs."""
@@ -147,6 +174,8 @@ class ProxyServer:
             problems.append("listeners[].proxy_protocol: cannot change without a restart")
         if self.config.parser != new.parser:
             problems.append("parser: cannot change without a restart")
+        if self.config.workers != new.workers:
+            problems.append("workers: cannot change without a restart")
         return problems
 
     async def reload_from_file(self) -> list[str]:
@@ -159,6 +188,8 @@ class ProxyServer:
             new = await loop.run_in_executor(None, load_config, self.config.source)
         except ConfigError as exc:
             return self._reload_failed(exc.problems)
+        if self.worker is not None:
+            new = self.worker.apply(new)
         return await self.reload(new)
 
     def _reload_failed(self, problems: list[str]) -> list[str]:
@@ -236,6 +267,7 @@ class ProxyServer:
     async def drain(self) -> None:
         """Stop accepting, finish in-flight requests (bounded), then close everything."""
         self.draining = True
+        self.ready_gauge.set(0)
         for periodic in self._periodics():
             periodic.stop()
         for lr in self.listeners:

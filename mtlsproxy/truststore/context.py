@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import TLSConfig
 from mtlsproxy.errors import TruststoreError
+from mtlsproxy.tls import ticket_keys
 from mtlsproxy.truststore.bundle import TrustBundle
 
 
@@ -68,11 +69,18 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
     return ctx
 
 
-def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None) -> ServerContexts:
-    """One context per server certificate; raises TruststoreError on unusable input."""
+def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
+                          listener: str = "") -> ServerContexts:
+    """One context per server certificate; raises TruststoreError on unusable input.
+
+    With workers, every context of one (listener, truststore) gets the same ticket keys in
+    every worker (tls/ticket_keys.py), so a session resumes on whichever worker the kernel
+    picks; a new truststore derives new keys, so old tickets stop resuming."""
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
+    label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
     for i, cert in enumerate(tls.certificates):
         ctx = _new_context(tls, bundle)
+        ticket_keys.apply(ctx, label)
         try:
             ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
             names = _names(str(cert.cert_file))

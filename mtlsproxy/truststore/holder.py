@@ -71,7 +71,7 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
         except TruststoreError as exc:
             raise TruststoreError(f"{listener.mutual_tls.truststore_uri}: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
-    contexts = build_server_contexts(listener.tls, bundle)
+    contexts = build_server_contexts(listener.tls, bundle, listener.name)
     return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
                       time.time() if now is None else now, version)
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.revocation import RevocationState, build_state
@@ -100,8 +100,9 @@ class RevocationWatcher(Periodic):
                  self.rt.holder.current.number)
 
 
-def crl_stale_gauge(registry: object) -> Gauge:
+def crl_stale_gauge(registry: CollectorRegistry) -> Gauge:
     return Gauge("mtlsproxy_crl_stale",
                  "1 when a CRL in use is past its nextUpdate (soft mode admits anyway).",
-                 ["listener", "issuer"], registry=registry)  # type: ignore[arg-type]
+                 ["listener", "issuer"], registry=registry,
+                 multiprocess_mode="livemax")
 

@@ -37,7 +37,7 @@ class ServerCertMetrics:
                                ["listener", "result"], registry=registry)
         self.not_after = Gauge("mtlsproxy_server_cert_not_after_timestamp_seconds",
                                "The earliest expiry among a listener's server certificates.",
-                               ["listener"], registry=registry)
+                               ["listener"], registry=registry, multiprocess_mode="livemin")
 
 
 def files_digest(config: ListenerConfig) -> str:
@@ -84,7 +84,7 @@ class ServerCertWatcher(Periodic):
         current = self.rt.holder.current
         try:
             contexts = await loop.run_in_executor(None, build_server_contexts, config.tls,
-                                                  current.bundle)
+                                                  current.bundle, config.name)
             not_after = await loop.run_in_executor(None, earliest_not_after, config)
         except (TruststoreError, ValueError, OSError) as exc:
             return self._failed(str(exc), digest)

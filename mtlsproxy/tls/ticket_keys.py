@@ -1,0 +1,211 @@
+"""Shared TLS session-ticket keys: the one module that reaches below Python's ``ssl`` API.
+
+Why: worker processes each build their own ``SSLContext``; OpenSSL gives every context
+random ticket keys, so a client whose resumed connection lands on another worker (the
+kernel spreads SO_REUSEPORT connections by hash) pays a full handshake. nginx solves this
+with ``ssl_session_ticket_key`` files; Python's ``ssl`` has no such setting.
+
+How: ``SSL_CTX_set_tlsext_ticket_keys`` (a macro for ``SSL_CTX_ctrl(ctx,
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS=59, 80, keys)``; 16-byte key name, 32-byte HMAC key,
+32-byte AES key, OpenSSL ssl/s3_lib.c) called through ctypes on the ``SSL_CTX *`` that
+CPython keeps right after the object header of ``_ssl._SSLContext`` (Modules/_ssl.c,
+``PySSLContext``). Both are details the public API does not promise, so:
+
+Rules of this module:
+- ``self_test()`` runs once before any key is installed. It checks that the pointer it
+  reads is the context's (``SSL_CTX_get_options`` must equal ``ctx.options``) and that two
+  contexts given the same keys resume each other's tickets while a third, with other
+  keys, does not. Any failure disables sharing for the process with one log line: workers
+  then fall back to OpenSSL's per-context random keys (correct, only slower: a full
+  handshake where a resumption could have been).
+- Keys are derived (HKDF-SHA256) from a secret shared by the workers and a label that
+  names the listener and the truststore's SHA-256: they rotate with every truststore
+  change, so a ticket never outlives the truststore that validated its certificate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+log = logging.getLogger("mtlsproxy.tls")
+
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59  # OpenSSL include/openssl/ssl.h
+KEY_LENGTH = 80  # name 16 + HMAC 32 + AES 32 (OpenSSL's TLSEXT_KEYNAME_LENGTH etc.)
+
+_lock = threading.Lock()
+_status: bool | None = None  # None: not tested yet
+_reason = ""
+_secret: bytes | None = None  # process-wide: set once by a worker at start-up
+
+
+class _Lib:
+    def __init__(self) -> None:
+        import _ssl  # the libssl that Python's ssl module is linked with, not another one
+        lib = ctypes.CDLL(_ssl.__file__)
+        self.ctrl = lib.SSL_CTX_ctrl
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.ctrl.restype = ctypes.c_long
+        self.get_options = lib.SSL_CTX_get_options
+        self.get_options.argtypes = [ctypes.c_void_p]
+        self.get_options.restype = ctypes.c_uint64
+
+
+_lib: _Lib | None = None
+
+
+def _ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """The ``SSL_CTX *`` of a context: the first field after PyObject_HEAD."""
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr:
+        raise RuntimeError("no SSL_CTX pointer where CPython keeps it")
+    return int(ptr)
+
+
+def _install(ctx: ssl.SSLContext, keys: bytes) -> None:
+    assert _lib is not None and len(keys) == KEY_LENGTH
+    ptr = _ctx_pointer(ctx)
+    if _lib.get_options(ptr) != int(ctx.options):
+        raise RuntimeError("SSL_CTX pointer check failed (options differ)")
+    buf = ctypes.create_string_buffer(keys, KEY_LENGTH)
+    if _lib.ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, KEY_LENGTH, buf) != 1:
+        raise RuntimeError("SSL_CTX_set_tlsext_ticket_keys returned an error")
+
+
+def derive_keys(secret: bytes, label: str) -> bytes:
+    return HKDF(hashes.SHA256(), KEY_LENGTH, salt=b"mtlsproxy ticket keys v1",
+                info=label.encode()).derive(secret)
+
+
+def available() -> bool:
+    """Run the self-test once per process; True when keys can be shared."""
+    global _status, _reason, _lib
+    with _lock:
+        if _status is None:
+            try:
+                _lib = _Lib()
+                _resumption_check()
+                _status = True
+            except Exception as exc:  # any failure means: do not touch OpenSSL; fall back
+                _status, _reason = False, f"{type(exc).__name__}: {exc}"
+                log.warning("shared TLS ticket keys disabled (self-test failed: %s); each "
+                            "worker keeps its own keys, so resumption across workers is lost",
+                            _reason)
+        return _status
+
+
+def use_secret(secret: bytes | None) -> bool:
+    """Share ticket keys derived from ``secret`` from now on (a worker calls this once at
+    start-up, before building contexts). Returns whether sharing is on."""
+    global _secret
+    _secret = secret if secret is not None and available() else None
+    return _secret is not None
+
+
+def apply(ctx: ssl.SSLContext, label: str) -> bool:
+    """Give ``ctx`` the ticket keys derived from (the process secret, label); False when
+    not applied (no secret: a single process needs no sharing; or the self-test failed)."""
+    if _secret is None:
+        return False
+    _install(ctx, derive_keys(_secret, label))
+    return True
+
+
+# -- the self-test: a real in-memory TLS 1.3 handshake, then resumption ---------------------
+
+def _handshake(client: ssl.SSLObject, server: ssl.SSLObject,
+               c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO,
+               s_in: ssl.MemoryBIO, s_out: ssl.MemoryBIO) -> None:
+    for _ in range(20):
+        done = 0
+        for obj in (client, server):
+            try:
+                obj.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        if done == 2:
+            break
+    else:
+        raise RuntimeError("self-test handshake did not finish")
+    # TLS 1.3 tickets arrive after the handshake: let the client read them.
+    server.write(b"x")
+    c_in.write(s_out.read())
+    client.read(1)
+
+
+def _connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+             session: ssl.SSLSession | None) -> ssl.SSLObject:
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    c_in, c_out, s_in, s_out = bios
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    _handshake(client, server, c_in, c_out, s_in, s_out)
+    return client
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def _resumption_check() -> None:
+    cert, key = _self_signed()
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_file, key_file = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+        with open(cert_file, "wb") as fh:
+            fh.write(cert)
+        with open(key_file, "wb") as fh:
+            fh.write(key)
+
+        def server() -> ssl.SSLContext:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.load_cert_chain(cert_file, key_file)
+            return ctx
+        a, b, other = server(), server(), server()
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    secret = os.urandom(32)
+    _install(a, derive_keys(secret, "self-test"))
+    _install(b, derive_keys(secret, "self-test"))
+    _install(other, derive_keys(secret, "self-test other"))
+    first = _connect(a, client_ctx, None)
+    session: Any = first.session
+    if session is None:
+        raise RuntimeError("no session ticket received")
+    if not _connect(b, client_ctx, session).session_reused:
+        raise RuntimeError("a context with the same keys did not resume the session")
+    if _connect(other, client_ctx, session).session_reused:
+        raise RuntimeError("a context with other keys resumed the session")
+
+
+def status() -> tuple[bool | None, str]:
+    """(self-test result or None if not run yet, failure reason)."""
+    return _status, _reason

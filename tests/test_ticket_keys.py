@@ -1,0 +1,91 @@
+"""Shared TLS ticket keys (tls/ticket_keys.py): real in-memory TLS 1.3 handshakes."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+
+import pytest
+
+from mtlsproxy.config import CertificateConfig, TLSConfig
+from mtlsproxy.tls import ticket_keys
+from mtlsproxy.truststore.bundle import parse_bundle
+from mtlsproxy.truststore.context import build_server_contexts
+from tests.conftest import PKI
+
+
+@pytest.fixture
+def shared() -> Iterator[None]:
+    assert ticket_keys.use_secret(b"k" * 32)
+    yield
+    ticket_keys.use_secret(None)
+
+
+def client(pki: PKI) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=pki.root.cert_pem().decode())
+    cert, key = pki.client_files()
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def contexts(pki: PKI, listener: str, truststore: bytes) -> ssl.SSLContext:
+    tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
+    return build_server_contexts(tls, parse_bundle(truststore), listener).default
+
+
+def resumes(pki: PKI, first: ssl.SSLContext, second: ssl.SSLContext) -> bool:
+    ctx = client(pki)  # a session resumes only from the client context that made it
+    session = ticket_keys._connect(first, ctx, None).session
+    assert session is not None
+    return bool(ticket_keys._connect(second, ctx, session).session_reused)
+
+
+def test_the_self_test_passes_on_this_python_and_openssl() -> None:
+    assert ticket_keys.available()
+    assert ticket_keys.status() == (True, "")
+
+
+def test_keys_are_derived_per_label_and_secret() -> None:
+    a = ticket_keys.derive_keys(b"s" * 32, "public|abc")
+    assert len(a) == 80
+    assert a == ticket_keys.derive_keys(b"s" * 32, "public|abc")
+    assert a != ticket_keys.derive_keys(b"s" * 32, "public|abd")
+    assert a != ticket_keys.derive_keys(b"t" * 32, "public|abc")
+
+
+def test_contexts_built_apart_for_one_truststore_resume_each_other(pki: PKI,
+                                                                  shared: None) -> None:
+    store = pki.truststore.read_bytes()
+    assert resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
+
+
+def test_a_new_truststore_rotates_the_keys_so_old_tickets_do_not_resume(pki: PKI,
+                                                                       shared: None) -> None:
+    store = pki.truststore.read_bytes()
+    other = store + pki.root.cert_pem()  # same CAs, different bytes: a new generation
+    assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", other))
+
+
+def test_without_a_shared_secret_each_context_keeps_its_own_keys(pki: PKI) -> None:
+    store = pki.truststore.read_bytes()
+    assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
+
+
+def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("SSL_CTX pointer check failed (options differ)")
+    monkeypatch.setattr(ticket_keys, "_status", None)
+    monkeypatch.setattr(ticket_keys, "_resumption_check", broken)
+    with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
+        assert not ticket_keys.use_secret(b"k" * 32)
+        assert not ticket_keys.available()
+    assert [r.getMessage() for r in caplog.records] == [
+        "shared TLS ticket keys disabled (self-test failed: RuntimeError: SSL_CTX pointer "
+        "check failed (options differ)); each worker keeps its own keys, so resumption "
+        "across workers is lost"]
+    store = pki.truststore.read_bytes()
+    assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
+    monkeypatch.setattr(ticket_keys, "_status", None)  # the next test runs the real check
