@@ -207,13 +207,18 @@ class TLSConnection(asyncio.Protocol):
         assert self.sslobj is not None and self.handler is not None
         chunks: list[bytes] = []
         eof = False
+        sslobj, incoming = self.sslobj, self._incoming
         try:
             while True:
-                chunk = self.sslobj.read(_READ_SIZE)
+                chunk = sslobj.read(_READ_SIZE)
                 if not chunk:
                     eof = True
                     break
                 chunks.append(chunk)
+                # Nothing left to decrypt: stop here rather than read again into an
+                # SSLWantReadError (building that exception costs more than the read).
+                if not incoming.pending and not sslobj.pending():
+                    break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
