@@ -10,6 +10,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -62,11 +63,35 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
     if bundle is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         try:
-            ctx.load_verify_locations(cadata=bundle.cadata)
+            _load_cas(ctx, bundle)
         except ssl.SSLError as exc:
             raise TruststoreError(f"OpenSSL refused the truststore: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
     return ctx
+
+
+# Above this many CAs the truststore goes through a file: CPython releases the GIL while
+# OpenSSL reads ``cafile`` but holds it while it parses ``cadata`` (Modules/_ssl.c), and
+# OpenSSL 3.0 decodes a certificate in ~0.2 ms: 1,000 CAs held the event loop for ~200 ms
+# (bench/run.py scenario 7) although the build runs in an executor thread.
+_FILE_THRESHOLD = 64
+
+
+def _load_cas(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
+    if len(bundle.certs) < _FILE_THRESHOLD or not hasattr(os, "memfd_create"):
+        ctx.load_verify_locations(cadata=bundle.cadata)
+        return
+    pem = "".join(ssl.DER_cert_to_PEM_cert(c.der) for c in bundle.certs).encode("ascii")
+    # An anonymous in-memory file: no writable filesystem needed (read-only root in k8s),
+    # nothing left behind; OpenSSL opens it again through /proc/self/fd.
+    fd = os.memfd_create("mtlsproxy-truststore", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_verify_locations(cafile=f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,

@@ -1,4 +1,5 @@
-"""Shared TLS ticket keys (tls/ticket_keys.py): real in-memory TLS 1.3 handshakes."""
+"""Server contexts: shared TLS ticket keys (tls/ticket_keys.py) and large truststores;
+real in-memory TLS 1.3 handshakes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mtlsproxy.config import CertificateConfig, TLSConfig
 from mtlsproxy.tls import ticket_keys
 from mtlsproxy.truststore.bundle import parse_bundle
 from mtlsproxy.truststore.context import build_server_contexts
-from tests.conftest import PKI
+from tests.conftest import PKI, make_cert
 
 
 @pytest.fixture
@@ -89,3 +90,17 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
     store = pki.truststore.read_bytes()
     assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
     monkeypatch.setattr(ticket_keys, "_status", None)  # the next test runs the real check
+
+
+def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> None:
+    # Above context._FILE_THRESHOLD CAs, OpenSSL reads them from a memfd (the GIL is free
+    # meanwhile); the context must hold all of them and still admit our clients.
+    from mtlsproxy.truststore import context as context_module
+    others = b"".join(make_cert(f"other CA {i}", ca=True).cert_pem() for i in range(80))
+    assert 80 > context_module._FILE_THRESHOLD
+    bundle = parse_bundle(pki.truststore.read_bytes() + others)
+    tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
+    ctx = build_server_contexts(tls, bundle, "public").default
+    assert len(ctx.get_ca_certs()) == len(bundle.certs) == 82
+    conn = ticket_keys._connect(ctx, client(pki), None)
+    assert conn.getpeercert() is not None  # the handshake with our client certificate passed
