@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.truststore.bundle import parse_bundle
+from mtlsproxy.truststore.bundle import next_change, parse_bundle
 from tests.conftest import PKI, UTC, Cert, make_cert, make_sha1_cert
 
 NOW = dt.datetime.now(UTC)
@@ -136,3 +136,36 @@ def test_a_bundle_without_a_usable_ca_is_an_error(data: bytes) -> None:
 def test_a_bundle_of_only_unusable_cas_is_an_error(pki: PKI) -> None:
     with pytest.raises(TruststoreError, match="no usable CA"):
         parse_bundle(pem(make_cert("leaf-only", pki.root)))
+
+
+# -- when re-analysing can change anything (the watcher skips the work until then) --------
+
+def _at(cert: Cert, now: dt.datetime) -> dt.datetime | None:
+    return next_change(parse_bundle(pem(cert), now=now), now)
+
+
+def _exact(t: dt.datetime) -> dt.datetime:
+    return t.replace(microsecond=0)  # certificates carry whole seconds
+
+
+def test_nothing_changes_before_a_ca_enters_the_30_day_expiry_window() -> None:
+    na = _exact(NOW + dt.timedelta(days=40))
+    root = make_cert("Far Root", ca=True, not_before=NOW - dt.timedelta(days=1), not_after=na)
+    assert _at(root, NOW) == na - dt.timedelta(days=30)
+
+
+def test_inside_the_window_the_next_change_is_when_the_day_count_drops() -> None:
+    na = _exact(NOW + dt.timedelta(days=10, hours=6))
+    root = make_cert("Soon Root", ca=True, not_before=NOW - dt.timedelta(days=1), not_after=na)
+    change = _at(root, NOW)
+    assert change == na - dt.timedelta(days=10)
+    before = parse_bundle(pem(root), now=change - dt.timedelta(seconds=1)).warnings
+    after = parse_bundle(pem(root), now=change + dt.timedelta(seconds=1)).warnings
+    assert "expires in 10 days" in before[0].problem
+    assert "expires in 9 days" in after[0].problem
+
+
+def test_a_not_yet_valid_ca_changes_when_it_becomes_valid() -> None:
+    nb = _exact(NOW + dt.timedelta(hours=3))
+    root = make_cert("Later Root", ca=True, not_before=nb, not_after=NOW + dt.timedelta(days=400))
+    assert _at(root, NOW) == nb

@@ -10,6 +10,7 @@ one read + hash (file) and re-evaluate the expiry warnings of the truststore in 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.metrics import TruststoreMetrics
 from mtlsproxy.periodic import Periodic
-from mtlsproxy.truststore.bundle import CertWarning, analyse
+from mtlsproxy.truststore.bundle import CertWarning, analyse, next_change
 from mtlsproxy.truststore.holder import Generation, build_generation
 from mtlsproxy.truststore.sources import Source
 
@@ -42,6 +43,10 @@ class TruststoreWatcher(Periodic):
         self.last_checked_at: float | None = None
         metrics.declare_listener(rt.name)
         self._publish(rt.holder.current, self._bundle_warnings(rt.holder.current))
+        self._next_change = self._change_after(rt.holder.current)
+
+    def _change_after(self, gen: Generation) -> dt.datetime | None:
+        return next_change(gen.bundle, self.rt.clock()) if gen.bundle is not None else None
 
     def __repr__(self) -> str:
         return (f"<TruststoreWatcher {self.rt.name} {self.source!r} version={self.version!r} "
@@ -71,11 +76,16 @@ class TruststoreWatcher(Periodic):
         try:
             fetched = await loop.run_in_executor(None, self.source.check, self.version)
             if fetched is None:
-                # Same bytes: only the clock moved. Re-evaluate expiry warnings.
-                bundle = await loop.run_in_executor(
-                    None, analyse, self._data, config.mutual_tls.max_chain_length,
-                    self.rt.clock())
-                self._publish(self.rt.holder.current, bundle.warnings)
+                # Same bytes: only the clock moved. Re-evaluate the expiry warnings, but
+                # only once the clock has reached an instant where they can change.
+                now = self.rt.clock()
+                if self._next_change is not None and now >= self._next_change:
+                    bundle = await loop.run_in_executor(
+                        None, analyse, self._data, config.mutual_tls.max_chain_length, now)
+                    self._publish(self.rt.holder.current, bundle.warnings)
+                    self._next_change = next_change(bundle, now)
+                else:
+                    self.metrics.last_success.labels(self.rt.name).set(self.wall_clock())
                 result = "unchanged"
             else:
                 gen = await loop.run_in_executor(None, _build, config, fetched.data,
@@ -85,6 +95,7 @@ class TruststoreWatcher(Periodic):
                 old = self.rt.holder.swap(gen)
                 self.version, self._data = fetched.version, fetched.data
                 self._publish(gen, self._bundle_warnings(gen))
+                self._next_change = self._change_after(gen)
                 result = "applied"
                 log.info("truststore of %s: generation %d -> %d (version %s, %d CAs, "
                          "%d warnings)", self.rt.name, old.number, gen.number, gen.version,
