@@ -494,7 +494,7 @@ class Bench:
         store = self.d / "swap-truststore.pem"
         store.write_bytes(bundles[0])
         t = self.start_mtlsproxy(store, refresh=0.25)
-        n = 4000 if self.args.quick else 20000
+        n = 8000 if self.args.quick else 40000  # long enough for several swaps
         p99 = self.row("7 truststore swap, 1,000 CAs", "p99 ms during swaps",
                        ratio_to="mtlsproxy (no swap)")
         swaps = self.row("7 truststore swap, 1,000 CAs", "swaps during the run",

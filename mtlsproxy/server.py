@@ -17,6 +17,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mtlsproxy.admin import AdminServer
+from mtlsproxy.background import run_build
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
 from mtlsproxy.http.routing import Router
@@ -202,7 +203,6 @@ class ProxyServer:
         problems = self._not_live(new)
         if problems:
             return self._reload_failed(problems)
-        loop = asyncio.get_running_loop()
         # Build every new truststore generation first; apply nothing unless all succeed.
         built: dict[str, tuple[Generation, bytes | None, Any]] = {}
         for i, (lr, lc) in enumerate(zip(self.listeners, new.listeners, strict=True)):
@@ -215,7 +215,7 @@ class ProxyServer:
             source = (make_source(lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version,
                                   self.s3_client_factory) if lc.mutual_tls.enabled else None)
             try:
-                generation, data = await loop.run_in_executor(None, fetch_generation, lc, source)
+                generation, data = await run_build(fetch_generation, lc, source)
             except TruststoreError as exc:
                 problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
                 continue

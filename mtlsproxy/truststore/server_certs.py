@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mtlsproxy.background import run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.context import build_server_contexts
@@ -83,8 +84,8 @@ class ServerCertWatcher(Periodic):
             return None
         current = self.rt.holder.current
         try:
-            contexts = await loop.run_in_executor(None, build_server_contexts, config.tls,
-                                                  current.bundle, config.name)
+            contexts = await run_build(build_server_contexts, config.tls, current.bundle,
+                                       config.name)
             not_after = await loop.run_in_executor(None, earliest_not_after, config)
         except (TruststoreError, ValueError, OSError) as exc:
             return self._failed(str(exc), digest)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mtlsproxy.background import run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.metrics import TruststoreMetrics
 from mtlsproxy.periodic import Periodic
@@ -80,16 +81,15 @@ class TruststoreWatcher(Periodic):
                 # only once the clock has reached an instant where they can change.
                 now = self.rt.clock()
                 if self._next_change is not None and now >= self._next_change:
-                    bundle = await loop.run_in_executor(
-                        None, analyse, self._data, config.mutual_tls.max_chain_length, now)
+                    bundle = await run_build(analyse, self._data,
+                                             config.mutual_tls.max_chain_length, now)
                     self._publish(self.rt.holder.current, bundle.warnings)
                     self._next_change = next_change(bundle, now)
                 else:
                     self.metrics.last_success.labels(self.rt.name).set(self.wall_clock())
                 result = "unchanged"
             else:
-                gen = await loop.run_in_executor(None, _build, config, fetched.data,
-                                                 fetched.version)
+                gen = await run_build(_build, config, fetched.data, fetched.version)
                 if self.rt.revocation is not None:
                     gen = self.rt.revocation.attach(gen)
                 old = self.rt.holder.swap(gen)
