@@ -406,6 +406,26 @@ class Bench:
                 p50.add(t.name, r.p50_ms)
                 p99.add(t.name, r.p99_ms)
 
+    def paced(self) -> None:
+        """(4b) latency at the SAME load for every proxy: 1,000 requests/s spread over 50
+        keep-alive connections, scheduled in advance (bench/paced_client.py)."""
+        secs = 3 if self.args.quick else 8
+        rate = 1000
+        p50 = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)", "p50 ms")
+        p99 = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)", "p99 ms")
+        for _ in self.rounds():
+            for t in self.targets:
+                out = subprocess.run(
+                    [sys.executable, str(ROOT / "bench" / "paced_client.py"), str(t.port),
+                     "50", str(rate), str(secs), str(self.pki / "client.pem"),
+                     str(self.pki / "client.key"), str(self.pki / "root-ca.pem")],
+                    capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU))
+                fields = out.stdout.split()
+                if len(fields) != 5 or fields[4] != "0":
+                    raise SystemExit(f"paced client against {t.name}: {out.stdout}{out.stderr}")
+                p50.add(t.name, float(fields[0]))
+                p99.add(t.name, float(fields[1]))
+
     def full_handshakes(self) -> None:
         """(2) a new connection and a full mTLS handshake for every request (ab without -k
         never offers a session)."""
@@ -635,7 +655,8 @@ def cpu_model() -> str:
     return "?"
 
 
-SCENARIOS = ("keepalive", "full", "resumed", "streamed", "memory", "swap", "workers")
+SCENARIOS = ("keepalive", "paced", "full", "resumed", "streamed", "memory", "swap",
+             "workers")
 
 
 def main() -> int:
