@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: cannot listen: {exc}", file=sys.stderr)
             return 1
     from mtlsproxy.server import ProxyServer
-    from mtlsproxy.tls import ticket_keys
+    from mtlsproxy.tls import native as ticket_keys
     if worker is not None:
         ticket_keys.use_secret(worker.read_secret())
     try:

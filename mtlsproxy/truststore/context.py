@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import TLSConfig
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.tls import ticket_keys
+from mtlsproxy.tls import native as ticket_keys
 from mtlsproxy.truststore.bundle import TrustBundle
 
 
@@ -60,6 +60,12 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
                            else ssl.TLSVersion.TLSv1_2)
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # One TLS 1.3 ticket per handshake, not OpenSSL's default two: a client resumes with
+    # one, and each ticket costs ~0.45 ms here (OpenSSL 3.0 encodes the session with the
+    # client certificate, decodes it again and re-encodes it: construct_stateless_ticket).
+    # Server side of a full mutual-TLS handshake, median of 5x100 in-memory handshakes:
+    # 2.39 ms with two tickets, 1.86 ms with one, 1.44 ms with none.
+    ctx.num_tickets = 1
     if bundle is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         try:
@@ -99,7 +105,7 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
     """One context per server certificate; raises TruststoreError on unusable input.
 
     With workers, every context of one (listener, truststore) gets the same ticket keys in
-    every worker (tls/ticket_keys.py), so a session resumes on whichever worker the kernel
+    every worker (tls/native.py), so a session resumes on whichever worker the kernel
     picks; a new truststore derives new keys, so old tickets stop resuming."""
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
     label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
