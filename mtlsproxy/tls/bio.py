@@ -36,6 +36,10 @@ class TLSState(enum.Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+    # Members are singletons: identity hashing (a C slot) instead of Enum's Python-level
+    # hash(name), which the transition checks paid on every state change.
+    __hash__ = object.__hash__
+
 
 _ALLOWED = {
     TLSState.PROXY_HEADER: {TLSState.HANDSHAKING, TLSState.CLOSED},

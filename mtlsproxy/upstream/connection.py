@@ -17,6 +17,8 @@ class UpstreamState(enum.Enum):
     IDLE = "idle"       # in the pool
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # identity: see TLSState (two transitions per request)
+
 
 _ALLOWED = {
     UpstreamState.CONNECTING: {UpstreamState.ACTIVE, UpstreamState.CLOSED},
