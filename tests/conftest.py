@@ -255,6 +255,25 @@ class LoopThread:
         self.loop.close()
 
 
+
+def start_slow_upstream(loop: LoopThread, on_request: Callable[[], None],
+                        delay: float = 1.5) -> tuple[asyncio.Server, int]:
+    """An upstream that answers ``done`` ``delay`` seconds after each request head arrives;
+    ``on_request`` runs (on the loop) when a head arrives. For drain tests."""
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        on_request()
+        await asyncio.sleep(delay)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    async def serve() -> tuple[asyncio.Server, int]:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        return server, int(server.sockets[0].getsockname()[1])
+    return loop.run(serve())
+
+
 class Harness:
     def __init__(self, loop: LoopThread, pki: PKI, tmp: Path) -> None:
         self.loop = loop

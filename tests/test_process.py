@@ -3,7 +3,6 @@ SIGTERM drain, and 50 MB streamed each way with bounded memory."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import http.client
@@ -27,7 +26,7 @@ import yaml
 
 from mtlsproxy.echo import start_echo
 from mtlsproxy.pki import DevPKI, make_leaf, write_dev_pki
-from tests.conftest import LoopThread, make_cert
+from tests.conftest import LoopThread, make_cert, start_slow_upstream
 
 MiB = 1024 * 1024
 
@@ -234,19 +233,7 @@ def test_access_log_goes_to_stdout_as_json(devpki: DevPKI, upstream: tuple[LoopT
 def test_sigterm_drains_in_flight_requests_then_exits_0(devpki: DevPKI, tmp_path: Path) -> None:
     loop = LoopThread("uvloop")
     started = threading.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        loop.loop.call_soon_threadsafe(started.set)
-        await asyncio.sleep(1.5)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
-        await writer.drain()
-        writer.close()
-
-    async def serve() -> tuple[asyncio.Server, int]:
-        server = await asyncio.start_server(slow, "127.0.0.1", 0)
-        return server, int(server.sockets[0].getsockname()[1])
-    server, port = loop.run(serve())
+    server, port = start_slow_upstream(loop, started.set)
     pp = start_proxy(devpki, port, tmp_path)
     result: dict[str, object] = {}
 

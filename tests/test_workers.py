@@ -7,7 +7,6 @@ supervisor resolves once for all workers.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import http.client
 import json
@@ -32,7 +31,7 @@ from mtlsproxy.config import ConfigError, cpu_count, parse_config
 from mtlsproxy.echo import start_echo
 from mtlsproxy.pki import DevPKI, write_dev_pki
 from mtlsproxy.workers import ADMIN, WorkerSettings
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, start_slow_upstream
 
 
 @pytest.fixture(scope="module")
@@ -238,19 +237,7 @@ def test_tls_sessions_resume_on_whichever_worker_takes_the_connection(
 def test_sigterm_drains_every_worker_then_exits_0(devpki: DevPKI, tmp_path: Path) -> None:
     loop = LoopThread("uvloop")
     arrived = threading.Semaphore(0)
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        loop.loop.call_soon_threadsafe(arrived.release)
-        await asyncio.sleep(1.5)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
-        await writer.drain()
-        writer.close()
-
-    async def serve() -> tuple[asyncio.Server, int]:
-        server = await asyncio.start_server(slow, "127.0.0.1", 0)
-        return server, int(server.sockets[0].getsockname()[1])
-    server, port = loop.run(serve())
+    server, port = start_slow_upstream(loop, arrived.release)
     w = start_workers(devpki, port, tmp_path)
     results: list[tuple[int, bytes]] = []
 

@@ -195,7 +195,8 @@ def _self_signed() -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
-def _resumption_check() -> None:
+def _self_test_contexts(count: int) -> tuple[list[ssl.SSLContext], ssl.SSLContext]:
+    """``count`` TLS 1.3 server contexts with one throwaway certificate, and a client."""
     cert, key = _self_signed()
     with tempfile.TemporaryDirectory() as tmp:
         cert_file, key_file = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
@@ -203,16 +204,20 @@ def _resumption_check() -> None:
             fh.write(cert)
         with open(key_file, "wb") as fh:
             fh.write(key)
-
-        def server() -> ssl.SSLContext:
+        servers = []
+        for _ in range(count):
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.load_cert_chain(cert_file, key_file)
-            return ctx
-        a, b, other = server(), server(), server()
-    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_ctx.check_hostname = False
-    client_ctx.verify_mode = ssl.CERT_NONE
+            servers.append(ctx)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return servers, client
+
+
+def _resumption_check() -> None:
+    (a, b, other), client_ctx = _self_test_contexts(3)
     secret = os.urandom(32)
     _install(a, derive_keys(secret, "self-test"))
     _install(b, derive_keys(secret, "self-test"))
@@ -279,20 +284,8 @@ def skip_ticket_on_resumption(sslobj: ssl.SSLObject) -> bool:
 
 
 def _no_ticket_check() -> None:
-    cert, key = _self_signed()
-    with tempfile.TemporaryDirectory() as tmp:
-        cert_file, key_file = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
-        with open(cert_file, "wb") as fh:
-            fh.write(cert)
-        with open(key_file, "wb") as fh:
-            fh.write(key)
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.minimum_version = ssl.TLSVersion.TLSv1_3
-        server.num_tickets = 1
-        server.load_cert_chain(cert_file, key_file)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
+    (server,), client = _self_test_contexts(1)
+    server.num_tickets = 1
     session = _connect(server, client, None).session
     if ticket_bytes_after_resumption(server, client, session, skip=False) == 0:
         raise RuntimeError("a resumption without the setting sent no ticket")
