@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from mtlsproxy.config import load_config
 from mtlsproxy.echo import start_echo
+from mtlsproxy.pki import DevPKI, write_dev_pki
 from mtlsproxy.server import ProxyServer
 
 T = TypeVar("T")
@@ -481,3 +482,21 @@ def proxy(harness_for: Callable[[str], Harness], parser_kind: str, loop_kind: st
     h = harness_for(loop_kind)
     h.start(parser=parser_kind)
     return h
+
+
+# -- the CLI process tests (test_process.py, test_workers.py) ------------------------------
+
+@pytest.fixture(scope="module")
+def devpki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
+    """The PKI ``mtlsproxy dev-pki`` writes, as users get it."""
+    return write_dev_pki(tmp_path_factory.mktemp("devpki"))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[LoopThread, int]]:
+    """An echo upstream on its own loop thread: (loop, port)."""
+    loop = LoopThread("uvloop")
+    echo = loop.run(start_echo())
+    yield loop, int(echo.sockets[0].getsockname()[1])
+    loop.call(echo.close)
+    loop.stop()

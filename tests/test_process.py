@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mtlsproxy.echo import start_echo
-from mtlsproxy.pki import DevPKI, make_leaf, write_dev_pki
+from mtlsproxy.pki import DevPKI, make_leaf
 from tests.conftest import LoopThread, make_cert, start_slow_upstream
 
 MiB = 1024 * 1024
@@ -55,18 +54,6 @@ class ProxyProcess:
         raise AssertionError("no VmHWM")
 
 
-@pytest.fixture(scope="module")
-def devpki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
-    return write_dev_pki(tmp_path_factory.mktemp("devpki"))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[tuple[LoopThread, int]]:
-    loop = LoopThread("uvloop")
-    echo = loop.run(start_echo())
-    yield loop, int(echo.sockets[0].getsockname()[1])
-    loop.call(echo.close)
-    loop.stop()
 
 
 def start_proxy(devpki: DevPKI, upstream_port: int, tmp: Path,

@@ -28,24 +28,9 @@ import pytest
 import yaml
 
 from mtlsproxy.config import ConfigError, cpu_count, parse_config
-from mtlsproxy.echo import start_echo
-from mtlsproxy.pki import DevPKI, write_dev_pki
+from mtlsproxy.pki import DevPKI
 from mtlsproxy.workers import ADMIN, WorkerSettings
 from tests.conftest import LoopThread, start_slow_upstream
-
-
-@pytest.fixture(scope="module")
-def devpki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
-    return write_dev_pki(tmp_path_factory.mktemp("devpki"))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[tuple[LoopThread, int]]:
-    loop = LoopThread("uvloop")
-    echo = loop.run(start_echo())
-    yield loop, int(echo.sockets[0].getsockname()[1])
-    loop.call(echo.close)
-    loop.stop()
 
 
 class Workers:
