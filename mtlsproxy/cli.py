@@ -76,17 +76,23 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if config is None:
-        return 2
+def _load_problems(config: Config) -> list[str]:
+    """Truststores and server certificates, loaded as ``run`` would load them."""
     from mtlsproxy.truststore.holder import load_generation
     problems = []
     for i, lc in enumerate(config.listeners):
         try:
-            load_generation(lc)  # truststore and server certificates, as run would load them
+            load_generation(lc)
         except TruststoreError as exc:
             problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
+    return problems
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    problems = _load_problems(config)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -104,6 +110,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if worker is None and not admin_is_loopback(config):
         log.warning("admin listener is not on loopback: /metrics and /truststore are exposed")
     if worker is None and config.workers > 1:
+        # Fail here, once and naming the key, rather than in N workers and a restart loop.
+        problems = _load_problems(config)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            return 2
         try:
             return Supervisor(config, str(_config_path(args)), config.workers).run()
         except OSError as exc:

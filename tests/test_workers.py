@@ -261,3 +261,46 @@ def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(
     workers.wait_log(r"listener public on", 3)  # the new worker bound the shared port
     ctx = client_ctx(devpki)
     assert all(one_request(workers.port, ctx)[0] == 200 for _ in range(20))
+
+
+def test_a_bad_truststore_stops_the_supervisor_before_any_worker_starts(
+        devpki: DevPKI, tmp_path: Path) -> None:
+    config = {"workers": 2, "listeners": [{
+        "name": "public", "address": "127.0.0.1:0",
+        "tls": {"certificates": [{"cert_file": str(devpki.server_cert),
+                                  "key_file": str(devpki.server_key)}]},
+        "mutual_tls": {"truststore_uri": str(tmp_path / "missing.pem")},
+        "routes": [{"path_prefix": "/", "upstream": "http://127.0.0.1:1"}]}]}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "mtlsproxy", "run", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith("listeners[0].mutual_tls.truststore_uri: ")
+    assert "worker" not in out.stderr
+
+
+def test_sighup_reloads_every_worker(devpki: DevPKI, workers: Workers) -> None:
+    def applied() -> float:
+        text = workers.metrics()
+        if "mtlsproxy_config_reloads_total{" not in text:
+            return 0.0  # no reload counted yet: the series appears with the first one
+        return metric(text, "mtlsproxy_config_reloads_total", result="applied")
+    assert applied() == 0
+    workers.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and applied() < 2:
+        time.sleep(0.1)
+    assert applied() == 2  # one per worker, summed across both
+
+
+def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(
+        devpki: DevPKI, workers: Workers) -> None:
+    from mtlsproxy.workers import MAX_RESTARTS
+    for kill in range(MAX_RESTARTS + 1):
+        pid = workers.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        if kill < MAX_RESTARTS:
+            workers.wait_log(r"worker 0 started \(pid \d+\)", kill + 2)
+    assert workers.proc.wait(30) == 1
+    assert "workers keep dying: stopping" in workers.log()
