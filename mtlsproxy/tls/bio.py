@@ -317,14 +317,7 @@ class TLSConnection(asyncio.Protocol):
     def verified_chain_der(self) -> list[bytes] | None:
         """Leaf first, root last; None on a resumed session (OpenSSL keeps no chain)."""
         assert self.sslobj is not None
-        getter = getattr(self.sslobj, "get_verified_chain", None)
-        if getter is None:
-            # Public from Python 3.13; present but private in 3.11 and 3.12.
-            getter = self.sslobj._sslobj.get_verified_chain  # type: ignore[attr-defined]
-        chain = getter()
-        if not chain:
-            return None
-        return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+        return native.verified_chain_der(self.sslobj)
 
     @property
     def session_reused(self) -> bool:

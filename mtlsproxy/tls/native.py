@@ -1,5 +1,5 @@
 """The one module that reaches below Python's ``ssl`` API: shared TLS session-ticket keys,
-and no new ticket after a resumption.
+no new ticket after a resumption, and the verified chain (private before Python 3.13).
 
 Why: worker processes each build their own ``SSLContext``; OpenSSL gives every context
 random ticket keys, so a client whose resumed connection lands on another worker (the
@@ -324,3 +324,18 @@ def ticket_bytes_after_resumption(server_ctx: ssl.SSLContext, client_ctx: ssl.SS
 def status() -> tuple[bool | None, str]:
     """(self-test result or None if not run yet, failure reason)."""
     return _status, _reason
+
+
+# -- the verified chain -------------------------------------------------------------------
+
+def verified_chain_der(sslobj: ssl.SSLObject) -> list[bytes] | None:
+    """The chain OpenSSL verified, leaf first, as DER; None on a resumed session (OpenSSL
+    keeps no chain then). Public as ``get_verified_chain`` from Python 3.13; present but
+    private on ``_sslobj`` in 3.11 and 3.12."""
+    getter = getattr(sslobj, "get_verified_chain", None)
+    if getter is None:
+        getter = sslobj._sslobj.get_verified_chain  # type: ignore[attr-defined]
+    chain = getter()
+    if not chain:
+        return None
+    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
