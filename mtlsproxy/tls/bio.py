@@ -78,7 +78,6 @@ class TLSConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self._resumption_seen = False
 
     def __repr__(self) -> str:
         return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
@@ -172,11 +171,6 @@ class TLSConnection(asyncio.Protocol):
         try:
             self.sslobj.do_handshake()
         except ssl.SSLWantReadError:
-            if not self._resumption_seen and self.sslobj.session_reused:
-                # The ClientHello's ticket was accepted: its holder needs no new one
-                # (tls/native.py: a ticket costs as much as the rest of the handshake).
-                self._resumption_seen = True
-                native.skip_ticket_on_resumption(self.sslobj)
             self._flush()
             return
         except (ssl.SSLError, OSError) as exc:

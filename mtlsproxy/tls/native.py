@@ -1,5 +1,5 @@
-"""The one module that reaches below Python's ``ssl`` API: shared TLS session-ticket keys,
-no new ticket after a resumption, and the verified chain (private before Python 3.13).
+"""The one module that reaches below Python's ``ssl`` API: shared TLS session-ticket keys
+and the verified chain (private before Python 3.13).
 
 Why: worker processes each build their own ``SSLContext``; OpenSSL gives every context
 random ticket keys, so a client whose resumed connection lands on another worker (the
@@ -23,16 +23,6 @@ Rules of this module:
   names the listener and the truststore's SHA-256: they rotate with every truststore
   change, so a ticket never outlives the truststore that validated its certificate.
 
-No new ticket after a resumption: issuing a TLS 1.3 ticket costs ~0.4 ms here (OpenSSL 3.0
-encodes the session with the client certificate, decodes it and encodes it again), as
-much as the rest of a resumed handshake. A full handshake issues one ticket
-(``SSLContext.num_tickets = 1``); a resumed one issues none (``SSL_set_num_tickets(ssl, 0)``
-once the ClientHello's ticket was accepted, before the client's Finished), and the client
-keeps using the ticket it has: OpenSSL's stateless tickets may be reused until they
-expire (clients with single-use tickets fall back to a full handshake every other time).
-The ``SSL *`` is read from CPython's ``_ssl._SSLSocket`` (after PyObject_HEAD and the
-socket weakref); ``no_ticket_self_test`` checks it against ``SSL_get_SSL_CTX`` and reads
-the value back; on any failure tickets stay at the context's count, with one log line.
 """
 
 from __future__ import annotations
@@ -69,15 +59,6 @@ class _Lib:
         self.get_options = lib.SSL_CTX_get_options
         self.get_options.argtypes = [ctypes.c_void_p]
         self.get_options.restype = ctypes.c_uint64
-        self.get_ssl_ctx = lib.SSL_get_SSL_CTX
-        self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
-        self.get_ssl_ctx.restype = ctypes.c_void_p
-        self.set_num_tickets = lib.SSL_set_num_tickets
-        self.set_num_tickets.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.set_num_tickets.restype = ctypes.c_int
-        self.get_num_tickets = lib.SSL_get_num_tickets
-        self.get_num_tickets.argtypes = [ctypes.c_void_p]
-        self.get_num_tickets.restype = ctypes.c_size_t
 
 
 _lib: _Lib | None = None
@@ -230,95 +211,6 @@ def _resumption_check() -> None:
         raise RuntimeError("a context with the same keys did not resume the session")
     if _connect(other, client_ctx, session).session_reused:
         raise RuntimeError("a context with other keys resumed the session")
-
-
-# -- no new ticket after a resumption ---------------------------------------------------
-
-_SSL_OFFSET = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)  # after the weakref
-_no_ticket: bool | None = None
-_no_ticket_reason = ""
-
-
-def _ssl_pointer(sslobj: ssl.SSLObject) -> int:
-    inner = sslobj._sslobj  # type: ignore[attr-defined]
-    ptr = ctypes.c_void_p.from_address(id(inner) + _SSL_OFFSET).value
-    if not ptr:
-        raise RuntimeError("no SSL pointer where CPython keeps it")
-    assert _lib is not None
-    if _lib.get_ssl_ctx(ptr) != _ctx_pointer(sslobj.context):
-        raise RuntimeError("SSL pointer check failed (SSL_get_SSL_CTX differs)")
-    return int(ptr)
-
-
-def _set_no_ticket(sslobj: ssl.SSLObject) -> None:
-    assert _lib is not None
-    ptr = _ssl_pointer(sslobj)
-    if _lib.set_num_tickets(ptr, 0) != 1 or _lib.get_num_tickets(ptr) != 0:
-        raise RuntimeError("SSL_set_num_tickets did not take")
-
-
-def no_ticket_available() -> bool:
-    """Run the self-test once per process; True when resumptions can skip the ticket."""
-    global _no_ticket, _no_ticket_reason, _lib
-    with _lock:
-        if _no_ticket is None:
-            try:
-                if _lib is None:
-                    _lib = _Lib()
-                _no_ticket_check()
-                _no_ticket = True
-            except Exception as exc:  # any failure: leave OpenSSL alone
-                _no_ticket, _no_ticket_reason = False, f"{type(exc).__name__}: {exc}"
-                log.warning("resumed TLS sessions will get new tickets (self-test failed: "
-                            "%s)", _no_ticket_reason)
-        return _no_ticket
-
-
-def skip_ticket_on_resumption(sslobj: ssl.SSLObject) -> bool:
-    """Call between a server's do_handshake calls once ``sslobj.session_reused`` is true:
-    no new ticket is sent. False when not applied (self-test failed)."""
-    if not no_ticket_available():
-        return False
-    _set_no_ticket(sslobj)
-    return True
-
-
-def _no_ticket_check() -> None:
-    (server,), client = _self_test_contexts(1)
-    server.num_tickets = 1
-    session = _connect(server, client, None).session
-    if ticket_bytes_after_resumption(server, client, session, skip=False) == 0:
-        raise RuntimeError("a resumption without the setting sent no ticket")
-    if ticket_bytes_after_resumption(server, client, session, skip=True) != 0:
-        raise RuntimeError("a resumption with SSL_set_num_tickets(0) still sent a ticket")
-
-
-def ticket_bytes_after_resumption(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
-                                  session: Any, skip: bool) -> int:
-    """Resume ``session``; the bytes the server sends after its last handshake step (its
-    NewSessionTicket records). ``skip``: apply ``_set_no_ticket`` as TLSConnection does."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    try:
-        client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    s_in.write(c_out.read())
-    try:
-        server.do_handshake()
-        raise RuntimeError("the server finished before the client's Finished")
-    except ssl.SSLWantReadError:
-        pass
-    if not server.session_reused:
-        raise RuntimeError("the session was not resumed")
-    if skip:
-        _set_no_ticket(server)
-    c_in.write(s_out.read())
-    client.do_handshake()
-    s_in.write(c_out.read())
-    server.do_handshake()
-    return s_out.pending
 
 
 def status() -> tuple[bool | None, str]:
