@@ -77,7 +77,8 @@ def _load(args: argparse.Namespace) -> Config | None:
 
 
 def _load_problems(config: Config) -> list[str]:
-    """Truststores and server certificates, loaded as ``run`` would load them."""
+    """Truststores and server certificates, loaded as ``run`` would load them; each
+    problem is printed (naming its key) and returned."""
     from mtlsproxy.truststore.holder import load_generation
     problems = []
     for i, lc in enumerate(config.listeners):
@@ -85,6 +86,8 @@ def _load_problems(config: Config) -> list[str]:
             load_generation(lc)
         except TruststoreError as exc:
             problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
+    for p in problems:
+        print(p, file=sys.stderr)
     return problems
 
 
@@ -92,10 +95,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 2
-    problems = _load_problems(config)
-    for p in problems:
-        print(p, file=sys.stderr)
-    if problems:
+    if _load_problems(config):
         return 2
     print(f"config ok: {len(config.listeners)} listener(s)")
     return 0
@@ -111,10 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("admin listener is not on loopback: /metrics and /truststore are exposed")
     if worker is None and config.workers > 1:
         # Fail here, once and naming the key, rather than in N workers and a restart loop.
-        problems = _load_problems(config)
-        for p in problems:
-            print(p, file=sys.stderr)
-        if problems:
+        if _load_problems(config):
             return 2
         try:
             return Supervisor(config, str(_config_path(args)), config.workers).run()
@@ -122,9 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: cannot listen: {exc}", file=sys.stderr)
             return 1
     from mtlsproxy.server import ProxyServer
-    from mtlsproxy.tls import native as ticket_keys
+    from mtlsproxy.tls import native
     if worker is not None:
-        ticket_keys.use_secret(worker.read_secret())
+        native.use_secret(worker.read_secret())
     try:
         server = ProxyServer(config, worker=worker)
     except TruststoreError as exc:

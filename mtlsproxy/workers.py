@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -203,7 +204,6 @@ class Supervisor:
                 os.close(fd)
 
     def _poll_ready(self) -> None:
-        import select
         if not self._ready_pipes:
             return
         readable, _, _ = select.select(list(self._ready_pipes), [], [], 0)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from mtlsproxy.config import CertificateConfig, TLSConfig
-from mtlsproxy.tls import native as ticket_keys
+from mtlsproxy.tls import native
 from mtlsproxy.truststore.bundle import parse_bundle
 from mtlsproxy.truststore.context import build_server_contexts
 from tests.conftest import PKI, make_cert
@@ -18,9 +18,9 @@ from tests.conftest import PKI, make_cert
 
 @pytest.fixture
 def shared() -> Iterator[None]:
-    assert ticket_keys.use_secret(b"k" * 32)
+    assert native.use_secret(b"k" * 32)
     yield
-    ticket_keys.use_secret(None)
+    native.use_secret(None)
 
 
 def client(pki: PKI) -> ssl.SSLContext:
@@ -38,22 +38,22 @@ def contexts(pki: PKI, listener: str, truststore: bytes) -> ssl.SSLContext:
 
 def resumes(pki: PKI, first: ssl.SSLContext, second: ssl.SSLContext) -> bool:
     ctx = client(pki)  # a session resumes only from the client context that made it
-    session = ticket_keys._connect(first, ctx, None).session
+    session = native._connect(first, ctx, None).session
     assert session is not None
-    return bool(ticket_keys._connect(second, ctx, session).session_reused)
+    return bool(native._connect(second, ctx, session).session_reused)
 
 
 def test_the_self_test_passes_on_this_python_and_openssl() -> None:
-    assert ticket_keys.available()
-    assert ticket_keys.status() == (True, "")
+    assert native.available()
+    assert native.status() == (True, "")
 
 
 def test_keys_are_derived_per_label_and_secret() -> None:
-    a = ticket_keys.derive_keys(b"s" * 32, "public|abc")
+    a = native.derive_keys(b"s" * 32, "public|abc")
     assert len(a) == 80
-    assert a == ticket_keys.derive_keys(b"s" * 32, "public|abc")
-    assert a != ticket_keys.derive_keys(b"s" * 32, "public|abd")
-    assert a != ticket_keys.derive_keys(b"t" * 32, "public|abc")
+    assert a == native.derive_keys(b"s" * 32, "public|abc")
+    assert a != native.derive_keys(b"s" * 32, "public|abd")
+    assert a != native.derive_keys(b"t" * 32, "public|abc")
 
 
 def test_contexts_built_apart_for_one_truststore_resume_each_other(pki: PKI,
@@ -78,18 +78,18 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> None:
         raise RuntimeError("SSL_CTX pointer check failed (options differ)")
-    monkeypatch.setattr(ticket_keys, "_status", None)
-    monkeypatch.setattr(ticket_keys, "_resumption_check", broken)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_resumption_check", broken)
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
-        assert not ticket_keys.use_secret(b"k" * 32)
-        assert not ticket_keys.available()
+        assert not native.use_secret(b"k" * 32)
+        assert not native.available()
     assert [r.getMessage() for r in caplog.records] == [
         "shared TLS ticket keys disabled (self-test failed: RuntimeError: SSL_CTX pointer "
         "check failed (options differ)); each worker keeps its own keys, so resumption "
         "across workers is lost"]
     store = pki.truststore.read_bytes()
     assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
-    monkeypatch.setattr(ticket_keys, "_status", None)  # the next test runs the real check
+    monkeypatch.setattr(native, "_status", None)  # the next test runs the real check
 
 
 def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> None:
@@ -102,7 +102,7 @@ def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> No
     tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
     ctx = build_server_contexts(tls, bundle, "public").default
     assert len(ctx.get_ca_certs()) == len(bundle.certs) == 82
-    conn = ticket_keys._connect(ctx, client(pki), None)
+    conn = native._connect(ctx, client(pki), None)
     assert conn.getpeercert() is not None  # the handshake with our client certificate passed
 
 

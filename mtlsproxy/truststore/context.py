@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import TLSConfig
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.tls import native as ticket_keys
+from mtlsproxy.tls import native
 from mtlsproxy.truststore.bundle import TrustBundle
 
 
@@ -111,7 +111,7 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
     label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
     for i, cert in enumerate(tls.certificates):
         ctx = _new_context(tls, bundle)
-        ticket_keys.apply(ctx, label)
+        native.apply(ctx, label)
         try:
             ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
             names = _names(str(cert.cert_file))
