@@ -2,8 +2,17 @@
 
 Rules of this module:
 - The TLS protocol pushes plaintext into ``plaintext_received``; parsing happens there
-  (sans-IO parser) and events queue in an ``Inbox`` with back-pressure. One task per
-  connection (``run``) consumes them, one request at a time.
+  (sans-IO parser).
+- The fast path (a keep-alive proxy's common case: a bodyless request, a route with no
+  authorizer and no OCSP, a current verdict, an idle pooled upstream connection, and a
+  response that arrives whole) runs entirely in protocol callbacks: no task, no future,
+  one write each way. Anything else - and anything unexpected on the way - goes to the
+  general path: events queue in an ``Inbox`` with back-pressure and a task (``run``)
+  consumes them one request at a time. A fast exchange that cannot finish in callbacks
+  hands its state to that task (``_Fast``), which continues it with the general code
+  (retry on a dead pooled connection, streaming, timeouts, error responses).
+- Between requests no task exists: the session is "parked" with a deadline that the
+  listener's ticker enforces (request_headers for the first request, then idle).
 - Identity comes only from the TLS layer (``Verdict``); the certificate headers a client
   sends are always dropped (``wire.upstream_request_head``).
 - Before the response head is sent, every failure becomes a small JSON error
@@ -42,6 +51,20 @@ class _ClientGone(Exception):
     """The client connection closed while we were writing to it."""
 
 
+class _Fast:
+    """A request forwarded from callbacks, waiting for its response."""
+
+    __slots__ = ("req", "upstream", "route_name", "up", "head", "start")
+
+    def __init__(self, req: Request, upstream: Upstream, route_name: str,
+                 up: UpstreamConnection, head: bytes, start: float) -> None:
+        self.req, self.upstream, self.route_name = req, upstream, route_name
+        self.up, self.head, self.start = up, head, start
+
+
+_PARK = object()  # _next_request: nothing queued; return to callback mode
+
+
 class ProxySession:
     def __init__(self, rt: ListenerRuntime, conn: TLSConnection) -> None:
         self.rt = rt
@@ -50,8 +73,10 @@ class ProxySession:
         self.verdict: Verdict | None = None
         self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes)
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # only while the general path runs
+        self.fast: _Fast | None = None  # a fast exchange in flight
         self.idle = False  # waiting for a request head (drain may close it)
+        self.served = 0
         # Hot-path timeouts are deadlines checked by the listener's ticker (one float store
         # per wait) rather than an asyncio.timeout (a timer handle per wait).
         self.deadline = 0.0
@@ -89,7 +114,7 @@ class ProxySession:
         reason = self.verdict.reason_at(rt.clock())
         if reason is not None:
             self._count_refusal(reason)
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self._park()
 
     def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None:
         self.rt.count_handshake_failure(reason, conn.peername[0], exc)
@@ -109,18 +134,175 @@ class ProxySession:
             self._parse_failed = True
             self.conn.pause_reading()
             self.inbox.fail(exc)
+            self._wake()
             return
-        if events:
-            self.inbox.put(events)
+        if not events:
+            return
+        if (self.idle and self.task is None and len(events) == 2
+                and type(events[0]) is Request and type(events[1]) is EndOfMessage
+                and not events[0].has_body and not self.inbox.pending()
+                and self._try_fast(events[0])):
+            return
+        self.inbox.put(events)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Events or an error queued: the general path takes them (unless a fast exchange
+        is in flight: its end checks the inbox)."""
+        if self.task is None and self.fast is None and self.idle:
+            self._start_task(None)
+
+    def _start_task(self, fast: _Fast | None) -> None:
+        self.idle = False
+        self.deadline = 0.0
+        self.task = asyncio.get_running_loop().create_task(self.run(fast))
+
+    def _park(self) -> None:
+        """No request pending: wait in callback mode under the ticker's deadline."""
+        rt = self.rt
+        if self.inbox.pending() or self.inbox.failed is not None:
+            self.idle = True
+            self._start_task(None)
+            return
+        if rt.draining:
+            self.conn.close()
+            return
+        self.idle = True
+        self._head_bytes_seen = False
+        timeouts = rt.config.timeouts
+        self.deadline = rt.loop_time() + (timeouts.idle if self.served
+                                          else timeouts.request_headers)
+
+    def on_drain(self) -> None:
+        """The listener drains: an idle connection closes now, a busy one after its
+        response (``keep`` is false while draining)."""
+        if not self.idle:
+            return
+        if self.task is None:
+            self.conn.close()
+        else:
+            self.inbox.fail(ConnectionClosed("draining"))
 
     def eof_received(self) -> None:
         self.inbox.fail(ConnectionClosed("client closed the connection"))
+        self._wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.inbox.fail(ConnectionClosed("client connection lost"))
+        fast, self.fast = self.fast, None
+        if fast is not None:
+            fast.up.direct = None
+            fast.up.close()
+            self._count_fast(fast, 499, 0)  # nginx's code for "client closed the request"
         if self.task is not None and not self.task.done() and not self.idle:
             self.task.cancel()
+        self.idle = False
+        self.deadline = 0.0
         self.rt.connection_closed(self)
+
+    # -- the fast path ------------------------------------------------------------------
+
+    def _try_fast(self, req: Request) -> bool:
+        """Forward ``req`` from this callback if nothing in it needs the general path."""
+        rt = self.rt
+        verdict = self.verdict
+        if (verdict is None or verdict.generation != rt.holder.current.number
+                or rt.ocsp is not None or rt.draining
+                or verdict.reason_at(rt.clock()) is not None):
+            return False
+        host = b""
+        for name, value in req.headers:
+            if name == b"host":
+                host = value
+                break
+        match = rt.router.match(host, req.target)
+        if match is None:
+            return False
+        route, target = match
+        # Rules decided before for this verdict only; a first decision (and its log line)
+        # belongs to the general path.
+        if route.authorizer is not None or (
+                route.allow is not None and verdict.authz.get(route) is not True):
+            return False
+        up = rt.pool.take_idle(route.upstream.key)
+        if up is None:
+            return False
+        head = wire.upstream_request_head(req, target, self.conn.peername[0], verdict.headers)
+        up.parser.expect(req.method)
+        try:
+            up.write(head)
+        except UpstreamError:
+            up.close()
+            return False
+        self.idle = False
+        self.fast = _Fast(req, route.upstream, route.name, up, head, rt.loop_time())
+        up.direct = self
+        self.deadline = self.fast.start + rt.config.timeouts.upstream_read
+        return True
+
+    def upstream_events(self, events: list[Event]) -> None:
+        """UpstreamConnection callback during a fast exchange."""
+        fast = self.fast
+        assert fast is not None
+        if (events and type(events[0]) is Response and type(events[-1]) is EndOfMessage
+                and events[0].status >= 200 and not fast.up.inbox.pending()):
+            self._finish_fast(fast, events)
+        else:
+            self._fast_to_task(fast, events, None)
+
+    def upstream_failed(self, exc: BaseException, events: list[Event]) -> None:
+        """UpstreamConnection callback: it closed or broke before a whole response."""
+        fast = self.fast
+        assert fast is not None
+        self._fast_to_task(fast, events, exc)
+
+    def _fast_to_task(self, fast: _Fast, events: list[Event],
+                      exc: BaseException | None) -> None:
+        fast.up.direct = None
+        self.fast = None
+        if events:
+            fast.up.inbox.put(events)
+        if exc is not None:
+            fast.up.inbox.fail(exc)
+        self._start_task(fast)
+
+    def _finish_fast(self, fast: _Fast, events: list[Event]) -> None:
+        rt = self.rt
+        req, up = fast.req, fast.up
+        resp = events[0]
+        assert isinstance(resp, Response)
+        up.direct = None
+        self.fast = None
+        self.deadline = 0.0
+        bodyless = req.method == b"HEAD" or resp.status in (204, 304)
+        http10 = req.http_version == b"1.0"
+        unframed = not bodyless and (resp.chunked or resp.close_delimited)
+        rechunk = unframed and not http10
+        keep = req.keep_alive and not rt.draining and not (unframed and http10)
+        parts = [wire.client_response_head(resp, rechunk, keep, http10)]
+        for ev in events[1:-1]:
+            if isinstance(ev, Data):
+                parts.append(wire.chunk(ev.data) if rechunk else ev.data)
+        if rechunk:
+            parts.append(wire.LAST_CHUNK)
+        data = b"".join(parts)
+        rt.pool.release(up, resp.keep_alive)
+        self.conn.write(data)  # one TLS record, one system call
+        self.served += 1
+        rt.fast_exchanges += 1
+        self._count_fast(fast, resp.status, len(data))
+        if not keep or self.conn.state is not TLSState.OPEN:
+            self.conn.close()
+        elif self.conn.write_paused:
+            self._start_task(None)  # the general path waits for the drain
+        else:
+            self._park()
+
+    def _count_fast(self, fast: _Fast, status: int, sent: int) -> None:
+        rt = self.rt
+        duration = rt.loop_time() - fast.start
+        rt.count_request(fast.route_name, status, duration)
+        rt.access(self, fast.req, status, sent, duration, fast.upstream.key)
 
     # -- the request loop ---------------------------------------------------------------
 
@@ -129,14 +311,23 @@ class ProxySession:
             self._refusal_counted = True
             self.rt.count_handshake_failure(reason, self.conn.peername[0], None)
 
-    async def run(self) -> None:
-        first = True
+    async def run(self, fast: _Fast | None = None) -> None:
+        """The general path: serve queued requests until none is left (then park in
+        callback mode again) or the connection ends. ``fast``: a fast exchange to finish."""
+        park = False
         try:
+            if fast is not None and not await self._serve(fast.req, fast):
+                return
             while self.conn.state is TLSState.OPEN:
-                request = await self._next_request(first)
+                if self.conn.write_paused:
+                    await self._drain_client()
+                request = await self._next_request()
                 if request is None:
                     break
-                first = False
+                if request is _PARK:
+                    park = True
+                    break
+                assert isinstance(request, Request)
                 if not await self._serve(request):
                     break
         except RemoteProtocolError as exc:
@@ -150,29 +341,26 @@ class ProxySession:
         except (ConnectionClosed, _ClientGone, asyncio.CancelledError):
             pass
         finally:
-            self.idle = False
-            self.conn.close()
+            self.task = None
+            if park and self.conn.state is TLSState.OPEN:
+                self._park()
+            else:
+                self.idle = False
+                self.conn.close()
 
-    async def _next_request(self, first: bool) -> Request | None:
-        """The next request head, or None when the client or a drain ends the connection."""
+    async def _next_request(self) -> Request | object | None:
+        """The next queued request head; _PARK when none is queued; None when the client
+        or a drain ends the connection."""
         ev = self.inbox.get_nowait()
         if ev is None:
             if self.rt.draining:
                 return None
-            timeouts = self.rt.config.timeouts
-            self._head_bytes_seen = False
-            self.idle = True
-            try:
-                ev = await self._get(self.inbox, timeouts.request_headers if first
-                                     else timeouts.idle)
-            except ConnectionClosed:
+            error = self.inbox.failed
+            if isinstance(error, ConnectionClosed):
                 return None
-            except TimeoutError:
-                if self._head_bytes_seen:
-                    raise
-                return None  # idle keep-alive connection: close quietly, like nginx
-            finally:
-                self.idle = False
+            if error is not None:
+                raise error
+            return _PARK
         if not isinstance(ev, Request):
             raise RemoteProtocolError("unexpected message data")
         if not ev.has_body:
@@ -198,26 +386,43 @@ class ProxySession:
 
     def on_tick(self, now: float) -> None:
         """Called by the listener's ticker: fire an expired deadline."""
-        if self.deadline and now >= self.deadline and self.waiting_on is not None:
+        if not self.deadline or now < self.deadline:
+            return
+        if self.waiting_on is not None:
             self.deadline = 0.0
             self.waiting_on.interrupt(TimeoutError())
+        elif self.fast is not None:
+            self.deadline = 0.0
+            self._fast_to_task(self.fast, [], UpstreamError("upstream read timed out",
+                                                            "timeout", 504))
+        elif self.task is None and self.idle:
+            self.deadline = 0.0
+            self.idle = False
+            if self._head_bytes_seen:  # a head started but did not finish in time
+                self._write_error(408, "request_timeout")
+                self.rt.count_request("", 408, 0.0)
+            self.conn.close()  # an idle keep-alive connection: quietly, like nginx
 
     def _write_error(self, status: int, reason: str, keep_alive: bool = False) -> int:
         data = wire.error_response(status, reason, keep_alive)
         self.conn.write(data)
         return len(data)
 
-    async def _serve(self, req: Request) -> bool:
-        """Answer one request; True when the connection may carry another."""
+    async def _serve(self, req: Request, fast: _Fast | None = None) -> bool:
+        """Answer one request; True when the connection may carry another. ``fast``: the
+        request already went upstream from the fast path; finish it here."""
         rt = self.rt
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        route_name = ""
+        start = loop.time() if fast is None else fast.start
+        route_name = "" if fast is None else fast.route_name
         status = 0
         sent = 0
-        upstream_key = "-"
+        upstream_key = "-" if fast is None else fast.upstream.key
         keep = False
         try:
+            if fast is not None:
+                status, sent, keep = await self._forward(req, fast.upstream, fast.head, fast)
+                return keep
             verdict = self.verdict
             assert verdict is not None
             if verdict.generation != rt.holder.current.number:
@@ -282,6 +487,7 @@ class ProxySession:
             sent = self._write_error(408, "request_timeout")
             return False
         finally:
+            self.served += 1
             duration = loop.time() - start
             if status == 0:
                 status = 499  # nginx's code for "client closed the request"
@@ -330,17 +536,21 @@ class ProxySession:
         self.verdict = verdict
         return verdict
 
-    async def _forward(self, req: Request, upstream: Upstream, head: bytes
-                       ) -> tuple[int, int, bool]:
-        """Send the request upstream and stream the response back: (status, bytes, keep)."""
+    async def _forward(self, req: Request, upstream: Upstream, head: bytes,
+                       fast: _Fast | None = None) -> tuple[int, int, bool]:
+        """Send the request upstream and stream the response back: (status, bytes, keep).
+        ``fast``: the head already went out on ``fast.up`` (a pooled connection)."""
         rt = self.rt
         timeouts = rt.config.timeouts
         if req.expect_continue and req.has_body:
             self.conn.write(wire.CONTINUE)
         for attempt in (0, 1):
-            up, reused = await rt.pool.acquire(upstream, timeouts.upstream_connect)
-            up.parser.expect(req.method)
-            up.write(head)
+            if fast is not None and attempt == 0:
+                up, reused = fast.up, True
+            else:
+                up, reused = await rt.pool.acquire(upstream, timeouts.upstream_connect)
+                up.parser.expect(req.method)
+                up.write(head)
             pump: asyncio.Task[None] | None = None
             if req.has_body:
                 pump = asyncio.get_running_loop().create_task(self._pump_body(req, up))
@@ -481,8 +691,11 @@ class ProxySession:
 
 
     async def _write_out(self, parts: list[bytes]) -> None:
+        self.conn.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        await self._drain_client()
+
+    async def _drain_client(self) -> None:
         conn = self.conn
-        conn.write(parts[0] if len(parts) == 1 else b"".join(parts))
         if conn.write_paused:
             try:
                 await conn.drain()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import cast
+from typing import Protocol, cast
 
 from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
 from mtlsproxy.flow import Inbox
 from mtlsproxy.http.parser import Event, ResponseParser
+
+
+class DirectHandler(Protocol):
+    def upstream_events(self, events: list[Event]) -> None: ...
+    def upstream_failed(self, exc: BaseException, events: list[Event]) -> None: ...
 
 
 class UpstreamState(enum.Enum):
@@ -39,6 +44,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # A fast exchange (http/proxy.py) takes events straight from the callbacks; when
+        # it is None they queue in ``inbox`` for a task.
+        self.direct: DirectHandler | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.key} {self.state.value} requests={self.requests}>"
@@ -56,25 +64,46 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the upstream is confused; this connection is not reusable.
             self.close()
             return
+        direct = self.direct
         try:
-            self.inbox.put(self.parser.feed(data))
+            events = self.parser.feed(data)
         except ProtocolError as exc:
-            self.inbox.fail(UpstreamError(str(exc), "protocol"))
+            error = UpstreamError(str(exc), "protocol")
+            if direct is not None:
+                direct.upstream_failed(error, [])
+            else:
+                self.inbox.fail(error)
             self.close()
+            return
+        if direct is not None:
+            direct.upstream_events(events)
+        else:
+            self.inbox.put(events)
 
     def eof_received(self) -> bool | None:
+        events: list[Event] = []
+        error: BaseException = ConnectionClosed("upstream closed the connection")
         if self.state is UpstreamState.ACTIVE:
             try:
-                self.inbox.put(self.parser.feed_eof())
+                events = self.parser.feed_eof()
             except ProtocolError as exc:
-                self.inbox.fail(UpstreamError(str(exc), "reset"))
-        self.inbox.fail(ConnectionClosed("upstream closed the connection"))
+                error = UpstreamError(str(exc), "reset")
+        self._ended(error, events)
         return False
+
+    def _ended(self, error: BaseException, events: list[Event]) -> None:
+        direct, self.direct = self.direct, None
+        if direct is not None:
+            direct.upstream_failed(error, events)  # it queues both in the inbox
+        else:
+            if events:
+                self.inbox.put(events)
+            self.inbox.fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is not UpstreamState.CLOSED:
             self.state = UpstreamState.CLOSED
-        self.inbox.fail(ConnectionClosed("upstream connection lost"))
+        self._ended(ConnectionClosed("upstream connection lost"), [])
         self._wake(exc or ConnectionResetError("upstream connection lost"))
 
     def pause_writing(self) -> None:

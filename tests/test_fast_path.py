@@ -1,0 +1,182 @@
+"""The callback fast path (http/proxy.py) and each of its hand-offs to the general path.
+
+A request takes the fast path when it is bodyless, its verdict is current, its route has
+no authorizer, and an idle pooled upstream connection is there: in these tests, the
+second and later requests of a keep-alive connection. Everything the fast path cannot
+finish from callbacks (a response in pieces, a silent or dying upstream, a client that
+leaves, a drain) must end exactly as on the general path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from tests.conftest import Harness, wait_for
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def scripted(h: Harness, *answers: object) -> int:
+    """An upstream whose Nth request on a connection gets answers[N] (bytes, a list of
+    (bytes, delay) pieces, "silent", or "reset"); it counts requests per connection."""
+    h.upstream_requests = []  # type: ignore[attr-defined]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                h.upstream_requests.append(seen)  # type: ignore[attr-defined]
+                answer = answers[min(seen, len(answers) - 1)]
+                seen += 1
+                if answer == "silent":
+                    await asyncio.sleep(30)
+                elif answer == "reset":
+                    writer.transport.abort()
+                    return
+                elif isinstance(answer, bytes):
+                    writer.write(answer)
+                else:
+                    for piece, delay in answer:  # type: ignore[attr-defined]
+                        writer.write(piece)
+                        await writer.drain()
+                        await asyncio.sleep(delay)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+    return h.serve(handler)
+
+
+def fast_exchanges(h: Harness) -> int:
+    assert h.server is not None
+    return h.loop.call(lambda: h.server.listeners[0].fast_exchanges)  # type: ignore[union-attr]
+
+
+def test_later_requests_on_a_keep_alive_connection_take_the_fast_path(proxy: Harness) -> None:
+    conn = proxy.https()
+    for i in range(4):
+        conn.request("GET", f"/{i}")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["path"] == f"/{i}"
+    conn.close()
+    # The first request opened the upstream connection (general path); three were fast.
+    assert fast_exchanges(proxy) == 3
+    assert proxy.metric("mtlsproxy_requests_total", listener="public", route="/",
+                        code="200") == 4
+
+
+def test_fast_path_forwards_the_same_headers_as_the_general_path(proxy: Harness) -> None:
+    conn = proxy.https()
+    seen = []
+    for _ in range(2):
+        conn.request("GET", "/h", headers={"X-Forwarded-Client-Cert": "spoofed",
+                                           "Connection": "keep-alive, X-Hop", "X-Hop": "1"})
+        seen.append(json.loads(conn.getresponse().read())["headers"])
+    conn.close()
+    assert fast_exchanges(proxy) == 1
+    assert seen[0] == seen[1]
+    assert all(v != "spoofed" for _, v in seen[1]) and all(n != "x-hop" for n, _ in seen[1])
+
+
+def test_response_in_pieces_on_a_pooled_connection_is_streamed_whole(
+        unstarted: Harness) -> None:
+    h = unstarted
+    pieces = [(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0.1), (b"world", 0)]
+    port = scripted(h, OK, pieces)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("GET", "/a")
+    assert conn.getresponse().read() == b"ok"
+    conn.request("GET", "/b")
+    assert conn.getresponse().read() == b"helloworld"
+    conn.request("GET", "/c")  # and the connection still serves
+    assert conn.getresponse().read() == b"helloworld"
+    conn.close()
+
+
+def test_silent_upstream_on_a_pooled_connection_gets_504(unstarted: Harness) -> None:
+    h = unstarted
+    port = scripted(h, OK, "silent")
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}", timeouts={"upstream_read": 0.3}))
+    conn = h.https()
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 504 and json.loads(r.read())["reason"] == "upstream_timeout"
+    conn.close()
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="timeout") == 1
+
+
+def test_pooled_connection_reset_after_the_request_gets_502(unstarted: Harness) -> None:
+    h = unstarted
+    port = scripted(h, OK, "reset")
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    conn.request("GET", "/")
+    # The upstream took the request and died: as on a fresh connection (the general path),
+    # 502 and no second attempt, since the request may have been acted on.
+    r = conn.getresponse()
+    assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
+    conn.close()
+    assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/", code="502") == 1
+
+
+def test_client_leaving_during_a_fast_exchange_is_counted_499(unstarted: Harness) -> None:
+    h = unstarted
+    port = scripted(h, OK, "silent")
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    ctx = h.client_context()
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            first = b""
+            while not first.endswith(b"ok"):
+                first += t.recv(65536)
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            wait_for(lambda: len(h.upstream_requests) == 2)  # type: ignore[attr-defined]
+    wait_for(lambda: h.metric("mtlsproxy_requests_total", listener="public",
+                              route="/", code="499") == 1)
+    assert h.server is not None
+    wait_for(lambda: h.loop.call(lambda: not h.server.listeners[0].sessions))  # type: ignore[union-attr]
+
+
+def test_drain_during_a_fast_exchange_answers_it_then_closes(unstarted: Harness) -> None:
+    h = unstarted
+    slow = [(b"", 0.3), (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow", 0)]
+    port = scripted(h, OK, slow)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    conn.request("GET", "/")
+    wait_for(lambda: len(h.upstream_requests) == 2)  # type: ignore[attr-defined]
+    assert h.server is not None
+    h.loop.call(lambda: h.server.listeners[0].begin_drain())  # type: ignore[union-attr]
+    r = conn.getresponse()
+    assert r.status == 200 and r.read() == b"slow"
+    assert r.getheader("connection") == "close"
+    conn.close()
+
+
+def test_idle_timeout_after_a_fast_exchange_closes_quietly(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(timeouts={"idle": 0.3}))
+    conn = h.https()
+    for _ in range(2):
+        conn.request("GET", "/")
+        conn.getresponse().read()
+    assert fast_exchanges(h) == 1
+    assert conn.sock is not None
+    conn.sock.settimeout(5)
+    try:
+        assert conn.sock.recv(10) == b""
+    finally:
+        conn.close()
