@@ -200,3 +200,15 @@ def test_interim_responses_are_reported_separately(kind: str) -> None:
 def test_request_parsers_are_the_named_implementations() -> None:
     assert isinstance(request_parser("httptools", 1024), HttptoolsRequestParser)
     assert isinstance(request_parser("h11", 1024), H11RequestParser)
+
+
+
+def test_connection_tokens_are_remembered_per_value_within_a_bound() -> None:
+    from mtlsproxy.http import parser
+    p = request_parser("httptools", 32768)
+    for i in range(600):  # values a client chooses must not grow memory without bound
+        events = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-%d\r\n\r\n"
+                        % i)
+        req = events[0]
+        assert isinstance(req, Request) and req.connection == {b"keep-alive", b"x-%d" % i}
+    assert len(parser._TOKENS_OF) <= 256

@@ -101,52 +101,53 @@ METHODS = frozenset({
 })
 
 
-@dataclass(slots=True)
-class _Scan:
-    """What framing and connection handling need from a head, found in one pass."""
-
-    connection: frozenset[bytes]
-    te: list[bytes]
-    cl: list[bytes]
-    hosts: int
-    expect_continue: bool
-
-
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_VALUES: tuple[bytes, ...] = ()
+# The names _scan looks at; every other header costs one set lookup.
+_FRAMING_NAMES = frozenset({b"host", b"content-length", b"connection", b"transfer-encoding",
+                            b"expect"})
+# Connection header value -> its tokens, lower-case. Peers send a handful of distinct
+# values ("keep-alive", "Keep-Alive", "close"); bounded, since clients choose them.
+_TOKENS_OF: dict[bytes, frozenset[bytes]] = {}
 
 
-def _scan(headers: Headers) -> _Scan:
-    connection: set[bytes] | None = None
-    te: list[bytes] = []
-    cl: list[bytes] = []
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
+    tokens = _TOKENS_OF.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",")) - {b""}
+        if len(_TOKENS_OF) < 256:
+            _TOKENS_OF[value] = tokens
+    return tokens
+
+
+def _scan(headers: Headers) -> tuple[frozenset[bytes], tuple[bytes, ...], tuple[bytes, ...],
+                                     int, bool]:
+    """What framing and connection handling need from a head, found in one pass:
+    (Connection tokens, Transfer-Encoding values, Content-Length values, Host count,
+    Expect: 100-continue)."""
+    connection = _NO_TOKENS
+    te = cl = _NO_VALUES
     hosts = 0
     expect = False
     for name, value in headers:
+        if name not in _FRAMING_NAMES:
+            continue
         if name == b"host":
             hosts += 1
         elif name == b"content-length":
-            cl.append(value)
+            cl += (value,)
         elif name == b"connection":
-            if connection is None:
-                connection = set()
-            connection.update(t.strip().lower() for t in value.split(b","))
+            connection = connection | _connection_tokens(value)
         elif name == b"transfer-encoding":
-            te.append(value)
-        elif name == b"expect":
+            te += (value,)
+        else:  # expect
             expect = expect or value.strip().lower() == b"100-continue"
-    tokens = frozenset(connection) - {b""} if connection else _NO_TOKENS
-    return _Scan(tokens, te, cl, hosts, expect)
+    return connection, te, cl, hosts, expect
 
 
-def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
-    if b"close" in tokens:
-        return False
-    return version == b"1.1" or b"keep-alive" in tokens
-
-
-def _framing(scan: _Scan, is_request: bool) -> tuple[bool, int | None]:
+def _framing(te: tuple[bytes, ...], cl: tuple[bytes, ...], is_request: bool
+             ) -> tuple[bool, int | None]:
     """(chunked, content_length) per RFC 9112 section 6, strictly."""
-    te, cl = scan.te, scan.cl
     if te and cl:
         raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
     if te:
@@ -185,11 +186,14 @@ def _check_raw_head(raw: bytes) -> None:
         raise RemoteProtocolError("NUL byte in message head")
 
 
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+
+
 def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
                   validated: bool = False) -> Request:
     """``validated``: the parser already refused bad header names and values (llhttp)."""
-    scan = _scan(headers)
-    if method == b"CONNECT" or b"upgrade" in scan.connection:
+    connection, te, cl, hosts, expect = _scan(headers)
+    if method == b"CONNECT" or b"upgrade" in connection:
         raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
     if method not in METHODS:
         raise RemoteProtocolError("unknown method", 501)
@@ -200,28 +204,30 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
     if not target or (target[:1] != b"/" and target != b"*" and not target.startswith(
             (b"http://", b"https://"))):
         raise RemoteProtocolError("invalid request target")
-    if any(c <= 0x20 or c == 0x7F for c in target):
+    if _BAD_TARGET.search(target):
         raise RemoteProtocolError("invalid byte in request target")
-    if scan.hosts > 1 or (version == b"1.1" and not scan.hosts):
+    if hosts > 1 or (version == b"1.1" and not hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
-    chunked, length = _framing(scan, True)
-    return Request(method, target, version, headers, _keep_alive(version, scan.connection),
-                   chunked, length, scan.expect_continue, scan.connection)
+    chunked, length = _framing(te, cl, True) if te or cl else (False, None)
+    keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
+    return Request(method, target, version, headers, keep, chunked, length, expect,
+                   connection)
 
 
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
                    method: bytes, validated: bool = False) -> Response:
     if not validated:
         _check_head(headers)
-    scan = _scan(headers)
+    connection, te, cl, _, _ = _scan(headers)
     no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
-    chunked, length = _framing(scan, False)
+    chunked, length = _framing(te, cl, False) if te or cl else (False, None)
     if no_body:
         chunked = False
     close_delimited = not no_body and not chunked and length is None
-    keep = _keep_alive(version, scan.connection) and not close_delimited
+    keep = (not close_delimited and b"close" not in connection
+            and (version == b"1.1" or b"keep-alive" in connection))
     return Response(status, reason, version, headers, keep, chunked, length, close_delimited,
-                    scan.connection)
+                    connection)
 
 
 # -- httptools (llhttp) -------------------------------------------------------------------
