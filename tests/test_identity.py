@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
 from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParser, Request
 from mtlsproxy.http.routing import Router
-from mtlsproxy.http.wire import error_response, upstream_request_head
+from mtlsproxy.http.wire import error_response, render_headers, upstream_request_head
 from mtlsproxy.identity.cache import ValidationCache, Verdict
 from mtlsproxy.identity.headers import is_spoofable, render, safe_value
 from mtlsproxy.identity.peer import read_identity
@@ -115,7 +115,8 @@ def test_upstream_head_drops_client_identity_and_reframes() -> None:
         b"x-client-cert-subject: CN=admin\r\nconnection: x-drop\r\nx-drop: 1\r\n"
         b"x-ok: 1\r\n\r\n")
     assert isinstance(req, Request)
-    head = upstream_request_head(req, b"/x", "127.0.0.9", [(b"Client-Cert", b":real:")])
+    head = upstream_request_head(req, b"/x", "127.0.0.9",
+                                 render_headers([(b"Client-Cert", b":real:")]))
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /x HTTP/1.1"
     assert b"client-cert: :x:" not in head and b"CN=admin" not in head and b"x-drop" not in head
@@ -290,3 +291,15 @@ def test_coalescing_cache_shares_one_call_and_never_hangs_waiters() -> None:
         await cache.get("d", compute)
         assert len(cache._cache) <= 2  # bounded
     asyncio.run(scenario())
+
+
+def test_header_actions_are_memoised_within_a_bound_and_still_applied() -> None:
+    from mtlsproxy.http import wire
+    parser = HttptoolsRequestParser()
+    for i in range(1500):  # names a client chooses must not grow memory without bound
+        (req, *_) = parser.feed(b"GET / HTTP/1.1\r\nhost: h\r\nx-n-%d: v\r\n"
+                                b"x-client-cert-subject: CN=admin\r\n\r\n" % i)
+        assert isinstance(req, Request)
+        head = upstream_request_head(req, b"/", "127.0.0.1", b"")
+        assert b"x-n-%d: v\r\n" % i in head and b"CN=admin" not in head
+    assert len(wire._REQUEST_ACTION) <= 1024

@@ -227,7 +227,8 @@ class ProxySession:
         up = rt.pool.take_idle(route.upstream.key)
         if up is None:
             return False
-        head = wire.upstream_request_head(req, target, self.conn.peername[0], verdict.headers)
+        head = wire.upstream_request_head(req, target, self.conn.peername[0],
+                                          verdict.header_block)
         up.parser.expect(req.method)
         try:
             up.write(head)
@@ -461,8 +462,9 @@ class ProxySession:
                     return keep
                 extra = decision.headers
             upstream_key = route.upstream.key
-            head = wire.upstream_request_head(req, target, self.conn.peername[0],
-                                              verdict.headers + extra)
+            block = verdict.header_block + wire.render_headers(extra) if extra \
+                else verdict.header_block
+            head = wire.upstream_request_head(req, target, self.conn.peername[0], block)
             status, sent, keep = await self._forward(req, route.upstream, head)
             return keep
         except _UpstreamAfterHead as exc:

@@ -28,45 +28,80 @@ REASONS = {
 }
 
 
+# What a head does with a header, by (lower-case) name. Memoised: the same few names come
+# on every request, and one dict lookup replaces five set tests and a prefix test. Bounded,
+# since clients choose names.
+_KEEP, _DROP, _XFF, _HOST, _EXPECT = range(5)
+_REQUEST_ACTION: dict[bytes, int] = {}
+_RESPONSE_DROP: dict[bytes, bool] = {}
+_MEMO_LIMIT = 1024
+
+
+def _request_action(name: bytes) -> int:
+    action = _REQUEST_ACTION.get(name)
+    if action is None:
+        if (name in HOP_BY_HOP or name in SPOOFABLE or name.startswith(DETAIL_PREFIX)
+                or name in _FORWARDED or name == b"content-length"):
+            action = _DROP
+        elif name == b"x-forwarded-for":
+            action = _XFF
+        elif name == b"host":
+            action = _HOST
+        elif name == b"expect":
+            action = _EXPECT
+        else:
+            action = _KEEP
+        if len(_REQUEST_ACTION) < _MEMO_LIMIT:
+            _REQUEST_ACTION[name] = action
+    return action
+
+
+def render_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Header lines, each ended by CRLF."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
-                          cert_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+                          cert_block: bytes) -> bytes:
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
-    X-Forwarded-* set, certificate headers added, framing rewritten."""
+    X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
+    see ``Verdict.header_block``), framing rewritten."""
     named = req.connection
-    out = [req.method, b" ", target, b" HTTP/1.1\r\n"]
-    xff: list[bytes] = []
+    lines = [req.method + b" " + target + b" HTTP/1.1"]
+    xff = b""
     host = b""
     for name, value in req.headers:
-        # is_spoofable() inlined: this loop runs for every header of every request.
-        if (name in HOP_BY_HOP or name in named or name in SPOOFABLE
-                or name.startswith(DETAIL_PREFIX)):
-            continue
-        if name == b"x-forwarded-for":
-            xff.append(value)
-            continue
-        if name in _FORWARDED or name == b"content-length":
-            continue
-        if name == b"expect" and req.expect_continue:
-            continue  # the proxy answered 100 Continue itself (as nginx does)
-        if name == b"host":
-            host = value
-        out += [name, b": ", value, b"\r\n"]
+        if named and name in named:
+            continue  # RFC 9110 section 7.6.1: the client made it hop-by-hop
+        action = _REQUEST_ACTION.get(name)
+        if action is None:
+            action = _request_action(name)
+        if action:
+            if action == _DROP:
+                continue
+            if action == _XFF:
+                xff = xff + value + b", " if xff else value + b", "
+                continue
+            if action == _EXPECT:
+                if req.expect_continue:
+                    continue  # the proxy answered 100 Continue itself (as nginx does)
+            else:  # _HOST
+                host = value
+        lines.append(name + b": " + value)
     if not host:
         host = b"localhost"
-        out += [b"host: ", host, b"\r\n"]
+        lines.append(b"host: localhost")
     # nginx's $proxy_add_x_forwarded_for: keep the chain, append the peer we saw.
-    xff.append(client_ip.encode())
-    out += [b"x-forwarded-for: ", b", ".join(xff), b"\r\n",
-            b"x-forwarded-proto: https\r\n",
-            b"x-forwarded-host: ", host, b"\r\n"]
-    for name, value in cert_headers:
-        out += [name, b": ", value, b"\r\n"]
+    lines.append(b"x-forwarded-for: " + xff + client_ip.encode())
+    lines.append(b"x-forwarded-proto: https")
+    lines.append(b"x-forwarded-host: " + host)
     if req.chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
+        framing = b"transfer-encoding: chunked\r\n"
     elif req.content_length is not None:
-        out += [b"content-length: ", str(req.content_length).encode(), b"\r\n"]
-    out.append(b"\r\n")
-    return b"".join(out)
+        framing = b"content-length: %d\r\n" % req.content_length
+    else:
+        framing = b""
+    return b"\r\n".join(lines) + b"\r\n" + cert_block + framing + b"\r\n"
 
 
 def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
@@ -77,21 +112,26 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
     """
     named = resp.connection
     reason = resp.reason or REASONS.get(resp.status, "").encode()
-    out = [b"HTTP/1.1 ", str(resp.status).encode(), b" ", reason, b"\r\n"]
+    lines = [b"HTTP/1.1 " + str(resp.status).encode() + b" " + reason]
+    drop_length = chunked or resp.chunked
     for name, value in resp.headers:
-        if name in HOP_BY_HOP or name in named:
+        drop = _RESPONSE_DROP.get(name)
+        if drop is None:
+            drop = name in HOP_BY_HOP
+            if len(_RESPONSE_DROP) < _MEMO_LIMIT:
+                _RESPONSE_DROP[name] = drop
+        if drop or (named and name in named) or (
+                drop_length and name == b"content-length"):
             continue
-        if name == b"content-length" and (chunked or resp.chunked):
-            continue
-        out += [name, b": ", value, b"\r\n"]
+        lines.append(name + b": " + value)
     if chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"transfer-encoding: chunked")
     if not keep_alive:
-        out.append(b"connection: close\r\n")
+        lines.append(b"connection: close")
     elif http10_client:
-        out.append(b"connection: keep-alive\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+        lines.append(b"connection: keep-alive")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 def chunk(data: bytes) -> bytes:

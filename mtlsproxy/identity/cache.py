@@ -29,6 +29,12 @@ class Verdict:
     valid_until: dt.datetime
     # Per-route authorization results, cached with the verdict (keyed by the route).
     authz: dict[Any, bool] = field(default_factory=dict, compare=False, repr=False)
+    # ``headers`` as the lines of a head, rendered once here instead of on every request.
+    header_block: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        block = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
+        object.__setattr__(self, "header_block", block)  # frozen: set once, here
 
     def reason_at(self, now: dt.datetime) -> str | None:
         """The refusal reason at ``now``: the cached one, or the clock's."""
