@@ -67,6 +67,9 @@ class _Refuse(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
+_CODES = {code: str(code) for code in range(100, 600)}
+
+
 class ListenerRuntime:
     def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
@@ -197,14 +200,20 @@ class ListenerRuntime:
         self.metrics.upstream_errors.labels(upstream, kind).inc()
 
     def count_request(self, route: str, status: int, duration: float) -> None:
+        counts = self.metrics.request_counts
+        if counts is not None:
+            counts.observe(self.name, route, _CODES.get(status) or str(status), duration)
+            return
         key = (route, status)
         counter = self._requests.get(key)
         if counter is None:
+            assert self.metrics.requests is not None
             counter = self._requests[key] = self.metrics.requests.labels(
                 self.name, route, str(status))
         counter.inc()
         hist = self._durations.get(route)
         if hist is None:
+            assert self.metrics.request_duration is not None
             hist = self._durations[route] = self.metrics.request_duration.labels(
                 self.name, route)
         hist.observe(duration)

@@ -51,7 +51,7 @@ class ProxyServer:
             config = worker.apply(config)
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, multiprocess=worker is not None)
         self.cache = ValidationCache()
         self.pool = UpstreamPool(config.parser)
         self.access_log = AccessLog(access_stream) if config.access_log else None

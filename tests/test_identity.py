@@ -231,8 +231,8 @@ def test_metric_names_are_the_public_ones() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.declare_listener("public")
-    metrics.requests.labels("public", "/", "200").inc()
-    metrics.request_duration.labels("public", "/").observe(0.01)
+    assert metrics.request_counts is not None
+    metrics.request_counts.observe("public", "/", "200", 0.01)
     metrics.upstream_errors.labels("u:1", "timeout").inc()
     names = {s.name for m in registry.collect() for s in m.samples}
     for name in ("mtlsproxy_tls_handshakes_total", "mtlsproxy_tls_handshake_failures_total",
@@ -303,3 +303,38 @@ def test_header_actions_are_memoised_within_a_bound_and_still_applied() -> None:
         head = upstream_request_head(req, b"/", "127.0.0.1", b"")
         assert b"x-n-%d: v\r\n" % i in head and b"CN=admin" not in head
     assert len(wire._REQUEST_ACTION) <= 1024
+
+
+def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None:
+    """The single-process request metrics are counted by hand (RequestCounts); their
+    samples must be exactly those of prometheus-client's Counter and Histogram."""
+    from prometheus_client import Counter, Histogram
+
+    from mtlsproxy.metrics import _BUCKETS
+    ours = CollectorRegistry()
+    metrics = Metrics(ours)
+    assert metrics.request_counts is not None and metrics.requests is None
+    theirs = CollectorRegistry()
+    counter = Counter("mtlsproxy_requests", "x", ["listener", "route", "code"], registry=theirs)
+    hist = Histogram("mtlsproxy_request_duration_seconds", "x", ["listener", "route"],
+                     buckets=_BUCKETS, registry=theirs)
+    durations = [0.0001, 0.0005, 0.00051, 0.001, 0.2, 0.5, 59.9, 60.0, 61.0, 1e9]
+    for i, d in enumerate(durations):
+        route, code = ("/" if i % 3 else "/api"), ("200" if i % 4 else "502")
+        metrics.request_counts.observe("public", route, code, d)
+        counter.labels("public", route, code).inc()
+        hist.labels("public", route).observe(d)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                     float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for m in registry.collect() for s in m.samples
+                if s.name.startswith("mtlsproxy_request") and not s.name.endswith("_created")}
+    expected = samples(theirs)
+    assert samples(ours) == expected and len(expected) == 2 * 2 + 2 * (len(_BUCKETS) + 3)
+
+
+def test_workers_count_requests_with_prometheus_clients_multiprocess_values() -> None:
+    metrics = Metrics(CollectorRegistry(), multiprocess=True)
+    assert metrics.request_counts is None
+    assert metrics.requests is not None and metrics.request_duration is not None
