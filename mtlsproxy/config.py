@@ -78,11 +78,11 @@ class Upstream:
     host: str
     port: int
     base_path: str
+    # The label used in metrics and logs, ``host:port``: a field, read on every request.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """The label used in metrics and logs: ``host:port``."""
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.host}:{self.port}")  # frozen: set once
 
 
 @dataclass(frozen=True)

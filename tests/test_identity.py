@@ -149,6 +149,27 @@ def test_host_specific_route_beats_a_generic_one_of_equal_length() -> None:
     assert match is not None and match[0].upstream.host == "u"
 
 
+@pytest.mark.parametrize("routes, host, target, upstream, new_target", [
+    ((_route("/"),), b"h", b"/x/y?q=1", "u", b"/x/y?q=1"),
+    ((_route("/", upstream="http://u:1/base"),), b"h", b"/x?q", "u", b"/base/x?q"),
+    ((_route("/api", strip=True, upstream="http://v:2/v1"), _route("/")), b"h", b"/api?q=1",
+     "v", b"/v1/?q=1"),
+    ((_route("/api", strip=True), _route("/")), b"h", b"/api/users/7?x=%20", "u",
+     b"/users/7?x=%20"),
+    ((_route("/api", upstream="http://v:2"), _route("/")), b"h", b"/apix", "u", b"/apix"),
+    ((_route("/api", host="a.test", upstream="http://v:2"), _route("/")), b"A.Test:8443",
+     b"/api/1", "v", b"/api/1"),
+    ((_route("/api", host="a.test", upstream="http://v:2"), _route("/")), b"", b"/api/1",
+     "u", b"/api/1"),
+])
+def test_routes_rewrite_the_target_by_prefix_base_path_and_host(
+        routes: tuple[RouteConfig, ...], host: bytes, target: bytes, upstream: str,
+        new_target: bytes) -> None:
+    match = Router(routes).match(host, target)
+    assert match is not None
+    assert match[0].upstream.host == upstream and match[1] == new_target
+
+
 def test_no_route_for_absolute_form_targets() -> None:
     assert Router((_route("/"),)).match(b"h", b"http://evil/") is None
 

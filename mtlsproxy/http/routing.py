@@ -14,25 +14,33 @@ class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         # Longest prefix first; host-specific before host-agnostic at equal length.
         self.routes = sorted(routes, key=lambda r: (-len(r.path_prefix), r.host is None))
+        # Matched as bytes (latin-1, as the target arrives), so a request decodes nothing.
+        self._compiled = [(r, r.host, r.path_prefix.encode("latin-1"),
+                           r.path_prefix.encode("latin-1") + b"/",
+                           r.strip_prefix and r.path_prefix != "/",
+                           r.upstream.base_path.encode("latin-1"))
+                          for r in self.routes]
 
     def match(self, host: bytes, target: bytes) -> tuple[RouteConfig, bytes] | None:
         """The route and the upstream target (path + query) for a request, or None."""
-        path, sep, query = target.partition(b"?")
-        if not path.startswith(b"/"):
+        if not target.startswith(b"/"):
             return None  # absolute-form and "*" targets are not routed
-        hostname = host.split(b":", 1)[0].lower().decode("latin-1") if host else ""
-        spath = path.decode("latin-1")
-        for route in self.routes:
-            if route.host is not None and route.host != hostname:
+        path, sep, query = target.partition(b"?")
+        hostname: str | None = None
+        for route, route_host, prefix, prefix_slash, strip, base in self._compiled:
+            if route_host is not None:
+                if hostname is None:
+                    hostname = host.split(b":", 1)[0].lower().decode("latin-1") if host else ""
+                if route_host != hostname:
+                    continue
+            if prefix != b"/" and not (path == prefix or path.startswith(prefix_slash)):
                 continue
-            prefix = route.path_prefix
-            if prefix != "/" and not (spath == prefix or spath.startswith(prefix + "/")):
-                continue
-            rest = spath[len(prefix):] if route.strip_prefix and prefix != "/" else spath
-            if not rest.startswith("/"):
-                rest = "/" + rest
-            new_path = (route.upstream.base_path + rest).encode("latin-1")
-            return route, new_path + sep + query
+            if not strip and not base:
+                return route, target  # the common catch-all: the target as it came
+            rest = path[len(prefix):] if strip else path
+            if not rest.startswith(b"/"):
+                rest = b"/" + rest
+            return route, base + rest + sep + query
         return None
 
     def __repr__(self) -> str:
