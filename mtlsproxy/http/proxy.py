@@ -122,12 +122,6 @@ class ProxySession:
     def plaintext_received(self, data: bytes) -> None:
         if self._parse_failed:
             return
-        if self.idle and not self._head_bytes_seen:
-            # Slowloris: once a head has started, it must complete within request_headers.
-            self._head_bytes_seen = True
-            deadline = self.rt.loop_time() + self.rt.config.timeouts.request_headers
-            if deadline < self.deadline:
-                self.deadline = deadline
         try:
             events = self.parser.feed(data)
         except RemoteProtocolError as exc:
@@ -137,6 +131,13 @@ class ProxySession:
             self._wake()
             return
         if not events:
+            if self.idle and not self._head_bytes_seen:
+                # Slowloris: a head that started (and did not end in this read) must
+                # complete within request_headers. A whole head pays no clock read.
+                self._head_bytes_seen = True
+                deadline = self.rt.loop_time() + self.rt.config.timeouts.request_headers
+                if deadline < self.deadline:
+                    self.deadline = deadline
             return
         if (self.idle and self.task is None and len(events) == 2
                 and type(events[0]) is Request and type(events[1]) is EndOfMessage

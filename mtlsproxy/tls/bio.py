@@ -109,7 +109,11 @@ class TLSConnection(asyncio.Protocol):
             if not data:
                 return
         self._incoming.write(data)
-        if self.state is TLSState.HANDSHAKING:
+        state = self.state
+        if state is TLSState.OPEN:
+            self._read_plaintext()
+            return
+        if state is TLSState.HANDSHAKING:
             self._do_handshake()
         # The state may have moved in _do_handshake; re-read it (mypy narrows too eagerly).
         if self._state_is_open():

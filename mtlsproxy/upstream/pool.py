@@ -77,7 +77,9 @@ class UpstreamPool:
         if not reusable or conn.state is not UpstreamState.ACTIVE or conn.inbox.pending():
             conn.close()
             return
-        idle = self._idle.setdefault(conn.key, deque())
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
         if len(idle) >= self.max_idle:
             conn.close()
             return
