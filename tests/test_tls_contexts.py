@@ -109,3 +109,50 @@ def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> No
 def test_our_contexts_issue_one_ticket_per_handshake(pki: PKI) -> None:
     # OpenSSL's default is two; each costs ~0.4 ms of server CPU (context.py).
     assert contexts(pki, "public", pki.truststore.read_bytes()).num_tickets == 1
+
+
+# -- the session cache: stateful TLS 1.3 tickets in a single process ------------------------
+
+def test_the_session_cache_self_test_passes_on_this_python_and_openssl() -> None:
+    assert native.session_cache_available()
+    assert native.session_cache_status() == (True, "")
+
+
+def test_a_single_process_resumes_sessions_from_memory(pki: PKI) -> None:
+    ctx = contexts(pki, "public", pki.truststore.read_bytes())
+    assert ctx.options & ssl.OP_NO_TICKET  # tickets name cached sessions
+    assert resumes(pki, ctx, ctx)
+    stats = ctx.session_stats()
+    assert stats["hits"] == 1 and stats["misses"] == 0 and stats["number"] >= 1
+
+
+def test_the_session_cache_is_bounded(pki: PKI) -> None:
+    from mtlsproxy.tls.native import SSL_CTRL_SET_SESS_CACHE_SIZE, _ctx_pointer
+    ctx = contexts(pki, "public", pki.truststore.read_bytes())
+    assert native._lib is not None
+    # SSL_CTX_sess_get_cache_size is SSL_CTRL_SET_SESS_CACHE_SIZE + 1.
+    assert native._lib.ctrl(_ctx_pointer(ctx), SSL_CTRL_SET_SESS_CACHE_SIZE + 1, 0,
+                            None) == native.SESSION_CACHE_SIZE
+
+
+def test_workers_keep_stateless_tickets_that_any_worker_resumes(pki: PKI,
+                                                                shared: None) -> None:
+    ctx = contexts(pki, "public", pki.truststore.read_bytes())
+    assert not ctx.options & ssl.OP_NO_TICKET
+
+
+def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_line(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("a session kept in memory did not resume")
+    monkeypatch.setattr(native, "_cache_status", None)
+    monkeypatch.setattr(native, "_session_cache_check", broken)
+    with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
+        ctx = contexts(pki, "public", pki.truststore.read_bytes())
+        contexts(pki, "public", pki.truststore.read_bytes())  # logged once, not per context
+    assert [r.getMessage() for r in caplog.records] == [
+        "TLS session cache disabled (self-test failed: RuntimeError: a session kept in "
+        "memory did not resume); sessions resume from stateless tickets instead"]
+    assert not ctx.options & ssl.OP_NO_TICKET
+    assert resumes(pki, ctx, ctx)  # from a stateless ticket
+    monkeypatch.setattr(native, "_cache_status", None)  # the next test runs the real check

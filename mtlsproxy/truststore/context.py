@@ -106,12 +106,15 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
 
     With workers, every context of one (listener, truststore) gets the same ticket keys in
     every worker (tls/native.py), so a session resumes on whichever worker the kernel
-    picks; a new truststore derives new keys, so old tickets stop resuming."""
+    picks; a new truststore derives new keys, so old tickets stop resuming. A single
+    process keeps its sessions in memory instead (stateful TLS 1.3 tickets: no session
+    serialised into tickets, none parsed back on resumption)."""
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
     label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
     for i, cert in enumerate(tls.certificates):
         ctx = _new_context(tls, bundle)
-        native.apply(ctx, label)
+        if not native.apply(ctx, label):
+            native.keep_sessions(ctx, label)
         try:
             ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
             names = _names(str(cert.cert_file))
