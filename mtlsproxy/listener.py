@@ -96,6 +96,10 @@ class ListenerRuntime:
         # Requests answered entirely from callbacks (http/proxy.py's fast path): tests hold
         # the common case to it, since losing it costs only speed.
         self.fast_exchanges = 0
+        self._handshakes_resumed = metrics.handshakes.labels(self.name, "true")
+        self._handshakes_full = metrics.handshakes.labels(self.name, "false")
+        self._cache_hits = metrics.cert_cache.labels("hit")
+        self._cache_misses = metrics.cert_cache.labels("miss")
         self.server: asyncio.Server | None = None
         self.loop_time: Callable[[], float] = time.monotonic
         self._ticker: asyncio.Task[None] | None = None
@@ -185,7 +189,8 @@ class ListenerRuntime:
     # -- counting -----------------------------------------------------------------------
 
     def count_handshake(self, resumed: bool) -> None:
-        self.metrics.handshakes.labels(self.name, "true" if resumed else "false").inc()
+        # Children looked up once (labels() hashes and locks on every call).
+        (self._handshakes_resumed if resumed else self._handshakes_full).inc()
 
     def count_handshake_failure(self, reason: str, client: str,
                                 exc: BaseException | None) -> None:
@@ -194,7 +199,7 @@ class ListenerRuntime:
             log.debug("client %s refused on %s: %s (%s)", client, self.name, reason, exc)
 
     def count_cache(self, hit: bool) -> None:
-        self.metrics.cert_cache.labels("hit" if hit else "miss").inc()
+        (self._cache_hits if hit else self._cache_misses).inc()
 
     def count_upstream_error(self, upstream: str, kind: str) -> None:
         self.metrics.upstream_errors.labels(upstream, kind).inc()
