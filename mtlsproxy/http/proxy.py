@@ -116,6 +116,11 @@ class ProxySession:
             self._count_refusal(reason)
         self._park()
 
+    def response_pending(self) -> bool:
+        """An exchange is in flight: a write will follow (TLSConnection may hold back the
+        session ticket to send it with that write)."""
+        return self.fast is not None or self.task is not None
+
     def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None:
         self.rt.count_handshake_failure(reason, conn.peername[0], exc)
 
@@ -289,7 +294,10 @@ class ProxySession:
             parts.append(wire.LAST_CHUNK)
         data = b"".join(parts)
         rt.pool.release(up, resp.keep_alive)
-        self.conn.write(data)  # one TLS record, one system call
+        if keep:
+            self.conn.write(data)  # one TLS record, one system call
+        else:
+            self.conn.write_and_close(data)  # with close_notify, still one system call
         self.served += 1
         rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))

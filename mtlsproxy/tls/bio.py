@@ -8,7 +8,11 @@ connection (hot-swappable truststore), uvloop's ``start_tls`` loses ClientHellos
 Rules of this module:
 - The context is taken once, in ``connection_made``, from ``handler.context()``.
 - Every call into the SSLObject is followed by ``_flush()`` so alerts, tickets and
-  records reach the socket in order.
+  records reach the socket in order. One exception saves system calls: the TLS 1.3
+  ticket written when the handshake ends waits in the outgoing BIO when a request came
+  with the client's Finished and the handler will answer it (``response_pending``); it
+  then leaves with the response, in the same write. A last response and close_notify
+  also leave in one write (``write_and_close``).
 - States move HANDSHAKING -> OPEN -> CLOSING -> CLOSED (or HANDSHAKING -> CLOSED); any
   other transition is a bug and raises.
 - The handler sees plaintext only; it never touches the transport.
@@ -57,6 +61,7 @@ class TLSHandler(Protocol):
     def handshake_done(self, conn: TLSConnection) -> None: ...
     def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None: ...
     def plaintext_received(self, data: bytes) -> None: ...
+    def response_pending(self) -> bool: ...
     def eof_received(self) -> None: ...
     def connection_lost(self, exc: BaseException | None) -> None: ...
 
@@ -184,7 +189,8 @@ class TLSConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._set_state(TLSState.OPEN)
-        self._flush()
+        if not self._incoming.pending:
+            self._flush()  # else data_received reads the request next (see the rules)
         self.handler.handshake_done(self)
 
     def _fail_handshake(self, exc: BaseException, reason: str | None = None) -> None:
@@ -235,9 +241,13 @@ class TLSConnection(asyncio.Protocol):
             self._flush()
             self.abort()
             return
-        self._flush()
         if chunks:
-            self.handler.plaintext_received(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            handler = self.handler
+            handler.plaintext_received(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            if self._outgoing.pending and not handler.response_pending():
+                self._flush()
+        else:
+            self._flush()
         if eof and self.state is TLSState.OPEN:
             self.handler.eof_received()
 
@@ -255,6 +265,16 @@ class TLSConnection(asyncio.Protocol):
             self.abort()
             return
         self._flush()
+
+    def write_and_close(self, data: bytes) -> None:
+        """The connection's last bytes: ``data`` and close_notify in one system call."""
+        if self.state is TLSState.OPEN and self.sslobj is not None:
+            try:
+                self.sslobj.write(data)
+            except ssl.SSLError:
+                self.abort()
+                return
+        self.close()
 
     @property
     def write_paused(self) -> bool:
