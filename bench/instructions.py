@@ -13,7 +13,8 @@ and ab from the distribution); the nginx upstream and the load generator (``ab -
 natively. After ``--warmup`` requests, two runs of N and 2N requests over ``--conns`` new
 connections are counted (``callgrind_control --zero`` / ``--dump``); their difference
 gives instructions per keep-alive request without the handshakes, and the rest gives
-instructions per connection (a full mutual-TLS handshake and its close). ``--top N``
+instructions per connection (a full mutual-TLS handshake and its close); ``--resumed S``
+adds instructions per resumed connection (``openssl s_time -reuse``). ``--top N``
 prints the heaviest functions of the second run by inclusive count. Everything started is
 stopped by PID.
 """
@@ -35,6 +36,7 @@ from run import (  # noqa: E402
     free_port,
     mtlsproxy_conf,
     nginx_upstream_conf,
+    s_time,
     wait_port,
     write_dev_pki,
 )
@@ -54,6 +56,9 @@ def main() -> int:
     p.add_argument("--conns", type=int, default=10)
     p.add_argument("--top", type=int, default=0, help="print the N heaviest functions")
     p.add_argument("--keep", type=Path, help="copy the callgrind profile here")
+    p.add_argument("--resumed", type=int, default=0, metavar="SECONDS",
+                   help="also count instructions per resumed connection (openssl s_time "
+                        "-reuse for SECONDS, one request per connection)")
     args = p.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx", "ab"):
         if shutil.which(tool) is None:
@@ -103,6 +108,18 @@ def main() -> int:
         print(f"instructions per keep-alive request: {per_request:,.0f}")
         print(f"instructions per connection (full mTLS handshake + close): "
               f"{per_handshake:,.0f}")
+        if args.resumed:
+            s_time(port, pki, 2, True, 1)  # warm: the session cache and the pool
+            subprocess.run(["callgrind_control", "--zero", str(proxy.pid)], check=True,
+                           capture_output=True)
+            made, _ = s_time(port, pki, args.resumed, True, 1)
+            subprocess.run(["callgrind_control", "--dump", str(proxy.pid)], check=True,
+                           capture_output=True)
+            dumps = sorted(d.glob("callgrind.out.*"), key=lambda f: f.stat().st_mtime)
+            print(f"instructions per resumed connection (TLS 1.3, one request): "
+                  f"{total_instructions(dumps[-1]) / made:,.0f} over {made} connections")
+            if args.keep:
+                shutil.copy(dumps[-1], args.keep.with_suffix(".resumed"))
         if args.top:
             ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dumps[-1])],
                                  capture_output=True, text=True).stdout
