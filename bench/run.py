@@ -80,12 +80,18 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pids``."""
+    user = system = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / TICK
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    return user / TICK, system / TICK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -394,15 +400,21 @@ class Bench:
         n = 4000 if self.args.quick else 20000
         rps = self.row("1 keep-alive, 50 conns", "requests/s", lower_is_better=False)
         cpu = self.row("1 keep-alive, 50 conns", "proxy CPU us/request")
+        # User vs system: the kernel's share (four system calls per request) is the same
+        # work for every proxy; the user share is each proxy's own code.
+        user = self.row("1 keep-alive, 50 conns", "  of which user us/request")
+        system = self.row("1 keep-alive, 50 conns", "  of which system us/request")
         p50 = self.row("4 latency, 50 conns (closed loop)", "p50 ms")
         p99 = self.row("4 latency, 50 conns (closed loop)", "p99 ms")
         for _ in self.rounds():
             for t in self.targets:
-                before = t.cpu()
+                u0, s0 = cpu_split(t.pids())
                 r = ab(t.port, self.combined, n, 50, tmp=self.d)
-                used = t.cpu() - before
+                u1, s1 = cpu_split(t.pids())
                 rps.add(t.name, r.rps)
-                cpu.add(t.name, used / n * 1e6)
+                cpu.add(t.name, (u1 - u0 + s1 - s0) / n * 1e6)
+                user.add(t.name, (u1 - u0) / n * 1e6)
+                system.add(t.name, (s1 - s0) / n * 1e6)
                 p50.add(t.name, r.p50_ms)
                 p99.add(t.name, r.p99_ms)
 
