@@ -10,6 +10,7 @@ leaves, a drain) must end exactly as on the general path.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 
@@ -50,6 +51,19 @@ def scripted(h: Harness, *answers: object) -> int:
     return h.serve(handler)
 
 
+def pooled(h: Harness, *answers: object, **listener: object
+           ) -> tuple[http.client.HTTPSConnection, int]:
+    """A proxy before a scripted upstream, and a client connection whose first request
+    (answered OK) left an idle pooled upstream connection: its next request is fast.
+    Returns the connection and the upstream's port."""
+    port = scripted(h, OK, *answers)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}", **listener))
+    conn = h.https()
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    return conn, port
+
+
 def fast_exchanges(h: Harness) -> int:
     assert h.server is not None
     return h.loop.call(lambda: h.server.listeners[0].fast_exchanges)  # type: ignore[union-attr]
@@ -83,13 +97,8 @@ def test_fast_path_forwards_the_same_headers_as_the_general_path(proxy: Harness)
 
 def test_response_in_pieces_on_a_pooled_connection_is_streamed_whole(
         unstarted: Harness) -> None:
-    h = unstarted
     pieces = [(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0.1), (b"world", 0)]
-    port = scripted(h, OK, pieces)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    conn = h.https()
-    conn.request("GET", "/a")
-    assert conn.getresponse().read() == b"ok"
+    conn, _ = pooled(unstarted, pieces)
     conn.request("GET", "/b")
     assert conn.getresponse().read() == b"helloworld"
     conn.request("GET", "/c")  # and the connection still serves
@@ -99,11 +108,7 @@ def test_response_in_pieces_on_a_pooled_connection_is_streamed_whole(
 
 def test_silent_upstream_on_a_pooled_connection_gets_504(unstarted: Harness) -> None:
     h = unstarted
-    port = scripted(h, OK, "silent")
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}", timeouts={"upstream_read": 0.3}))
-    conn = h.https()
-    conn.request("GET", "/")
-    assert conn.getresponse().read() == b"ok"
+    conn, port = pooled(h, "silent", timeouts={"upstream_read": 0.3})
     conn.request("GET", "/")
     r = conn.getresponse()
     assert r.status == 504 and json.loads(r.read())["reason"] == "upstream_timeout"
@@ -114,11 +119,7 @@ def test_silent_upstream_on_a_pooled_connection_gets_504(unstarted: Harness) -> 
 
 def test_pooled_connection_reset_after_the_request_gets_502(unstarted: Harness) -> None:
     h = unstarted
-    port = scripted(h, OK, "reset")
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    conn = h.https()
-    conn.request("GET", "/")
-    assert conn.getresponse().read() == b"ok"
+    conn, _ = pooled(h, "reset")
     conn.request("GET", "/")
     # The upstream took the request and died: as on a fresh connection (the general path),
     # 502 and no second attempt, since the request may have been acted on.
@@ -151,11 +152,7 @@ def test_client_leaving_during_a_fast_exchange_is_counted_499(unstarted: Harness
 def test_drain_during_a_fast_exchange_answers_it_then_closes(unstarted: Harness) -> None:
     h = unstarted
     slow = [(b"", 0.3), (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow", 0)]
-    port = scripted(h, OK, slow)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    conn = h.https()
-    conn.request("GET", "/")
-    assert conn.getresponse().read() == b"ok"
+    conn, _ = pooled(h, slow)
     conn.request("GET", "/")
     wait_for(lambda: len(h.upstream_requests) == 2)  # type: ignore[attr-defined]
     assert h.server is not None

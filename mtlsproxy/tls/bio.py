@@ -255,25 +255,26 @@ class TLSConnection(asyncio.Protocol):
         if self._outgoing.pending and self.transport is not None:
             self.transport.write(self._outgoing.read())
 
-    def write(self, data: bytes) -> None:
-        """Encrypt and send; silently dropped once the connection is closing."""
+    def _encrypt(self, data: bytes) -> bool:
+        """Into the outgoing BIO; False (the connection aborted) on a TLS error, or when
+        the connection is no longer open (the data is dropped)."""
         if self.state is not TLSState.OPEN or self.sslobj is None:
-            return
+            return False
         try:
             self.sslobj.write(data)
         except ssl.SSLError:
             self.abort()
-            return
-        self._flush()
+            return False
+        return True
+
+    def write(self, data: bytes) -> None:
+        """Encrypt and send; silently dropped once the connection is closing."""
+        if self._encrypt(data):
+            self._flush()
 
     def write_and_close(self, data: bytes) -> None:
         """The connection's last bytes: ``data`` and close_notify in one system call."""
-        if self.state is TLSState.OPEN and self.sslobj is not None:
-            try:
-                self.sslobj.write(data)
-            except ssl.SSLError:
-                self.abort()
-                return
+        self._encrypt(data)
         self.close()
 
     @property

@@ -50,6 +50,7 @@ import os
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -120,27 +121,29 @@ def derive_keys(secret: bytes, label: str) -> bytes:
                 info=label.encode()).derive(secret)
 
 
+def _self_test(check: Callable[[], None], warning: str) -> tuple[bool, str]:
+    """(passed, reason): run ``check`` once; a failure logs ``warning`` % reason."""
+    global _lib
+    try:
+        if _lib is None:
+            _lib = _Lib()
+        check()
+        return True, ""
+    except Exception as exc:  # any failure means: do not touch OpenSSL; fall back
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning(warning, reason)
+        return False, reason
+
+
 def available() -> bool:
     """Run the self-test once per process; True when keys can be shared."""
-    global _status, _reason, _lib
+    global _status, _reason
     with _lock:
         if _status is None:
-            try:
-                _load_lib()
-                _resumption_check()
-                _status = True
-            except Exception as exc:  # any failure means: do not touch OpenSSL; fall back
-                _status, _reason = False, f"{type(exc).__name__}: {exc}"
-                log.warning("shared TLS ticket keys disabled (self-test failed: %s); each "
-                            "worker keeps its own keys, so resumption across workers is lost",
-                            _reason)
+            _status, _reason = _self_test(
+                _resumption_check, "shared TLS ticket keys disabled (self-test failed: %s); "
+                "each worker keeps its own keys, so resumption across workers is lost")
         return _status
-
-
-def _load_lib() -> None:
-    global _lib
-    if _lib is None:
-        _lib = _Lib()
 
 
 def _keep_sessions(ctx: ssl.SSLContext, label: str) -> None:
@@ -159,14 +162,9 @@ def session_cache_available() -> bool:
     global _cache_status, _cache_reason
     with _lock:
         if _cache_status is None:
-            try:
-                _load_lib()
-                _session_cache_check()
-                _cache_status = True
-            except Exception as exc:  # any failure means: do not touch OpenSSL; fall back
-                _cache_status, _cache_reason = False, f"{type(exc).__name__}: {exc}"
-                log.warning("TLS session cache disabled (self-test failed: %s); sessions "
-                            "resume from stateless tickets instead", _cache_reason)
+            _cache_status, _cache_reason = _self_test(
+                _session_cache_check, "TLS session cache disabled (self-test failed: %s); "
+                "sessions resume from stateless tickets instead")
         return _cache_status
 
 
