@@ -1,6 +1,7 @@
 """mtlsproxy against nginx (and Envoy when installed), side by side, in one run.
 
     python bench/run.py [--rounds 3] [--quick] [--only keepalive,full,...] [--no-envoy]
+                        [--nginx-session-cache]
 
 Installs nothing. Needs, from the distribution: nginx (upstream and the nginx proxy), ab
 (apache2-utils: takes a client certificate with -E), openssl (s_time for resumed
@@ -151,7 +152,8 @@ http {{
     return conf
 
 
-def nginx_proxy_conf(d: Path, pki: Path, up: int, port: int, truststore: Path) -> Path:
+def nginx_proxy_conf(d: Path, pki: Path, up: int, port: int, truststore: Path,
+                     session_cache: bool = False) -> Path:
     conf = d / f"nginx-{port}.conf"
     conf.write_text(f"""
 worker_processes 1; daemon off; pid {d}/nginx-{port}.pid; error_log {d}/nginx-error.log;
@@ -165,7 +167,8 @@ http {{
     keepalive_requests 1000000;
     ssl_certificate {pki}/server.pem; ssl_certificate_key {pki}/server.key;
     ssl_client_certificate {truststore}; ssl_verify_client on; ssl_verify_depth 4;
-    ssl_session_cache off; ssl_session_tickets on;  # TLS 1.3 tickets, like mtlsproxy
+    {"ssl_session_cache shared:SSL:10m; ssl_session_tickets off;" if session_cache else
+     "ssl_session_cache off; ssl_session_tickets on;"}  # stateful / stateless tickets
     location / {{ proxy_pass http://up; proxy_http_version 1.1;
                  proxy_set_header Connection "";
                  proxy_set_header X-Client-Cert-Subject $ssl_client_s_dn; }}
@@ -347,7 +350,8 @@ class Bench:
     def start_nginx(self, truststore: Path) -> Target:
         port = free_port()
         proc = self.start(["nginx", "-c", str(nginx_proxy_conf(
-            self.d, self.pki, self.up, port, truststore))], PROXY_CPU, port)
+            self.d, self.pki, self.up, port, truststore, self.args.nginx_session_cache))],
+            PROXY_CPU, port)
         return Target("nginx", port, proc, True)
 
     def start_mtlsproxy(self, truststore: Path, workers: int = 1, refresh: float = 30.0,
@@ -689,6 +693,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--nginx-session-cache", action="store_true",
+                    help="nginx resumes from a shared session cache (stateful tickets, as "
+                         "mtlsproxy with one worker) instead of stateless tickets")
     args = ap.parse_args()
     missing = [t for t in ("nginx", "ab", "openssl", "pgrep") if shutil.which(t) is None]
     if missing:
