@@ -460,11 +460,14 @@ class Bench:
         rate = self.row("2 full handshake per request", "handshakes/s",
                         lower_is_better=False)
         cpu = self.row("2 full handshake per request", "proxy CPU us/handshake")
+        user = self.row("2 full handshake per request", "  of which user us/handshake")
         for _ in self.rounds():
             for t in self.targets:
-                before = t.cpu()
+                u0, s0 = cpu_split(t.pids())
                 r = ab(t.port, self.combined, n, 8, keepalive=False, tmp=self.d)
-                cpu.add(t.name, (t.cpu() - before) / n * 1e6)
+                u1, s1 = cpu_split(t.pids())
+                cpu.add(t.name, (u1 - u0 + s1 - s0) / n * 1e6)
+                user.add(t.name, (u1 - u0) / n * 1e6)
                 rate.add(t.name, r.rps)
 
     def resumed_handshakes(self) -> None:
@@ -473,15 +476,17 @@ class Bench:
         rate = self.row("3 resumed handshake per request", "handshakes/s",
                         lower_is_better=False)
         cpu = self.row("3 resumed handshake per request", "proxy CPU us/handshake")
+        user = self.row("3 resumed handshake per request", "  of which user us/handshake")
         full = self.row("3 resumed vs full (CPU per handshake)", "full / resumed",
                         lower_is_better=False)
         for _ in self.rounds():
             for t in self.targets:
-                before = t.cpu()
+                u0, s0 = cpu_split(t.pids())
                 count, wall = s_time(t.port, self.pki, secs, True, 4)
-                used = t.cpu() - before
+                u1, s1 = cpu_split(t.pids())
                 rate.add(t.name, count / wall)
-                cpu.add(t.name, used / count * 1e6)
+                cpu.add(t.name, (u1 - u0 + s1 - s0) / count * 1e6)
+                user.add(t.name, (u1 - u0) / count * 1e6)
         full_cpu = next(r for r in self.rows if r.metric == "proxy CPU us/handshake")
         for t in self.targets:
             f, c = full_cpu.median(t.name), cpu.median(t.name)
