@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
 from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParser, Request
 from mtlsproxy.http.routing import Router
-from mtlsproxy.http.wire import error_response, render_headers, upstream_request_head
+from mtlsproxy.http.wire import error_response, upstream_request_head
 from mtlsproxy.identity.cache import ValidationCache, Verdict
-from mtlsproxy.identity.headers import is_spoofable, render, safe_value
+from mtlsproxy.identity.headers import header_block, is_spoofable, render, safe_value
 from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.identity.policy import algorithm_problem, build_path, check_chain
 from mtlsproxy.metrics import Metrics
@@ -116,7 +116,7 @@ def test_upstream_head_drops_client_identity_and_reframes() -> None:
         b"x-ok: 1\r\n\r\n")
     assert isinstance(req, Request)
     head = upstream_request_head(req, b"/x", "127.0.0.9",
-                                 render_headers([(b"Client-Cert", b":real:")]))
+                                 header_block([(b"Client-Cert", b":real:")]))
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /x HTTP/1.1"
     assert b"client-cert: :x:" not in head and b"CN=admin" not in head and b"x-drop" not in head

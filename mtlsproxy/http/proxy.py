@@ -35,6 +35,7 @@ from mtlsproxy.http import wire
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.authz import authorize
 from mtlsproxy.identity.cache import Verdict
+from mtlsproxy.identity.headers import header_block
 from mtlsproxy.identity.ocsp import reason_for
 from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
 from mtlsproxy.tls.bio import TLSConnection, TLSState
@@ -216,12 +217,7 @@ class ProxySession:
                 or rt.ocsp is not None or rt.draining
                 or verdict.reason_at(rt.clock()) is not None):
             return False
-        host = b""
-        for name, value in req.headers:
-            if name == b"host":
-                host = value
-                break
-        match = rt.router.match(host, req.target)
+        match = rt.router.match(_host(req), req.target)
         if match is None:
             return False
         route, target = match
@@ -281,12 +277,8 @@ class ProxySession:
         up.direct = None
         self.fast = None
         self.deadline = 0.0
-        bodyless = req.method == b"HEAD" or resp.status in (204, 304)
-        http10 = req.http_version == b"1.0"
-        unframed = not bodyless and (resp.chunked or resp.close_delimited)
-        rechunk = unframed and not http10
-        keep = req.keep_alive and not rt.draining and not (unframed and http10)
-        parts = [wire.client_response_head(resp, rechunk, keep, http10)]
+        head, rechunk, keep = _client_head(req, resp, rt.draining)
+        parts = [head]
         for ev in events[1:-1]:
             if isinstance(ev, Data):
                 parts.append(wire.chunk(ev.data) if rechunk else ev.data)
@@ -301,7 +293,7 @@ class ProxySession:
         self.served += 1
         rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))
-        if not keep or self.conn.state is not TLSState.OPEN:
+        if self.conn.state is not TLSState.OPEN:  # closing (not keep) or closed
             self.conn.close()
         elif self.conn.write_paused:
             self._start_task(None)  # the general path waits for the drain
@@ -446,8 +438,7 @@ class ProxySession:
                 status = 403
                 sent = self._write_error(403, reason)
                 return False
-            host = next((v for n, v in req.headers if n == b"host"), b"")
-            match = rt.router.match(host, req.target)
+            match = rt.router.match(_host(req), req.target)
             if match is None:
                 status = 404
                 keep = req.keep_alive and not req.has_body and not rt.draining
@@ -471,7 +462,7 @@ class ProxySession:
                     return keep
                 extra = decision.headers
             upstream_key = route.upstream.key
-            block = verdict.header_block + wire.render_headers(extra) if extra \
+            block = verdict.header_block + header_block(extra) if extra \
                 else verdict.header_block
             head = wire.upstream_request_head(req, target, self.conn.peername[0], block)
             status, sent, keep = await self._forward(req, route.upstream, head)
@@ -640,14 +631,7 @@ class ProxySession:
     async def _stream_response(self, req: Request, resp: Response, up: UpstreamConnection,
                                pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
         rt = self.rt
-        bodyless = req.method == b"HEAD" or resp.status in (204, 304)
-        http10 = req.http_version == b"1.0"
-        unframed = not bodyless and (resp.chunked or resp.close_delimited)
-        # HTTP/1.1 clients get unframed bodies re-chunked; HTTP/1.0 clients cannot read
-        # chunked, so their body ends when the connection does.
-        rechunk = unframed and not http10
-        keep = req.keep_alive and not rt.draining and not (unframed and http10)
-        head = wire.client_response_head(resp, rechunk, keep, http10)
+        head, rechunk, keep = _client_head(req, resp, rt.draining)
         # Writes are coalesced: the head and whatever body is already here go out as one
         # TLS record and one system call (for small responses, the whole response).
         pending = [head]
@@ -717,6 +701,26 @@ class ProxySession:
 
 
 _COALESCE_LIMIT = 64 * 1024
+
+
+def _client_head(req: Request, resp: Response, draining: bool) -> tuple[bytes, bool, bool]:
+    """(response head for the client, re-chunk the body, keep the connection): one framing
+    decision for the fast and the general path."""
+    bodyless = req.method == b"HEAD" or resp.status in (204, 304)
+    http10 = req.http_version == b"1.0"
+    unframed = not bodyless and (resp.chunked or resp.close_delimited)
+    # HTTP/1.1 clients get unframed bodies re-chunked; HTTP/1.0 clients cannot read
+    # chunked, so their body ends when the connection does.
+    rechunk = unframed and not http10
+    keep = req.keep_alive and not draining and not (unframed and http10)
+    return wire.client_response_head(resp, rechunk, keep, http10), rechunk, keep
+
+
+def _host(req: Request) -> bytes:
+    for name, value in req.headers:
+        if name == b"host":
+            return value
+    return b""
 
 
 class _UpstreamAfterHead(UpstreamError):

@@ -7,7 +7,6 @@ events, so what reaches the upstream is always one unambiguous message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.identity.headers import DETAIL_PREFIX, SPOOFABLE
@@ -56,16 +55,11 @@ def _request_action(name: bytes) -> int:
     return action
 
 
-def render_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Header lines, each ended by CRLF."""
-    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-
-
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_block: bytes) -> bytes:
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
-    see ``Verdict.header_block``), framing rewritten."""
+    see ``identity.headers.header_block``), framing rewritten."""
     named = req.connection
     lines = [req.method + b" " + target + b" HTTP/1.1"]
     xff = b""
@@ -80,7 +74,7 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
             if action == _DROP:
                 continue
             if action == _XFF:
-                xff = xff + value + b", " if xff else value + b", "
+                xff += value + b", "
                 continue
             if action == _EXPECT:
                 if req.expect_continue:

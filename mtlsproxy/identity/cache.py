@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtlsproxy.identity.headers import Header
+from mtlsproxy.identity.headers import Header, header_block
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.identity.policy import validity_reason
 
@@ -33,8 +33,7 @@ class Verdict:
     header_block: bytes = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        block = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
-        object.__setattr__(self, "header_block", block)  # frozen: set once, here
+        object.__setattr__(self, "header_block", header_block(self.headers))  # frozen: once
 
     def reason_at(self, now: dt.datetime) -> str | None:
         """The refusal reason at ``now``: the cached one, or the clock's."""

@@ -25,6 +25,11 @@ SPOOFABLE = frozenset({
 })
 
 
+def header_block(headers: Iterable[Header]) -> bytes:
+    """Header lines, each ended by CRLF, ready to go into a head."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
 def is_spoofable(name: bytes) -> bool:
     return name in SPOOFABLE or name.startswith(DETAIL_PREFIX)
 

@@ -64,17 +64,13 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the upstream is confused; this connection is not reusable.
             self.close()
             return
-        direct = self.direct
         try:
             events = self.parser.feed(data)
         except ProtocolError as exc:
-            error = UpstreamError(str(exc), "protocol")
-            if direct is not None:
-                direct.upstream_failed(error, [])
-            else:
-                self.inbox.fail(error)
+            self._ended(UpstreamError(str(exc), "protocol"), [])
             self.close()
             return
+        direct = self.direct
         if direct is not None:
             direct.upstream_events(events)
         else:
