@@ -35,6 +35,7 @@ from run import (  # noqa: E402
     ab,
     free_port,
     mtlsproxy_conf,
+    nginx_proxy_conf,
     nginx_upstream_conf,
     s_time,
     wait_port,
@@ -59,6 +60,11 @@ def main() -> int:
     p.add_argument("--resumed", type=int, default=0, metavar="SECONDS",
                    help="also count instructions per resumed connection (openssl s_time "
                         "-reuse for SECONDS, one request per connection)")
+    p.add_argument("--proxy", choices=("mtlsproxy", "nginx"), default="mtlsproxy",
+                   help="count nginx's instructions instead (the same configuration as "
+                        "bench/run.py's nginx, one process): the native floor to compare")
+    p.add_argument("--nginx-session-cache", action="store_true",
+                   help="with --proxy nginx: stateful session cache like mtlsproxy's")
     args = p.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx", "ab"):
         if shutil.which(tool) is None:
@@ -74,11 +80,18 @@ def main() -> int:
         procs.append(subprocess.Popen(["nginx", "-c", str(nginx_upstream_conf(d, up))],
                                       stdout=subprocess.DEVNULL))
         wait_port(up, procs[-1])
-        conf = mtlsproxy_conf(d, pki, up, port, admin, pki / "truststore.pem")
+        if args.proxy == "nginx":
+            conf = nginx_proxy_conf(d, pki, up, port, pki / "truststore.pem",
+                                    args.nginx_session_cache)
+            # One process: the worker is the one valgrind runs and callgrind_control finds.
+            conf.write_text("master_process off;\n" + conf.read_text())
+            cmd = ["nginx", "-c", str(conf)]
+        else:
+            conf = mtlsproxy_conf(d, pki, up, port, admin, pki / "truststore.pem")
+            cmd = [sys.executable, "-m", "mtlsproxy", "run", "--config", str(conf)]
         out = d / "callgrind.out"
         proxy = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             sys.executable, "-m", "mtlsproxy", "run", "--config", str(conf)],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
             stdout=subprocess.DEVNULL, stderr=open(d / "proxy.log", "wb"))
         procs.append(proxy)
         for _ in range(1200):  # Python under valgrind starts in ~10-30 s
@@ -108,6 +121,8 @@ def main() -> int:
         print(f"instructions per keep-alive request: {per_request:,.0f}")
         print(f"instructions per connection (full mTLS handshake + close): "
               f"{per_handshake:,.0f}")
+        if args.keep:
+            shutil.copy(dumps[-1], args.keep)
         if args.resumed:
             s_time(port, pki, 2, True, 1)  # warm: the session cache and the pool
             subprocess.run(["callgrind_control", "--zero", str(proxy.pid)], check=True,
@@ -124,8 +139,6 @@ def main() -> int:
             ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dumps[-1])],
                                  capture_output=True, text=True).stdout
             print("\n".join(ann.splitlines()[:args.top + 25]))
-        if args.keep:
-            shutil.copy(dumps[-1], args.keep)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

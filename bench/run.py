@@ -167,6 +167,10 @@ http {{
     keepalive_requests 1000000;
     ssl_certificate {pki}/server.pem; ssl_certificate_key {pki}/server.key;
     ssl_client_certificate {truststore}; ssl_verify_client on; ssl_verify_depth 4;
+    # nginx before 1.23.4 leaves TLSv1.3 out of its default: without this line every
+    # client here speaks TLS 1.2 to nginx (and resumes without any key exchange) while
+    # mtlsproxy and Envoy speak TLS 1.3.
+    ssl_protocols TLSv1.2 TLSv1.3;
     {"ssl_session_cache shared:SSL:10m; ssl_session_tickets off;" if session_cache else
      "ssl_session_cache off; ssl_session_tickets on;"}  # stateful / stateless tickets
     location / {{ proxy_pass http://up; proxy_http_version 1.1;
