@@ -113,8 +113,8 @@ def test_silent_upstream_on_a_pooled_connection_gets_504(unstarted: Harness) -> 
     r = conn.getresponse()
     assert r.status == 504 and json.loads(r.read())["reason"] == "upstream_timeout"
     conn.close()
-    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
-                    kind="timeout") == 1
+    wait_for(lambda: h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                              kind="timeout") == 1)
 
 
 def test_pooled_connection_reset_after_the_request_gets_502(unstarted: Harness) -> None:
@@ -127,7 +127,9 @@ def test_pooled_connection_reset_after_the_request_gets_502(unstarted: Harness) 
     assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
     conn.close()
     assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
-    assert h.metric("mtlsproxy_requests_total", listener="public", route="/", code="502") == 1
+    # Counted just after the response is written: the client may read it first.
+    wait_for(lambda: h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                              code="502") == 1)
 
 
 def test_client_leaving_during_a_fast_exchange_is_counted_499(unstarted: Harness) -> None:

@@ -205,6 +205,7 @@ class ProxySession:
             self.task.cancel()
         self.idle = False
         self.deadline = 0.0
+        self.parser.close()
         self.rt.connection_closed(self)
 
     # -- the fast path ------------------------------------------------------------------

@@ -145,8 +145,14 @@ class TLSConnection(asyncio.Protocol):
             self.handler.handshake_failed(
                 self, "client_closed", exc or ConnectionResetError("closed in handshake"))
         self._wake_drain(exc)
-        if self.handler is not None:
-            self.handler.connection_lost(exc)
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.connection_lost(exc)
+        # The handler and the transport both point back at this object: without these
+        # references dropped, every connection would be freed by the cyclic GC (a gen-0
+        # collection every few connections, each tracing and freeing them, SSL objects
+        # included) instead of by reference counting when its last user lets go.
+        self.transport = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
