@@ -124,8 +124,7 @@ class ListenerRuntime:
     def protocol_factory(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.limits.max_connections:
             return _Refuse()
-        return TLSConnection(lambda conn: ProxySession(self, conn),
-                             self.config.timeouts.handshake, self.config.proxy_protocol)
+        return TLSConnection(lambda conn: ProxySession(self, conn), self.config.proxy_protocol)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,10 +139,14 @@ class ListenerRuntime:
         """Fire the sessions' expired deadlines; the granularity of every request timeout."""
         while True:
             await asyncio.sleep(TICK)
-            now = self.loop_time()
-            for session in list(self.sessions):
-                if session.deadline:
-                    session.on_tick(now)
+            self._fire_deadlines(self.loop_time())
+
+    def _fire_deadlines(self, now: float) -> None:
+        # Not inlined in _tick: the loop variable would keep the last session (and its
+        # connection) alive in the sleeping coroutine's frame until the next tick.
+        for session in list(self.sessions):
+            if session.deadline:
+                session.on_tick(now)
 
     def stop_ticker(self) -> None:
         if self._ticker is not None:

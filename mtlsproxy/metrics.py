@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from mtlsproxy.tls.failures import REASONS
@@ -76,12 +82,78 @@ class RequestCounts(Collector):
         yield duration
 
 
+class LocalValue:
+    """One series of a ``LocalFamily``: a plain float, changed on the event loop only."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class LocalFamily(Collector):
+    """A counter or gauge of one process counted in plain floats, for the metrics that
+    change on every connection (handshakes, cache lookups, open connections).
+
+    Why: prometheus-client's ``inc`` is three Python calls and a lock; four of them per
+    connection were measurable on resumed handshakes (bench/run.py, together ~1% of CPU). Same
+    names, labels and samples (``test_local_families_expose_what_prometheus_client_would``).
+    Single process only, like ``RequestCounts``; ``workers: N`` keep prometheus-client's.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str],
+                 kind: Literal["counter", "gauge"], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.kind = kind
+        self._children: dict[tuple[str, ...], LocalValue] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LocalValue:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LocalValue()
+        return child
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        return cls(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        yield family
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, multiprocess: bool = False) -> None:
         self.registry = registry
-        self.handshakes = Counter(
-            "mtlsproxy_tls_handshakes", "Completed TLS handshakes.",
-            ["listener", "resumed"], registry=registry)
+        self.handshakes: Counter | LocalFamily
+        self.cert_cache: Counter | LocalFamily
+        self.connections_active: Gauge | LocalFamily
+        handshakes = ("mtlsproxy_tls_handshakes", "Completed TLS handshakes.",
+                      ["listener", "resumed"])
+        cert_cache = ("mtlsproxy_client_cert_cache",
+                      "Client-certificate validation cache lookups.", ["result"])
+        active = ("mtlsproxy_connections_active", "Open client connections.", ["listener"])
+        if multiprocess:
+            self.handshakes = Counter(*handshakes, registry=registry)
+            self.cert_cache = Counter(*cert_cache, registry=registry)
+            self.connections_active = Gauge(*active, registry=registry,
+                                            multiprocess_mode="livesum")
+        else:
+            self.handshakes = LocalFamily(*handshakes, "counter", registry)
+            self.cert_cache = LocalFamily(*cert_cache, "counter", registry)
+            self.connections_active = LocalFamily(*active, "gauge", registry)
         self.handshake_failures = Counter(
             "mtlsproxy_tls_handshake_failures",
             "Client connections refused, in the TLS handshake or by the proxy's certificate "
@@ -100,15 +172,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "mtlsproxy_upstream_errors", "Failures talking to an upstream, by kind.",
             ["upstream", "kind"], registry=registry)
-        self.connections_active = Gauge(
-            "mtlsproxy_connections_active", "Open client connections.",
-            ["listener"], registry=registry, multiprocess_mode="livesum")
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
-        self.cert_cache = Counter(
-            "mtlsproxy_client_cert_cache", "Client-certificate validation cache lookups.",
-            ["result"], registry=registry)
 
     def declare_listener(self, listener: str) -> None:
         """Create the listener's series at zero, so rates exist before the first event."""

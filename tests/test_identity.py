@@ -359,3 +359,49 @@ def test_workers_count_requests_with_prometheus_clients_multiprocess_values() ->
     metrics = Metrics(CollectorRegistry(), multiprocess=True)
     assert metrics.request_counts is None
     assert metrics.requests is not None and metrics.request_duration is not None
+    # The per-connection families too: prometheus-client's files, not plain floats.
+    from prometheus_client import Counter, Gauge
+    assert isinstance(metrics.handshakes, Counter) and isinstance(metrics.cert_cache, Counter)
+    assert isinstance(metrics.connections_active, Gauge)
+
+
+def test_local_families_expose_what_prometheus_client_would() -> None:
+    """Handshakes, cache lookups and open connections are counted in plain floats in one
+    process (LocalFamily); their samples must be exactly prometheus-client's."""
+    from prometheus_client import Counter, Gauge
+
+    from mtlsproxy.metrics import LocalFamily
+    ours = CollectorRegistry()
+    metrics = Metrics(ours)
+    assert isinstance(metrics.handshakes, LocalFamily)
+    theirs = CollectorRegistry()
+    handshakes = Counter("mtlsproxy_tls_handshakes", "x", ["listener", "resumed"],
+                         registry=theirs)
+    cache = Counter("mtlsproxy_client_cert_cache", "x", ["result"], registry=theirs)
+    active = Gauge("mtlsproxy_connections_active", "x", ["listener"], registry=theirs)
+    metrics.declare_listener("public")
+    for resumed in ("true", "false"):
+        handshakes.labels("public", resumed)
+    for result in ("hit", "miss"):
+        cache.labels(result)
+    for i in range(7):
+        resumed = "true" if i % 3 else "false"
+        metrics.handshakes.labels("public", resumed).inc()
+        handshakes.labels("public", resumed).inc()
+        metrics.cert_cache.labels("hit" if i % 2 else "miss").inc()
+        cache.labels("hit" if i % 2 else "miss").inc()
+        metrics.connections_active.labels("public").inc()
+        active.labels("public").inc()
+    for _ in range(3):
+        metrics.connections_active.labels("public").dec()
+        active.labels("public").dec()
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                     float]:
+        wanted = ("mtlsproxy_tls_handshakes_total", "mtlsproxy_client_cert_cache_total",
+                  "mtlsproxy_connections_active")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for m in registry.collect() for s in m.samples if s.name in wanted}
+    expected = samples(theirs)
+    assert samples(ours) == expected and len(expected) == 5
+    assert expected[("mtlsproxy_connections_active", (("listener", "public"),))] == 4

@@ -79,8 +79,9 @@ class ProxySession:
         self.idle = False  # waiting for a request head (drain may close it)
         self.served = 0
         # Hot-path timeouts are deadlines checked by the listener's ticker (one float store
-        # per wait) rather than an asyncio.timeout (a timer handle per wait).
-        self.deadline = 0.0
+        # per wait) rather than an asyncio.timeout (a timer handle per wait). The first
+        # one is the TLS handshake's.
+        self.deadline = rt.loop_time() + rt.config.timeouts.handshake
         self.waiting_on: Inbox[Event] | None = None
         self._head_bytes_seen = False
         self._refusal_counted = False
@@ -195,7 +196,8 @@ class ProxySession:
         self._wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.inbox.fail(ConnectionClosed("client connection lost"))
+        if self.task is not None:  # the only reader of the inbox (no exception otherwise)
+            self.inbox.fail(ConnectionClosed("client connection lost"))
         fast, self.fast = self.fast, None
         if fast is not None:
             fast.up.direct = None
@@ -391,7 +393,10 @@ class ProxySession:
         """Called by the listener's ticker: fire an expired deadline."""
         if not self.deadline or now < self.deadline:
             return
-        if self.waiting_on is not None:
+        if self.conn.in_handshake:
+            self.deadline = 0.0
+            self.conn.handshake_expired()
+        elif self.waiting_on is not None:
             self.deadline = 0.0
             self.waiting_on.interrupt(TimeoutError())
         elif self.fast is not None:

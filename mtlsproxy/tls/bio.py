@@ -7,6 +7,9 @@ connection (hot-swappable truststore), uvloop's ``start_tls`` loses ClientHellos
 
 Rules of this module:
 - The context is taken once, in ``connection_made``, from ``handler.context()``.
+- The handshake's time limit is the handler's to keep (the proxy checks it on its
+  listener's ticker, a float per connection instead of a timer handle); it calls
+  ``handshake_expired()`` when the time is up.
 - Every call into the SSLObject is followed by ``_flush()`` so alerts, tickets and
   records reach the socket in order. One exception saves system calls: the TLS 1.3
   ticket written when the handshake ends waits in the outgoing BIO when a request came
@@ -68,9 +71,8 @@ class TLSHandler(Protocol):
 
 class TLSConnection(asyncio.Protocol):
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
-                 handshake_timeout: float, proxy_protocol: bool = False) -> None:
+                 proxy_protocol: bool = False) -> None:
         self._handler_factory = handler_factory
-        self._handshake_timeout = handshake_timeout
         self.state = TLSState.PROXY_HEADER if proxy_protocol else TLSState.HANDSHAKING
         self._proxy_buf = b""
         self.transport: asyncio.Transport | None = None
@@ -79,7 +81,6 @@ class TLSConnection(asyncio.Protocol):
         self.peername: tuple[str, int] = ("", 0)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -89,6 +90,11 @@ class TLSConnection(asyncio.Protocol):
 
     def _state_is_open(self) -> bool:
         return self.state is TLSState.OPEN or self.state is TLSState.CLOSING
+
+    @property
+    def in_handshake(self) -> bool:
+        """Not yet through the handshake (or the PROXY header before it)."""
+        return self.state is TLSState.HANDSHAKING or self.state is TLSState.PROXY_HEADER
 
     def _set_state(self, new: TLSState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -105,8 +111,6 @@ class TLSConnection(asyncio.Protocol):
         self.handler = self._handler_factory(self)
         self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing,
                                                       server_side=True)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.state is TLSState.PROXY_HEADER:
@@ -135,9 +139,6 @@ class TLSConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         was = self.state
         if was is not TLSState.CLOSED:
             self.state = TLSState.CLOSED
@@ -191,9 +192,6 @@ class TLSConnection(asyncio.Protocol):
         except (ssl.SSLError, OSError) as exc:
             self._fail_handshake(exc)
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._set_state(TLSState.OPEN)
         if not self._incoming.pending:
             self._flush()  # else data_received reads the request next (see the rules)
@@ -203,18 +201,15 @@ class TLSConnection(asyncio.Protocol):
         # OpenSSL has written the alert (certificate expired, unknown ca, ...) into the
         # outgoing BIO: send it before closing so the client sees a real TLS alert.
         self._flush()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._set_state(TLSState.CLOSED)
         if self.handler is not None:
             self.handler.handshake_failed(self, reason or classify(exc), exc)
         if self.transport is not None:
             self.transport.close()
 
-    def _on_handshake_timeout(self) -> None:
-        self._timer = None
-        if self.state is TLSState.HANDSHAKING or self.state is TLSState.PROXY_HEADER:
+    def handshake_expired(self) -> None:
+        """The handler's time limit for the handshake passed: count it and cut off."""
+        if self.in_handshake:
             self._set_state(TLSState.CLOSED)
             if self.handler is not None:
                 self.handler.handshake_failed(self, "timeout", TimeoutError("TLS handshake"))
