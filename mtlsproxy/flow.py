@@ -23,7 +23,7 @@ LOW_WATER = 64 * 1024
 class Inbox(Generic[E]):
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None],
                  high: int = HIGH_WATER, low: int = LOW_WATER) -> None:
-        self._events: deque[E] = deque()
+        self.events: deque[E] = deque()  # read-only outside: truthy when one is queued
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._pause, self._resume = pause, resume
@@ -33,7 +33,7 @@ class Inbox(Generic[E]):
 
     def put(self, events: list[E]) -> None:
         for ev in events:
-            self._events.append(ev)
+            self.events.append(ev)
             if isinstance(ev, Data):
                 self._buffered += len(ev.data)
         if self._buffered > self._high and not self._paused:
@@ -65,12 +65,12 @@ class Inbox(Generic[E]):
             waiter.set_result(None)
 
     def pending(self) -> bool:
-        return bool(self._events)
+        return bool(self.events)
 
     def get_nowait(self) -> E | None:
-        if not self._events:
+        if not self.events:
             return None
-        ev = self._events.popleft()
+        ev = self.events.popleft()
         if isinstance(ev, Data):
             self._buffered -= len(ev.data)
             if self._paused and self._buffered < self._low:
@@ -79,7 +79,7 @@ class Inbox(Generic[E]):
         return ev
 
     async def get(self) -> E:
-        while not self._events:
+        while not self.events:
             if self._error is not None:
                 raise self._error
             self._waiter = asyncio.get_running_loop().create_future()
@@ -92,5 +92,5 @@ class Inbox(Generic[E]):
         return ev
 
     def __repr__(self) -> str:
-        return (f"<Inbox events={len(self._events)} buffered={self._buffered} "
+        return (f"<Inbox events={len(self.events)} buffered={self._buffered} "
                 f"paused={self._paused} failed={self._error is not None}>")

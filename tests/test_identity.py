@@ -68,6 +68,33 @@ def test_verdict_rechecks_the_clock(pki: PKI) -> None:
     assert v.reason_at(now - dt.timedelta(days=400)) == "not_yet_valid"
 
 
+def test_admits_agrees_with_reason_at_on_both_bounds_and_a_refusal(pki: PKI) -> None:
+    identity = read_identity(pki.client.der, [pki.inter.der, pki.root.der])
+    ok = Verdict(1, None, identity, (), identity.valid_from, identity.valid_until)
+    bad = Verdict(1, "untrusted", identity, (), identity.valid_from, identity.valid_until)
+    second = dt.timedelta(seconds=1)
+    for now in (identity.valid_from - second, identity.valid_from,
+                identity.valid_until, identity.valid_until + second):
+        for v in (ok, bad):
+            assert v.admits(now) is (v.reason_at(now) is None), (v.reason, now)
+    assert ok.admits(identity.valid_until) and not ok.admits(identity.valid_until + second)
+
+
+def test_the_verified_chain_is_read_on_a_cache_miss_only(pki: PKI) -> None:
+    from mtlsproxy.config import MutualTLSConfig
+    from mtlsproxy.identity.verify import cached_verdict
+    bundle = parse_bundle(pki.truststore.read_bytes())
+    cache, asked = ValidationCache(), []
+
+    def chain() -> list[bytes]:
+        asked.append(1)
+        return [pki.client.der, pki.inter.der, pki.root.der]
+    first, hit = cached_verdict(cache, pki.client.der, chain, bundle, 1, MutualTLSConfig())
+    assert not hit and first.reason is None and asked == [1]
+    again, hit = cached_verdict(cache, pki.client.der, chain, bundle, 1, MutualTLSConfig())
+    assert hit and again is first and asked == [1]
+
+
 def test_cache_is_bounded_lru() -> None:
     cache = ValidationCache(max_entries=2)
     v = Verdict(1, None, None, (), dt.datetime.now(UTC), dt.datetime.now(UTC))

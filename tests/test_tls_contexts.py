@@ -48,6 +48,15 @@ def test_the_self_test_passes_on_this_python_and_openssl() -> None:
     assert native.status() == (True, "")
 
 
+def test_tls_records_go_through_the_c_object_behind_sslobject() -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    assert native._core_check()
+    core = native.core(obj)
+    assert core is not obj and type(core).__name__ == "_SSLSocket"
+    assert core.pending() == 0 and core.session_reused is False
+
+
 def test_keys_are_derived_per_label_and_secret() -> None:
     a = native.derive_keys(b"s" * 32, "public|abc")
     assert len(a) == 80
@@ -156,3 +165,11 @@ def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_lin
     assert not ctx.options & ssl.OP_NO_TICKET
     assert resumes(pki, ctx, ctx)  # from a stateless ticket
     monkeypatch.setattr(native, "_cache_status", None)  # the next test runs the real check
+
+
+def test_without_the_c_object_records_go_through_the_public_sslobject(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_CORE_OK", False)  # what a failed self-test leaves
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    assert native.core(obj) is obj

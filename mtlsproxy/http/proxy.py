@@ -108,13 +108,15 @@ class ProxySession:
             if leaf is None:
                 self.verdict = refused(gen.number, "no_client_certificate")
             else:
-                chain = None if resumed else conn.verified_chain_der()
+                chain = None if resumed else conn.verified_chain_der
                 self.verdict, hit = cached_verdict(rt.cache, leaf, chain, gen.bundle,
                                                    gen.number, rt.config.mutual_tls,
                                                    gen.revocation)
                 rt.count_cache(hit)
-        reason = self.verdict.reason_at(rt.clock())
-        if reason is not None:
+        now = rt.clock()
+        if not self.verdict.admits(now):
+            reason = self.verdict.reason_at(now)
+            assert reason is not None  # admits() is reason_at() is None
             self._count_refusal(reason)
         self._park()
 
@@ -148,7 +150,7 @@ class ProxySession:
             return
         if (self.idle and self.task is None and len(events) == 2
                 and type(events[0]) is Request and type(events[1]) is EndOfMessage
-                and not events[0].has_body and not self.inbox.pending()
+                and not events[0].has_body and not self.inbox.events
                 and self._try_fast(events[0])):
             return
         self.inbox.put(events)
@@ -168,7 +170,7 @@ class ProxySession:
     def _park(self) -> None:
         """No request pending: wait in callback mode under the ticker's deadline."""
         rt = self.rt
-        if self.inbox.pending() or self.inbox.failed is not None:
+        if self.inbox.events or self.inbox.failed is not None:
             self.idle = True
             self._start_task(None)
             return
@@ -217,8 +219,7 @@ class ProxySession:
         rt = self.rt
         verdict = self.verdict
         if (verdict is None or verdict.generation != rt.holder.current.number
-                or rt.ocsp is not None or rt.draining
-                or verdict.reason_at(rt.clock()) is not None):
+                or rt.ocsp is not None or rt.draining or not verdict.admits(rt.clock())):
             return False
         match = rt.router.match(_host(req), req.target)
         if match is None:
@@ -251,7 +252,7 @@ class ProxySession:
         fast = self.fast
         assert fast is not None
         if (events and type(events[0]) is Response and type(events[-1]) is EndOfMessage
-                and events[0].status >= 200 and not fast.up.inbox.pending()):
+                and events[0].status >= 200 and not fast.up.inbox.events):
             self._finish_fast(fast, events)
         else:
             self._fast_to_task(fast, events, None)

@@ -35,6 +35,10 @@ class Verdict:
     def __post_init__(self) -> None:
         object.__setattr__(self, "header_block", header_block(self.headers))  # frozen: once
 
+    def admits(self, now: dt.datetime) -> bool:
+        """``reason_at(now) is None``, in one call: the check every request makes."""
+        return self.reason is None and self.valid_from <= now <= self.valid_until
+
     def reason_at(self, now: dt.datetime) -> str | None:
         """The refusal reason at ``now``: the cached one, or the clock's."""
         return self.reason or validity_reason(self.valid_from, self.valid_until, now)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -57,15 +58,18 @@ def evaluate(leaf_der: bytes, chain_der: list[bytes] | None, bundle: TrustBundle
                    identity.valid_until)
 
 
-def cached_verdict(cache: ValidationCache, leaf_der: bytes, chain_der: list[bytes] | None,
+def cached_verdict(cache: ValidationCache, leaf_der: bytes,
+                   chain_der: Callable[[], list[bytes] | None] | None,
                    bundle: TrustBundle, generation: int, mtls: MutualTLSConfig,
                    revocation: RevocationState | None = None) -> tuple[Verdict, bool]:
-    """(verdict, cache hit)."""
+    """(verdict, cache hit). ``chain_der`` gives the verified chain, asked for on a miss
+    only (copying it out of OpenSSL is work a cache hit does not need)."""
     key = (hashlib.sha256(leaf_der).digest(), generation)
     verdict = cache.get(key)
     if verdict is not None:
         return verdict, True
-    verdict = evaluate(leaf_der, chain_der, bundle, generation, mtls, revocation)
+    verdict = evaluate(leaf_der, chain_der() if chain_der is not None else None, bundle,
+                       generation, mtls, revocation)
     cache.put(key, verdict)
     return verdict, False
 

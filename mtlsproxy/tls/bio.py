@@ -27,7 +27,7 @@ import asyncio
 import enum
 import ssl
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.tls import native, proxy_protocol
@@ -78,6 +78,8 @@ class TLSConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.handler: TLSHandler | None = None
         self.sslobj: ssl.SSLObject | None = None
+        # Its C object, for the per-record calls (native.core); set with sslobj.
+        self._tls: native.SSLCore | None = None
         self.peername: tuple[str, int] = ("", 0)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -87,9 +89,6 @@ class TLSConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
-
-    def _state_is_open(self) -> bool:
-        return self.state is TLSState.OPEN or self.state is TLSState.CLOSING
 
     @property
     def in_handshake(self) -> bool:
@@ -104,13 +103,14 @@ class TLSConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peername = (str(peer[0]), int(peer[1]))
+            self.peername = (peer[0], peer[1])  # (host, port[, flowinfo, scope_id])
         self.handler = self._handler_factory(self)
         self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing,
                                                       server_side=True)
+        self._tls = native.core(self.sslobj)
 
     def data_received(self, data: bytes) -> None:
         if self.state is TLSState.PROXY_HEADER:
@@ -125,7 +125,8 @@ class TLSConnection(asyncio.Protocol):
         if state is TLSState.HANDSHAKING:
             self._do_handshake()
         # The state may have moved in _do_handshake; re-read it (mypy narrows too eagerly).
-        if self._state_is_open():
+        state = self.state
+        if state is TLSState.OPEN or state is TLSState.CLOSING:
             self._read_plaintext()
 
     def eof_received(self) -> bool | None:
@@ -183,9 +184,9 @@ class TLSConnection(asyncio.Protocol):
     # -- handshake ----------------------------------------------------------------------
 
     def _do_handshake(self) -> None:
-        assert self.sslobj is not None and self.handler is not None
+        assert self._tls is not None and self.handler is not None
         try:
-            self.sslobj.do_handshake()
+            self._tls.do_handshake()
         except ssl.SSLWantReadError:
             self._flush()
             return
@@ -219,10 +220,10 @@ class TLSConnection(asyncio.Protocol):
     # -- data -------------------------------------------------------------------------
 
     def _read_plaintext(self) -> None:
-        assert self.sslobj is not None and self.handler is not None
+        assert self._tls is not None and self.handler is not None
         chunks: list[bytes] = []
         eof = False
-        sslobj, incoming = self.sslobj, self._incoming
+        sslobj, incoming = self._tls, self._incoming
         try:
             while True:
                 chunk = sslobj.read(_READ_SIZE)
@@ -259,10 +260,10 @@ class TLSConnection(asyncio.Protocol):
     def _encrypt(self, data: bytes) -> bool:
         """Into the outgoing BIO; False (the connection aborted) on a TLS error, or when
         the connection is no longer open (the data is dropped)."""
-        if self.state is not TLSState.OPEN or self.sslobj is None:
+        if self.state is not TLSState.OPEN or self._tls is None:
             return False
         try:
-            self.sslobj.write(data)
+            self._tls.write(data)
         except ssl.SSLError:
             self.abort()
             return False
@@ -331,8 +332,8 @@ class TLSConnection(asyncio.Protocol):
     # -- what the handshake established ---------------------------------------------------
 
     def peer_certificate_der(self) -> bytes | None:
-        assert self.sslobj is not None
-        return self.sslobj.getpeercert(binary_form=True)
+        assert self._tls is not None
+        return self._tls.getpeercert(True)  # type: ignore[no-any-return]
 
     def verified_chain_der(self) -> list[bytes] | None:
         """Leaf first, root last; None on a resumed session (OpenSSL keeps no chain)."""
@@ -341,4 +342,4 @@ class TLSConnection(asyncio.Protocol):
 
     @property
     def session_reused(self) -> bool:
-        return bool(self.sslobj is not None and self.sslobj.session_reused)
+        return self._tls is not None and self._tls.session_reused

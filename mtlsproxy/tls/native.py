@@ -1,5 +1,6 @@
 """The one module that reaches below Python's ``ssl`` API: shared TLS session-ticket keys,
-the in-memory session cache, and the verified chain (private before Python 3.13).
+the in-memory session cache, the verified chain (private before Python 3.13) and the C
+object behind ``ssl.SSLObject`` (``core``).
 
 Why: worker processes each build their own ``SSLContext``; OpenSSL gives every context
 random ticket keys, so a client whose resumed connection lands on another worker (the
@@ -51,7 +52,7 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -329,3 +330,52 @@ def verified_chain_der(sslobj: ssl.SSLObject) -> list[bytes] | None:
     if not chain:
         return None
     return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+
+# -- the C object behind SSLObject ------------------------------------------------------
+
+class SSLCore(Protocol):
+    """What the TLS layer calls on every record: ``ssl.SSLObject``'s methods of these
+    names forward to the C object's one for one (Lib/ssl.py, 3.11 to 3.13)."""
+
+    @property
+    def session_reused(self) -> bool: ...
+    def do_handshake(self) -> None: ...
+    def read(self, size: int, /) -> bytes: ...
+    def write(self, data: bytes, /) -> int: ...
+    def pending(self) -> int: ...
+    def getpeercert(self, binary_form: bool, /) -> Any: ...
+
+
+_CORE_NAMES = ("session_reused", "do_handshake", "read", "write", "pending", "getpeercert")
+
+
+def _core_check() -> bool:
+    """Self-test, once at import: the SSLObject of a real context has a ``_sslobj`` with
+    every name TLSConnection calls. Else ``core`` hands back the public object."""
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+        raw = obj._sslobj  # type: ignore[attr-defined]
+        missing = [n for n in _CORE_NAMES if not hasattr(raw, n)]
+        if missing:
+            raise RuntimeError(f"_sslobj lacks {', '.join(missing)}")
+        if raw.pending() != obj.pending() or raw.session_reused is not obj.session_reused:
+            raise RuntimeError("_sslobj disagrees with its SSLObject")
+        return True
+    except Exception as exc:  # any surprise: use the public object (one call slower)
+        log.warning("TLS records go through ssl.SSLObject (self-test of its C object "
+                    "failed: %s: %s)", type(exc).__name__, exc)
+        return False
+
+
+_CORE_OK = _core_check()
+
+
+def core(sslobj: ssl.SSLObject) -> SSLCore:
+    """The C object behind ``sslobj``: each ``SSLObject`` method is a Python function that
+    only forwards to it, and a connection makes ~10 such calls before its first response
+    (2 per keep-alive request). ``sslobj`` itself when the self-test failed."""
+    if _CORE_OK:
+        return sslobj._sslobj  # type: ignore[attr-defined,no-any-return]
+    return sslobj

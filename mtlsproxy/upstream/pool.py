@@ -74,7 +74,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.requests += 1
-        if not reusable or conn.state is not UpstreamState.ACTIVE or conn.inbox.pending():
+        if not reusable or conn.state is not UpstreamState.ACTIVE or conn.inbox.events:
             conn.close()
             return
         idle = self._idle.get(conn.key)
