@@ -93,10 +93,11 @@ class RouteConfig:
     strip_prefix: bool = False
     allow: tuple[Rule, ...] | None = None  # None: every validated client
     authorizer: AuthorizerConfig | None = None
+    # The route's label in metrics and logs: a field, read on every request.
+    name: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def name(self) -> str:
-        return f"{self.host or ''}{self.path_prefix}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.host or ''}{self.path_prefix}")  # frozen
 
 
 @dataclass(frozen=True)
