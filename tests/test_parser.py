@@ -212,3 +212,57 @@ def test_connection_tokens_are_remembered_per_value_within_a_bound() -> None:
         req = events[0]
         assert isinstance(req, Request) and req.connection == {b"keep-alive", b"x-%d" % i}
     assert len(parser._TOKENS_OF) <= 256
+
+
+# -- the header-size limit, checked without counting per header (httptools) -----------
+
+def test_a_whole_request_head_over_the_limit_in_one_read_gets_431(parser_kind: str) -> None:
+    p = request_parser(parser_kind, 4096)
+    with pytest.raises(RemoteProtocolError) as info:
+        p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: %s\r\n" % (b"a" * 5000) + b"\r\n")
+    assert info.value.status_hint == 431
+
+
+def test_a_small_head_in_a_large_read_is_not_held_to_the_read_size(parser_kind: str) -> None:
+    p = request_parser(parser_kind, 4096)
+    body = b"b" * 20000
+    events = p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n" + body
+                    + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    heads = [e for e in events if isinstance(e, Request)]
+    assert [h.target for h in heads] == [b"/", b"/next"]
+
+
+def test_a_head_just_under_the_limit_passes_and_just_over_fails() -> None:
+    # size = url + sum(name + value + 4): "/" 1, host 4+1+4, content-length 14+4+4,
+    # x-a 3+n+4: 39 + n. A large read (the body) makes the exact sum necessary.
+    for n, ok in ((4096 - 39, True), (4096 - 39 + 1, False)):
+        p = HttptoolsRequestParser(4096)
+        data = (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n"
+                b"X-A: %s\r\n\r\n" % (b"a" * n) + b"z" * 5000)
+        if ok:
+            assert isinstance(p.feed(data)[0], Request)
+        else:
+            with pytest.raises(RemoteProtocolError) as info:
+                p.feed(data)
+            assert info.value.status_hint == 431
+
+
+def test_a_whole_response_head_over_the_limit_in_one_read_gets_502() -> None:
+    # (h11's own limit applies to heads still incomplete only: the next test.)
+    big = b"HTTP/1.1 200 OK\r\nX-A: %s\r\nContent-Length: 0\r\n\r\n" % (b"a" * 70000)
+    p = HttptoolsResponseParser()
+    p.expect(b"GET")
+    with pytest.raises(RemoteProtocolError) as info:
+        p.feed(big)
+    assert info.value.status_hint == 502
+
+
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_a_response_head_over_the_limit_in_pieces_gets_502(cls: type) -> None:
+    big = b"HTTP/1.1 200 OK\r\nX-A: %s\r\nContent-Length: 0\r\n\r\n" % (b"a" * 70000)
+    p = cls()
+    p.expect(b"GET")
+    with pytest.raises(RemoteProtocolError) as info:
+        for i in range(0, len(big), 1000):
+            p.feed(big[i:i + 1000])
+    assert info.value.status_hint == 502

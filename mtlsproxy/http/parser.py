@@ -242,13 +242,25 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
 class _Head:
     url: bytearray = field(default_factory=bytearray)
     headers: Headers = field(default_factory=list)
-    size: int = 0
+
+    def size(self) -> int:
+        """The head's bytes, near enough for a limit (a ": " and CRLF per line)."""
+        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
 
 
 class _LlhttpHead:
-    """The llhttp callbacks that collect a head, shared by requests and responses."""
+    """The llhttp callbacks that collect a head, shared by requests and responses.
+
+    The header-size limit costs nothing per header: ``feed`` knows how many bytes a head
+    can have taken so far (``_bound``: the bytes fed since before it began), and only a
+    head that may be over the limit has its exact size summed. A head still unfinished
+    after a feed is held to the bytes fed, so one endless line meets the limit too.
+    """
 
     _head: _Head | None
+    max_header_bytes: int
+    _bound = 0  # bytes fed since before the current head began (an upper bound)
+    _raw_size = 0  # the same, carried from one feed to the next while a head is open
 
     def on_message_begin(self) -> None:
         self._head = _Head()
@@ -256,9 +268,19 @@ class _LlhttpHead:
     def on_header(self, name: bytes, value: bytes) -> None:
         # ~9 calls per request: one attribute load, no assert (llhttp calls it only
         # between on_message_begin and on_headers_complete).
-        head = self._head
-        head.headers.append((name.lower(), value.strip(b" \t")))  # type: ignore[union-attr]
-        head.size += len(name) + len(value) + 4  # type: ignore[union-attr]
+        self._head.headers.append(  # type: ignore[union-attr]
+            (name.lower(), value.strip(b" \t")))
+
+    def _too_large(self, head: _Head) -> bool:
+        return self._bound > self.max_header_bytes and head.size() > self.max_header_bytes
+
+    def _open_head_too_large(self, fed: int, head_in_progress: bool) -> bool:
+        """After a feed: carry the bound of a head still open; True when over."""
+        if self._head is None:
+            self._raw_size = 0
+            return False
+        self._raw_size = (self._raw_size if head_in_progress else 0) + fed
+        return self._raw_size > self.max_header_bytes
 
 
 class HttptoolsRequestParser(_LlhttpHead):
@@ -269,18 +291,16 @@ class HttptoolsRequestParser(_LlhttpHead):
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._head = None
-        self._raw_size = 0
 
     # llhttp callbacks
     def on_url(self, url: bytes) -> None:
         assert self._head is not None
         self._head.url += url
-        self._head.size += len(url)
 
     def on_headers_complete(self) -> None:
         head, self._head = self._head, None
         assert head is not None
-        if head.size > self.max_header_bytes:
+        if self._too_large(head):
             raise RemoteProtocolError("request header block too large", 431)
         p = self._parser
         # llhttp (strict) already refused invalid header names and control bytes.
@@ -305,6 +325,7 @@ class HttptoolsRequestParser(_LlhttpHead):
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
         head_in_progress = self._head is not None
+        self._bound = (self._raw_size if head_in_progress else 0) + len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -318,12 +339,8 @@ class HttptoolsRequestParser(_LlhttpHead):
             raise RemoteProtocolError(f"malformed request: {exc}") from None
         except httptools.HttpParserError as exc:
             raise RemoteProtocolError(f"malformed request: {exc}") from None
-        if self._head is not None:
-            self._raw_size = (self._raw_size if head_in_progress else 0) + len(data)
-            if self._raw_size > self.max_header_bytes or self._head.size > self.max_header_bytes:
-                raise RemoteProtocolError("request header block too large", 431)
-        else:
-            self._raw_size = 0
+        if self._open_head_too_large(len(data), head_in_progress):
+            raise RemoteProtocolError("request header block too large", 431)
         events, self._events = self._events, []
         return events
 
@@ -358,6 +375,8 @@ class HttptoolsResponseParser(_LlhttpHead):
     def on_headers_complete(self) -> None:
         head, self._head = self._head, None
         assert head is not None
+        if self._too_large(head):
+            raise RemoteProtocolError("response header block too large", 502)
         p = self._parser
         status = p.get_status_code()
         if 100 <= status < 200:
@@ -385,6 +404,8 @@ class HttptoolsResponseParser(_LlhttpHead):
     def feed(self, data: bytes) -> list[Event]:
         if self._done:
             raise RemoteProtocolError("upstream sent data after a complete response", 502)
+        head_in_progress = self._head is not None
+        self._bound = (self._raw_size if head_in_progress else 0) + len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -395,7 +416,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._done:
                 raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
-        if self._head is not None and self._head.size > self.max_header_bytes:
+        if self._open_head_too_large(len(data), head_in_progress):
             raise RemoteProtocolError("response header block too large", 502)
         events, self._events = self._events, []
         return events
