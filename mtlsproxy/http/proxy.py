@@ -308,7 +308,8 @@ class ProxySession:
         rt = self.rt
         duration = rt.loop_time() - fast.start
         rt.count_request(fast.route_name, status, duration)
-        rt.access(self, fast.req, status, sent, duration, fast.upstream.key)
+        if rt.access_log is not None:
+            rt.access(self, fast.req, status, sent, duration, fast.upstream.key)
 
     # -- the request loop ---------------------------------------------------------------
 

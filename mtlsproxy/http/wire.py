@@ -27,6 +27,9 @@ REASONS = {
 }
 
 
+# "HTTP/1.1 200 " and friends, built once (a status line starts every response).
+_STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+
 # What a head does with a header, by (lower-case) name. Memoised: the same few names come
 # on every request, and one dict lookup replaces five set tests and a prefix test. Bounded,
 # since clients choose names.
@@ -106,7 +109,7 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
     """
     named = resp.connection
     reason = resp.reason or REASONS.get(resp.status, "").encode()
-    lines = [b"HTTP/1.1 " + str(resp.status).encode() + b" " + reason]
+    lines = [(_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason]
     drop_length = chunked or resp.chunked
     for name, value in resp.headers:
         drop = _RESPONSE_DROP.get(name)
