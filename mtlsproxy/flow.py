@@ -64,9 +64,6 @@ class Inbox(Generic[E]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def pending(self) -> bool:
-        return bool(self.events)
-
     def get_nowait(self) -> E | None:
         if not self.events:
             return None
