@@ -21,6 +21,9 @@ LOW_WATER = 64 * 1024
 
 
 class Inbox(Generic[E]):
+    __slots__ = ("events", "_waiter", "_error", "_pause", "_resume", "_high", "_low",
+                 "_buffered", "_paused", "__weakref__")
+
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None],
                  high: int = HIGH_WATER, low: int = LOW_WATER) -> None:
         self.events: deque[E] = deque()  # read-only outside: truthy when one is queued
