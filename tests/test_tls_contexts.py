@@ -87,8 +87,8 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> None:
         raise RuntimeError("SSL_CTX pointer check failed (options differ)")
-    monkeypatch.setattr(native, "_status", None)
-    monkeypatch.setattr(native, "_resumption_check", broken)
+    monkeypatch.setattr(native._TICKET_KEYS, "status", None)
+    monkeypatch.setattr(native._TICKET_KEYS, "check", broken)
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         assert not native.use_secret(b"k" * 32)
         assert not native.available()
@@ -98,7 +98,7 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         "across workers is lost"]
     store = pki.truststore.read_bytes()
     assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
-    monkeypatch.setattr(native, "_status", None)  # the next test runs the real check
+    monkeypatch.setattr(native._TICKET_KEYS, "status", None)  # the next test: the real check
 
 
 def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> None:
@@ -154,8 +154,8 @@ def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_lin
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> None:
         raise RuntimeError("a session kept in memory did not resume")
-    monkeypatch.setattr(native, "_cache_status", None)
-    monkeypatch.setattr(native, "_session_cache_check", broken)
+    monkeypatch.setattr(native._SESSION_CACHE, "status", None)
+    monkeypatch.setattr(native._SESSION_CACHE, "check", broken)
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         ctx = contexts(pki, "public", pki.truststore.read_bytes())
         contexts(pki, "public", pki.truststore.read_bytes())  # logged once, not per context
@@ -164,7 +164,7 @@ def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_lin
         "memory did not resume); sessions resume from stateless tickets instead"]
     assert not ctx.options & ssl.OP_NO_TICKET
     assert resumes(pki, ctx, ctx)  # from a stateless ticket
-    monkeypatch.setattr(native, "_cache_status", None)  # the next test runs the real check
+    monkeypatch.setattr(native._SESSION_CACHE, "status", None)  # the next test: the real one
 
 
 def test_without_the_c_object_records_go_through_the_public_sslobject(
@@ -173,3 +173,27 @@ def test_without_the_c_object_records_go_through_the_public_sslobject(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     assert native.core(obj) is obj
+
+
+def test_tls13_takes_aes_128_gcm_first_whatever_the_clients_order(pki: PKI) -> None:
+    store = pki.truststore.read_bytes()
+    ctx = client(pki)  # OpenSSL's client order: AES-256-GCM-SHA384 first
+    conn = native._connect(contexts(pki, "public", store), ctx, None)
+    assert conn.version() == "TLSv1.3"
+    assert conn.cipher()[0] == "TLS_AES_128_GCM_SHA256"  # type: ignore[index]
+    assert native._SUITES.status is True
+
+
+def test_a_failed_suites_self_test_leaves_openssls_order_with_one_log_line(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("the server's order did not decide")
+    monkeypatch.setattr(native._SUITES, "status", None)
+    monkeypatch.setattr(native._SUITES, "check", broken)
+    with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
+        store = pki.truststore.read_bytes()
+        conn = native._connect(contexts(pki, "public", store), client(pki), None)
+    assert conn.cipher()[0] == "TLS_AES_256_GCM_SHA384"  # type: ignore[index]
+    assert [r.getMessage() for r in caplog.records] == [
+        "TLS 1.3 cipher suites in OpenSSL's order (self-test failed: RuntimeError: the "
+        "server's order did not decide): AES-256-GCM-SHA384 first"]
