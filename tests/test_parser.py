@@ -247,10 +247,10 @@ def test_a_head_just_under_the_limit_passes_and_just_over_fails() -> None:
             assert info.value.status_hint == 431
 
 
-def test_a_whole_response_head_over_the_limit_in_one_read_gets_502() -> None:
-    # (h11's own limit applies to heads still incomplete only: the next test.)
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_a_whole_response_head_over_the_limit_in_one_read_gets_502(cls: type) -> None:
     big = b"HTTP/1.1 200 OK\r\nX-A: %s\r\nContent-Length: 0\r\n\r\n" % (b"a" * 70000)
-    p = HttptoolsResponseParser()
+    p = cls()
     p.expect(b"GET")
     with pytest.raises(RemoteProtocolError) as info:
         p.feed(big)

@@ -559,6 +559,7 @@ class H11RequestParser:
 
 class H11ResponseParser:
     def __init__(self, max_header_bytes: int = 65536) -> None:
+        self.max_header_bytes = max_header_bytes
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self._method = b"GET"
 
@@ -583,8 +584,13 @@ class H11ResponseParser:
             if isinstance(ev, h11.InformationalResponse):
                 events.append(Informational(ev.status_code))
             elif isinstance(ev, h11.Response):
+                headers = _h11_headers(ev.headers)
+                # h11 limits heads still incomplete only; a whole one in one read is held
+                # to the limit here (as HttptoolsResponseParser does).
+                if _Head(bytearray(ev.reason), headers).size() > self.max_header_bytes:
+                    raise RemoteProtocolError("response header block too large", 502)
                 events.append(_make_response(ev.status_code, bytes(ev.reason), ev.http_version,
-                                             _h11_headers(ev.headers), self._method))
+                                             headers, self._method))
             elif isinstance(ev, h11.Data):
                 events.append(Data(bytes(ev.data)))
             elif isinstance(ev, h11.EndOfMessage):
