@@ -36,6 +36,15 @@ def contexts(pki: PKI, listener: str, truststore: bytes) -> ssl.SSLContext:
     return build_server_contexts(tls, parse_bundle(truststore), listener).default
 
 
+def break_self_test(monkeypatch: pytest.MonkeyPatch, check: native._Check,
+                    error: str) -> None:
+    """What a self-test failing on this platform leaves: it runs again, and raises."""
+    def broken() -> None:
+        raise RuntimeError(error)
+    monkeypatch.setattr(check, "status", None)
+    monkeypatch.setattr(check, "check", broken)
+
+
 def resumes(pki: PKI, first: ssl.SSLContext, second: ssl.SSLContext) -> bool:
     ctx = client(pki)  # a session resumes only from the client context that made it
     session = native._connect(first, ctx, None).session
@@ -85,10 +94,8 @@ def test_without_a_shared_secret_each_context_keeps_its_own_keys(pki: PKI) -> No
 
 def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def broken() -> None:
-        raise RuntimeError("SSL_CTX pointer check failed (options differ)")
-    monkeypatch.setattr(native._TICKET_KEYS, "status", None)
-    monkeypatch.setattr(native._TICKET_KEYS, "check", broken)
+    break_self_test(monkeypatch, native._TICKET_KEYS,
+                    "SSL_CTX pointer check failed (options differ)")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         assert not native.use_secret(b"k" * 32)
         assert not native.available()
@@ -152,10 +159,7 @@ def test_workers_keep_stateless_tickets_that_any_worker_resumes(pki: PKI,
 
 def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def broken() -> None:
-        raise RuntimeError("a session kept in memory did not resume")
-    monkeypatch.setattr(native._SESSION_CACHE, "status", None)
-    monkeypatch.setattr(native._SESSION_CACHE, "check", broken)
+    break_self_test(monkeypatch, native._SESSION_CACHE, "a session kept in memory did not resume")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         ctx = contexts(pki, "public", pki.truststore.read_bytes())
         contexts(pki, "public", pki.truststore.read_bytes())  # logged once, not per context
@@ -186,10 +190,7 @@ def test_tls13_takes_aes_128_gcm_first_whatever_the_clients_order(pki: PKI) -> N
 
 def test_a_failed_suites_self_test_leaves_openssls_order_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def broken() -> None:
-        raise RuntimeError("the server's order did not decide")
-    monkeypatch.setattr(native._SUITES, "status", None)
-    monkeypatch.setattr(native._SUITES, "check", broken)
+    break_self_test(monkeypatch, native._SUITES, "the server's order did not decide")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         store = pki.truststore.read_bytes()
         conn = native._connect(contexts(pki, "public", store), client(pki), None)
