@@ -101,9 +101,11 @@ class LocalFamily(Collector):
     """A counter or gauge of one process counted in plain floats, for the metrics that
     change on every connection (handshakes, cache lookups, open connections).
 
-    Why: prometheus-client's ``inc`` is three Python calls and a lock; four of them per
-    connection were measurable on resumed handshakes (bench/run.py, together ~1% of CPU). Same
-    names, labels and samples (``test_local_families_expose_what_prometheus_client_would``).
+    Why: prometheus-client's ``inc`` is three Python calls and a lock, four of them per
+    connection; replacing them, with the handshake timer moved to the ticker in the same
+    change, cut ~5% of the user CPU of a resumed connection (A/B, docs/benchmarks.md).
+    Same names, labels and samples
+    (``test_local_families_expose_what_prometheus_client_would``).
     Single process only, like ``RequestCounts``; ``workers: N`` keep prometheus-client's.
     """
 
