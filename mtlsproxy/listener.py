@@ -24,6 +24,7 @@ from mtlsproxy.tls.bio import TLSConnection
 from mtlsproxy.truststore.holder import TruststoreHolder
 from mtlsproxy.truststore.revocation_watcher import RevocationWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
+from mtlsproxy.writes import WriteBatch
 
 log = logging.getLogger("mtlsproxy")
 
@@ -74,8 +75,10 @@ class ListenerRuntime:
     def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
                  clock: Callable[[], dt.datetime] = utc_now,
-                 access_log: AccessLog | None = None, worker: int | None = None) -> None:
+                 access_log: AccessLog | None = None, worker: int | None = None,
+                 writes: WriteBatch | None = None) -> None:
         self.config = config
+        self.writes = writes  # client connections' sends deferred to the pass's end
         self.worker = worker  # index among ``workers: N``; None when there is one process
         self.name = config.name
         self.holder = holder
@@ -124,7 +127,8 @@ class ListenerRuntime:
     def protocol_factory(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.limits.max_connections:
             return _Refuse()
-        return TLSConnection(lambda conn: ProxySession(self, conn), self.config.proxy_protocol)
+        return TLSConnection(lambda conn: ProxySession(self, conn), self.config.proxy_protocol,
+                             self.writes)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

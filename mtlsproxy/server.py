@@ -32,6 +32,7 @@ from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 from mtlsproxy.upstream.pool import UpstreamPool
 from mtlsproxy.workers import WorkerSettings
+from mtlsproxy.writes import WriteBatch
 
 log = logging.getLogger("mtlsproxy")
 
@@ -53,7 +54,10 @@ class ProxyServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, multiprocess=worker is not None)
         self.cache = ValidationCache()
-        self.pool = UpstreamPool(config.parser)
+        # One batch for every connection of this process: a pass's sends all go after
+        # its reads (writes.py).
+        self.writes = WriteBatch()
+        self.pool = UpstreamPool(config.parser, writes=self.writes)
         self.access_log = AccessLog(access_stream) if config.access_log else None
         self.truststore_metrics = TruststoreMetrics(self.registry)
         self.s3_client_factory = s3_client_factory
@@ -81,7 +85,8 @@ class ProxyServer:
                 raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
             runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log,
-                                      worker=None if worker is None else worker.index)
+                                      worker=None if worker is None else worker.index,
+                                      writes=self.writes)
             self._setup_revocation(runtime)
             self.cert_watchers.append(ServerCertWatcher(runtime, self.server_cert_metrics))
             self.listeners.append(runtime)

@@ -11,7 +11,9 @@ Rules of this module:
   listener's ticker, a float per connection instead of a timer handle); it calls
   ``handshake_expired()`` when the time is up.
 - Every call into the SSLObject is followed by ``_flush()`` so alerts, tickets and
-  records reach the socket in order. One exception saves system calls: the TLS 1.3
+  records reach the socket in order. Application data written with ``write`` may wait
+  in the outgoing BIO for the end of the loop's pass (``writes.py``); every later
+  ``_flush`` (a close included) sends it first. One exception saves system calls: the TLS 1.3
   ticket written when the handshake ends waits in the outgoing BIO when a request came
   with the client's Finished and the handler will answer it (``response_pending``); it
   then leaves with the response, in the same write. A last response and close_notify
@@ -32,6 +34,7 @@ from typing import Protocol
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.tls import native, proxy_protocol
 from mtlsproxy.tls.failures import classify
+from mtlsproxy.writes import WriteBatch
 
 _READ_SIZE = 256 * 1024
 
@@ -73,11 +76,14 @@ class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it ~150 bytes smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "transport", "handler", "sslobj",
                  "_tls", "peername", "_incoming", "_outgoing", "_write_paused",
-                 "_drain_waiter", "_reading_paused", "__weakref__")
+                 "_drain_waiter", "_reading_paused", "_writes", "__weakref__")
 
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
-                 proxy_protocol: bool = False) -> None:
+                 proxy_protocol: bool = False, writes: WriteBatch | None = None) -> None:
         self._handler_factory = handler_factory
+        # Where write() defers its send to the end of the loop's pass (writes.py); None:
+        # send at once.
+        self._writes = writes
         self.state = TLSState.PROXY_HEADER if proxy_protocol else TLSState.HANDSHAKING
         self._proxy_buf = b""
         self.transport: asyncio.Transport | None = None
@@ -275,9 +281,17 @@ class TLSConnection(asyncio.Protocol):
         return True
 
     def write(self, data: bytes) -> None:
-        """Encrypt and send; silently dropped once the connection is closing."""
+        """Encrypt and send (at the end of the loop's pass when deferring: the bytes wait
+        in the outgoing BIO, so anything sent before them still goes first); silently
+        dropped once the connection is closing."""
         if self._encrypt(data):
-            self._flush()
+            if self._writes is None:
+                self._flush()
+            else:
+                self._writes.add(self)
+
+    def flush_deferred(self) -> None:
+        self._flush()
 
     def write_and_close(self, data: bytes) -> None:
         """The connection's last bytes: ``data`` and close_notify in one system call."""

@@ -9,6 +9,7 @@ from typing import Protocol, cast
 from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
 from mtlsproxy.flow import Inbox
 from mtlsproxy.http.parser import Event, ResponseParser
+from mtlsproxy.writes import WriteBatch
 
 
 class DirectHandler(Protocol):
@@ -34,7 +35,8 @@ _ALLOWED = {
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, key: str, parser: ResponseParser) -> None:
+    def __init__(self, key: str, parser: ResponseParser,
+                 writes: WriteBatch | None = None) -> None:
         self.key = key
         self.parser = parser
         self.state = UpstreamState.CONNECTING
@@ -47,6 +49,9 @@ class UpstreamConnection(asyncio.Protocol):
         # A fast exchange (http/proxy.py) takes events straight from the callbacks; when
         # it is None they queue in ``inbox`` for a task.
         self.direct: DirectHandler | None = None
+        # Sends deferred to the end of the loop's pass (writes.py) wait here, in order.
+        self._writes = writes
+        self._out: list[bytes] = []
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.key} {self.state.value} requests={self.requests}>"
@@ -128,7 +133,17 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             raise UpstreamError("upstream connection closed while sending", "reset")
-        self.transport.write(data)
+        if self._writes is None:
+            self.transport.write(data)
+            return
+        if not self._out:
+            self._writes.add(self)
+        self._out.append(data)
+
+    def flush_deferred(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     @property
     def write_paused(self) -> bool:
@@ -143,6 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
         await self._drain_waiter
 
     def close(self) -> None:
+        self.flush_deferred()  # a request written in this pass still goes out first
         if self.state is not UpstreamState.CLOSED:
             self.state = UpstreamState.CLOSED
         if self.transport is not None:

@@ -17,13 +17,16 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import UpstreamError
 from mtlsproxy.http.parser import response_parser
 from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
+from mtlsproxy.writes import WriteBatch
 
 
 class UpstreamPool:
     def __init__(self, parser_kind: str = "httptools", connect_timeout: float = 5.0,
                  max_idle_per_upstream: int = 64, idle_timeout: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 writes: WriteBatch | None = None) -> None:
         self.parser_kind = parser_kind
+        self.writes = writes  # given to every connection (writes.py)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_upstream
         self.idle_timeout = idle_timeout
@@ -61,7 +64,8 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(key, response_parser(self.parser_kind)),
+                    lambda: UpstreamConnection(key, response_parser(self.parser_kind),
+                                               self.writes),
                     upstream.host, upstream.port)
         except TimeoutError:
             raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
