@@ -1,0 +1,110 @@
+"""Sends deferred to the end of the event loop's pass (mtlsproxy/writes.py).
+
+What must hold: nothing is sent during the pass that wrote it, everything is sent right
+after it (in order, on both loop kinds), one broken connection keeps no other's bytes,
+a connection that closes sends what it deferred first, and the proxy uses the batch for
+both of its directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from mtlsproxy.http.parser import HttptoolsResponseParser
+from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
+from mtlsproxy.writes import WriteBatch
+from tests.conftest import Harness
+
+
+def run(kind: str, coro: Coroutine[Any, Any, None]) -> None:
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+class Recorder:
+    def __init__(self, name: str, sent: list[str], fail: bool = False) -> None:
+        self.name, self.sent, self.fail = name, sent, fail
+
+    def flush_deferred(self) -> None:
+        if self.fail:
+            raise OSError("broken")
+        self.sent.append(self.name)
+
+
+def test_sends_of_one_pass_go_out_together_right_after_it(loop_kind: str) -> None:
+    async def go() -> None:
+        batch, sent = WriteBatch(), list[str]()
+        a, b = Recorder("a", sent), Recorder("b", sent)
+        batch.add(a)
+        batch.add(b)
+        batch.add(a)  # a second write of one connection in the same pass
+        assert sent == [] and batch.passes == 0  # nothing during the pass
+        await asyncio.sleep(0)
+        assert sent == ["a", "b", "a"] and batch.passes == 1  # one flush, in order
+        batch.add(b)
+        await asyncio.sleep(0)
+        assert sent == ["a", "b", "a", "b"] and batch.passes == 2
+        assert repr(batch) == "<WriteBatch pending=0 passes=2>"
+    run(loop_kind, go())
+
+
+def test_a_failing_send_keeps_no_other_connections_bytes(
+        loop_kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        batch, sent = WriteBatch(), list[str]()
+        batch.add(Recorder("broken", sent, fail=True))
+        batch.add(Recorder("b", sent))
+        await asyncio.sleep(0)
+        assert sent == ["b"]
+    with caplog.at_level(logging.ERROR, logger="mtlsproxy"):
+        run(loop_kind, go())
+    assert "deferred write" in caplog.text
+
+
+def test_an_upstream_connection_sends_its_deferred_bytes_before_closing(
+        loop_kind: str) -> None:
+    async def go() -> None:
+        received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            received.set_result(await reader.read())  # everything, up to EOF
+            writer.close()
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        batch = WriteBatch()
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: UpstreamConnection("u", HttptoolsResponseParser(), batch),
+            "127.0.0.1", port)
+        conn.set_state(UpstreamState.ACTIVE)
+        conn.write(b"GET / HTTP/1.1\r\n")
+        conn.write(b"host: u\r\n\r\n")
+        conn.close()  # in the same pass: the deferred bytes must still leave first
+        assert await asyncio.wait_for(received, 5) == b"GET / HTTP/1.1\r\nhost: u\r\n\r\n"
+        server.close()
+        await server.wait_closed()
+    run(loop_kind, go())
+
+
+def test_the_proxy_defers_the_sends_of_both_directions(proxy: Harness) -> None:
+    assert proxy.server is not None
+    batch = proxy.server.writes
+    conn = proxy.https()
+    conn.request("GET", "/a")
+    assert conn.getresponse().read()
+    before = proxy.loop.call(lambda: batch.passes)
+    conn.request("GET", "/b")
+    assert conn.getresponse().read()
+    conn.close()
+    # One pass sent the request upstream and a later one the response to the client.
+    assert proxy.loop.call(lambda: batch.passes) - before >= 2
+    assert proxy.server.pool.writes is batch
+    assert proxy.server.listeners[0].writes is batch
