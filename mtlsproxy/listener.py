@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 import sys
@@ -33,8 +34,9 @@ log = logging.getLogger("mtlsproxy")
 TICK = 0.1
 
 
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+# The policy's clock, read on every request (the verdict's validity window): a partial
+# calls datetime.now from C, without a Python frame (~1% of a keep-alive request).
+utc_now: Callable[[], dt.datetime] = functools.partial(dt.datetime.now, dt.UTC)
 
 
 class AccessLog:

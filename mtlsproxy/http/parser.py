@@ -17,7 +17,7 @@ Rules of this module:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import h11
@@ -39,6 +39,7 @@ class Request:
     content_length: int | None
     expect_continue: bool = False
     connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
+    host: bytes = b""  # the Host header's value (there is at most one)
 
     @property
     def has_body(self) -> bool:
@@ -122,19 +123,21 @@ def _connection_tokens(value: bytes) -> frozenset[bytes]:
 
 
 def _scan(headers: Headers) -> tuple[frozenset[bytes], tuple[bytes, ...], tuple[bytes, ...],
-                                     int, bool]:
-    """What framing and connection handling need from a head, found in one pass:
-    (Connection tokens, Transfer-Encoding values, Content-Length values, Host count,
-    Expect: 100-continue)."""
+                                     int, bytes, bool]:
+    """What framing, routing and connection handling need from a head, found in one
+    pass: (Connection tokens, Transfer-Encoding values, Content-Length values, Host
+    count, the (last) Host value, Expect: 100-continue)."""
     connection = _NO_TOKENS
     te = cl = _NO_VALUES
     hosts = 0
+    host = b""
     expect = False
     for name, value in headers:
         if name not in _FRAMING_NAMES:
             continue
         if name == b"host":
             hosts += 1
+            host = value
         elif name == b"content-length":
             cl += (value,)
         elif name == b"connection":
@@ -145,7 +148,7 @@ def _scan(headers: Headers) -> tuple[frozenset[bytes], tuple[bytes, ...], tuple[
             te += (value,)
         else:  # expect
             expect = expect or value.strip().lower() == b"100-continue"
-    return connection, te, cl, hosts, expect
+    return connection, te, cl, hosts, host, expect
 
 
 def _framing(te: tuple[bytes, ...], cl: tuple[bytes, ...], is_request: bool
@@ -200,7 +203,7 @@ _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
                   validated: bool = False) -> Request:
     """``validated``: the parser already refused bad header names and values (llhttp)."""
-    connection, te, cl, hosts, expect = _scan(headers)
+    connection, te, cl, hosts, host, expect = _scan(headers)
     if method == b"CONNECT" or b"upgrade" in connection:
         raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
     if method not in METHODS:
@@ -219,14 +222,14 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
     chunked, length = _framing(te, cl, True) if te or cl else (False, None)
     keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
     return Request(method, target, version, headers, keep, chunked, length, expect,
-                   connection)
+                   connection, host)
 
 
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
                    method: bytes, validated: bool = False) -> Response:
     if not validated:
         _check_head(headers)
-    connection, te, cl, _, _ = _scan(headers)
+    connection, te, cl, _, _, _ = _scan(headers)
     no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
     chunked, length = _framing(te, cl, False) if te or cl else (False, None)
     if no_body:
@@ -240,18 +243,17 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
 
 # -- httptools (llhttp) -------------------------------------------------------------------
 
-@dataclass(slots=True)
-class _Head:
-    url: bytearray = field(default_factory=bytearray)
-    headers: Headers = field(default_factory=list)
-
-    def size(self) -> int:
-        """The head's bytes, near enough for a limit (a ": " and CRLF per line)."""
-        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+def head_size(start_line: bytes, headers: Headers) -> int:
+    """A head's bytes, near enough for a limit (a ": " and CRLF per line)."""
+    return len(start_line) + sum(len(n) + len(v) + 4 for n, v in headers)
 
 
 class _LlhttpHead:
     """The llhttp callbacks that collect a head, shared by requests and responses.
+
+    A head in progress is ``_url`` (the request target or the status reason) and
+    ``_headers`` (None between heads). Plain attributes, no head object: these callbacks
+    run ~20 times per proxied request.
 
     The header-size limit costs nothing per header: ``feed`` knows how many bytes a head
     can have taken so far (``_bound``: the bytes fed since before it began), and only a
@@ -259,28 +261,37 @@ class _LlhttpHead:
     after a feed is held to the bytes fed, so one endless line meets the limit too.
     """
 
-    _head: _Head | None
+    _url = b""
+    _headers: Headers | None = None
     max_header_bytes: int
     _bound = 0  # bytes fed since before the current head began (an upper bound)
-    _raw_size = 0  # the same, carried from one feed to the next while a head is open
+    # The same, carried from one feed to the next while a head is open (read only then).
+    _raw_size = 0
 
     def on_message_begin(self) -> None:
-        self._head = _Head()
+        self._url = b""
+        self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # ~9 calls per request: one attribute load, no assert (llhttp calls it only
         # between on_message_begin and on_headers_complete).
-        self._head.headers.append(  # type: ignore[union-attr]
+        self._headers.append(  # type: ignore[union-attr]
             (name.lower(), value.strip(b" \t")))
 
-    def _too_large(self, head: _Head) -> bool:
-        return self._bound > self.max_header_bytes and head.size() > self.max_header_bytes
+    def _take_head(self, status: int) -> Headers:
+        """The finished head's headers (RemoteProtocolError ``status`` when over the
+        limit); no head is in progress afterwards."""
+        headers, self._headers = self._headers, None
+        assert headers is not None
+        if (self._bound > self.max_header_bytes
+                and head_size(self._url, headers) > self.max_header_bytes):
+            raise RemoteProtocolError(
+                f"{'request' if status == 431 else 'response'} header block too large",
+                status)
+        return headers
 
     def _open_head_too_large(self, fed: int, head_in_progress: bool) -> bool:
-        """After a feed: carry the bound of a head still open; True when over."""
-        if self._head is None:
-            self._raw_size = 0
-            return False
+        """After a feed that left a head open: carry its bound; True when over."""
         self._raw_size = (self._raw_size if head_in_progress else 0) + fed
         return self._raw_size > self.max_header_bytes
 
@@ -292,22 +303,17 @@ class HttptoolsRequestParser(_LlhttpHead):
         self.max_header_bytes = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
-        self._head = None
 
     # llhttp callbacks
     def on_url(self, url: bytes) -> None:
-        assert self._head is not None
-        self._head.url += url
+        self._url += url
 
     def on_headers_complete(self) -> None:
-        head, self._head = self._head, None
-        assert head is not None
-        if self._too_large(head):
-            raise RemoteProtocolError("request header block too large", 431)
+        headers = self._take_head(431)
         p = self._parser
         # llhttp (strict) already refused invalid header names and control bytes.
-        self._events.append(_make_request(p.get_method(), bytes(head.url),
-                                          p.get_http_version().encode(), head.headers,
+        self._events.append(_make_request(p.get_method(), self._url,
+                                          p.get_http_version().encode(), headers,
                                           validated=True))
 
     def on_body(self, body: bytes) -> None:
@@ -326,7 +332,7 @@ class HttptoolsRequestParser(_LlhttpHead):
     def feed(self, data: bytes) -> list[Event]:
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
-        head_in_progress = self._head is not None
+        head_in_progress = self._headers is not None
         self._bound = (self._raw_size if head_in_progress else 0) + len(data)
         try:
             self._parser.feed_data(data)
@@ -341,7 +347,8 @@ class HttptoolsRequestParser(_LlhttpHead):
             raise RemoteProtocolError(f"malformed request: {exc}") from None
         except httptools.HttpParserError as exc:
             raise RemoteProtocolError(f"malformed request: {exc}") from None
-        if self._open_head_too_large(len(data), head_in_progress):
+        if self._headers is not None and self._open_head_too_large(len(data),
+                                                                   head_in_progress):
             raise RemoteProtocolError("request header block too large", 431)
         events, self._events = self._events, []
         return events
@@ -354,7 +361,6 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._events: list[Event] = []
         self._parser = httptools.HttpResponseParser(self)
         self._stale_parser = False
-        self._head: _Head | None = None
         self._response: Response | None = None
         self._done = False
 
@@ -366,26 +372,22 @@ class HttptoolsResponseParser(_LlhttpHead):
                 # After a HEAD answer llhttp still waits for a body: start afresh.
                 self._parser = httptools.HttpResponseParser(self)
                 self._stale_parser = False
-            self._head = None
+            self._headers = None
             self._response = None
             self._done = False
 
     def on_status(self, status: bytes) -> None:
-        assert self._head is not None
-        self._head.url += status
+        self._url += status
 
     def on_headers_complete(self) -> None:
-        head, self._head = self._head, None
-        assert head is not None
-        if self._too_large(head):
-            raise RemoteProtocolError("response header block too large", 502)
+        headers = self._take_head(502)
         p = self._parser
         status = p.get_status_code()
         if 100 <= status < 200:
             self._events.append(Informational(status))
             return
-        self._response = _make_response(status, bytes(head.url), p.get_http_version().encode(),
-                                        head.headers, self._method, validated=True)
+        self._response = _make_response(status, self._url, p.get_http_version().encode(),
+                                        headers, self._method, validated=True)
         self._events.append(self._response)
         if self._method == b"HEAD":
             # llhttp cannot be told that this answers a HEAD: end the message here and use
@@ -406,7 +408,7 @@ class HttptoolsResponseParser(_LlhttpHead):
     def feed(self, data: bytes) -> list[Event]:
         if self._done:
             raise RemoteProtocolError("upstream sent data after a complete response", 502)
-        head_in_progress = self._head is not None
+        head_in_progress = self._headers is not None
         self._bound = (self._raw_size if head_in_progress else 0) + len(data)
         try:
             self._parser.feed_data(data)
@@ -418,7 +420,8 @@ class HttptoolsResponseParser(_LlhttpHead):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._done:
                 raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
-        if self._open_head_too_large(len(data), head_in_progress):
+        if self._headers is not None and self._open_head_too_large(len(data),
+                                                                   head_in_progress):
             raise RemoteProtocolError("response header block too large", 502)
         events, self._events = self._events, []
         return events
@@ -587,7 +590,7 @@ class H11ResponseParser:
                 headers = _h11_headers(ev.headers)
                 # h11 limits heads still incomplete only; a whole one in one read is held
                 # to the limit here (as HttptoolsResponseParser does).
-                if _Head(bytearray(ev.reason), headers).size() > self.max_header_bytes:
+                if head_size(bytes(ev.reason), headers) > self.max_header_bytes:
                     raise RemoteProtocolError("response header block too large", 502)
                 events.append(_make_response(ev.status_code, bytes(ev.reason), ev.http_version,
                                              headers, self._method))

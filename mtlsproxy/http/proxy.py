@@ -226,7 +226,7 @@ class ProxySession:
         if (verdict is None or verdict.generation != rt.holder.current.number
                 or rt.ocsp is not None or rt.draining or not verdict.admits(rt.clock())):
             return False
-        match = rt.router.match(_host(req), req.target)
+        match = rt.router.match(req.host, req.target)
         if match is None:
             return False
         route, target = match
@@ -451,7 +451,7 @@ class ProxySession:
                 status = 403
                 sent = self._write_error(403, reason)
                 return False
-            match = rt.router.match(_host(req), req.target)
+            match = rt.router.match(req.host, req.target)
             if match is None:
                 status = 404
                 keep = req.keep_alive and not req.has_body and not rt.draining
@@ -727,13 +727,6 @@ def _client_head(req: Request, resp: Response, draining: bool) -> tuple[bytes, b
     rechunk = unframed and not http10
     keep = req.keep_alive and not draining and not (unframed and http10)
     return wire.client_response_head(resp, rechunk, keep, http10), rechunk, keep
-
-
-def _host(req: Request) -> bytes:
-    for name, value in req.headers:
-        if name == b"host":
-            return value
-    return b""
 
 
 class _UpstreamAfterHead(UpstreamError):

@@ -75,7 +75,7 @@ class TLSHandler(Protocol):
 class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it ~150 bytes smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "transport", "handler", "sslobj",
-                 "_tls", "peername", "_incoming", "_outgoing", "_write_paused",
+                 "_tls", "peername", "_incoming", "_outgoing", "write_paused",
                  "_drain_waiter", "_reading_paused", "_writes", "__weakref__")
 
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
@@ -94,7 +94,9 @@ class TLSConnection(asyncio.Protocol):
         self.peername: tuple[str, int] = ("", 0)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._write_paused = False
+        # Set by the transport's flow control; read after every fast-path response (a
+        # plain attribute: no property call on that path).
+        self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
 
@@ -168,10 +170,10 @@ class TLSConnection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         self._wake_drain(None)
 
     def _proxy_header(self, data: bytes) -> bytes:
@@ -298,13 +300,9 @@ class TLSConnection(asyncio.Protocol):
         self._encrypt(data)
         self.close()
 
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
-
     async def drain(self) -> None:
         """Wait until the transport's write buffer is under its low-water mark."""
-        if not self._write_paused or self.state is TLSState.CLOSED:
+        if not self.write_paused or self.state is TLSState.CLOSED:
             return
         if self._drain_waiter is None:
             self._drain_waiter = asyncio.get_running_loop().create_future()

@@ -45,7 +45,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn.state is UpstreamState.IDLE and now - conn.idle_since < self.idle_timeout:
-                conn.set_state(UpstreamState.ACTIVE)
+                conn.state = UpstreamState.ACTIVE  # IDLE -> ACTIVE, checked on the line above
                 return conn
             conn.close()
         return None
@@ -87,7 +87,7 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.set_state(UpstreamState.IDLE)
+        conn.state = UpstreamState.IDLE  # ACTIVE -> IDLE: not ACTIVE was closed above
         conn.idle_since = self.clock()
         idle.append(conn)
 
