@@ -38,7 +38,7 @@ from mtlsproxy.identity.cache import Verdict
 from mtlsproxy.identity.headers import header_block
 from mtlsproxy.identity.ocsp import reason_for
 from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
-from mtlsproxy.tls.bio import TLSConnection, TLSState
+from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class ProxySession:
         self.served += 1
         rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))
-        if self.conn.state is not TLSState.OPEN:  # closing (not keep) or closed
+        if self.conn.state is not OPEN:  # closing (not keep) or closed
             self.conn.close()
         elif self.conn.write_paused:
             self._start_task(None)  # the general path waits for the drain
@@ -330,7 +330,7 @@ class ProxySession:
         try:
             if fast is not None and not await self._serve(fast.req, fast):
                 return
-            while self.conn.state is TLSState.OPEN:
+            while self.conn.state is OPEN:
                 if self.conn.write_paused:
                     await self._drain_client()
                 request = await self._next_request()
@@ -354,7 +354,7 @@ class ProxySession:
             pass
         finally:
             self.task = None
-            if park and self.conn.state is TLSState.OPEN:
+            if park and self.conn.state is OPEN:
                 self._park()
             else:
                 self.idle = False
@@ -709,7 +709,7 @@ class ProxySession:
                 await conn.drain()
             except ConnectionResetError:
                 raise _ClientGone() from None
-        if conn.state is not TLSState.OPEN:
+        if conn.state is not OPEN:
             raise _ClientGone()
 
 

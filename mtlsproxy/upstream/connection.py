@@ -26,6 +26,11 @@ class UpstreamState(enum.Enum):
     __hash__ = object.__hash__  # identity: see TLSState (two transitions per request)
 
 
+# The members as module globals, for the checks made per request (see TLSState's note
+# in tls/bio.py: ``UpstreamState.X`` costs an ``EnumType.__getattr__`` slot call in 3.11).
+CONNECTING, ACTIVE, IDLE, CLOSED = (UpstreamState.CONNECTING, UpstreamState.ACTIVE,
+                                    UpstreamState.IDLE, UpstreamState.CLOSED)
+
 _ALLOWED = {
     UpstreamState.CONNECTING: {UpstreamState.ACTIVE, UpstreamState.CLOSED},
     UpstreamState.ACTIVE: {UpstreamState.IDLE, UpstreamState.CLOSED},
@@ -39,7 +44,7 @@ class UpstreamConnection(asyncio.Protocol):
                  writes: WriteBatch | None = None) -> None:
         self.key = key
         self.parser = parser
-        self.state = UpstreamState.CONNECTING
+        self.state = CONNECTING
         self.transport: asyncio.Transport | None = None
         self.inbox: Inbox[Event] = Inbox(self._pause_reading, self._resume_reading)
         self.requests = 0
@@ -65,7 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.state is not UpstreamState.ACTIVE:
+        if self.state is not ACTIVE:
             # Bytes while idle: the upstream is confused; this connection is not reusable.
             self.close()
             return
@@ -84,7 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         events: list[Event] = []
         error: BaseException = ConnectionClosed("upstream closed the connection")
-        if self.state is UpstreamState.ACTIVE:
+        if self.state is ACTIVE:
             try:
                 events = self.parser.feed_eof()
             except ProtocolError as exc:
@@ -102,8 +107,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.inbox.fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is not UpstreamState.CLOSED:
-            self.state = UpstreamState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
         self._ended(ConnectionClosed("upstream connection lost"), [])
         self._wake(exc or ConnectionResetError("upstream connection lost"))
 
@@ -152,14 +157,14 @@ class UpstreamConnection(asyncio.Protocol):
     async def drain(self) -> None:
         if not self._write_paused:
             return
-        if self.state is UpstreamState.CLOSED:
+        if self.state is CLOSED:
             raise UpstreamError("upstream connection closed while sending", "reset")
         self._drain_waiter = asyncio.get_running_loop().create_future()
         await self._drain_waiter
 
     def close(self) -> None:
         self.flush_deferred()  # a request written in this pass still goes out first
-        if self.state is not UpstreamState.CLOSED:
-            self.state = UpstreamState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
         if self.transport is not None:
             self.transport.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from mtlsproxy.config import Upstream
 from mtlsproxy.errors import UpstreamError
 from mtlsproxy.http.parser import response_parser
-from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
+from mtlsproxy.upstream.connection import ACTIVE, IDLE, UpstreamConnection
 from mtlsproxy.writes import WriteBatch
 
 
@@ -44,8 +44,8 @@ class UpstreamPool:
         now = self.clock()
         while idle:
             conn = idle.pop()
-            if conn.state is UpstreamState.IDLE and now - conn.idle_since < self.idle_timeout:
-                conn.state = UpstreamState.ACTIVE  # IDLE -> ACTIVE, checked on the line above
+            if conn.state is IDLE and now - conn.idle_since < self.idle_timeout:
+                conn.state = ACTIVE  # IDLE -> ACTIVE, checked on the line above
                 return conn
             conn.close()
         return None
@@ -73,12 +73,12 @@ class UpstreamPool:
             raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
                                 "connect_refused", 502) from None
         self.opened += 1
-        proto.set_state(UpstreamState.ACTIVE)
+        proto.set_state(ACTIVE)
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.requests += 1
-        if not reusable or conn.state is not UpstreamState.ACTIVE or conn.inbox.events:
+        if not reusable or conn.state is not ACTIVE or conn.inbox.events:
             conn.close()
             return
         idle = self._idle.get(conn.key)
@@ -87,7 +87,7 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.state = UpstreamState.IDLE  # ACTIVE -> IDLE: not ACTIVE was closed above
+        conn.state = IDLE  # ACTIVE -> IDLE: not ACTIVE was closed above
         conn.idle_since = self.clock()
         idle.append(conn)
 
