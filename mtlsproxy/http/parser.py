@@ -162,11 +162,12 @@ def _framing(te: tuple[bytes, ...], cl: tuple[bytes, ...], is_request: bool
             raise RemoteProtocolError("unsupported Transfer-Encoding",
                                       501 if is_request else 502)
         return True, None
-    if len(cl) == 1 and b"," not in cl[0]:
-        value = cl[0].strip()  # the common case, without building a set
-        if not value.isdigit() or len(value) > 18:
-            raise RemoteProtocolError("invalid Content-Length")
-        return False, int(value)
+    if len(cl) == 1:
+        # The common case, one plain length, without building a set (values come
+        # stripped; isdigit also sends a comma list to the general case below).
+        value = cl[0]
+        if value.isdigit() and len(value) <= 18:
+            return False, int(value)
     if cl:
         values = {c.strip() for v in cl for c in v.split(b",")}
         if len(values) != 1:
@@ -202,7 +203,8 @@ _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
                   validated: bool = False) -> Request:
-    """``validated``: the parser already refused bad header names and values (llhttp)."""
+    """``validated``: the parser already refused bad header names and values, and
+    control bytes and spaces in the target (llhttp, strict)."""
     connection, te, cl, hosts, host, expect = _scan(headers)
     if method == b"CONNECT" or b"upgrade" in connection:
         raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
@@ -215,7 +217,7 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
     if not target or (target[:1] != b"/" and target != b"*" and not target.startswith(
             (b"http://", b"https://"))):
         raise RemoteProtocolError("invalid request target")
-    if _BAD_TARGET.search(target):
+    if not validated and _BAD_TARGET.search(target):
         raise RemoteProtocolError("invalid byte in request target")
     if hosts > 1 or (version == b"1.1" and not hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")

@@ -27,6 +27,12 @@ REASONS = {
 }
 
 
+# A header line from its (name, value) pair in one C call: ``name + b": " + value`` makes
+# an intermediate object and takes each operand's buffer twice (~30 ns more per line,
+# on ~8 lines per proxied request).
+_FIELD_JOIN = b": ".join
+_SPACE_JOIN = b" ".join
+
 # "HTTP/1.1 200 " and friends, built once (a status line starts every response).
 _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
@@ -64,10 +70,11 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten."""
     named = req.connection
-    lines = [req.method + b" " + target + b" HTTP/1.1"]
+    lines = [_SPACE_JOIN((req.method, target, b"HTTP/1.1"))]
     xff = b""
     host = b""
-    for name, value in req.headers:
+    for header in req.headers:
+        name = header[0]
         if named and name in named:
             continue  # RFC 9110 section 7.6.1: the client made it hop-by-hop
         action = _REQUEST_ACTION.get(name)
@@ -77,14 +84,14 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
             if action == _DROP:
                 continue
             if action == _XFF:
-                xff += value + b", "
+                xff += header[1] + b", "
                 continue
             if action == _EXPECT:
                 if req.expect_continue:
                     continue  # the proxy answered 100 Continue itself (as nginx does)
             else:  # _HOST
-                host = value
-        lines.append(name + b": " + value)
+                host = header[1]
+        lines.append(_FIELD_JOIN(header))
     if not host:
         host = b"localhost"
         lines.append(b"host: localhost")
@@ -98,7 +105,7 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
         framing = b"content-length: %d\r\n" % req.content_length
     else:
         framing = b""
-    return b"\r\n".join(lines) + b"\r\n" + cert_block + framing + b"\r\n"
+    return b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
 
 
 def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
@@ -111,7 +118,8 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
     reason = resp.reason or REASONS.get(resp.status, "").encode()
     lines = [(_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason]
     drop_length = chunked or resp.chunked
-    for name, value in resp.headers:
+    for header in resp.headers:
+        name = header[0]
         drop = _RESPONSE_DROP.get(name)
         if drop is None:
             drop = name in HOP_BY_HOP
@@ -120,7 +128,7 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
         if drop or (named and name in named) or (
                 drop_length and name == b"content-length"):
             continue
-        lines.append(name + b": " + value)
+        lines.append(_FIELD_JOIN(header))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     if not keep_alive:
