@@ -350,7 +350,7 @@ def test_header_actions_are_memoised_within_a_bound_and_still_applied() -> None:
         assert isinstance(req, Request)
         head = upstream_request_head(req, b"/", "127.0.0.1", b"")
         assert b"x-n-%d: v\r\n" % i in head and b"CN=admin" not in head
-    assert len(wire._REQUEST_ACTION) <= 1024
+    assert len(wire._REQUEST_ACTION) <= 1024 and len(wire._PLAIN) <= 1024
 
 
 def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None:

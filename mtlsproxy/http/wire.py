@@ -36,13 +36,16 @@ _SPACE_JOIN = b" ".join
 # "HTTP/1.1 200 " and friends, built once (a status line starts every response).
 _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
-# What a head does with a header, by (lower-case) name. Memoised: the same few names come
-# on every request, and one dict lookup replaces five set tests and a prefix test. Bounded,
+# What a request head does with a header, by (lower-case) name: one of these actions.
+# Memoised: the same few names come on every request, and one lookup replaces five set
+# tests and a prefix test. Names that are simply forwarded are also learned into
+# ``_PLAIN``, whose set test (an opcode, no call) is all most headers cost. Both bounded,
 # since clients choose names.
 _KEEP, _DROP, _XFF, _HOST, _EXPECT = range(5)
 _REQUEST_ACTION: dict[bytes, int] = {}
-_RESPONSE_DROP: dict[bytes, bool] = {}
+_PLAIN: set[bytes] = set()
 _MEMO_LIMIT = 1024
+_NO_NAMES: frozenset[bytes] = frozenset()
 
 
 def _request_action(name: bytes) -> int:
@@ -61,6 +64,8 @@ def _request_action(name: bytes) -> int:
             action = _KEEP
         if len(_REQUEST_ACTION) < _MEMO_LIMIT:
             _REQUEST_ACTION[name] = action
+            if action == _KEEP:
+                _PLAIN.add(name)
     return action
 
 
@@ -69,7 +74,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten."""
-    named = req.connection
+    named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
+    if named and named <= HOP_BY_HOP:
+        named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
     lines = [_SPACE_JOIN((req.method, target, b"HTTP/1.1"))]
     xff = b""
     host = b""
@@ -77,10 +84,10 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
         name = header[0]
         if named and name in named:
             continue  # RFC 9110 section 7.6.1: the client made it hop-by-hop
-        action = _REQUEST_ACTION.get(name)
-        if action is None:
-            action = _request_action(name)
-        if action:
+        if name not in _PLAIN:
+            action = _REQUEST_ACTION.get(name)
+            if action is None:
+                action = _request_action(name)
             if action == _DROP:
                 continue
             if action == _XFF:
@@ -89,7 +96,7 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
             if action == _EXPECT:
                 if req.expect_continue:
                     continue  # the proxy answered 100 Continue itself (as nginx does)
-            else:  # _HOST
+            elif action == _HOST:
                 host = header[1]
         lines.append(_FIELD_JOIN(header))
     if not host:
@@ -108,27 +115,27 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     return b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
 
 
+_CONTENT_LENGTH = frozenset({b"content-length"})
+
+
 def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
                          http10_client: bool = False) -> bytes:
     """The response head sent to the client; ``chunked`` re-frames a close-delimited body.
 
     An HTTP/1.0 client keeps the connection only when told so (RFC 9112 section 9.3).
     """
-    named = resp.connection
     reason = resp.reason or REASONS.get(resp.status, "").encode()
     lines = [(_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason]
-    drop_length = chunked or resp.chunked
+    # One set for every name dropped, so each header costs one set test: usually the
+    # hop-by-hop names themselves (an upstream's "Connection: keep-alive" adds nothing).
+    drop = HOP_BY_HOP
+    if resp.connection and not resp.connection <= HOP_BY_HOP:
+        drop = drop | resp.connection
+    if chunked or resp.chunked:
+        drop = drop | _CONTENT_LENGTH
     for header in resp.headers:
-        name = header[0]
-        drop = _RESPONSE_DROP.get(name)
-        if drop is None:
-            drop = name in HOP_BY_HOP
-            if len(_RESPONSE_DROP) < _MEMO_LIMIT:
-                _RESPONSE_DROP[name] = drop
-        if drop or (named and name in named) or (
-                drop_length and name == b"content-length"):
-            continue
-        lines.append(_FIELD_JOIN(header))
+        if header[0] not in drop:
+            lines.append(_FIELD_JOIN(header))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     if not keep_alive:
