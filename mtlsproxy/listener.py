@@ -20,7 +20,7 @@ from mtlsproxy.http.proxy import ProxySession
 from mtlsproxy.http.routing import Router
 from mtlsproxy.identity.cache import ValidationCache
 from mtlsproxy.identity.ocsp import OcspClient
-from mtlsproxy.metrics import Metrics
+from mtlsproxy.metrics import Metrics, RequestSeries
 from mtlsproxy.tls.bio import TLSConnection
 from mtlsproxy.truststore.holder import TruststoreHolder
 from mtlsproxy.truststore.revocation_watcher import RevocationWatcher
@@ -70,9 +70,6 @@ class _Refuse(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
-_CODES = {code: str(code) for code in range(100, 600)}
-
-
 class ListenerRuntime:
     def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
@@ -109,6 +106,7 @@ class ListenerRuntime:
         self.loop_time: Callable[[], float] = time.monotonic
         self._ticker: asyncio.Task[None] | None = None
         self._requests: dict[tuple[str, int], Any] = {}
+        self._series: dict[str, RequestSeries] = {}  # by route (RequestCounts' series)
         self._durations: dict[str, Any] = {}
         self._active = metrics.connections_active.labels(self.name)
         metrics.declare_listener(self.name)
@@ -216,7 +214,10 @@ class ListenerRuntime:
     def count_request(self, route: str, status: int, duration: float) -> None:
         counts = self.metrics.request_counts
         if counts is not None:
-            counts.observe(self.name, route, _CODES.get(status) or str(status), duration)
+            series = self._series.get(route)
+            if series is None:
+                series = self._series[route] = counts.series(self.name, route)
+            series.observe(status, duration)
             return
         key = (route, status)
         counter = self._requests.get(key)

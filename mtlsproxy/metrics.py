@@ -45,22 +45,18 @@ class RequestCounts(Collector):
     """
 
     def __init__(self) -> None:
-        # (listener, route, code) -> count; (listener, route) -> [bucket counts..., +Inf]
-        self.counts: dict[tuple[str, str, str], int] = {}
-        self.buckets: dict[tuple[str, str], list[int]] = {}
-        self.sums: dict[tuple[str, str], float] = {}
+        self._series: dict[tuple[str, str], RequestSeries] = {}
 
-    def observe(self, listener: str, route: str, code: str, duration: float) -> None:
-        key = (listener, route, code)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        series = (listener, route)
-        buckets = self.buckets.get(series)
-        if buckets is None:
-            buckets = self.buckets[series] = [0] * (len(_BUCKETS) + 1)
-            self.sums[series] = 0.0
-        # le is inclusive: a duration equal to a bound belongs to that bound's bucket.
-        buckets[bisect.bisect_left(_BUCKETS, duration)] += 1
-        self.sums[series] += duration
+    def series(self, listener: str, route: str) -> RequestSeries:
+        """The counts of one (listener, route), created on first use: callers keep it,
+        so a request costs no label lookup."""
+        series = self._series.get((listener, route))
+        if series is None:
+            series = self._series[(listener, route)] = RequestSeries()
+        return series
+
+    def observe(self, listener: str, route: str, status: int, duration: float) -> None:
+        self.series(listener, route).observe(status, duration)
 
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(*_REQUESTS, labels=["listener", "route", "code"]),
@@ -68,18 +64,39 @@ class RequestCounts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(*_REQUESTS, labels=["listener", "route", "code"])
-        for labels, count in self.counts.items():
-            requests.add_metric(list(labels), count)
+        for (listener, route), series in self._series.items():
+            for status, count in series.codes.items():
+                requests.add_metric([listener, route, str(status)], count)
         yield requests
         duration = HistogramMetricFamily(*_DURATION, labels=["listener", "route"])
         bounds = [*(repr(float(b)) for b in _BUCKETS), "+Inf"]
-        for series, buckets in self.buckets.items():
+        for labels, series in self._series.items():
             cumulative, total = [], 0
-            for bound, n in zip(bounds, buckets, strict=True):
+            for bound, n in zip(bounds, series.buckets, strict=True):
                 total += n
                 cumulative.append((bound, total))
-            duration.add_metric(list(series), cumulative, self.sums[series])
+            duration.add_metric(list(labels), cumulative, series.sum)
         yield duration
+
+
+class RequestSeries:
+    """One (listener, route): requests by status code, and the duration histogram's
+    bucket counts (the last one +Inf) and sum. Plain ints and floats; one object per
+    series so that counting a request builds no label tuple."""
+
+    __slots__ = ("codes", "buckets", "sum")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, status: int, duration: float) -> None:
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        # le is inclusive: a duration equal to a bound belongs to that bound's bucket.
+        self.buckets[bisect.bisect_left(_BUCKETS, duration)] += 1
+        self.sum += duration
 
 
 class LocalValue:

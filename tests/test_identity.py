@@ -280,7 +280,7 @@ def test_metric_names_are_the_public_ones() -> None:
     metrics = Metrics(registry)
     metrics.declare_listener("public")
     assert metrics.request_counts is not None
-    metrics.request_counts.observe("public", "/", "200", 0.01)
+    metrics.request_counts.observe("public", "/", 200, 0.01)
     metrics.upstream_errors.labels("u:1", "timeout").inc()
     names = {s.name for m in registry.collect() for s in m.samples}
     for name in ("mtlsproxy_tls_handshakes_total", "mtlsproxy_tls_handshake_failures_total",
@@ -368,9 +368,9 @@ def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None
                      buckets=_BUCKETS, registry=theirs)
     durations = [0.0001, 0.0005, 0.00051, 0.001, 0.2, 0.5, 59.9, 60.0, 61.0, 1e9]
     for i, d in enumerate(durations):
-        route, code = ("/" if i % 3 else "/api"), ("200" if i % 4 else "502")
+        route, code = ("/" if i % 3 else "/api"), (200 if i % 4 else 502)
         metrics.request_counts.observe("public", route, code, d)
-        counter.labels("public", route, code).inc()
+        counter.labels("public", route, str(code)).inc()
         hist.labels("public", route).observe(d)
 
     def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]],
