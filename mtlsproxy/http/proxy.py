@@ -287,13 +287,17 @@ class ProxySession:
         self.fast = None
         self.deadline = 0.0
         head, rechunk, keep = _client_head(req, resp, rt.draining)
-        parts = [head]
-        for ev in events[1:-1]:
-            if isinstance(ev, Data):
-                parts.append(wire.chunk(ev.data) if rechunk else ev.data)
-        if rechunk:
-            parts.append(wire.LAST_CHUNK)
-        data = b"".join(parts)
+        body = events[1]
+        if len(events) == 3 and not rechunk and type(body) is Data:
+            data = head + body.data  # the common case: one body piece, framed as it came
+        else:
+            parts = [head]
+            for ev in events[1:-1]:
+                if isinstance(ev, Data):
+                    parts.append(wire.chunk(ev.data) if rechunk else ev.data)
+            if rechunk:
+                parts.append(wire.LAST_CHUNK)
+            data = b"".join(parts)
         rt.pool.release(up, resp.keep_alive)
         if keep:
             self.conn.write(data)  # one TLS record, one system call
