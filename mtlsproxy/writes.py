@@ -16,7 +16,7 @@ moves the data into the connection's write buffer and activates the socket's wri
 Rules of this module:
 - A deferred connection keeps its bytes, in order, where it already buffers them (TLS:
   the outgoing ``MemoryBIO``; upstream: a list) and sends them in ``flush_deferred``.
-- Whatever closes a connection flushes it first, so nothing deferred is lost.
+- Whatever closes or aborts a connection flushes it first, so nothing deferred is lost.
 - One ``call_soon`` callback per pass. uvloop and asyncio both run it after the I/O
   callbacks of the pass that scheduled it, before the loop next waits.
 - Latency: a response waits at most for the rest of its pass (at low load, a pass is

@@ -2,30 +2,34 @@
 
 What must hold: nothing is sent during the pass that wrote it, everything is sent right
 after it (in order, on both loop kinds), one broken connection keeps no other's bytes,
-a connection that closes sends what it deferred first, and the proxy uses the batch for
-both of its directions.
+a connection that closes or aborts sends what it deferred first, and the proxy uses the
+batch for both of its directions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
 from mtlsproxy.http.parser import HttptoolsResponseParser
+from mtlsproxy.tls.bio import TLSConnection
 from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
 from mtlsproxy.writes import WriteBatch
-from tests.conftest import Harness
+from tests.conftest import PKI, Harness
+
+T = TypeVar("T")
 
 
-def run(kind: str, coro: Coroutine[Any, Any, None]) -> None:
+def run(kind: str, coro: Coroutine[Any, Any, T]) -> T:
     loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
     try:
-        loop.run_until_complete(coro)
+        return loop.run_until_complete(coro)
     finally:
         loop.close()
 
@@ -108,3 +112,60 @@ def test_the_proxy_defers_the_sends_of_both_directions(proxy: Harness) -> None:
     assert proxy.loop.call(lambda: batch.passes) - before >= 2
     assert proxy.server.pool.writes is batch
     assert proxy.server.listeners[0].writes is batch
+
+
+def test_an_abort_in_the_pass_that_wrote_still_sends_what_was_written(
+        loop_kind: str, pki: PKI) -> None:
+    """A TLS connection that writes and aborts in the same callback (a response cut short
+    after its head: http/proxy.py's _UpstreamAfterHead) sends the bytes first, as it did
+    when writes were not deferred: the client sees the response cut short, not nothing."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    client_ctx = ssl.create_default_context(cafile=str(pki.directory / "root.pem"))
+
+    class CutShort:
+        def __init__(self, conn: TLSConnection) -> None:
+            self.conn = conn
+
+        def context(self) -> ssl.SSLContext:
+            return server_ctx
+
+        def handshake_done(self, conn: TLSConnection) -> None:
+            pass
+
+        def handshake_failed(self, conn: TLSConnection, reason: str,
+                             exc: BaseException) -> None:
+            pass
+
+        def plaintext_received(self, data: bytes) -> None:
+            self.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            self.conn.abort()  # same callback, same pass
+
+        def response_pending(self) -> bool:
+            return False
+
+        def eof_received(self) -> None:
+            pass
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            pass
+
+    async def go() -> bytes:
+        batch = WriteBatch()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: TLSConnection(CutShort, writes=batch), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        received = b""
+        try:
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                received += chunk
+        except (ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+        server.close()
+        return received
+    received = run(loop_kind, go())
+    assert received == b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"

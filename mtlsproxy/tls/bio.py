@@ -349,6 +349,10 @@ class TLSConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        # What this pass wrote and deferred (writes.py) still leaves first, as it would
+        # have without the deferral: a response cut short reaches the client cut short,
+        # not as nothing at all.
+        self._flush()
         if self.state is not CLOSED and self.state is not HANDSHAKING:
             self._set_state(CLOSED)
         if self.transport is not None:
