@@ -245,7 +245,7 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
 
 # -- httptools (llhttp) -------------------------------------------------------------------
 
-def head_size(start_line: bytes, headers: Headers) -> int:
+def _head_size(start_line: bytes, headers: Headers) -> int:
     """A head's bytes, near enough for a limit (a ": " and CRLF per line)."""
     return len(start_line) + sum(len(n) + len(v) + 4 for n, v in headers)
 
@@ -286,7 +286,7 @@ class _LlhttpHead:
         headers, self._headers = self._headers, None
         assert headers is not None
         if (self._bound > self.max_header_bytes
-                and head_size(self._url, headers) > self.max_header_bytes):
+                and _head_size(self._url, headers) > self.max_header_bytes):
             raise RemoteProtocolError(
                 f"{'request' if status == 431 else 'response'} header block too large",
                 status)
@@ -592,7 +592,7 @@ class H11ResponseParser:
                 headers = _h11_headers(ev.headers)
                 # h11 limits heads still incomplete only; a whole one in one read is held
                 # to the limit here (as HttptoolsResponseParser does).
-                if head_size(bytes(ev.reason), headers) > self.max_header_bytes:
+                if _head_size(bytes(ev.reason), headers) > self.max_header_bytes:
                     raise RemoteProtocolError("response header block too large", 502)
                 events.append(_make_response(ev.status_code, bytes(ev.reason), ev.http_version,
                                              headers, self._method))
