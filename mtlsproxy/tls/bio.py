@@ -261,8 +261,7 @@ class TLSConnection(asyncio.Protocol):
         except ssl.SSLZeroReturnError:
             eof = True
         except ssl.SSLError:
-            self._flush()
-            self.abort()
+            self.abort()  # sends OpenSSL's alert first (abort flushes)
             return
         if chunks:
             handler = self.handler
