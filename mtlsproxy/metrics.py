@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from mtlsproxy.pacing import pace
 from mtlsproxy.tls.failures import REASONS
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
@@ -233,7 +234,7 @@ class TruststoreMetrics:
             ["listener", "subject", "fingerprint_sha256"], registry=registry,
             multiprocess_mode="livemax")
         self._info_labels: dict[str, tuple[str, ...]] = {}
-        self._cert_labels: dict[str, list[tuple[str, ...]]] = {}
+        self._cert_labels: dict[str, dict[tuple[str, str, str], float]] = {}
 
     def declare_listener(self, listener: str) -> None:
         for result in ("applied", "unchanged", "failed"):
@@ -242,25 +243,34 @@ class TruststoreMetrics:
     def publish(self, listener: str, uri: str, version: str, sha256: str,
                 cas: list[tuple[str, str, float]], usable: int, warnings: int,
                 now: float) -> None:
-        """Replace the listener's series with those of the truststore now in use."""
-        old = self._info_labels.pop(listener, None)
-        if old is not None:
-            # With workers the sample lives on in the worker's file after remove():
-            # zero it first, so only the truststore in use reads 1.
-            self.info.labels(*old).set(0)
-            self.info.remove(*old)
+        """Replace the listener's series with those of the truststore now in use.
+
+        Only what changed is touched: a refresh that keeps most CAs (the usual update, or
+        the daily re-analysis of the same bytes) costs a dict comparison, not ~9 us of
+        label handling per CA (1,000 CAs: 18 ms)."""
         labels = (listener, uri, version, sha256)
-        self.info.labels(*labels).set(1)
-        self._info_labels[listener] = labels
-        for cert_labels in self._cert_labels.pop(listener, []):
+        old = self._info_labels.get(listener)
+        if old != labels:
+            if old is not None:
+                # With workers the sample lives on in the worker's file after remove():
+                # zero it first, so only the truststore in use reads 1.
+                self.info.labels(*old).set(0)
+                self.info.remove(*old)
+            self.info.labels(*labels).set(1)
+            self._info_labels[listener] = labels
+        before = self._cert_labels.get(listener, {})
+        after = {(listener, subject, fingerprint): not_after
+                 for subject, fingerprint, not_after in cas}
+        for cert_labels in before.keys() - after.keys():
+            pace()
             # NaN, not 0, for the same reason: 0 would read as "expired in 1970" to alerts.
             self.cert_not_after.labels(*cert_labels).set(float("nan"))
             self.cert_not_after.remove(*cert_labels)
-        self._cert_labels[listener] = []
-        for subject, fingerprint, not_after in cas:
-            cert_labels = (listener, subject, fingerprint)
-            self.cert_not_after.labels(*cert_labels).set(not_after)
-            self._cert_labels[listener].append(cert_labels)
+        for cert_labels, not_after in after.items():
+            if before.get(cert_labels) != not_after:
+                pace()
+                self.cert_not_after.labels(*cert_labels).set(not_after)
+        self._cert_labels[listener] = after
         self.certificates.labels(listener).set(usable)
         self.warnings.labels(listener).set(warnings)
         self.last_success.labels(listener).set(now)

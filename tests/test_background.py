@@ -5,8 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
-from mtlsproxy import background
+import pytest
+
+from mtlsproxy import background, pacing
+from mtlsproxy.config import CertificateConfig, TLSConfig
+from mtlsproxy.truststore import context
+from mtlsproxy.truststore.bundle import parse_bundle
+from mtlsproxy.truststore.context import build_server_contexts
+from tests.conftest import PKI, make_cert
+
+T = TypeVar("T")
 
 
 def _nice() -> int:
@@ -25,3 +36,52 @@ def test_builds_run_on_one_thread_niced_below_the_event_loop() -> None:
     assert a == b == min(19, base + background.NICE)
     assert name_a == name_b and name_a.startswith("mtlsproxy-build")
     assert _nice() == base  # the caller's thread is untouched
+
+
+def test_a_disposed_object_is_freed_on_the_build_thread() -> None:
+    # A replaced generation (1,000 CAs: 10-20 ms to free with the GIL held) must not be
+    # freed on the event loop.
+    freed_on: list[str] = []
+
+    class Heavy:
+        def __del__(self) -> None:
+            freed_on.append(threading.current_thread().name)
+
+    obj = Heavy()
+    background.dispose(obj)
+    del obj
+    background.executor().submit(lambda: None).result(5)  # the thread has run the item
+    assert len(freed_on) == 1 and freed_on[0].startswith("mtlsproxy-build")
+
+
+def test_pacing_yields_only_on_the_build_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pacing, "PACE_S", 0.0)
+
+    def yields_during_pace() -> tuple[bool, int]:
+        before = pacing.yields
+        for _ in range(10):
+            pacing.pace()
+        return pacing.enabled(), pacing.yields - before
+
+    assert asyncio.run(_on_build_thread(yields_during_pace)) == (True, 10)
+    assert yields_during_pace() == (False, 0)  # start-up, the CLI: no yields
+
+
+def test_a_truststore_build_paces_itself_on_the_build_thread(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pacing, "PACE_S", 0.0)
+    others = b"".join(make_cert(f"other CA {i}", ca=True).cert_pem() for i in range(70))
+    data = pki.truststore.read_bytes() + others
+    tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
+
+    def build() -> int:
+        before = pacing.yields
+        build_server_contexts(tls, parse_bundle(data), "public")
+        return pacing.yields - before
+
+    # At least once per certificate analysed and once per chunk handed to OpenSSL.
+    assert asyncio.run(_on_build_thread(build)) >= 72 + 72 // context._CHUNK
+
+
+async def _on_build_thread(fn: Callable[[], T]) -> T:
+    return await background.run_build(fn)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mtlsproxy.background import run_build
+from mtlsproxy.background import dispose, run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.metrics import TruststoreMetrics
 from mtlsproxy.periodic import Periodic
@@ -83,8 +83,8 @@ class TruststoreWatcher(Periodic):
                 if self._next_change is not None and now >= self._next_change:
                     bundle = await run_build(analyse, self._data,
                                              config.mutual_tls.max_chain_length, now)
-                    self._publish(self.rt.holder.current, bundle.warnings)
-                    self._next_change = next_change(bundle, now)
+                    await run_build(self._publish, self.rt.holder.current, bundle.warnings)
+                    self._next_change = await run_build(next_change, bundle, now)
                 else:
                     self.metrics.last_success.labels(self.rt.name).set(self.wall_clock())
                 result = "unchanged"
@@ -93,12 +93,17 @@ class TruststoreWatcher(Periodic):
                 if self.rt.revocation is not None:
                     gen = self.rt.revocation.attach(gen)
                 old = self.rt.holder.swap(gen)
+                old_number = old.number
+                dispose(old)
+                del old
                 self.version, self._data = fetched.version, fetched.data
-                self._publish(gen, self._bundle_warnings(gen))
-                self._next_change = self._change_after(gen)
+                # Off the loop too: a series per CA (1,000 CAs: ~18 ms of labels) and the
+                # dates of every CA.
+                await run_build(self._publish, gen, self._bundle_warnings(gen))
+                self._next_change = await run_build(self._change_after, gen)
                 result = "applied"
                 log.info("truststore of %s: generation %d -> %d (version %s, %d CAs, "
-                         "%d warnings)", self.rt.name, old.number, gen.number, gen.version,
+                         "%d warnings)", self.rt.name, old_number, gen.number, gen.version,
                          len(gen.bundle.certs) if gen.bundle else 0, len(self.warnings))
                 for warning in self.warnings:
                     log.warning("truststore of %s: WARNING %s", self.rt.name, warning)
