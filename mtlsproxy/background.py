@@ -5,8 +5,10 @@ runs off the event loop, but a thread still competes with the loop for the core 
 the GIL): with the proxy on one core, requests served during a swap waited twice as long
 (bench/run.py scenario 7). So builds go to ONE dedicated thread with a raised Linux nice
 value: the scheduler favours the loop whenever both want the core, and the build takes
-longer. Nice 19 starved the build at full load (no swap within 12 s); nice 5 gives the
-build about a quarter of the core. The nice value alone does not bound how long the loop
+longer. Nice 19 starves the build at full load (the analysis alone took 4.4 s instead of
+0.7, and a saturated loop leaves it ~1.5% of the core by the scheduler's weights: ~30 s
+for a 500 ms build; a truststore change must not wait for the load to drop); nice 5 gives
+the build about a quarter of the core. The nice value alone does not bound how long the loop
 waits once the build has the core (a scheduler tick): the build's loops also pace
 themselves (pacing.py). Raising one's own niceness needs no privilege; where it is not
 possible the thread runs at normal priority.
@@ -63,7 +65,10 @@ def dispose(obj: object) -> None:
     loop: a replaced generation of 1,000 CAs (its SSLContext's X509_STORE and the parsed
     certificates) took 10-20 ms to free, with the GIL held. The thread's work item keeps
     ``obj`` until it has run (concurrent.futures.thread._worker deletes it there)."""
-    executor().submit(_keep, obj)
+    try:
+        executor().submit(_keep, obj)
+    except RuntimeError:  # the interpreter is exiting: the caller's reference frees it
+        pass
 
 
 def _keep(obj: object) -> None:

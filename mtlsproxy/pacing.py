@@ -3,10 +3,11 @@
 Why: Linux preempts a running thread only at a scheduler tick (4 ms with HZ=250, the
 kernel of our bench machine) or when another thread wakes with a stronger claim. A build
 thread that got the core therefore held it for up to a tick while requests waited,
-whatever its nice value (nice 10 and 19, SCHED_BATCH and 100 us EEVDF slices were tried:
-the loop still stalled ~5 ms at p99). A 1,000-CA build is ~500 ms of CPU, over a hundred
-such stalls. ``sched_yield`` hands the core to the event loop at once when the loop is
-runnable, and costs about a microsecond when it is not. The loops of a build (per
+whatever its nice value (nice 10, SCHED_BATCH, a 1 ms GIL switch interval, a 100 us EEVDF
+slice for the loop thread: the loop still stalled ~5 ms at p99; nice 19 did not stall it
+but starved the build under load, see background.py). A 1,000-CA build is ~500 ms of CPU,
+over a hundred such stalls. ``sched_yield`` hands the core to the event loop at once when
+the loop is runnable, and costs about a microsecond when it is not. The loops of a build (per
 certificate, per chunk of CAs handed to OpenSSL) call ``pace()``; it yields when the
 build has run ``PACE_S`` since it last did. On any thread but the build thread
 (start-up, the CLI, tests) it does nothing.
@@ -25,7 +26,7 @@ import os
 import threading
 import time
 
-PACE_S = 0.0005  # 0.5 ms: the longest the loop waits behind a build, tick or not
+PACE_S = 0.0005  # build time between two offers of the core (a chunk of 4 CAs: ~0.65 ms)
 
 _local = threading.local()
 yields = 0  # sched_yield calls made, for tests (an int add under the GIL: no lock)
