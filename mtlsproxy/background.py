@@ -48,7 +48,6 @@ def _lower_priority() -> None:
     pacing.enable()
 
 
-
 def executor() -> ThreadPoolExecutor:
     global _executor
     with _lock:
