@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
+import weakref
 from pathlib import Path
 
 from cryptography import x509
@@ -59,3 +61,18 @@ def test_a_mismatched_pair_keeps_the_old_certificate(harness: Harness, tmp_path:
     wait_for(lambda: reloads(harness, "failed") >= 2)
     assert served_subject(harness) == before
     assert reloads(harness, "applied") == 0
+
+
+def test_the_replaced_contexts_are_freed_on_the_build_thread(harness: Harness,
+                                                             tmp_path: Path) -> None:
+    cert, key = start(harness, tmp_path)
+    freed_on: list[str] = []
+    weakref.finalize(harness.server.listeners[0].holder.current,
+                     lambda: freed_on.append(threading.current_thread().name))
+    renewed = make_cert("renewed-server", harness.pki.inter,
+                        eku=[ExtendedKeyUsageOID.SERVER_AUTH], dns=("localhost",))
+    key.write_bytes(renewed.key_pem())
+    cert.write_bytes(renewed.cert_pem())
+    wait_for(lambda: reloads(harness, "applied") >= 1)
+    wait_for(lambda: bool(freed_on))
+    assert freed_on[0].startswith("mtlsproxy-build")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mtlsproxy.background import run_build
+from mtlsproxy.background import dispose, run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.periodic import Periodic
 from mtlsproxy.truststore.context import build_server_contexts
@@ -89,9 +89,10 @@ class ServerCertWatcher(Periodic):
             not_after = await loop.run_in_executor(None, earliest_not_after, config)
         except (TruststoreError, ValueError, OSError) as exc:
             return self._failed(str(exc), digest)
-        self.rt.holder.swap(dataclasses.replace(self.rt.holder.current,
-                                                number=next_generation_number(),
-                                                contexts=contexts))
+        # The replaced contexts hold the truststore's X509_STORE: freed off the loop too.
+        dispose(self.rt.holder.swap(dataclasses.replace(self.rt.holder.current,
+                                                        number=next_generation_number(),
+                                                        contexts=contexts)))
         self.digest = digest
         self.metrics.reloads.labels(self.rt.name, "applied").inc()
         self.metrics.not_after.labels(self.rt.name).set(not_after)
