@@ -198,3 +198,26 @@ def test_a_failed_suites_self_test_leaves_openssls_order_with_one_log_line(
     assert [r.getMessage() for r in caplog.records] == [
         "TLS 1.3 cipher suites in OpenSSL's order (self-test failed: RuntimeError: the "
         "server's order did not decide): AES-256-GCM-SHA384 first"]
+
+
+def test_contexts_with_sni_selection_are_freed_by_reference_counting(pki: PKI) -> None:
+    # With several server certificates each context's SNI callback refers to the set; a
+    # strong reference made a cycle that kept a replaced generation's contexts (and their
+    # truststore) until a full GC.
+    import gc
+    import weakref
+    other = make_cert("other-server", pki.inter, dns=("other.example.test",))
+    cert, key = other.write(pki.directory, "other-server")
+    tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),
+                                CertificateConfig(cert, key)))
+    gc.collect()
+    gc.disable()
+    try:
+        built = build_server_contexts(tls, parse_bundle(pki.truststore.read_bytes()), "public")
+        assert built.select("other.example.test") is not built.default
+        refs = [weakref.ref(built), weakref.ref(built.default),
+                weakref.ref(built.exact["other.example.test"])]
+        del built
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import weakref
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -144,8 +145,15 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
                 exact.setdefault(n, ctx)
     result = ServerContexts(contexts[0][0], exact, wildcard)
     if len(contexts) > 1:
+        # A weak reference: the callback hangs on each context, which ``result`` holds; a
+        # strong one is a reference cycle, and a replaced generation (its X509_STORE of
+        # the whole truststore) would wait for a full GC, to be freed wherever that runs.
+        # A handshake's generation holds ``result``, so it is alive whenever this runs.
+        selector = weakref.ref(result)
+
         def on_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-            chosen = result.select(name)
+            current = selector()
+            chosen = current.select(name) if current is not None else None
             if chosen is not None:
                 sslobj.context = chosen
         for ctx, _ in contexts:
