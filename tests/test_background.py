@@ -85,3 +85,31 @@ def test_a_truststore_build_paces_itself_on_the_build_thread(
 
 async def _on_build_thread(fn: Callable[[], T]) -> T:
     return await background.run_build(fn)
+
+
+def test_a_long_crl_paces_its_indexing_on_the_build_thread(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from mtlsproxy.identity.revocation import build_state
+    monkeypatch.setattr(pacing, "PACE_S", 0.0)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(pki.inter.cert.subject)
+               .last_update(now).next_update(now + dt.timedelta(days=1)))
+    for serial in range(1, 3001):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    data = builder.sign(pki.inter.key, hashes.SHA256()).public_bytes(Encoding.DER)
+    bundle = parse_bundle(pki.truststore.read_bytes())
+
+    def index() -> tuple[int, int]:
+        before = pacing.yields
+        state = build_state("soft", {"inter.crl": data}, bundle)
+        return sum(len(c.revoked) for c in state.crls.values()), pacing.yields - before
+
+    revoked, yields = asyncio.run(_on_build_thread(index))
+    assert revoked == 3000 and yields >= 3  # every 1,024 entries
