@@ -191,6 +191,14 @@ def tool(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
+def freeing_thread(obj: object) -> list[str]:
+    """A list that receives the name of the thread on which ``obj`` is freed."""
+    import weakref
+    names: list[str] = []
+    weakref.finalize(obj, lambda: names.append(threading.current_thread().name))
+    return names
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
     """Poll until ``predicate()``; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

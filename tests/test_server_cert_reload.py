@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
-import weakref
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import Harness, make_cert, wait_for
+from tests.conftest import Harness, freeing_thread, make_cert, wait_for
 
 
 def served_subject(h: Harness) -> str:
@@ -66,9 +64,7 @@ def test_a_mismatched_pair_keeps_the_old_certificate(harness: Harness, tmp_path:
 def test_the_replaced_contexts_are_freed_on_the_build_thread(harness: Harness,
                                                              tmp_path: Path) -> None:
     cert, key = start(harness, tmp_path)
-    freed_on: list[str] = []
-    weakref.finalize(harness.server.listeners[0].holder.current,
-                     lambda: freed_on.append(threading.current_thread().name))
+    freed_on = freeing_thread(harness.server.listeners[0].holder.current)
     renewed = make_cert("renewed-server", harness.pki.inter,
                         eku=[ExtendedKeyUsageOID.SERVER_AUTH], dns=("localhost",))
     key.write_bytes(renewed.key_pem())

@@ -21,7 +21,7 @@ import boto3
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from tests.conftest import Cert, Harness, make_cert
+from tests.conftest import Cert, Harness, freeing_thread, make_cert
 from tests.conftest import wait_for as shared_wait_for
 
 REFRESH = 0.2
@@ -92,6 +92,14 @@ def upload(s3: Any, data: bytes) -> str:
 
 def wait_for(predicate: Callable[[], bool], timeout: float = REFRESH + 2) -> None:
     shared_wait_for(predicate, timeout)
+
+
+def start_watching_a_file(h: Harness, tmp_path: Path) -> Path:
+    """Start on a truststore file (our CAs) refreshed every REFRESH; returns the file."""
+    path = tmp_path / "ts.pem"
+    path.write_bytes(h.pki.truststore.read_bytes())
+    h.start(h.config(mutual_tls={"truststore_uri": str(path), "refresh_interval": REFRESH}))
+    return path
 
 
 def reloads(h: Harness, result: str) -> float:
@@ -255,14 +263,8 @@ def test_a_replaced_generation_is_freed_on_the_build_thread_not_the_event_loop(
         harness: Harness, tmp_path: Path, new_ca: tuple[Cert, Cert]) -> None:
     # Freeing a generation frees its SSLContext's X509_STORE and the parsed certificates:
     # 10-20 ms with the GIL held for 1,000 CAs, a stall if it happened on the loop.
-    import weakref
-    path = tmp_path / "ts.pem"
-    path.write_bytes(harness.pki.truststore.read_bytes())
-    harness.start(harness.config(mutual_tls={"truststore_uri": str(path),
-                                             "refresh_interval": REFRESH}))
-    freed_on: list[str] = []
-    weakref.finalize(harness.server.listeners[0].holder.current,
-                     lambda: freed_on.append(threading.current_thread().name))
+    path = start_watching_a_file(harness, tmp_path)
+    freed_on = freeing_thread(harness.server.listeners[0].holder.current)
     path.write_bytes(new_ca[0].cert_pem())
     wait_for(lambda: reloads(harness, "applied") >= 1)
     wait_for(lambda: bool(freed_on))
@@ -271,10 +273,7 @@ def test_a_replaced_generation_is_freed_on_the_build_thread_not_the_event_loop(
 
 def test_a_keep_alive_connection_is_rechecked_after_its_ca_is_removed(
         harness: Harness, tmp_path: Path, new_ca: tuple[Cert, Cert]) -> None:
-    path = tmp_path / "ts.pem"
-    path.write_bytes(harness.pki.truststore.read_bytes())
-    harness.start(harness.config(mutual_tls={"truststore_uri": str(path),
-                                             "refresh_interval": REFRESH}))
+    path = start_watching_a_file(harness, tmp_path)
     conn = harness.https()
     conn.request("GET", "/")
     r = conn.getresponse()
@@ -440,10 +439,7 @@ def test_a_bad_config_or_truststore_on_reload_keeps_the_old_config(harness: Harn
 def test_a_ca_nearing_expiry_becomes_a_warning_on_a_later_refresh(harness: Harness,
                                                                   tmp_path: Path) -> None:
     """The model warns only at upload time; we re-evaluate on every refresh."""
-    path = tmp_path / "ts.pem"
-    path.write_bytes(harness.pki.truststore.read_bytes())
-    harness.start(harness.config(mutual_tls={"truststore_uri": str(path),
-                                             "refresh_interval": REFRESH}))
+    start_watching_a_file(harness, tmp_path)
     assert harness.metric("mtlsproxy_truststore_warnings", listener="public") == 0
     not_after = min(c.cert.not_valid_after_utc
                     for c in harness.server.listeners[0].holder.current.bundle.certs)  # type: ignore[union-attr]
