@@ -234,6 +234,27 @@ def test_upgrade_requests_get_501(proxy: Harness) -> None:
     assert out.startswith(b"HTTP/1.1 501 "), out[:80]
 
 
+def test_http10_keep_alive_clients_get_several_responses_on_one_connection(
+        proxy: Harness) -> None:
+    # ab -k's requests: HTTP/1.0 with "Connection: Keep-Alive"; each answer says keep-alive.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        with proxy.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            buf = b""
+            for i in range(3):
+                t.sendall(b"GET /k%d HTTP/1.0\r\nConnection: Keep-Alive\r\n"
+                          b"Host: a\r\n\r\n" % i)
+                while b"\r\n\r\n" not in buf:
+                    buf += t.recv(65536)
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(buf) < length:
+                    buf += t.recv(65536)
+                body, buf = buf[:length], buf[length:]
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                assert b"connection: keep-alive" in head.lower()
+                assert json.loads(body)["path"] == f"/k{i}"
+
+
 def test_slow_request_headers_get_408(unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(timeouts={"request_headers": 0.3}))

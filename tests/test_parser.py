@@ -117,6 +117,15 @@ CORPUS = {
     "utf8_value": "GET / HTTP/1.1\r\nHost: a\r\nX: é\r\n\r\n".encode(),
     "tab_value": b"GET / HTTP/1.1\r\nHost: a\r\nX:\tb\t\r\n\r\n",
     "pipelined": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    # RFC 9112 section 2.2: empty lines before a request line are ignored (llhttp skips
+    # any CR and LF bytes there), e.g. the CRLF some clients send after a POST body.
+    "leading_crlf": b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "leading_lf": b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "crlf_after_body": b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\r\n"
+                       b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "http10_keep_alive_pipelined": b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                                   b"GET /2 HTTP/1.0\r\n\r\n",
+    "http10_data_after_close": b"GET /1 HTTP/1.0\r\n\r\nGET /2 HTTP/1.0\r\n\r\n",
 }
 
 
@@ -258,3 +267,51 @@ def test_a_response_head_over_the_limit_gets_502(cls: type, piece: int | None) -
         for i in range(0, len(big), step):
             p.feed(big[i:i + step])
     assert info.value.status_hint == 502
+
+
+# -- the HTTP version of each message --------------------------------------------------
+
+def test_each_pipelined_request_keeps_its_own_http_version(parser_kind: str) -> None:
+    msg = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.0\r\n\r\n"
+    for split in (None, 1, 20):
+        heads = [e for e in feed_all(parser_kind, msg, split) if isinstance(e, Request)]
+        assert [(h.http_version, h.keep_alive) for h in heads] == [(b"1.1", True),
+                                                                  (b"1.0", False)], split
+
+
+def test_a_request_after_a_body_in_the_same_read_keeps_its_own_version(
+        parser_kind: str) -> None:
+    msg = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+           b"GET /b HTTP/1.0\r\n\r\n")
+    heads = [e for e in feed_all(parser_kind, msg) if isinstance(e, Request)]
+    assert [h.http_version for h in heads] == [b"1.1", b"1.0"]
+
+
+def test_a_request_after_leading_empty_lines_has_its_version() -> None:
+    # llhttp skips an empty line before a request line (RFC 9112 section 2.2); h11 does not.
+    (req, _) = HttptoolsRequestParser().feed(b"\r\nGET / HTTP/1.0\r\n\r\n")
+    assert isinstance(req, Request) and req.http_version == b"1.0"
+
+
+@pytest.mark.parametrize("split", [None, 1, 10])
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_a_final_response_after_an_interim_one_keeps_its_own_version(
+        cls: type, split: int | None) -> None:
+    msg = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\n\r\nabc"
+    p = cls()
+    p.expect(b"POST")
+    events: list[Event] = []
+    for i in range(0, len(msg), split or len(msg)):
+        events += p.feed(msg[i:i + (split or len(msg))])
+    (resp,) = [e for e in events if isinstance(e, Response)]
+    assert resp.http_version == b"1.0" and resp.close_delimited and not resp.keep_alive
+
+
+
+def test_http10_keep_alive_requests_follow_each_other(parser_kind: str) -> None:
+    # ab -k sends these; h11 alone would refuse the second as data after the end.
+    req = b"GET /%d HTTP/1.0\r\nConnection: Keep-Alive\r\nHost: x\r\n\r\n"
+    p = request_parser(parser_kind, 32768)
+    heads = [e for i in range(3) for e in p.feed(req % i) if isinstance(e, Request)]
+    heads += [e for e in p.feed(req % 3 + req % 4) if isinstance(e, Request)]
+    assert [(h.target, h.keep_alive) for h in heads] == [(b"/%d" % i, True) for i in range(5)]

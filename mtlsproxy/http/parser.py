@@ -504,6 +504,7 @@ class H11RequestParser:
         self._raw_head = bytearray()
         self._in_body = False
         self._chunks: _ChunkLines | None = None
+        self._keep_alive = False  # the current request's
 
     def close(self) -> None:
         """Nothing to release: h11's connection holds no reference back to this object."""
@@ -515,11 +516,29 @@ class H11RequestParser:
         if c.our_state is h11.SEND_RESPONSE:
             c.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
             c.send(h11.EndOfMessage())
-        if c.our_state is h11.DONE and c.their_state is h11.DONE:
+        data = bytes(c.trailing_data[0])
+        if (c.our_state is h11.DONE and c.their_state is h11.DONE
+                and not data.startswith((b"\r", b"\n"))):
             c.start_next_cycle()
+        elif c.their_state is h11.DONE or (self._keep_alive
+                                           and c.their_state is h11.MUST_CLOSE):
+            # Two things llhttp does and h11 does not: keep a connection after an
+            # HTTP/1.0 request with "Connection: keep-alive" (RFC 9112 section 9.3; ab -k
+            # sends these), and skip CR and LF bytes before a request line (RFC 9112
+            # section 2.2: "SHOULD ignore at least one empty line"). Either way the next
+            # request goes to a fresh h11 connection, with the bytes after this one.
+            self._conn = h11.Connection(h11.SERVER,
+                                        max_incomplete_event_size=self.max_header_bytes)
+            data = data.lstrip(b"\r\n")
+            if data:  # (receive_data(b"") means EOF to h11)
+                self._conn.receive_data(data)
 
     def feed(self, data: bytes) -> list[Event]:
         if not self._in_body:
+            if not self._raw_head:  # before a request line: see _finish_cycle
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    return []
             # h11 tolerates obs-fold and bare LF where llhttp refuses them: hold h11 to
             # llhttp's line rules so the two parsers accept the same heads.
             self._raw_head += data
@@ -546,6 +565,7 @@ class H11RequestParser:
                 if size > self.max_header_bytes:
                     raise RemoteProtocolError("request header block too large", 431)
                 request = _make_request(ev.method, ev.target, ev.http_version, headers)
+                self._keep_alive = request.keep_alive
                 events.append(request)
                 if request.chunked:
                     self._chunks = _ChunkLines()
