@@ -118,12 +118,20 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
 _CONTENT_LENGTH = frozenset({b"content-length"})
 
 
-def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
-                         http10_client: bool = False) -> bytes:
-    """The response head sent to the client; ``chunked`` re-frames a close-delimited body.
+def client_response_head(req: Request, resp: Response, draining: bool
+                         ) -> tuple[bytes, bool, bool]:
+    """(response head for the client, re-chunk the body, keep the connection): one framing
+    decision for the fast and the general path, and the head that states it.
 
-    An HTTP/1.0 client keeps the connection only when told so (RFC 9112 section 9.3).
+    HTTP/1.1 clients get unframed (chunked or close-delimited) bodies re-chunked; HTTP/1.0
+    clients cannot read chunked, so their body ends when the connection does. An HTTP/1.0
+    client keeps the connection only when told so (RFC 9112 section 9.3).
     """
+    bodyless = req.method == b"HEAD" or resp.status in (204, 304)
+    http10_client = req.http_version == b"1.0"
+    unframed = not bodyless and (resp.chunked or resp.close_delimited)
+    chunked = unframed and not http10_client
+    keep_alive = req.keep_alive and not draining and not (unframed and http10_client)
     reason = resp.reason or REASONS.get(resp.status, "").encode()
     lines = [(_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason]
     # One set for every name dropped, so each header costs one set test: usually the
@@ -143,7 +151,7 @@ def client_response_head(resp: Response, chunked: bool, keep_alive: bool,
     elif http10_client:
         lines.append(b"connection: keep-alive")
     lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    return b"\r\n".join(lines), chunked, keep_alive
 
 
 def chunk(data: bytes) -> bytes:

@@ -138,11 +138,14 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             raise UpstreamError("upstream connection closed while sending", "reset")
-        if self._writes is None:
+        writes = self._writes
+        if writes is None:
             self.transport.write(data)
             return
-        if not self._out:
-            self._writes.add(self)
+        if not self._out:  # WriteBatch.add, inline (see writes.py)
+            if not writes.pending:
+                writes.schedule()
+            writes.pending.append(self)
         self._out.append(data)
 
     def flush_deferred(self) -> None:
