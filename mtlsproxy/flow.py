@@ -21,14 +21,15 @@ LOW_WATER = 64 * 1024
 
 
 class Inbox(Generic[E]):
-    __slots__ = ("events", "_waiter", "_error", "_pause", "_resume", "_high", "_low",
+    __slots__ = ("events", "_waiter", "failed", "_pause", "_resume", "_high", "_low",
                  "_buffered", "_paused", "__weakref__")
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None],
                  high: int = HIGH_WATER, low: int = LOW_WATER) -> None:
         self.events: deque[E] = deque()  # read-only outside: truthy when one is queued
         self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
+        # Read-only outside (a plain slot, not a property: _park reads it per request).
+        self.failed: BaseException | None = None
         self._pause, self._resume = pause, resume
         self._high, self._low = high, low
         self._buffered = 0
@@ -46,8 +47,8 @@ class Inbox(Generic[E]):
 
     def fail(self, exc: BaseException) -> None:
         """No more events will come: the consumer gets ``exc`` once the queue is empty."""
-        if self._error is None:
-            self._error = exc
+        if self.failed is None:
+            self.failed = exc
         self._wake()
 
     def interrupt(self, exc: BaseException) -> bool:
@@ -57,10 +58,6 @@ class Inbox(Generic[E]):
             waiter.set_exception(exc)
             return True
         return False
-
-    @property
-    def failed(self) -> BaseException | None:
-        return self._error
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -80,8 +77,8 @@ class Inbox(Generic[E]):
 
     async def get(self) -> E:
         while not self.events:
-            if self._error is not None:
-                raise self._error
+            if self.failed is not None:
+                raise self.failed
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -93,4 +90,4 @@ class Inbox(Generic[E]):
 
     def __repr__(self) -> str:
         return (f"<Inbox events={len(self.events)} buffered={self._buffered} "
-                f"paused={self._paused} failed={self._error is not None}>")
+                f"paused={self._paused} failed={self.failed is not None}>")
