@@ -36,7 +36,9 @@ from mtlsproxy.tls import native, proxy_protocol
 from mtlsproxy.tls.failures import classify
 from mtlsproxy.writes import WriteBatch
 
-_READ_SIZE = 256 * 1024
+# One TLS record's plaintext at most (RFC 8446 section 5.1: 2^14 bytes): SSL_read (no read
+# pipelining) returns one record per call, and CPython allocates the size before shrinking.
+_READ_SIZE = 16 * 1024
 
 
 class TLSState(enum.Enum):
