@@ -224,11 +224,10 @@ class ProxySession:
         """Forward ``req`` from this callback if nothing in it needs the general path."""
         rt = self.rt
         verdict = self.verdict
+        # Verdict.admits stays a call (not inlined like the small calls of this path): the
+        # identity check is kept in one place.
         if (verdict is None or verdict.generation != rt.holder.current.number
-                or rt.ocsp is not None or rt.draining or verdict.reason is not None):
-            return False
-        # Verdict.admits, inline (a call fewer per request).
-        if not verdict.valid_from <= rt.clock() <= verdict.valid_until:
+                or rt.ocsp is not None or rt.draining or not verdict.admits(rt.clock())):
             return False
         match = rt.router.match(req.host, req.target)
         if match is None:
