@@ -233,11 +233,7 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
         _check_head(headers)
     connection, te, cl, _, _, _ = _scan(headers)
     no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
-    length: int | None
-    if len(cl) == 1 and not te and cl[0].isdigit() and len(cl[0]) <= 18:
-        chunked, length = False, int(cl[0])  # _framing's common case, without the call
-    else:
-        chunked, length = _framing(te, cl, False) if te or cl else (False, None)
+    chunked, length = _framing(te, cl, False) if te or cl else (False, None)
     if no_body:
         chunked = False
     close_delimited = not no_body and not chunked and length is None

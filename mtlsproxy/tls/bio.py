@@ -295,13 +295,7 @@ class TLSConnection(asyncio.Protocol):
         """Encrypt and send (at the end of the loop's pass when deferring: the bytes wait
         in the outgoing BIO, so anything sent before them still goes first); silently
         dropped once the connection is closing."""
-        # _encrypt, inline: this runs once per response.
-        if self.state is not OPEN or self._tls is None:
-            return
-        try:
-            self._tls.write(data)
-        except ssl.SSLError:
-            self.abort()
+        if not self._encrypt(data):
             return
         writes = self._writes
         if writes is None:
