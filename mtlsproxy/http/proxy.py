@@ -155,8 +155,7 @@ class ProxySession:
             return
         if (self.idle and self.task is None and len(events) == 2
                 and type(events[0]) is Request and type(events[1]) is EndOfMessage
-                and not events[0].chunked and not events[0].content_length  # has_body
-                and not self.inbox.events
+                and not events[0].has_body and not self.inbox.events
                 and self._try_fast(events[0])):
             return
         self.inbox.put(events)
