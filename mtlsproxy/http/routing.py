@@ -25,8 +25,7 @@ class Router:
         """The route and the upstream target (path + query) for a request, or None."""
         if not target.startswith(b"/"):
             return None  # absolute-form and "*" targets are not routed
-        path: bytes | None = None  # split from the query only when a route looks at it
-        sep = query = b""
+        path, sep, query = target.partition(b"?")
         hostname: str | None = None
         for route, route_host, prefix, prefix_slash, strip, base in self._compiled:
             if route_host is not None:
@@ -34,15 +33,10 @@ class Router:
                     hostname = host.split(b":", 1)[0].lower().decode("latin-1") if host else ""
                 if route_host != hostname:
                     continue
-            if prefix != b"/":
-                if path is None:
-                    path, sep, query = target.partition(b"?")
-                if not (path == prefix or path.startswith(prefix_slash)):
-                    continue
+            if prefix != b"/" and not (path == prefix or path.startswith(prefix_slash)):
+                continue
             if not strip and not base:
                 return route, target  # the common catch-all: the target as it came
-            if path is None:
-                path, sep, query = target.partition(b"?")
             rest = path[len(prefix):] if strip else path
             if not rest.startswith(b"/"):
                 rest = b"/" + rest

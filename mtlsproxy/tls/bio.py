@@ -295,19 +295,14 @@ class TLSConnection(asyncio.Protocol):
         """Encrypt and send (at the end of the loop's pass when deferring: the bytes wait
         in the outgoing BIO, so anything sent before them still goes first); silently
         dropped once the connection is closing."""
-        if not self._encrypt(data):
-            return
-        writes = self._writes
-        if writes is None:
-            self._flush()
-        else:  # WriteBatch.add, inline (see writes.py)
-            if not writes.pending:
-                writes.schedule()
-            writes.pending.append(self)
+        if self._encrypt(data):
+            if self._writes is None:
+                self._flush()
+            else:
+                self._writes.add(self)
 
     def flush_deferred(self) -> None:
-        if self._outgoing.pending and self.transport is not None:  # _flush, inline
-            self.transport.write(self._outgoing.read())
+        self._flush()
 
     def write_and_close(self, data: bytes) -> None:
         """The connection's last bytes: ``data`` and close_notify in one system call."""

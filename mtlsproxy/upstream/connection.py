@@ -138,14 +138,11 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             raise UpstreamError("upstream connection closed while sending", "reset")
-        writes = self._writes
-        if writes is None:
+        if self._writes is None:
             self.transport.write(data)
             return
-        if not self._out:  # WriteBatch.add, inline (see writes.py)
-            if not writes.pending:
-                writes.schedule()
-            writes.pending.append(self)
+        if not self._out:
+            self._writes.add(self)
         self._out.append(data)
 
     def flush_deferred(self) -> None:
