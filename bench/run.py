@@ -1,7 +1,7 @@
 """mtlsproxy against nginx (and Envoy when installed), side by side, in one run.
 
     python bench/run.py [--rounds 3] [--quick] [--only keepalive,full,...] [--no-envoy]
-                        [--nginx-session-cache]
+                        [--nginx-session-cache] [--python PATH]
 
 Installs nothing. Needs, from the distribution: nginx (upstream and the nginx proxy), ab
 (apache2-utils: takes a client certificate with -E), openssl (s_time for resumed
@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,10 @@ from mtlsproxy.pki import write_dev_pki  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
 PROXY_CPU, LOAD_CPU = 0, 1
+# Clients per handshake scenario: ab -c 8 opens new connections for the full handshakes, and
+# as many openssl s_time clients resume, so both scenarios load the proxy the same way (the
+# rate target compares the two).
+HANDSHAKE_CLIENTS = 8
 BIG = 1024 * 1024
 
 
@@ -366,7 +369,7 @@ class Bench:
         port, admin = free_port(), free_port()
         conf = mtlsproxy_conf(self.d, self.pki, self.up, port, admin, truststore, workers,
                               refresh)
-        proc = self.start([sys.executable, "-m", "mtlsproxy", "run", "--config", str(conf)],
+        proc = self.start([self.args.python, "-m", "mtlsproxy", "run", "--config", str(conf)],
                           PROXY_CPU if workers == 1 else None, port)
         target = Target(name, port, proc, workers > 1, admin)
         for _ in range(200):  # every worker bound and ready
@@ -471,14 +474,18 @@ class Bench:
         for _ in self.rounds():
             for t in self.targets:
                 u0, s0 = cpu_split(t.pids())
-                r = ab(t.port, self.combined, n, 8, keepalive=False, tmp=self.d)
+                r = ab(t.port, self.combined, n, HANDSHAKE_CLIENTS, keepalive=False,
+                       tmp=self.d)
                 u1, s1 = cpu_split(t.pids())
                 cpu.add(t.name, (u1 - u0 + s1 - s0) / n * 1e6)
                 user.add(t.name, (u1 - u0) / n * 1e6)
                 rate.add(t.name, r.rps)
 
     def resumed_handshakes(self) -> None:
-        """(3) TLS 1.3 ticket resumption: 4 parallel ``openssl s_time -reuse`` clients."""
+        """(3) TLS 1.3 ticket resumption: parallel ``openssl s_time -reuse`` clients, as
+        many as the full-handshake scenario's (until 2026-11-30: 4, which left the proxy
+        ~13% idle, and an idle proxy pays a wake-up per connection: -4% CPU per resumed
+        connection with 8, nginx unchanged)."""
         secs = 2 if self.args.quick else 4
         rate = self.row("3 resumed handshake per request", "handshakes/s",
                         lower_is_better=False)
@@ -489,12 +496,15 @@ class Bench:
         for _ in self.rounds():
             for t in self.targets:
                 u0, s0 = cpu_split(t.pids())
-                count, wall = s_time(t.port, self.pki, secs, True, 4)
+                count, wall = s_time(t.port, self.pki, secs, True, HANDSHAKE_CLIENTS)
                 u1, s1 = cpu_split(t.pids())
                 rate.add(t.name, count / wall)
                 cpu.add(t.name, (u1 - u0 + s1 - s0) / count * 1e6)
                 user.add(t.name, (u1 - u0) / count * 1e6)
-        full_cpu = next(r for r in self.rows if r.metric == "proxy CPU us/handshake")
+        full_cpu = next((r for r in self.rows if r.metric == "proxy CPU us/handshake"
+                         and r.scenario.startswith("2 ")), None)
+        if full_cpu is None:
+            return  # the full-handshake scenario did not run (--only)
         for t in self.targets:
             f, c = full_cpu.median(t.name), cpu.median(t.name)
             if f and c:
@@ -692,7 +702,22 @@ def ca_bundle(n: int) -> bytes:
     return b"".join(out)
 
 
-def versions() -> str:
+_PROBE = ("import platform, ssl, h11, httptools, uvloop, mtlsproxy; "
+          "print(f'Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, uvloop "
+          "{uvloop.__version__}, httptools {httptools.__version__}, h11 {h11.__version__}')")
+
+
+def interpreter(python: str) -> str:
+    """What ``python`` runs mtlsproxy with (its version and the libraries that matter);
+    SystemExit when it cannot import mtlsproxy."""
+    out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"--python {python}: cannot run mtlsproxy "
+                         f"({(out.stderr.strip().splitlines() or ['?'])[-1]})")
+    return out.stdout.strip()
+
+
+def versions(python: str) -> str:
     def first(cmd: list[str]) -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -700,14 +725,10 @@ def versions() -> str:
             return "not installed"
         return (out.stdout + out.stderr).strip().splitlines()[0] if (
             out.stdout + out.stderr).strip() else "?"
-    import h11
-    import httptools
-    import uvloop
     return "\n".join([
         f"- machine: {platform.machine()}, {os.cpu_count()} cores "
         f"({platform.processor() or cpu_model()}), Linux {platform.release()}",
-        f"- Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, uvloop "
-        f"{uvloop.__version__}, httptools {httptools.__version__}, h11 {h11.__version__}",
+        f"- mtlsproxy: {python}: {interpreter(python)}",
         f"- {first(['nginx', '-v'])}",
         f"- envoy: {first(['envoy', '--version'])}" if shutil.which("envoy")
         else "- envoy: not installed",
@@ -737,6 +758,10 @@ def main() -> int:
     ap.add_argument("--nginx-session-cache", action="store_true",
                     help="nginx resumes from a shared session cache (stateful tickets, as "
                          "mtlsproxy with one worker) instead of stateless tickets")
+    ap.add_argument("--python", default=sys.executable,
+                    help="the interpreter that runs mtlsproxy (default: this one); it needs "
+                         "mtlsproxy installed. How it was built matters: see "
+                         "docs/benchmarks.md, 'Interpreter'")
     args = ap.parse_args()
     missing = [t for t in ("nginx", "ab", "openssl", "pgrep") if shutil.which(t) is None]
     if missing:
@@ -748,6 +773,7 @@ def main() -> int:
     if unknown:
         print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    print(f"mtlsproxy runs on {args.python}: {interpreter(args.python)}")
     bench = Bench(args)
     try:
         up = bench.start(["nginx", "-c", str(nginx_upstream_conf(bench.d, bench.up))],
@@ -766,7 +792,7 @@ def main() -> int:
                 getattr(bench, {"full": "full_handshakes", "resumed": "resumed_handshakes"}
                         .get(name, name))()
         print()
-        print(versions())
+        print(versions(args.python))
         print(f"- {args.rounds} rounds, medians; proxies pinned to core {PROXY_CPU}, load "
               f"and upstream on core {LOAD_CPU}" if TWO_CORES else "- one core: no pinning")
         print()
