@@ -710,7 +710,10 @@ _PROBE = ("import platform, ssl, h11, httptools, uvloop, mtlsproxy; "
 def interpreter(python: str) -> str:
     """What ``python`` runs mtlsproxy with (its version and the libraries that matter);
     SystemExit when it cannot import mtlsproxy."""
-    out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
+    try:
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
+    except OSError as exc:
+        raise SystemExit(f"--python {python}: {exc.strerror}") from None
     if out.returncode != 0:
         raise SystemExit(f"--python {python}: cannot run mtlsproxy "
                          f"({(out.stderr.strip().splitlines() or ['?'])[-1]})")
