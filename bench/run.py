@@ -491,8 +491,6 @@ class Bench:
                         lower_is_better=False)
         cpu = self.row("3 resumed handshake per request", "proxy CPU us/handshake")
         user = self.row("3 resumed handshake per request", "  of which user us/handshake")
-        full = self.row("3 resumed vs full (CPU per handshake)", "full / resumed",
-                        lower_is_better=False)
         for _ in self.rounds():
             for t in self.targets:
                 u0, s0 = cpu_split(t.pids())
@@ -505,6 +503,8 @@ class Bench:
                          and r.scenario.startswith("2 ")), None)
         if full_cpu is None:
             return  # the full-handshake scenario did not run (--only)
+        full = self.row("3 resumed vs full (CPU per handshake)", "full / resumed",
+                        lower_is_better=False)
         for t in self.targets:
             f, c = full_cpu.median(t.name), cpu.median(t.name)
             if f and c:
@@ -720,7 +720,8 @@ def interpreter(python: str) -> str:
     return out.stdout.strip()
 
 
-def versions(python: str) -> str:
+def versions(python: str, runtime: str) -> str:
+    """The versions block of the report; ``runtime``: ``interpreter(python)``."""
     def first(cmd: list[str]) -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -731,7 +732,7 @@ def versions(python: str) -> str:
     return "\n".join([
         f"- machine: {platform.machine()}, {os.cpu_count()} cores "
         f"({platform.processor() or cpu_model()}), Linux {platform.release()}",
-        f"- mtlsproxy: {python}: {interpreter(python)}",
+        f"- mtlsproxy: {python}: {runtime}",
         f"- {first(['nginx', '-v'])}",
         f"- envoy: {first(['envoy', '--version'])}" if shutil.which("envoy")
         else "- envoy: not installed",
@@ -776,7 +777,8 @@ def main() -> int:
     if unknown:
         print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    print(f"mtlsproxy runs on {args.python}: {interpreter(args.python)}")
+    runtime = interpreter(args.python)
+    print(f"mtlsproxy runs on {args.python}: {runtime}")
     bench = Bench(args)
     try:
         up = bench.start(["nginx", "-c", str(nginx_upstream_conf(bench.d, bench.up))],
@@ -795,7 +797,7 @@ def main() -> int:
                 getattr(bench, {"full": "full_handshakes", "resumed": "resumed_handshakes"}
                         .get(name, name))()
         print()
-        print(versions(args.python))
+        print(versions(args.python, runtime))
         print(f"- {args.rounds} rounds, medians; proxies pinned to core {PROXY_CPU}, load "
               f"and upstream on core {LOAD_CPU}" if TWO_CORES else "- one core: no pinning")
         print()
