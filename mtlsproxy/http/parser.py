@@ -280,14 +280,18 @@ class _LlhttpHead:
         self._headers.append(  # type: ignore[union-attr]
             (name.lower(), value.strip(b" \t")))
 
-    def _check_head_size(self, headers: Headers, status: int) -> None:
-        """A finished head that may be over the limit (``_bound`` says it could be): its
-        exact size decides (RemoteProtocolError ``status``). Called from
-        ``on_headers_complete``, which takes the head itself: one call fewer per head."""
-        if _head_size(self._url, headers) > self.max_header_bytes:
+    def _take_head(self, status: int) -> Headers:
+        """The finished head's headers (RemoteProtocolError ``status`` when over the
+        limit); no head is in progress afterwards. Its exact size is summed only when
+        ``_bound`` says it could be over."""
+        headers, self._headers = self._headers, None
+        assert headers is not None
+        if (self._bound > self.max_header_bytes
+                and _head_size(self._url, headers) > self.max_header_bytes):
             raise RemoteProtocolError(
                 f"{'request' if status == 431 else 'response'} header block too large",
                 status)
+        return headers
 
     def _open_head_too_large(self, fed: int, head_in_progress: bool) -> bool:
         """After a feed that left a head open: carry its bound; True when over."""
@@ -308,10 +312,7 @@ class HttptoolsRequestParser(_LlhttpHead):
         self._url += url
 
     def on_headers_complete(self) -> None:
-        headers, self._headers = self._headers, None
-        assert headers is not None
-        if self._bound > self.max_header_bytes:
-            self._check_head_size(headers, 431)
+        headers = self._take_head(431)
         p = self._parser
         # llhttp (strict) already refused invalid header names and control bytes.
         self._events.append(_make_request(p.get_method(), self._url,
@@ -382,10 +383,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._url += status
 
     def on_headers_complete(self) -> None:
-        headers, self._headers = self._headers, None
-        assert headers is not None
-        if self._bound > self.max_header_bytes:
-            self._check_head_size(headers, 502)
+        headers = self._take_head(502)
         p = self._parser
         status = p.get_status_code()
         if 100 <= status < 200:
