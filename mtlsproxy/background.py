@@ -52,6 +52,8 @@ def executor() -> ThreadPoolExecutor:
     global _executor
     with _lock:
         if _executor is None:
+            # ONE thread, so builds run in the order they are queued: the revocation
+            # watcher's retry relies on it (RevocationWatcher.refresh).
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlsproxy-build",
                                            initializer=_lower_priority)
         return _executor

@@ -180,3 +180,46 @@ def test_a_truststore_swap_verifies_the_crls_on_the_build_thread(
         wait_for(lambda: any("signed it" in r.getMessage() for r in caplog.records))
     threads = {r.threadName for r in caplog.records if "signed it" in r.getMessage()}
     assert threads and all(t.startswith("mtlsproxy-build") for t in threads)
+
+
+def revocation_config(h: Harness, store: Path, f: Path) -> dict[str, Any]:
+    return h.config(mutual_tls={
+        "truststore_uri": str(store), "refresh_interval": 3600,
+        "revocation": {"crl_uris": [str(f)], "mode": "soft"}})
+
+
+def test_a_config_reload_verifies_the_kept_crls_against_its_new_truststore_on_the_build_thread(
+        harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A reload builds every new truststore before it applies any; the CRLs a listener keeps
+    # are verified against the new bundle there too, not in the apply step on the loop.
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, []))
+    rotated = tmp_path / "rotated.pem"
+    rotated.write_bytes(make_cert("Rotated CA", ca=True).cert_pem())  # no CA signed the CRL
+    harness.start(revocation_config(harness, harness.pki.truststore, f))
+    with caplog.at_level(logging.WARNING, "mtlsproxy.revocation"):
+        assert harness.reload(revocation_config(harness, rotated, f)) == []
+    threads = {r.threadName for r in caplog.records if "signed it" in r.getMessage()}
+    assert threads and all(t.startswith("mtlsproxy-build") for t in threads)
+    state = harness.server.listeners[0].holder.current.revocation
+    assert state is not None and not state.crls  # verified against the rotated bundle
+
+
+def test_a_crl_fetched_between_a_reload_build_and_its_swap_is_the_one_attached(
+        harness: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, []))
+    harness.start(revocation_config(harness, harness.pki.truststore, f))
+    lr = harness.server.listeners[0]
+    watcher, gen = lr.revocation, lr.holder.current
+    assert watcher is not None
+    prepared = watcher.prepare(gen.bundle)
+    serial = harness.pki.client.cert.serial_number
+    f.write_bytes(crl(harness.pki.inter, [serial]))
+    assert watcher.fetch_all()  # what the periodic refresh does meanwhile
+    attached = harness.loop.call(lambda: watcher.attach(gen, prepared))
+    assert attached.revocation is not None
+    assert [serial in c.revoked for c in attached.revocation.crls.values()] == [True]
+    # Prepared from the CRLs still current, it is taken as it is.
+    again = watcher.prepare(gen.bundle)
+    assert harness.loop.call(lambda: watcher.attach(gen, again)).revocation is again.state

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -18,6 +19,7 @@ from mtlsproxy.background import run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.revocation import RevocationState, build_state
 from mtlsproxy.periodic import Periodic
+from mtlsproxy.truststore.bundle import TrustBundle
 from mtlsproxy.truststore.holder import Generation
 from mtlsproxy.truststore.sources import Source, make_source
 
@@ -58,13 +60,25 @@ class RevocationWatcher(Periodic):
                 changed = True
         return changed
 
-    def attach(self, gen: Generation) -> Generation:
-        """``gen`` carrying the current CRLs, verified against its own bundle."""
-        state = build_state(self.mode, self.data, gen.bundle)
+    def prepare(self, bundle: TrustBundle | None) -> Prepared:
+        """Blocking (the build thread): the current CRLs verified against ``bundle``.
+        Their problems are logged here, where they are found."""
+        data = dict(self.data)
+        state = build_state(self.mode, data, bundle)
         for problem in state.problems:
             log.warning("revocation of %s: %s", self.rt.name, problem)
-        self._publish(state)
-        return gen.with_revocation(state)
+        return Prepared(bundle, data, state)
+
+    def attach(self, gen: Generation, prepared: Prepared | None = None) -> Generation:
+        """``gen`` carrying the current CRLs, verified against its own bundle: by
+        ``prepared`` when it was made for that bundle from the CRLs still current, else
+        here (a fetch landed in between: rare, and what ``refresh`` may not redo)."""
+        if (prepared is None or prepared.bundle is not gen.bundle
+                or prepared.data.keys() != self.data.keys()
+                or any(self.data[u] is not d for u, d in prepared.data.items())):
+            prepared = self.prepare(gen.bundle)
+        self._publish(prepared.state)
+        return gen.with_revocation(prepared.state)
 
     def _publish(self, state: RevocationState) -> frozenset[str]:
         now = self.rt.clock()
@@ -98,6 +112,11 @@ class RevocationWatcher(Periodic):
                 return
         # On the build thread: loading and indexing a CRL costs ~0.7 us per entry (70 ms
         # for 100,000), a stall if it ran on the event loop.
+        # Why the retry is enough: the build thread is ONE thread (background.executor), so
+        # builds finish in the order they were queued. A truststore swap whose attach read
+        # the CRLs from before this fetch was queued before this attach, so it lands
+        # first, and the check below sees it and attaches again. With two build threads
+        # that attach could land after this one and put the old CRLs back.
         while True:
             attached = await run_build(self.attach, current)
             if self.rt.holder.current is current:
@@ -107,6 +126,16 @@ class RevocationWatcher(Periodic):
         self.rt.holder.swap(attached)
         log.info("revocation state of %s updated (generation %d)", self.rt.name,
                  self.rt.holder.current.number)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A revocation state built ahead of its swap (a config reload builds every new
+    truststore before it applies any), with the inputs it was built from."""
+
+    bundle: TrustBundle | None
+    data: dict[str, bytes | None]
+    state: RevocationState
 
 
 def crl_stale_gauge(registry: CollectorRegistry) -> Gauge:
