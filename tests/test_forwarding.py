@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import http.client
 import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import Harness
+from tests.conftest import Harness, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -219,6 +221,84 @@ def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Ha
         assert b'"reason":"bad_request"' in out
     assert received == []
     assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 3
+
+
+def _until_eof() -> tuple[Handler, asyncio.Event]:
+    """An upstream that reads until the proxy closes its connection, and never answers."""
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        closed.set()
+    return handler, closed
+
+
+def test_a_malformed_chunked_body_gets_400_and_its_upstream_connection_is_closed(
+        unstarted: Harness) -> None:
+    h = unstarted
+    handler, closed = _until_eof()
+    port, received = scripted_upstream(h, handler)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"3\r\nabc\r\n")
+            wait_for(lambda: b"abc" in b"".join(received))  # the body is on its way up
+            t.sendall(b"zz\r\n")  # not a chunk size
+            out = b""
+            while chunk := t.recv(65536):
+                out += chunk
+    assert out.startswith(b"HTTP/1.1 400 "), out[:80]
+    h.loop.run(asyncio.wait_for(closed.wait(), 5))  # never left open for another request
+    assert b"0\r\n\r\n" not in b"".join(received)  # the upstream never saw a whole body
+
+
+def test_a_client_that_stops_sending_its_body_gets_408_not_an_upstream_error(
+        unstarted: Harness) -> None:
+    # nginx's client_body_timeout: 408, and the upstream is not blamed.
+    h = unstarted
+    handler, closed = _until_eof()
+    port, _ = scripted_upstream(h, handler)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}", timeouts={"idle": 0.3}))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+            out = b""
+            while chunk := t.recv(65536):
+                out += chunk
+    assert out.startswith(b"HTTP/1.1 408 "), out[:80]
+    assert b'"reason":"request_timeout"' in out
+    h.loop.run(asyncio.wait_for(closed.wait(), 5))
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="timeout") == 0
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                    code="408") == 1
+
+
+def test_an_upstream_that_dies_mid_response_cuts_the_client_connection(
+        unstarted: Harness) -> None:
+    # After the head went out the only honest signal is the cut: the client must not take
+    # a short body for a whole one.
+    h = unstarted
+
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+    port, _ = scripted_upstream(h, dies)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert r.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    conn.close()
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="reset") == 1
 
 
 def test_oversized_headers_get_431(unstarted: Harness) -> None:

@@ -52,6 +52,10 @@ class _ClientGone(Exception):
     """The client connection closed while we were writing to it."""
 
 
+class _BodyTimeout(Exception):
+    """The client sent no more of its request body within the idle timeout."""
+
+
 class _Fast:
     """A request forwarded from callbacks, waiting for its response."""
 
@@ -499,8 +503,9 @@ class ProxySession:
             status = exc.status_hint
             sent = self._write_error(status, exc.reason)
             return False
-        except TimeoutError:
-            status = 408  # the client stopped sending its body
+        except _BodyTimeout:
+            # The client stopped sending its body (nginx's client_body_timeout: 408).
+            status = 408
             sent = self._write_error(408, "request_timeout")
             return False
         finally:
@@ -594,8 +599,13 @@ class ProxySession:
         while True:
             ev = self.inbox.get_nowait()
             if ev is None:
-                async with asyncio.timeout(idle):
-                    ev = await self.inbox.get()
+                try:
+                    async with asyncio.timeout(idle):
+                        ev = await self.inbox.get()
+                except TimeoutError:
+                    # Its own type: the response-head wait that may surface it turns its
+                    # TimeoutErrors into an upstream timeout (504), and this is the client's.
+                    raise _BodyTimeout() from None
             if isinstance(ev, Data):
                 up.write(wire.chunk(ev.data) if req.chunked else ev.data)
                 if up.write_paused:
