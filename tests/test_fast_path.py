@@ -117,12 +117,25 @@ def test_silent_upstream_on_a_pooled_connection_gets_504(unstarted: Harness) -> 
                               kind="timeout") == 1)
 
 
-def test_pooled_connection_reset_after_the_request_gets_502(unstarted: Harness) -> None:
+def test_pooled_connection_reset_after_a_get_is_retried_once_on_a_fresh_one(
+        unstarted: Harness) -> None:
     h = unstarted
     conn, _ = pooled(h, "reset")
     conn.request("GET", "/")
-    # The upstream took the request and died: as on a fresh connection (the general path),
-    # 502 and no second attempt, since the request may have been acted on.
+    # The upstream closed before a byte of the answer (as when its keep-alive timeout
+    # races the reuse): an idempotent request goes once more, on a fresh connection (RFC
+    # 9110 section 9.2.2; nginx's proxy_next_upstream error), handed to the general path.
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (200, b"ok")
+    conn.close()
+    assert h.upstream_requests == [0, 1, 0]  # type: ignore[attr-defined]
+
+
+def test_pooled_connection_reset_after_a_post_gets_502(unstarted: Harness) -> None:
+    h = unstarted
+    conn, _ = pooled(h, "reset")
+    conn.request("POST", "/")  # bodyless (Content-Length: 0), so it takes the fast path
+    # The request may have been acted on: 502 and no second attempt.
     r = conn.getresponse()
     assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
     conn.close()

@@ -301,6 +301,63 @@ def test_an_upstream_that_dies_mid_response_cuts_the_client_connection(
                     kind="reset") == 1
 
 
+def _closes_its_first_connection_after_one_response() -> tuple[Handler, list[bytes]]:
+    """An upstream whose first connection answers one request, then closes (a FIN) when
+    the next one arrives: its keep-alive timeout racing the proxy's reuse. Every other
+    connection answers normally. Returns the handler and each connection's requests."""
+    requests: list[bytes] = []
+    conns = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        first, conns = conns == 0, conns + 1
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            requests.append(head)
+            if first and len(requests) > 1:
+                return  # closed without a word (the wrapper closes the writer)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    return handler, requests
+
+
+def test_a_pooled_connection_closed_by_the_upstream_is_retried_on_a_fresh_one(
+        unstarted: Harness) -> None:
+    # nginx retries a request that met a closing keep-alive connection before any byte of
+    # the answer (proxy_next_upstream error), for idempotent methods.
+    h = unstarted
+    handler, requests = _closes_its_first_connection_after_one_response()
+    port, _ = scripted_upstream(h, handler)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    for path in ("/1", "/2"):
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, b"ok"), path
+    conn.close()
+    assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2", b"/2"]
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="reset") == 0
+
+
+def test_a_non_idempotent_request_is_not_retried_after_a_pooled_connection_closed(
+        unstarted: Harness) -> None:
+    # The upstream may have acted on it before closing: 502, as nginx without
+    # "proxy_next_upstream non_idempotent".
+    h = unstarted
+    handler, requests = _closes_its_first_connection_after_one_response()
+    port, _ = scripted_upstream(h, handler)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("GET", "/1")
+    assert conn.getresponse().read() == b"ok"
+    conn.request("POST", "/2")
+    r = conn.getresponse()
+    assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
+    conn.close()
+    assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2"]
+
+
 def test_oversized_headers_get_431(unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(limits={"max_header_bytes": 4096}))

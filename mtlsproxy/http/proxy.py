@@ -244,7 +244,7 @@ class ProxySession:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
                                           verdict.header_block)
-        up.parser.expect(req.method)
+        up.expect(req.method)
         try:
             up.write(head)
         except UpstreamError:
@@ -571,7 +571,7 @@ class ProxySession:
                 up, reused = fast.up, True
             else:
                 up, reused = await rt.pool.acquire(upstream, timeouts.upstream_connect)
-                up.parser.expect(req.method)
+                up.expect(req.method)
                 up.write(head)
             pump: asyncio.Task[None] | None = None
             if req.has_body:
@@ -580,9 +580,11 @@ class ProxySession:
                 resp = await self._response_head(up, pump, timeouts.upstream_read)
             except ConnectionClosed:
                 up.close()
-                if reused and attempt == 0 and pump is None:
-                    # The pooled connection died idle (the upstream's keep-alive timeout
-                    # raced us); nothing was processed, so one retry on a fresh one is safe.
+                if (reused and attempt == 0 and pump is None
+                        and req.method not in _NON_IDEMPOTENT):
+                    # The pooled connection closed before a byte of the answer (the
+                    # upstream's keep-alive timeout raced us): one retry on a fresh one,
+                    # as nginx does (proxy_next_upstream error).
                     continue
                 raise UpstreamError("upstream closed before responding", "reset") from None
             except BaseException:
@@ -726,6 +728,10 @@ class ProxySession:
 
 
 _COALESCE_LIMIT = 64 * 1024
+# Never retried: the upstream may have acted on them before it closed. nginx's list
+# (ngx_http_upstream.c: POST, LOCK, PATCH; "proxy_next_upstream non_idempotent" is off by
+# default), which it applies to every other method, WebDAV's included.
+_NON_IDEMPOTENT = frozenset({b"POST", b"LOCK", b"PATCH"})
 
 
 class _UpstreamAfterHead(UpstreamError):

@@ -49,6 +49,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.inbox: Inbox[Event] = Inbox(self._pause_reading, self._resume_reading)
         self.requests = 0
         self.idle_since = 0.0
+        # Whether any byte of the current response arrived: a close before the first one
+        # is ConnectionClosed (the request may be retried), after it an UpstreamError.
+        self.answered = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         # A fast exchange (http/proxy.py) takes events straight from the callbacks; when
@@ -66,6 +69,11 @@ class UpstreamConnection(asyncio.Protocol):
             raise RuntimeError(f"upstream state {self.state.value} -> {new.value} is not allowed")
         self.state = new
 
+    def expect(self, method: bytes) -> None:
+        """A ``method`` request is being sent: the next bytes answer it."""
+        self.answered = False
+        self.parser.expect(method)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
@@ -74,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the upstream is confused; this connection is not reusable.
             self.close()
             return
+        self.answered = True
         try:
             events = self.parser.feed(data)
         except ProtocolError as exc:
@@ -89,7 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         events: list[Event] = []
         error: BaseException = ConnectionClosed("upstream closed the connection")
-        if self.state is ACTIVE:
+        if self.state is ACTIVE and self.answered:
             try:
                 events = self.parser.feed_eof()
             except ProtocolError as exc:
