@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mtlsproxy.tls import bio
 from tests.conftest import Harness, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -356,6 +358,149 @@ def test_a_non_idempotent_request_is_not_retried_after_a_pooled_connection_close
     assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
     conn.close()
     assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2"]
+
+
+def _upload(h: Harness, head: bytes, size: int) -> bytes:
+    """Send ``head`` and ``size`` body bytes while reading the answer (an asyncio client:
+    one thread, writes and reads interleaved); returns what was read until the proxy
+    closed. The upload stops where the proxy stops taking it."""
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", h.port, ssl=h.client_context(), server_hostname="localhost")
+
+        async def send() -> None:
+            writer.write(head)
+            block = b"x" * 65536
+            for _ in range(size // len(block)):
+                writer.write(block)
+                await writer.drain()
+        sender = asyncio.create_task(send())
+        out = b""
+        try:
+            while chunk := await reader.read(65536):
+                out += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.transport.abort()
+        return out
+    return asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_an_upstream_that_stops_reading_a_request_body_gets_504(unstarted: Harness) -> None:
+    # The body waits on the upstream's socket no longer than upstream_read (nginx's
+    # proxy_send_timeout, which it also calls a gateway timeout).
+    h = unstarted
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head, and then nothing more is read
+        await asyncio.sleep(30)
+    port, _ = scripted_upstream(h, deaf)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}", timeouts={"upstream_read": 0.3}))
+    size = 64 * 1024 * 1024  # far more than the socket buffers and the inbox hold
+    out = _upload(h, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size,
+                  size)
+    assert out.startswith(b"HTTP/1.1 504 "), out[:80]
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="timeout") == 1
+
+
+def test_an_answer_before_the_whole_body_is_forwarded_and_ends_both_connections(
+        unstarted: Harness) -> None:
+    # An upstream may refuse a body early (413, 401): its answer reaches the client, and
+    # neither connection can carry another request (the rest of the body is unread).
+    h = unstarted
+    closed = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+        closed.set()
+    port, _ = scripted_upstream(h, early)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    size = 64 * 1024 * 1024
+    out = _upload(h, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size,
+                  size)
+    assert out.startswith(b"HTTP/1.1 413 ") and out.endswith(b"big!"), out[:200]
+    h.loop.run(asyncio.wait_for(closed.wait(), 5))  # not pooled half-read
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                    code="413") == 1
+
+
+def _early_413() -> Handler:
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+    return early
+
+
+@pytest.mark.parametrize("client", ["silent", "sending"])
+def test_a_lingering_close_ends_for_a_client_that_never_closes(
+        unstarted: Harness, monkeypatch: pytest.MonkeyPatch, client: str) -> None:
+    # Lingering is bounded like nginx's: LINGERING_TIMEOUT without a byte, LINGERING_TIME
+    # in all (shortened here).
+    monkeypatch.setattr(bio, "LINGERING_TIMEOUT", 0.2)
+    monkeypatch.setattr(bio, "LINGERING_TIME", 0.6)
+    h = unstarted
+    port, _ = scripted_upstream(h, _early_413())
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    active = {"listener": "public"}
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+            t.sendall(b"x" * 65536)
+            got = b""
+            while not got.endswith(b"big!"):
+                got += t.recv(65536)
+            assert got.startswith(b"HTTP/1.1 413 ")
+            if client == "sending":  # (a silent one may already be past 0.2 s here)
+                assert h.metric("mtlsproxy_connections_active", **active) == 1  # lingering
+            start = time.monotonic()
+            while h.metric("mtlsproxy_connections_active", **active) != 0:
+                assert time.monotonic() - start < 5, "still lingering"
+                if client == "sending":
+                    try:
+                        t.sendall(b"x" * 1024)  # more body, never enough to end it
+                    except OSError:
+                        pass
+                time.sleep(0.05)
+
+
+def test_a_client_that_leaves_mid_response_frees_the_upstream_connection_and_counts_499(
+        unstarted: Harness) -> None:
+    h = unstarted
+    closed = asyncio.Event()
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                writer.write(b"10000\r\n" + b"y" * 0x10000 + b"\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            closed.set()
+    port, _ = scripted_upstream(h, endless)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while len(got) < 1024 * 1024:
+                got += t.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200 ")
+    h.loop.run(asyncio.wait_for(closed.wait(), 5))  # the endless answer stopped
+    wait_for(lambda: h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                              code="499") == 1)
 
 
 def test_oversized_headers_get_431(unstarted: Harness) -> None:

@@ -364,7 +364,9 @@ class ProxySession:
                 self._park()
             else:
                 self.idle = False
-                self.conn.close()
+                # Lingering: the client may still be sending what was not read (a body
+                # after an early answer, a pipelined request) - see TLSConnection.close.
+                self.conn.close(linger=True)
 
     async def _next_request(self) -> Request | object | None:
         """The next queued request head; _PARK when none is queued; None when the client

@@ -41,6 +41,22 @@ from mtlsproxy.writes import WriteBatch
 _READ_SIZE = 16 * 1024
 
 
+# nginx's lingering_time and lingering_timeout defaults (see TLSConnection.close).
+LINGERING_TIME = 30.0
+LINGERING_TIMEOUT = 5.0
+
+
+class _Linger:
+    """A closing connection still draining what its client sends."""
+
+    __slots__ = ("until", "timer", "read")
+
+    def __init__(self, until: float, timer: asyncio.TimerHandle) -> None:
+        self.until = until  # LINGERING_TIME after it began
+        self.timer = timer  # the next check, LINGERING_TIMEOUT after the last one
+        self.read = False  # bytes arrived since that check
+
+
 class TLSState(enum.Enum):
     PROXY_HEADER = "proxy_header"  # waiting for a PROXY protocol header (when enabled)
     HANDSHAKING = "handshaking"
@@ -86,7 +102,7 @@ class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it ~150 bytes smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "transport", "handler", "sslobj",
                  "_tls", "peername", "_incoming", "_outgoing", "write_paused",
-                 "_drain_waiter", "_reading_paused", "_writes", "__weakref__")
+                 "_drain_waiter", "_reading_paused", "_writes", "_linger", "__weakref__")
 
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
                  proxy_protocol: bool = False, writes: WriteBatch | None = None) -> None:
@@ -109,6 +125,7 @@ class TLSConnection(asyncio.Protocol):
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._linger: _Linger | None = None  # closing, the client still sending (close)
 
     def __repr__(self) -> str:
         return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
@@ -140,11 +157,15 @@ class TLSConnection(asyncio.Protocol):
             data = self._proxy_header(data)
             if not data:
                 return
-        self._incoming.write(data)
         state = self.state
         if state is OPEN:
+            self._incoming.write(data)
             self._read_plaintext()
             return
+        if self._linger is not None:
+            self._linger.read = True  # dropped unread: the response went out (see close)
+            return
+        self._incoming.write(data)
         if state is HANDSHAKING:
             self._do_handshake()
         # The state may have moved in _do_handshake; re-read it (mypy narrows too eagerly).
@@ -163,6 +184,9 @@ class TLSConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.timer.cancel()
+            self._linger = None
         was = self.state
         if was is not CLOSED:
             self.state = CLOSED
@@ -336,8 +360,16 @@ class TLSConnection(asyncio.Protocol):
             if not self.transport.is_closing():
                 self.transport.resume_reading()
 
-    def close(self) -> None:
-        """Send close_notify, then close the socket after the buffered data is written."""
+    def close(self, linger: bool = False) -> None:
+        """Send close_notify, then close the socket after the buffered data is written.
+
+        ``linger``: the client may still be sending (a request body that was not read, a
+        pipelined request). Closing a socket with unread bytes makes the kernel answer
+        with a reset, and the reset can destroy the response still waiting in the
+        client's receive buffer: the client sees "connection reset" instead of its 413
+        or 403. So only the sending side is shut after the response, and whatever still
+        comes is read and dropped until the client closes, LINGERING_TIMEOUT passes
+        without a byte, or LINGERING_TIME in all (nginx's lingering_close)."""
         if self.state is OPEN:
             self._set_state(CLOSING)
             if self.sslobj is not None:
@@ -346,8 +378,32 @@ class TLSConnection(asyncio.Protocol):
                 except (ssl.SSLError, ValueError):
                     pass
                 self._flush()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._linger is not None:
+            return
+        if linger and self.state is CLOSING and transport.can_write_eof():
+            loop = asyncio.get_running_loop()
+            transport.write_eof()  # a FIN after the buffered response
+            self._linger = _Linger(loop.time() + LINGERING_TIME,
+                                   loop.call_later(LINGERING_TIMEOUT, self._linger_check))
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+            return
+        transport.close()
+
+    def _linger_check(self) -> None:
+        linger = self._linger
+        if linger is None or self.transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if linger.read and now < linger.until:
+            linger.read = False
+            linger.timer = asyncio.get_running_loop().call_later(
+                min(LINGERING_TIMEOUT, linger.until - now), self._linger_check)
+            return
+        self._linger = None
+        self.transport.close()
 
     def abort(self) -> None:
         # What this pass wrote and deferred (writes.py) still leaves first, as it would
