@@ -566,6 +566,52 @@ def test_idle_keep_alive_connection_is_closed_quietly(unstarted: Harness) -> Non
         conn.close()
 
 
+def test_a_client_close_notify_is_answered_with_close_notify(proxy: Harness) -> None:
+    # A clean TLS closure both ways (RFC 8446 section 6.1): the client's unwrap() returns
+    # only once the proxy's close_notify arrived.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        with proxy.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+                got += t.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 ")
+            with t.unwrap() as plain:
+                assert plain.recv(10) == b""  # and then the TCP connection closes
+
+
+def test_a_request_followed_by_close_notify_is_still_answered(proxy: Harness) -> None:
+    # The client closed its sending side after its request (a TLS half-close): the answer
+    # still goes out, then the proxy closes.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        ctx = proxy.client_context()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        tls.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        try:
+            tls.unwrap()  # close_notify, in the same flight as the request
+        except ssl.SSLWantReadError:
+            pass
+        s.sendall(outgoing.read())
+        got = b""
+        while data := s.recv(65536):
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    got += chunk
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    assert got.startswith(b"HTTP/1.1 200 "), got[:80]
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["path"] == "/"
+
+
 def test_connections_over_the_limit_are_refused(unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(limits={"max_connections": 1}))
