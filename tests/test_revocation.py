@@ -4,9 +4,11 @@ swapped live under a kept-alive connection, and a stale CRL under hard and soft 
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +225,78 @@ def test_a_crl_fetched_between_a_reload_build_and_its_swap_is_the_one_attached(
     # Prepared from the CRLs still current, it is taken as it is.
     again = watcher.prepare(gen.bundle)
     assert harness.loop.call(lambda: watcher.attach(gen, again)).revocation is again.state
+
+
+@pytest.fixture
+def crl_server() -> Iterator[tuple[int, dict[str, bytes]]]:
+    """A plain HTTP server on loopback, on its own thread (a CRL distribution point; the
+    proxy fetches its CRLs at start-up before its loop serves anything): GET /name answers
+    ``files[name]``, changeable while it runs, anything else 404. (port, files)."""
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = files.get(self.path.lstrip("/"))
+            self.send_response(404 if body is None else 200)
+            self.send_header("Content-Type", "application/pkix-crl")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1]), files
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def _no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CRLs on loopback are fetched directly, whatever proxy the environment names.
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_a_crl_fetched_over_http_revokes_and_a_new_one_is_refetched(
+        harness: Harness, crl_server: tuple[int, dict[str, bytes]]) -> None:
+    # CRL distribution points are http:// URLs more often than not.
+    port, files = crl_server
+    files["inter.crl"] = crl(harness.pki.inter, [])
+    harness.start(harness.config(mutual_tls={
+        "truststore_uri": str(harness.pki.truststore), "refresh_interval": REFRESH,
+        "revocation": {"crl_uris": [f"http://127.0.0.1:{port}/inter.crl"],
+                       "mode": "hard"}}))
+    assert reason(harness) is None
+    files["inter.crl"] = crl(harness.pki.inter, [harness.pki.client.cert.serial_number])
+    wait_for(lambda: reason(harness) == "revoked")
+
+
+def test_a_crl_url_that_answers_404_is_missing_and_hard_mode_refuses(
+        harness: Harness, crl_server: tuple[int, dict[str, bytes]]) -> None:
+    port, _ = crl_server
+    harness.start(harness.config(mutual_tls={
+        "truststore_uri": str(harness.pki.truststore), "refresh_interval": 3600,
+        "revocation": {"crl_uris": [f"http://127.0.0.1:{port}/gone.crl"],
+                       "mode": "hard"}}))
+    assert reason(harness) == "revocation_unavailable"
+
+
+def test_a_config_reload_adds_then_removes_crls_live(harness: Harness,
+                                                     tmp_path: Path) -> None:
+    f = tmp_path / "inter.crl"
+    f.write_bytes(crl(harness.pki.inter, [harness.pki.client.cert.serial_number]))
+    without = harness.config(mutual_tls={"truststore_uri": str(harness.pki.truststore)})
+    harness.start(without)
+    assert reason(harness) is None
+    assert harness.reload(revocation_config(harness, harness.pki.truststore, f)) == []
+    wait_for(lambda: reason(harness) == "revoked")  # fetched by the new watcher
+    assert harness.reload(without) == []
+    assert reason(harness) is None
+    assert harness.server.listeners[0].revocation is None  # type: ignore[union-attr]
