@@ -192,3 +192,24 @@ def test_idle_timeout_after_a_fast_exchange_closes_quietly(unstarted: Harness) -
         assert conn.sock.recv(10) == b""
     finally:
         conn.close()
+
+
+def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
+        unstarted: Harness) -> None:
+    # 103 Early Hints (or a stray 100) before the final answer: only the final one reaches
+    # the client, as with nginx. The first request takes the general path, the second
+    # (a pooled connection) the fast one.
+    h = unstarted
+    interim = (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+               b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    port = scripted(h, interim)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            for _ in range(2):
+                t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                got = b""
+                while not got.endswith(b"ok"):
+                    got += t.recv(65536)
+                assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
+    assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
