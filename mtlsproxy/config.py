@@ -78,11 +78,13 @@ class Upstream:
     host: str
     port: int
     base_path: str
-    # The label used in metrics and logs, ``host:port``: a field, read on every request.
+    # The label used in metrics and logs, ``host:port`` (``[::1]:port`` for an IPv6 host,
+    # as in a URL and nginx's $upstream_addr): a field, read on every request.
     key: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.host}:{self.port}")  # frozen: set once
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "key", f"{host}:{self.port}")  # frozen: set once
 
 
 @dataclass(frozen=True)

@@ -720,3 +720,38 @@ def test_access_log_has_one_json_line_per_request(proxy: Harness) -> None:
     assert "CN=good-client" in record["client_cert_subject"]
     for key in ("time", "method", "bytes", "duration_ms", "upstream", "resumed"):
         assert key in record
+
+
+def test_ipv6_loopback_listener_and_upstream(unstarted: Harness) -> None:
+    # ::1 on both sides: the client address reaches X-Forwarded-For as is, and the upstream
+    # label is bracketed like a URL's ([::1]:port).
+    h = unstarted
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        xff = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-forwarded-for:")]
+        body = b",".join(xff)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def serve6() -> tuple[asyncio.Server, int]:
+        server = await asyncio.start_server(answer, "::1", 0)
+        return server, int(server.sockets[0].getsockname()[1])
+    server, up = h.loop.run(serve6())
+    try:
+        h.start(h.config(address="[::1]:0", upstream=f"http://[::1]:{up}"))
+        with socket.create_connection(("::1", h.port), timeout=10) as s:
+            with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                got = b""
+                while chunk := t.recv(65536):
+                    got += chunk
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n::1"), got
+        assert h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                        code="200") == 1
+        assert h.server is not None
+        assert h.server.config.listeners[0].routes[0].upstream.key == f"[::1]:{up}"
+    finally:
+        server.close()
