@@ -661,6 +661,40 @@ def test_chunked_response_is_streamed_back(proxy: Harness) -> None:
     assert headers.get("transfer-encoding") == "chunked"
 
 
+def test_chunked_bodies_with_trailers_pass_without_the_trailers(unstarted: Harness) -> None:
+    # RFC 9112 section 7.1.2 trailers, both ways: the body arrives whole and re-framed, the
+    # trailer fields are dropped (as nginx does), and the connections carry on.
+    h = unstarted
+    seen: list[bytes] = []
+
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = b""
+            if b"chunked" in head.lower():
+                while (line := await reader.readuntil(b"\r\n")) != b"0\r\n":
+                    body += (await reader.readexactly(int(line, 16) + 2))[:-2]
+                await reader.readuntil(b"\r\n")  # the proxy sends no trailers: one CRLF
+            seen.append(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+            await writer.drain()
+    port, _ = scripted_upstream(h, trailing)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            for _ in range(2):
+                t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n")
+                got = b""
+                while not got.endswith(b"0\r\n\r\n"):
+                    got += t.recv(65536)
+                assert got.startswith(b"HTTP/1.1 200 "), got
+                assert got.endswith(b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"), got
+                assert b"grpc-status" not in got.lower()
+    assert seen == [b"hello", b"hello"]
+
+
 def test_expect_100_continue_is_answered_by_the_proxy(proxy: Harness) -> None:
     out = proxy.raw(b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
                     b"Expect: 100-continue\r\nConnection: close\r\n\r\nhello")

@@ -106,6 +106,10 @@ CORPUS = {
                       b"zz\r\nabc\r\n0\r\n\r\n",
     "chunk_bare_lf": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"3\nabc\n0\n\n",
+    # RFC 9112 section 7.1.2: trailer fields after the last chunk (dropped by both).
+    "chunk_trailers": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\nX-Other: 2\r\n\r\n"
+                      b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
     "chunk_ext": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"3;x=y\r\nabc\r\n0\r\n\r\n",
     "neg_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
@@ -315,3 +319,36 @@ def test_http10_keep_alive_requests_follow_each_other(parser_kind: str) -> None:
     heads = [e for i in range(3) for e in p.feed(req % i) if isinstance(e, Request)]
     heads += [e for e in p.feed(req % 3 + req % 4) if isinstance(e, Request)]
     assert [(h.target, h.keep_alive) for h in heads] == [(b"/%d" % i, True) for i in range(5)]
+
+
+def test_an_endless_trailer_line_is_refused(parser_kind: str) -> None:
+    # httptools holds a trailer line until it ends: without a bound, one endless line
+    # would grow without limit (a memory exhaustion).
+    p = request_parser(parser_kind, 32768)
+    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: ")
+    with pytest.raises(RemoteProtocolError):
+        for _ in range(100):
+            p.feed(b"a" * 4096)
+
+
+def test_a_long_chunked_body_read_in_pieces_is_not_mistaken_for_trailers(
+        parser_kind: str) -> None:
+    # Feeds that end right after a chunk's size line: the next one brings data.
+    p = request_parser(parser_kind, 1024)
+    events = p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(50):
+        events += p.feed(b"800\r\n")
+        events += p.feed(b"x" * 0x800 + b"\r\n")
+    events += p.feed(b"0\r\n\r\n")
+    assert sum(len(e.data) for e in events if isinstance(e, Data)) == 50 * 0x800
+    assert isinstance(events[-1], EndOfMessage)
+
+
+@pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
+def test_a_chunked_response_with_trailers_ends_without_them(cls: type) -> None:
+    p = cls()
+    p.expect(b"GET")
+    events = p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+    assert [type(e).__name__ for e in events] == ["Response", "Data", "EndOfMessage"]
+    assert events[1].data == b"abc"
