@@ -154,6 +154,25 @@ def test_longest_prefix_wins_and_strip_prefix_rewrites_the_path(unstarted: Harne
                     code="200") == 2
 
 
+def test_an_absolute_form_request_is_routed_by_its_path_and_host(unstarted: Harness) -> None:
+    # RFC 9112 section 3.2.2 (a server MUST accept it; nginx and Envoy do): the URI's
+    # authority is the host, for host routes and for what the upstream sees.
+    h = unstarted
+    echo = f"http://127.0.0.1:{h.start_echo()}"
+    h.start(h.config(routes=[
+        {"path_prefix": "/", "upstream": echo},
+        {"path_prefix": "/api", "host": "api.example", "upstream": echo + "/v2",
+         "strip_prefix": True},
+    ]))
+    out = h.raw(b"GET https://api.example/api/users?x=1 HTTP/1.1\r\nHost: ignored\r\n"
+                b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:80]
+    echoed = json.loads(out.split(b"\r\n\r\n", 1)[1])
+    assert echoed["path"] == "/v2/users?x=1"
+    sent = headers_of(out.split(b"\r\n\r\n", 1)[1])
+    assert sent["host"] == ["api.example"] and sent["x-forwarded-host"] == ["api.example"]
+
+
 def test_request_without_a_route_gets_404(unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(routes=[{"path_prefix": "/only",

@@ -117,6 +117,11 @@ CORPUS = {
     "header_no_colon": b"GET / HTTP/1.1\r\nHost: a\r\nfoo\r\n\r\n",
     "target_space": b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
     "target_not_origin": b"GET a HTTP/1.1\r\nHost: a\r\n\r\n",
+    # RFC 9112 section 3.2.2: absolute-form, which a server MUST accept; the authority
+    # replaces the Host header (both parsers turn it into the same origin-form request).
+    "absolute_form": b"GET http://api.example:8443/v1?x=1 HTTP/1.1\r\nHost: other\r\n\r\n",
+    "absolute_form_http10_no_host": b"GET https://api.example HTTP/1.0\r\n\r\n",
+    "absolute_form_userinfo": b"GET http://u:p@api.example/ HTTP/1.1\r\nHost: a\r\n\r\n",
     "oversized": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 40000 + b"\r\n\r\n",
     "utf8_value": "GET / HTTP/1.1\r\nHost: a\r\nX: é\r\n\r\n".encode(),
     "tab_value": b"GET / HTTP/1.1\r\nHost: a\r\nX:\tb\t\r\n\r\n",
@@ -352,3 +357,17 @@ def test_a_chunked_response_with_trailers_ends_without_them(cls: type) -> None:
                     b"3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n")
     assert [type(e).__name__ for e in events] == ["Response", "Data", "EndOfMessage"]
     assert events[1].data == b"abc"
+
+
+def test_an_absolute_form_target_becomes_origin_form_with_its_authority_as_host(
+        parser_kind: str) -> None:
+    events = feed_all(parser_kind, CORPUS["absolute_form"])
+    req = events[0]
+    assert isinstance(req, Request)
+    assert (req.target, req.host) == (b"/v1?x=1", b"api.example:8443")
+    assert req.headers == [(b"host", b"api.example:8443")]
+    req = feed_all(parser_kind, CORPUS["absolute_form_http10_no_host"])[0]
+    assert isinstance(req, Request)
+    assert (req.target, req.headers) == (b"/", [(b"host", b"api.example")])
+    with pytest.raises(RemoteProtocolError):
+        feed_all(parser_kind, CORPUS["absolute_form_userinfo"])

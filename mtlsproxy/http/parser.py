@@ -223,8 +223,32 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
     chunked, length = _framing(te, cl, True) if te or cl else (False, None)
     keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
+    if target[:1] != b"/" and target != b"*":
+        target, host, headers = _to_origin_form(target, headers)
     return Request(method, target, version, headers, keep, chunked, length, expect,
                    connection, host)
+
+
+def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Headers]:
+    """An absolute-form target (``http://host/path``), which RFC 9112 section 3.2.2 says a
+    server MUST accept: (origin-form target, host, headers). The URI's authority replaces
+    the Host header's value (a proxy MUST ignore the received one), as nginx and Envoy do;
+    routing and forwarding then see an ordinary request."""
+    rest = target.split(b"://", 1)[1]
+    end = len(rest)
+    for delimiter in (b"/", b"?"):
+        i = rest.find(delimiter)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:  # RFC 9110 section 4.2.4: no userinfo
+        raise RemoteProtocolError("invalid authority in the request target")
+    if not path.startswith(b"/"):
+        path = b"/" + path  # "http://h?q" -> "/?q"
+    replaced = [(n, authority) if n == b"host" else (n, v) for n, v in headers]
+    if all(n != b"host" for n, _ in headers):  # HTTP/1.0 may come without one
+        replaced.append((b"host", authority))
+    return path, authority, replaced
 
 
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,

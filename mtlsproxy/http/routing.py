@@ -24,7 +24,7 @@ class Router:
     def match(self, host: bytes, target: bytes) -> tuple[RouteConfig, bytes] | None:
         """The route and the upstream target (path + query) for a request, or None."""
         if not target.startswith(b"/"):
-            return None  # absolute-form and "*" targets are not routed
+            return None  # "*" (the parser turns absolute-form into origin-form)
         path, sep, query = target.partition(b"?")
         hostname: str | None = None
         for route, route_host, prefix, prefix_slash, strip, base in self._compiled:
