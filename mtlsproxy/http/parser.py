@@ -214,17 +214,17 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
         raise RemoteProtocolError("unsupported HTTP version", 505)
     if not validated:
         _check_head(headers)
-    if not target or (target[:1] != b"/" and target != b"*" and not target.startswith(
-            (b"http://", b"https://"))):
-        raise RemoteProtocolError("invalid request target")
     if not validated and _BAD_TARGET.search(target):
         raise RemoteProtocolError("invalid byte in request target")
+    if target[:1] != b"/":
+        if target.startswith((b"http://", b"https://")):
+            target, host, headers = _to_origin_form(target, headers)
+        elif target != b"*":
+            raise RemoteProtocolError("invalid request target")
     if hosts > 1 or (version == b"1.1" and not hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
     chunked, length = _framing(te, cl, True) if te or cl else (False, None)
     keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
-    if target[:1] != b"/" and target != b"*":
-        target, host, headers = _to_origin_form(target, headers)
     return Request(method, target, version, headers, keep, chunked, length, expect,
                    connection, host)
 
