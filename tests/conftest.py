@@ -408,10 +408,10 @@ class Harness:
         assert status == 200, body
         return json.loads(body)  # type: ignore[no-any-return]
 
-    def raw(self, data: bytes, ctx: ssl.SSLContext | None = None, read_timeout: float = 10
-            ) -> bytes:
+    def raw(self, data: bytes, ctx: ssl.SSLContext | None = None, read_timeout: float = 10,
+            host: str = "127.0.0.1") -> bytes:
         """Send raw bytes over an mTLS connection; return all bytes until the server closes."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as s:
+        with socket.create_connection((host, self.port), timeout=read_timeout) as s:
             with (ctx or self.client_context()).wrap_socket(s, server_hostname="localhost") as t:
                 t.sendall(data)
                 out = b""

@@ -244,15 +244,24 @@ def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Ha
     assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 3
 
 
-def _until_eof() -> tuple[Handler, asyncio.Event]:
-    """An upstream that reads until the proxy closes its connection, and never answers."""
+def _until_eof(answer: bytes = b"") -> tuple[Handler, asyncio.Event]:
+    """An upstream that reads (and drops) until the proxy closes its connection, then sets
+    the event; with ``answer``, it sends that as soon as a head arrived (an early answer),
+    else it never answers."""
     closed = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if answer:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
         while await reader.read(65536):
             pass
         closed.set()
     return handler, closed
+
+
+_EARLY_413 = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!"
 
 
 def test_a_malformed_chunked_body_gets_400_and_its_upstream_connection_is_closed(
@@ -282,12 +291,7 @@ def test_a_client_that_stops_sending_its_body_gets_408_not_an_upstream_error(
     handler, closed = _until_eof()
     port, _ = scripted_upstream(h, handler)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}", timeouts={"idle": 0.3}))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
-            out = b""
-            while chunk := t.recv(65536):
-                out += chunk
+    out = h.raw(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
     assert out.startswith(b"HTTP/1.1 408 "), out[:80]
     assert b'"reason":"request_timeout"' in out
     h.loop.run(asyncio.wait_for(closed.wait(), 5))
@@ -342,29 +346,12 @@ def _closes_its_first_connection_after_one_response() -> tuple[Handler, list[byt
     return handler, requests
 
 
-def test_a_pooled_connection_closed_by_the_upstream_is_retried_on_a_fresh_one(
-        unstarted: Harness) -> None:
+@pytest.mark.parametrize("method, retried", [("GET", True), ("POST", False)])
+def test_a_pooled_connection_closed_before_answering_is_retried_for_idempotent_methods(
+        unstarted: Harness, method: str, retried: bool) -> None:
     # nginx retries a request that met a closing keep-alive connection before any byte of
-    # the answer (proxy_next_upstream error), for idempotent methods.
-    h = unstarted
-    handler, requests = _closes_its_first_connection_after_one_response()
-    port, _ = scripted_upstream(h, handler)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    conn = h.https()
-    for path in ("/1", "/2"):
-        conn.request("GET", path)
-        r = conn.getresponse()
-        assert (r.status, r.read()) == (200, b"ok"), path
-    conn.close()
-    assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2", b"/2"]
-    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
-                    kind="reset") == 0
-
-
-def test_a_non_idempotent_request_is_not_retried_after_a_pooled_connection_closed(
-        unstarted: Harness) -> None:
-    # The upstream may have acted on it before closing: 502, as nginx without
-    # "proxy_next_upstream non_idempotent".
+    # the answer (proxy_next_upstream error), but not a POST, PATCH or LOCK: the upstream
+    # may have acted on it ("proxy_next_upstream non_idempotent" is off by default).
     h = unstarted
     handler, requests = _closes_its_first_connection_after_one_response()
     port, _ = scripted_upstream(h, handler)
@@ -372,11 +359,18 @@ def test_a_non_idempotent_request_is_not_retried_after_a_pooled_connection_close
     conn = h.https()
     conn.request("GET", "/1")
     assert conn.getresponse().read() == b"ok"
-    conn.request("POST", "/2")
+    conn.request(method, "/2")
     r = conn.getresponse()
-    assert r.status == 502 and json.loads(r.read())["reason"] == "upstream_unavailable"
+    body = r.read()
     conn.close()
-    assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2"]
+    if retried:
+        assert (r.status, body) == (200, b"ok")
+        assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2", b"/2"]
+    else:
+        assert r.status == 502 and json.loads(body)["reason"] == "upstream_unavailable"
+        assert [r.split(b" ")[1] for r in requests] == [b"/1", b"/2"]
+    assert h.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
+                    kind="reset") == (0 if retried else 1)
 
 
 def _upload(h: Harness, head: bytes, size: int) -> bytes:
@@ -430,15 +424,7 @@ def test_an_answer_before_the_whole_body_is_forwarded_and_ends_both_connections(
     # An upstream may refuse a body early (413, 401): its answer reaches the client, and
     # neither connection can carry another request (the rest of the body is unread).
     h = unstarted
-    closed = asyncio.Event()
-
-    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
-        await writer.drain()
-        while await reader.read(65536):
-            pass
-        closed.set()
+    early, closed = _until_eof(_EARLY_413)
     port, _ = scripted_upstream(h, early)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     size = 64 * 1024 * 1024
@@ -450,14 +436,6 @@ def test_an_answer_before_the_whole_body_is_forwarded_and_ends_both_connections(
                     code="413") == 1
 
 
-def _early_413() -> Handler:
-    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
-        await writer.drain()
-        while await reader.read(65536):
-            pass
-    return early
 
 
 @pytest.mark.parametrize("client", ["silent", "sending"])
@@ -468,7 +446,7 @@ def test_a_lingering_close_ends_for_a_client_that_never_closes(
     monkeypatch.setattr(bio, "LINGERING_TIMEOUT", 0.2)
     monkeypatch.setattr(bio, "LINGERING_TIME", 0.6)
     h = unstarted
-    port, _ = scripted_upstream(h, _early_413())
+    port, _ = scripted_upstream(h, _until_eof(_EARLY_413)[0])
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     active = {"listener": "public"}
     with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
@@ -795,12 +773,7 @@ def test_ipv6_loopback_listener_and_upstream(unstarted: Harness) -> None:
     server, up = h.loop.run(serve6())
     try:
         h.start(h.config(address="[::1]:0", upstream=f"http://[::1]:{up}"))
-        with socket.create_connection(("::1", h.port), timeout=10) as s:
-            with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-                t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                got = b""
-                while chunk := t.recv(65536):
-                    got += chunk
+        got = h.raw(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", host="::1")
         assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n::1"), got
         assert h.metric("mtlsproxy_requests_total", listener="public", route="/",
                         code="200") == 1
