@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -224,6 +225,29 @@ def test_upstream_reset_before_responding_gets_502(unstarted: Harness) -> None:
     port, _ = scripted_upstream(h, reset)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     assert h.get("/")[0] == 502
+
+
+def test_an_upstream_closing_before_answering_a_request_with_a_body_gets_502(
+        unstarted: Harness) -> None:
+    # Not retried (a body went up), and the task pumping the body ends with it.
+    h = unstarted
+
+    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # and closes (the wrapper), a FIN
+    port, _ = scripted_upstream(h, hangs_up)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += t.recv(65536)
+            assert got.startswith(b"HTTP/1.1 502 "), got[:80]
+
+            def pumps() -> list[asyncio.Task[Any]]:
+                return [task for task in asyncio.all_tasks()
+                        if "_pump_body" in repr(task.get_coro())]
+            wait_for(lambda: h.loop.call(pumps) == [])  # with the client still connected
 
 
 def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Harness) -> None:

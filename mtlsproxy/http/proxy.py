@@ -582,6 +582,8 @@ class ProxySession:
                 resp = await self._response_head(up, pump, timeouts.upstream_read)
             except ConnectionClosed:
                 up.close()
+                if pump is not None:
+                    pump.cancel()
                 if (reused and attempt == 0 and pump is None
                         and req.method not in _NON_IDEMPOTENT):
                     # The pooled connection closed before a byte of the answer (the
