@@ -260,12 +260,15 @@ def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Ha
     for bad in (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                 b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"):
+                b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: evil/..\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"):
         out = h.raw(bad)
         assert out.startswith(b"HTTP/1.1 400 "), out
         assert b'"reason":"bad_request"' in out
     assert received == []
-    assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 3
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="", code="400") == 6
 
 
 def _until_eof(answer: bytes = b"") -> tuple[Handler, asyncio.Event]:

@@ -81,6 +81,20 @@ CORPUS = {
                  b"Content-Length: 3\r\n\r\n0\r\n\r\n",
     "two_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
     "cl_list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\nabcd",
+    # RFC 9110 section 8.6 lets a recipient take identical values; llhttp and nginx refuse.
+    "cl_list_same": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
+    "two_same_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                   b"Content-Length: 3\r\n\r\nabc",
+    # RFC 9112 section 6.1: a Transfer-Encoding in HTTP/1.0 is faulty framing.
+    "http10_te": b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    # Host values nginx refuses (ngx_http_validate_host), and ones it takes.
+    "host_slash": b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    "host_space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host_empty": b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+    "host_dotdot": b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n",
+    "host_backslash": b"GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n",
+    "host_port": b"GET / HTTP/1.1\r\nHost: api.example:8443\r\n\r\n",
+    "host_ipv6": b"GET / HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n",
     "te_gzip": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "te_identity": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
     "te_space": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
@@ -159,7 +173,9 @@ def test_both_parsers_agree_on_what_to_accept(name: str, split: int | None) -> N
         assert fast == strict
 
 
-@pytest.mark.parametrize("name", ["cl_and_te", "te_and_cl", "two_cl", "obs_fold", "bare_lf",
+@pytest.mark.parametrize("name", ["cl_and_te", "te_and_cl", "two_cl", "cl_list_same",
+                                  "two_same_cl", "http10_te", "host_slash", "host_space",
+                                  "host_empty", "host_dotdot", "obs_fold", "bare_lf",
                                   "nul_value", "chunk_bare_lf", "no_host", "oversized"])
 def test_smuggling_vectors_are_rejected(name: str, parser_kind: str) -> None:
     with pytest.raises(RemoteProtocolError):

@@ -162,21 +162,17 @@ def _framing(te: tuple[bytes, ...], cl: tuple[bytes, ...], is_request: bool
             raise RemoteProtocolError("unsupported Transfer-Encoding",
                                       501 if is_request else 502)
         return True, None
-    if len(cl) == 1:
-        # The common case, one plain length, without building a set (values come
-        # stripped; isdigit also sends a comma list to the general case below).
-        value = cl[0]
-        if value.isdigit() and len(value) <= 18:
-            return False, int(value)
-    if cl:
-        values = {c.strip() for v in cl for c in v.split(b",")}
-        if len(values) != 1:
-            raise RemoteProtocolError("conflicting Content-Length values")
-        (value,) = values
-        if not value.isdigit() or len(value) > 18:
-            raise RemoteProtocolError("invalid Content-Length")
-        return False, int(value)
-    return False, None
+    if not cl:
+        return False, None
+    # Exactly one field of plain digits (values come stripped). RFC 9110 section 8.6 lets a
+    # recipient take a list of identical values ("3, 3", or the field twice); llhttp
+    # refuses both, as nginx does, so the seam does too.
+    value = cl[0]
+    if len(cl) != 1:
+        raise RemoteProtocolError("more than one Content-Length")
+    if not value.isdigit() or len(value) > 18:
+        raise RemoteProtocolError("invalid Content-Length")
+    return False, int(value)
 
 
 def _check_head(headers: Headers) -> None:
@@ -196,9 +192,35 @@ def _check_raw_head(raw: bytes) -> None:
             raise RemoteProtocolError("obs-fold header continuation")
     if b"\x00" in raw:
         raise RemoteProtocolError("NUL byte in message head")
+    # h11 merges identical Content-Length values ("3, 3", or the field twice) before
+    # ``_framing`` can see them; llhttp refuses both.
+    lower = raw.lower()
+    start = lower.find(b"\r\ncontent-length:")
+    if start >= 0:
+        if lower.find(b"\r\ncontent-length:", start + 2) >= 0:
+            raise RemoteProtocolError("more than one Content-Length")
+        end = lower.find(b"\r\n", start + 2)
+        if b"," in lower[start:end if end >= 0 else len(lower)]:
+            raise RemoteProtocolError("invalid Content-Length")
 
 
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+
+# A Host value: a name, an IPv4 address or a bracketed IPv6 literal, and an optional port.
+# nginx's rules (ngx_http_validate_host): no path separators, no spaces or control bytes,
+# no empty name and no ".." - a Host that the upstream could read as a path or as two
+# names, or would receive twice (an empty one is replaced), never leaves the proxy.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^\x00-\x20\x7f/\\\[\]]+)(?::[0-9]*)?")
+# Host values seen valid: one set test per request instead of a regex. Bounded, since
+# clients choose them.
+_GOOD_HOSTS: set[bytes] = set()
+
+
+def _check_host(host: bytes) -> None:
+    if not _HOST.fullmatch(host) or b".." in host or host[:1] in (b".", b":"):
+        raise RemoteProtocolError("invalid Host header")
+    if len(_GOOD_HOSTS) < 1024:
+        _GOOD_HOSTS.add(host)
 
 
 def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
@@ -223,6 +245,11 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
             raise RemoteProtocolError("invalid request target")
     if hosts > 1 or (version == b"1.1" and not hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
+    if hosts and host not in _GOOD_HOSTS:
+        _check_host(host)
+    if te and version == b"1.0":
+        # RFC 9112 section 6.1: its framing is faulty (nginx: 400).
+        raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
     chunked, length = _framing(te, cl, True) if te or cl else (False, None)
     keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
     return Request(method, target, version, headers, keep, chunked, length, expect,
