@@ -6,6 +6,7 @@ proxy and a real upstream on loopback in a background event loop (uvloop or asyn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -408,22 +409,29 @@ class Harness:
         assert status == 200, body
         return json.loads(body)  # type: ignore[no-any-return]
 
+    @contextlib.contextmanager
+    def tls(self, ctx: ssl.SSLContext | None = None, timeout: float = 10,
+            host: str = "127.0.0.1") -> Iterator[ssl.SSLSocket]:
+        """A raw mTLS socket to the listener: the test writes and reads the bytes."""
+        with socket.create_connection((host, self.port), timeout=timeout) as s:
+            with (ctx or self.client_context()).wrap_socket(s, server_hostname="localhost") as t:
+                yield t
+
     def raw(self, data: bytes, ctx: ssl.SSLContext | None = None, read_timeout: float = 10,
             host: str = "127.0.0.1") -> bytes:
         """Send raw bytes over an mTLS connection; return all bytes until the server closes."""
-        with socket.create_connection((host, self.port), timeout=read_timeout) as s:
-            with (ctx or self.client_context()).wrap_socket(s, server_hostname="localhost") as t:
-                t.sendall(data)
-                out = b""
-                while True:
-                    try:
-                        chunk = t.recv(65536)
-                    except (ssl.SSLError, ConnectionError):
-                        break
-                    if not chunk:
-                        break
-                    out += chunk
-                return out
+        with self.tls(ctx, read_timeout, host) as t:
+            t.sendall(data)
+            out = b""
+            while True:
+                try:
+                    chunk = t.recv(65536)
+                except (ssl.SSLError, ConnectionError):
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
 
     def stop(self) -> None:
         async def go() -> None:

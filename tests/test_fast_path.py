@@ -204,12 +204,11 @@ def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
                b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
     port = scripted(h, interim)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            for _ in range(2):
-                t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-                got = b""
-                while not got.endswith(b"ok"):
-                    got += t.recv(65536)
-                assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
+    with h.tls() as t:
+        for _ in range(2):
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while not got.endswith(b"ok"):
+                got += t.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
     assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]

@@ -236,18 +236,17 @@ def test_an_upstream_closing_before_answering_a_request_with_a_body_gets_502(
         await reader.readuntil(b"\r\n\r\n")  # and closes (the wrapper), a FIN
     port, _ = scripted_upstream(h, hangs_up)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
-            got = b""
-            while b"\r\n\r\n" not in got:
-                got += t.recv(65536)
-            assert got.startswith(b"HTTP/1.1 502 "), got[:80]
+    with h.tls() as t:
+        t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += t.recv(65536)
+        assert got.startswith(b"HTTP/1.1 502 "), got[:80]
 
-            def pumps() -> list[asyncio.Task[Any]]:
-                return [task for task in asyncio.all_tasks()
-                        if "_pump_body" in repr(task.get_coro())]
-            wait_for(lambda: h.loop.call(pumps) == [])  # with the client still connected
+        def pumps() -> list[asyncio.Task[Any]]:
+            return [task for task in asyncio.all_tasks()
+                    if "_pump_body" in repr(task.get_coro())]
+        wait_for(lambda: h.loop.call(pumps) == [])  # with the client still connected
 
 
 def test_malformed_request_gets_400_and_never_reaches_the_upstream(unstarted: Harness) -> None:
@@ -297,15 +296,14 @@ def test_a_malformed_chunked_body_gets_400_and_its_upstream_connection_is_closed
     handler, closed = _until_eof()
     port, received = scripted_upstream(h, handler)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      b"3\r\nabc\r\n")
-            wait_for(lambda: b"abc" in b"".join(received))  # the body is on its way up
-            t.sendall(b"zz\r\n")  # not a chunk size
-            out = b""
-            while chunk := t.recv(65536):
-                out += chunk
+    with h.tls() as t:
+        t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n")
+        wait_for(lambda: b"abc" in b"".join(received))  # the body is on its way up
+        t.sendall(b"zz\r\n")  # not a chunk size
+        out = b""
+        while chunk := t.recv(65536):
+            out += chunk
     assert out.startswith(b"HTTP/1.1 400 "), out[:80]
     h.loop.run(asyncio.wait_for(closed.wait(), 5))  # never left open for another request
     assert b"0\r\n\r\n" not in b"".join(received)  # the upstream never saw a whole body
@@ -476,25 +474,24 @@ def test_a_lingering_close_ends_for_a_client_that_never_closes(
     port, _ = scripted_upstream(h, _until_eof(_EARLY_413)[0])
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
     active = {"listener": "public"}
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
-            t.sendall(b"x" * 65536)
-            got = b""
-            while not got.endswith(b"big!"):
-                got += t.recv(65536)
-            assert got.startswith(b"HTTP/1.1 413 ")
-            if client == "sending":  # (a silent one may already be past 0.2 s here)
-                assert h.metric("mtlsproxy_connections_active", **active) == 1  # lingering
-            start = time.monotonic()
-            while h.metric("mtlsproxy_connections_active", **active) != 0:
-                assert time.monotonic() - start < 5, "still lingering"
-                if client == "sending":
-                    try:
-                        t.sendall(b"x" * 1024)  # more body, never enough to end it
-                    except OSError:
-                        pass
-                time.sleep(0.05)
+    with h.tls() as t:
+        t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+        t.sendall(b"x" * 65536)
+        got = b""
+        while not got.endswith(b"big!"):
+            got += t.recv(65536)
+        assert got.startswith(b"HTTP/1.1 413 ")
+        if client == "sending":  # (a silent one may already be past 0.2 s here)
+            assert h.metric("mtlsproxy_connections_active", **active) == 1  # lingering
+        start = time.monotonic()
+        while h.metric("mtlsproxy_connections_active", **active) != 0:
+            assert time.monotonic() - start < 5, "still lingering"
+            if client == "sending":
+                try:
+                    t.sendall(b"x" * 1024)  # more body, never enough to end it
+                except OSError:
+                    pass
+            time.sleep(0.05)
 
 
 def test_a_client_that_leaves_mid_response_frees_the_upstream_connection_and_counts_499(
@@ -515,12 +512,11 @@ def test_a_client_that_leaves_mid_response_frees_the_upstream_connection_and_cou
             closed.set()
     port, _ = scripted_upstream(h, endless)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            got = b""
-            while len(got) < 1024 * 1024:
-                got += t.recv(65536)
+    with h.tls() as t:
+        t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        got = b""
+        while len(got) < 1024 * 1024:
+            got += t.recv(65536)
     assert got.startswith(b"HTTP/1.1 200 ")
     h.loop.run(asyncio.wait_for(closed.wait(), 5))  # the endless answer stopped
     wait_for(lambda: h.metric("mtlsproxy_requests_total", listener="public", route="/",
@@ -543,22 +539,21 @@ def test_upgrade_requests_get_501(proxy: Harness) -> None:
 def test_http10_keep_alive_clients_get_several_responses_on_one_connection(
         proxy: Harness) -> None:
     # ab -k's requests: HTTP/1.0 with "Connection: Keep-Alive"; each answer says keep-alive.
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        with proxy.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            buf = b""
-            for i in range(3):
-                t.sendall(b"GET /k%d HTTP/1.0\r\nConnection: Keep-Alive\r\n"
-                          b"Host: a\r\n\r\n" % i)
-                while b"\r\n\r\n" not in buf:
-                    buf += t.recv(65536)
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(buf) < length:
-                    buf += t.recv(65536)
-                body, buf = buf[:length], buf[length:]
-                assert head.startswith(b"HTTP/1.1 200 "), head
-                assert b"connection: keep-alive" in head.lower()
-                assert json.loads(body)["path"] == f"/k{i}"
+    with proxy.tls() as t:
+        buf = b""
+        for i in range(3):
+            t.sendall(b"GET /k%d HTTP/1.0\r\nConnection: Keep-Alive\r\n"
+                      b"Host: a\r\n\r\n" % i)
+            while b"\r\n\r\n" not in buf:
+                buf += t.recv(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(buf) < length:
+                buf += t.recv(65536)
+            body, buf = buf[:length], buf[length:]
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert b"connection: keep-alive" in head.lower()
+            assert json.loads(body)["path"] == f"/k{i}"
 
 
 def test_slow_request_headers_get_408(unstarted: Harness) -> None:
@@ -593,15 +588,14 @@ def test_idle_keep_alive_connection_is_closed_quietly(unstarted: Harness) -> Non
 def test_a_client_close_notify_is_answered_with_close_notify(proxy: Harness) -> None:
     # A clean TLS closure both ways (RFC 8446 section 6.1): the client's unwrap() returns
     # only once the proxy's close_notify arrived.
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        with proxy.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            got = b""
-            while b"\r\n\r\n" not in got or not got.endswith(b"}"):
-                got += t.recv(65536)
-            assert got.startswith(b"HTTP/1.1 200 ")
-            with t.unwrap() as plain:
-                assert plain.recv(10) == b""  # and then the TCP connection closes
+    with proxy.tls() as t:
+        t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            got += t.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        with t.unwrap() as plain:
+            assert plain.recv(10) == b""  # and then the TCP connection closes
 
 
 def test_a_request_followed_by_close_notify_is_still_answered(proxy: Harness) -> None:
@@ -705,17 +699,16 @@ def test_chunked_bodies_with_trailers_pass_without_the_trailers(unstarted: Harne
             await writer.drain()
     port, _ = scripted_upstream(h, trailing)
     h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-        with h.client_context().wrap_socket(s, server_hostname="localhost") as t:
-            for _ in range(2):
-                t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                          b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n")
-                got = b""
-                while not got.endswith(b"0\r\n\r\n"):
-                    got += t.recv(65536)
-                assert got.startswith(b"HTTP/1.1 200 "), got
-                assert got.endswith(b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"), got
-                assert b"grpc-status" not in got.lower()
+    with h.tls() as t:
+        for _ in range(2):
+            t.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n")
+            got = b""
+            while not got.endswith(b"0\r\n\r\n"):
+                got += t.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 "), got
+            assert got.endswith(b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"), got
+            assert b"grpc-status" not in got.lower()
     assert seen == [b"hello", b"hello"]
 
 
