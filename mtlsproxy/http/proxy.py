@@ -580,10 +580,12 @@ class ProxySession:
                 pump = asyncio.get_running_loop().create_task(self._pump_body(req, up))
             try:
                 resp = await self._response_head(up, pump, timeouts.upstream_read)
-            except ConnectionClosed:
+            except BaseException as exc:
                 up.close()
                 if pump is not None:
                     pump.cancel()
+                if not isinstance(exc, ConnectionClosed):
+                    raise
                 if (reused and attempt == 0 and pump is None
                         and req.method not in _NON_IDEMPOTENT):
                     # The pooled connection closed before a byte of the answer (the
@@ -591,11 +593,6 @@ class ProxySession:
                     # as nginx does (proxy_next_upstream error).
                     continue
                 raise UpstreamError("upstream closed before responding", "reset") from None
-            except BaseException:
-                up.close()
-                if pump is not None:
-                    pump.cancel()
-                raise
             return await self._stream_response(req, resp, up, pump)
         raise AssertionError("unreachable")
 

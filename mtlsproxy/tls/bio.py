@@ -396,11 +396,12 @@ class TLSConnection(asyncio.Protocol):
         linger = self._linger
         if linger is None or self.transport is None:
             return
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if linger.read and now < linger.until:
             linger.read = False
-            linger.timer = asyncio.get_running_loop().call_later(
-                min(LINGERING_TIMEOUT, linger.until - now), self._linger_check)
+            linger.timer = loop.call_later(min(LINGERING_TIMEOUT, linger.until - now),
+                                           self._linger_check)
             return
         self._linger = None
         self.transport.close()

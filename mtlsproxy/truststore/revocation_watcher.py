@@ -73,8 +73,8 @@ class RevocationWatcher(Periodic):
         """``gen`` carrying the current CRLs, verified against its own bundle: by
         ``prepared`` when it was made for that bundle from the CRLs still current, else
         here (a fetch landed in between: rare, and what ``refresh`` may not redo)."""
+        # (The URIs are fixed for a watcher's life; a fetch replaces a CRL's bytes object.)
         if (prepared is None or prepared.bundle is not gen.bundle
-                or prepared.data.keys() != self.data.keys()
                 or any(self.data[u] is not d for u, d in prepared.data.items())):
             prepared = self.prepare(gen.bundle)
         self._publish(prepared.state)
