@@ -140,6 +140,11 @@ CORPUS = {
     "utf8_value": "GET / HTTP/1.1\r\nHost: a\r\nX: é\r\n\r\n".encode(),
     "tab_value": b"GET / HTTP/1.1\r\nHost: a\r\nX:\tb\t\r\n\r\n",
     "pipelined": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    # The line rules hold for a pipelined head that arrives with the one before it.
+    "pipelined_bare_lf": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                         b"GET /2 HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",
+    "pipelined_obs_fold": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                          b"GET /2 HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n",
     # RFC 9112 section 2.2: empty lines before a request line are ignored (llhttp skips
     # any CR and LF bytes there), e.g. the CRLF some clients send after a POST body.
     "leading_crlf": b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -192,6 +197,74 @@ def test_rejections_carry_the_status_to_answer(name: str, status: int,
 
 
 # -- responses ------------------------------------------------------------------------
+
+# Upstream responses held to the same agreement: the upstream is configured rather than
+# chosen by a client, but h11 is the reference only if it refuses what llhttp refuses
+# (parser: h11 must not forward a response the default would answer with 502).
+RESPONSE_CORPUS = {
+    "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "close_delimited": b"HTTP/1.1 200 OK\r\n\r\nabc",
+    "http10": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "no_reason": b"HTTP/1.1 204 \r\n\r\n",
+    "interim_then_final": b"HTTP/1.1 100 Continue\r\n\r\n"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "interim_then_bare_lf": b"HTTP/1.1 100 Continue\r\n\r\n"
+                            b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",
+    "chunk_trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+    "chunk_ext": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nok\r\n0\r\n\r\n",
+    "tab_value": b"HTTP/1.1 200 OK\r\nX:\tb\t\r\nContent-Length: 0\r\n\r\n",
+    "cl_and_te": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2\r\nok\r\n0\r\n\r\n",
+    "two_cl": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk",
+    "two_same_cl": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "cl_list_same": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    "neg_cl": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    "te_gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "obs_fold": b"HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 0\r\n\r\n",
+    "bare_lf": b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    "bare_lf_header": b"HTTP/1.1 200 OK\r\nX: y\nContent-Length: 0\r\n\r\n",
+    "nul_value": b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    "space_before_colon": b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",
+    "header_no_colon": b"HTTP/1.1 200 OK\r\nfoo\r\nContent-Length: 0\r\n\r\n",
+    "status_four_digits": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    "http2_version": b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "chunk_bad_size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+    "chunk_bare_lf": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\n0\n\n",
+    "oversized": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+def _response_outcome(kind: str, data: bytes, split: int | None) -> tuple[str, object]:
+    p = response_parser(kind)
+    p.expect(b"GET")
+    pieces = [data] if split is None else [data[i:i + split] for i in range(0, len(data), split)]
+    events: list[Event] = []
+    try:
+        for piece in pieces:
+            events += p.feed(piece)
+        if not any(e is END for e in events):
+            events += p.feed_eof()
+    except RemoteProtocolError as exc:
+        return "rejected", exc.status_hint
+    # Bodies compared whole: the parsers may cut the same bytes into different events.
+    heads = [(type(e).__name__, getattr(e, "status", None), getattr(e, "headers", None),
+              getattr(e, "keep_alive", None)) for e in events if not isinstance(e, Data)]
+    return "accepted", (heads, b"".join(e.data for e in events if isinstance(e, Data)))
+
+
+@pytest.mark.parametrize("name", sorted(RESPONSE_CORPUS))
+@pytest.mark.parametrize("split", [None, 7])
+def test_both_response_parsers_agree_on_what_to_accept(name: str, split: int | None) -> None:
+    fast = _response_outcome("httptools", RESPONSE_CORPUS[name], split)
+    strict = _response_outcome("h11", RESPONSE_CORPUS[name], split)
+    assert fast[0] == strict[0], (fast, strict)
+    if fast[0] == "accepted":
+        assert fast == strict
+    else:
+        assert fast[1] == strict[1] == 502
+
 
 @pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
 def test_response_to_head_ends_after_its_head(cls: type) -> None:
@@ -387,3 +460,32 @@ def test_an_absolute_form_target_becomes_origin_form_with_its_authority_as_host(
     assert (req.target, req.headers) == (b"/", [(b"host", b"api.example")])
     with pytest.raises(RemoteProtocolError):
         feed_all(parser_kind, CORPUS["absolute_form_userinfo"])
+
+
+@pytest.mark.parametrize("kind", ["request", "response"])
+def test_h11_checks_a_head_sent_a_byte_at_a_time_once_not_per_byte(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checking the whole partial head on every read made a head trickled a byte per read
+    # cost quadratic time on the event loop (a 30 KB head: 9.6 s of CPU).
+    import mtlsproxy.http.parser as parser_module
+    calls: list[int] = []
+    real = parser_module._check_raw_head
+
+    def counting(raw: bytes) -> None:
+        calls.append(len(raw))
+        real(raw)
+    monkeypatch.setattr(parser_module, "_check_raw_head", counting)
+    lines = b"".join(b"x-%d: y\r\n" % i for i in range(200))
+    p: H11RequestParser | H11ResponseParser
+    if kind == "request":
+        p = H11RequestParser()
+        head = b"GET / HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n"
+    else:
+        p = H11ResponseParser()
+        p.expect(b"GET")
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + lines + b"\r\n"
+    events: list[Event] = []
+    for i in range(len(head)):
+        events += p.feed(head[i:i + 1])
+    assert len(calls) == 1 and calls[0] == len(head) - 4
+    assert isinstance(events[0], Request if kind == "request" else Response)
