@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -40,6 +40,7 @@ from run import (  # noqa: E402
     nginx_upstream_conf,
     pinned,
     s_time,
+    stop_processes,
     wait_port,
     write_dev_pki,
 )
@@ -250,15 +251,8 @@ def main() -> int:
                       f"{statistics.median(u for u, _ in v):.1f} | "
                       f"{statistics.median(s for _, s in v):.1f} | {total / base:.2f} |")
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGQUIT if proc.args[0] == "nginx" else signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs)
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from run import (  # noqa: E402
     nginx_proxy_conf,
     nginx_upstream_conf,
     s_time,
+    stop_processes,
     wait_port,
     write_dev_pki,
 )
@@ -140,15 +140,7 @@ def main() -> int:
                                  capture_output=True, text=True).stdout
             print("\n".join(ann.splitlines()[:args.top + 25]))
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGQUIT if proc.args[0] == "nginx" else signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs, timeout=60)  # Python under valgrind drains slowly
         shutil.rmtree(d, ignore_errors=True)
     return 0
 

@@ -84,6 +84,21 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """Stop what a bench started (only those: by their Popen objects), newest first;
+    killed after ``timeout`` seconds."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            # nginx: SIGQUIT is its graceful stop; the others drain on SIGTERM.
+            proc.send_signal(signal.SIGQUIT if proc.args[0] == "nginx" else signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def cpu_split(pids: list[int]) -> tuple[float, float]:
     """(user, system) CPU seconds of ``pids``."""
     user = system = 0
@@ -388,16 +403,7 @@ class Bench:
         return Target("envoy", port, proc, False)
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                # nginx: SIGQUIT is its graceful stop; the others drain on SIGTERM.
-                proc.send_signal(signal.SIGQUIT if proc.args[0] == "nginx" else signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         shutil.rmtree(self.d, ignore_errors=True)
 
     def row(self, scenario: str, metric: str, **kw: object) -> Row:
