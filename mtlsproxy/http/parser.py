@@ -245,12 +245,10 @@ class _HeadBytes:
         if found is None:
             self._searched = max(0, len(buf) - 2)  # a blank line may span two reads
             return
-        end = found.start()
-        if end and buf[end - 1] == 0x0D:  # the CR of the last line's CRLF
-            end -= 1
         self._searched = len(buf)
         try:
-            _check_raw_head(bytes(buf[:end]))
+            # The blank line included: its LF, or the last header line's, may be bare.
+            _check_raw_head(bytes(buf[:found.end()]))
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(str(exc), self._status) from None
 
