@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httptools
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
     PROXY_CPU,
@@ -54,7 +56,6 @@ class _Upstream(asyncio.Protocol):
     """A pooled keep-alive connection to the upstream."""
 
     def __init__(self, pool: list[_Upstream]) -> None:
-        import httptools
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)
         self.client: _Client | None = None
@@ -81,7 +82,6 @@ class _Client(asyncio.Protocol):
     """One client connection: handshake, requests, answers."""
 
     def __init__(self, ctx: ssl.SSLContext, pool: list[_Upstream]) -> None:
-        import httptools
         self.ctx, self.pool = ctx, pool
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.parser = httptools.HttpRequestParser(self)
