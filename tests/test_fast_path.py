@@ -14,6 +14,8 @@ import http.client
 import json
 import socket
 
+import pytest
+
 from tests.conftest import Harness, wait_for
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -192,6 +194,43 @@ def test_idle_timeout_after_a_fast_exchange_closes_quietly(unstarted: Harness) -
         assert conn.sock.recv(10) == b""
     finally:
         conn.close()
+
+
+def _response_headers(raw: bytes) -> dict[bytes, bytes]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return {n.strip().lower(): v.strip() for n, _, v in
+            (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+
+
+@pytest.mark.parametrize("connection", [b"keep-alive", b"keep-alive, X-Up-Hop"])
+def test_hop_by_hop_response_headers_are_removed_on_both_paths(
+        unstarted: Harness, connection: bytes) -> None:
+    # RFC 9110 section 7.6.1: the upstream's hop-by-hop fields (and those its Connection
+    # names) stop at the proxy; look-alike names (a hop-by-hop name as a prefix or a
+    # suffix) and everything else reach the client. The first request takes the general
+    # path, the second the fast one.
+    h = unstarted
+    answer = (b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: " + connection + b"\r\n"
+              b"Keep-Alive: timeout=5\r\nX-Up-Hop: 1\r\nPROXY-AUTHENTICATE: Basic\r\n"
+              b"upgrade: h2c\r\nTrailer: X-T\r\nTE: trailers\r\nX-Connection: kept\r\n"
+              b"Keep-Alive-X: kept\r\nX-Kept:\tyes \r\nContent-Length: 2\r\n\r\nok")
+    port = scripted(h, answer)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    with h.tls() as t:
+        for _ in range(2):
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while not got.endswith(b"ok"):
+                got += t.recv(65536)
+            headers = _response_headers(got)
+            assert {b"keep-alive", b"proxy-authenticate", b"upgrade", b"trailer",
+                    b"te"}.isdisjoint(headers), got
+            assert (b"x-up-hop" in headers) is (connection == b"keep-alive"), got
+            assert headers[b"x-kept"] == b"yes" and headers[b"server"] == b"up"
+            assert headers[b"x-connection"] == headers[b"keep-alive-x"] == b"kept"
+            assert headers[b"content-length"] == b"2" and b"connection" not in headers
+    assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
+    assert fast_exchanges(h) == 1
 
 
 def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http import wire
 from mtlsproxy.http.parser import (
     END,
     Data,
@@ -237,6 +238,16 @@ RESPONSE_CORPUS = {
     "chunk_bad_size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
     "chunk_bare_lf": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\n0\n\n",
     "oversized": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n",
+    # Framing fields spelt in other cases, with tabs, look-alike names, or naming others.
+    "framing_mixed_case": b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 2\r\nCONNECTION: Close\r\n\r\nok",
+    "framing_value_tabs": b"HTTP/1.1 200 OK\r\nContent-Length:\t2\t\r\n\r\nok",
+    "framing_lookalikes": b"HTTP/1.1 200 OK\r\nX-Content-Length: 9\r\nConnection-X: close\r\n"
+                          b"Content-Length: 2\r\n\r\nok",
+    "empty_cl": b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n",
+    "connection_names_field": b"HTTP/1.1 200 OK\r\nConnection: X-A\r\nX-A: 1\r\n"
+                              b"Content-Length: 2\r\n\r\nok",
+    "http10_keep_alive": b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n"
+                         b"Content-Length: 2\r\n\r\nok",
 }
 
 
@@ -268,6 +279,32 @@ def test_both_response_parsers_agree_on_what_to_accept(name: str, split: int | N
         assert fast == strict
     else:
         assert fast[1] == strict[1] == 502
+
+
+def _final_response(kind: str, data: bytes) -> Response:
+    p = response_parser(kind)
+    p.expect(b"GET")
+    events = p.feed(data)
+    if not any(e is END for e in events):
+        events += p.feed_eof()
+    return next(e for e in events if isinstance(e, Response))
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in RESPONSE_CORPUS if _response_outcome("h11", RESPONSE_CORPUS[n], None)[0]
+    == "accepted"))
+@pytest.mark.parametrize("client", [b"1.1", b"1.0"])
+def test_both_response_parsers_give_the_client_the_same_head(name: str, client: bytes) -> None:
+    # Not only the same events: the same head for the client, whichever parser read the
+    # upstream's (HTTP/1.0 clients get close-delimited and chunked bodies unchunked).
+    req = Request(b"GET", b"/", client, [], True, False, None)
+    heads = []
+    for kind in ("httptools", "h11"):
+        head, rechunk, keep = wire.client_response_head(
+            req, _final_response(kind, RESPONSE_CORPUS[name]), False)
+        assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+        heads.append((head, rechunk, keep))
+    assert heads[0] == heads[1]
 
 
 @pytest.mark.parametrize("cls", [HttptoolsResponseParser, H11ResponseParser])
