@@ -88,7 +88,13 @@ def make_cert(cn: str, issuer: Cert | None = None, *, key: Any = None, ca: bool 
          .serial_number(x509.random_serial_number())
          .not_valid_before(not_before or now - dt.timedelta(days=1))
          .not_valid_after(not_after or now + dt.timedelta(days=30))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         # Key identifiers, as every real CA sets them: Python 3.13's default client
+         # context (VERIFY_X509_STRICT) refuses a certificate without an AKI.
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                        critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+             (issuer.key if issuer else key).public_key()), critical=False))
     if ca:
         b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False,
                                           False), critical=True)

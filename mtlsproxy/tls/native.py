@@ -368,10 +368,11 @@ def verified_chain_der(sslobj: ssl.SSLObject) -> list[bytes] | None:
     """The chain OpenSSL verified, leaf first, as DER; None on a resumed session (OpenSSL
     keeps no chain then). Public as ``get_verified_chain`` from Python 3.13; present but
     private on ``_sslobj`` in 3.11 and 3.12."""
-    getter = getattr(sslobj, "get_verified_chain", None)
-    if getter is None:
-        getter = sslobj._sslobj.get_verified_chain  # type: ignore[attr-defined]
-    chain = getter()
+    public = getattr(sslobj, "get_verified_chain", None)
+    if public is not None:  # 3.13+: DER already ([] when there is no chain)
+        chain_der: list[bytes] = public()
+        return chain_der or None
+    chain = sslobj._sslobj.get_verified_chain()  # type: ignore[attr-defined]
     if not chain:
         return None
     return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
