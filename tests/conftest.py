@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import http.client
 import json
 import shutil
@@ -247,8 +248,24 @@ class LoopThread:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+        # What reached the loop's exception handler: an exception that escaped a protocol
+        # callback or a task nobody awaited. The proxy must never let one escape
+        # (``unhandled``; harness_for fails the test on any).
+        self.errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(self._record)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+
+    def _record(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+        loop.default_exception_handler(context)
+
+    def unhandled(self) -> list[str]:
+        """The exceptions that escaped, less cancellations (the teardown cancels every
+        task, and 3.11's asyncio.streams re-raises a cancelled handler's CancelledError
+        from a callback)."""
+        return [f"{c.get('message')}: {c.get('exception')!r}" for c in self.errors
+                if not isinstance(c.get("exception"), asyncio.CancelledError)]
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -266,6 +283,10 @@ class LoopThread:
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
         self.run(cancel_all())
+        # A task freed with its exception unread reports it when collected: generation 0
+        # is enough for the young garbage of one test (a full collection per test cost the
+        # suite ~30 s).
+        self.call(lambda: gc.collect(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
@@ -476,6 +497,9 @@ def harness_for(pki: PKI, tmp_path: Path) -> Iterator[Callable[[str], Harness]]:
     for h, loop in made:
         h.stop()
         loop.stop()
+    escaped = [e for _, loop in made for e in loop.unhandled()]
+    if escaped:
+        pytest.fail("exceptions escaped to the event loop: " + "; ".join(escaped))
 
 
 @pytest.fixture

@@ -383,7 +383,14 @@ class TLSConnection(asyncio.Protocol):
             return
         if linger and self.state is CLOSING and transport.can_write_eof():
             loop = asyncio.get_running_loop()
-            transport.write_eof()  # a FIN after the buffered response
+            try:
+                transport.write_eof()  # a FIN after the buffered response
+            except OSError:
+                # The client is gone already (asyncio's transport calls shutdown() at once
+                # and raises ENOTCONN after a reset it has not read yet; uvloop reports
+                # it later instead): nothing to linger for.
+                transport.close()
+                return
             self._linger = _Linger(loop.time() + LINGERING_TIME,
                                    loop.call_later(LINGERING_TIMEOUT, self._linger_check))
             if self._reading_paused:
