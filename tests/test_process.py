@@ -102,9 +102,13 @@ def proxy_proc(devpki: DevPKI, upstream: tuple[LoopThread, int],
         except subprocess.TimeoutExpired:
             pp.proc.kill()
             pp.proc.wait()
+    err = pp.proc.stderr.read() if pp.proc.stderr else ""
     for stream in (pp.proc.stdout, pp.proc.stderr):
         if stream:
             stream.close()
+    # Whatever the test did, nothing escaped to the process's event loop or crashed.
+    for sign in ("Traceback", "never retrieved", "Exception in callback"):
+        assert sign not in err, err[-3000:]
 
 
 def client_ctx(devpki: DevPKI) -> ssl.SSLContext:
