@@ -112,6 +112,9 @@ def workers(devpki: DevPKI, upstream: tuple[LoopThread, int],
     w = start_workers(devpki, upstream[1], tmp_path)
     yield w
     w.stop()
+    # Whatever the test did, nothing escaped to a worker's event loop or crashed one.
+    for sign in ("Traceback", "never retrieved", "Exception in callback"):
+        assert sign not in w.log(), w.log()[-3000:]
 
 
 def client_ctx(devpki: DevPKI) -> ssl.SSLContext:
