@@ -233,6 +233,25 @@ def test_hop_by_hop_response_headers_are_removed_on_both_paths(
     assert fast_exchanges(h) == 1
 
 
+def test_bytes_after_a_complete_response_never_reach_the_next_request(
+        unstarted: Harness) -> None:
+    # An upstream that answers once and then some: a second response in the same write.
+    # Pooled, the connection would hand those bytes to the next request, another client's
+    # perhaps, as its answer (h11 kept them buffered for the next cycle). The connection
+    # is closed instead, as nginx does; each request gets its own answer.
+    h = unstarted
+    twice = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nSMUGGLED!")
+    port = scripted(h, twice, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    for _ in range(3):
+        conn = h.https()
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"first"
+        conn.close()
+    assert h.upstream_requests == [0, 0, 0]  # type: ignore[attr-defined]
+
+
 def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
         unstarted: Harness) -> None:
     # 103 Early Hints (or a stray 100) before the final answer: only the final one reaches

@@ -74,6 +74,13 @@ def test_an_endless_header_line_hits_431_before_it_ends(parser_kind: str) -> Non
 
 
 # Malformed and ambiguous inputs (request smuggling vectors and friends).
+CHUNK_LINES = {
+    "ext_space": b"2; x=y", "ext_space_before_eq": b"2;x =y", "ext_tab": b"2;\t=y",
+    "bare_semicolon": b"2;", "trailing_semicolon": b"2;x=y;", "empty_name": b"2;=y",
+    "empty_exts": b"2;;x", "quoted": b'2;x="a b"', "quoted_then_junk": b'2;x="a"b',
+    "two_equals": b"2;x=y=z", "size_space": b"2 ", "size_leading_zeros": b"0002",
+}
+
 CORPUS = {
     "ok": b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
     "cl_and_te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
@@ -129,6 +136,9 @@ CORPUS = {
                       b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
     "chunk_ext": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"3;x=y\r\nabc\r\n0\r\n\r\n",
+    # Chunk-size lines as llhttp (strict) takes them: no spaces, no bare ";".
+    **{f"chunk_line_{name}": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+       + line + b"\r\nok\r\n0\r\n\r\n" for name, line in CHUNK_LINES.items()},
     "neg_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
     "plus_cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
     "header_no_colon": b"GET / HTTP/1.1\r\nHost: a\r\nfoo\r\n\r\n",
@@ -217,6 +227,8 @@ RESPONSE_CORPUS = {
     "chunk_trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                       b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\n\r\n",
     "chunk_ext": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nok\r\n0\r\n\r\n",
+    **{f"chunk_line_{name}": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+       + line + b"\r\nok\r\n0\r\n\r\n" for name, line in CHUNK_LINES.items()},
     "tab_value": b"HTTP/1.1 200 OK\r\nX:\tb\t\r\nContent-Length: 0\r\n\r\n",
     "cl_and_te": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"2\r\nok\r\n0\r\n\r\n",
@@ -235,8 +247,27 @@ RESPONSE_CORPUS = {
     "header_no_colon": b"HTTP/1.1 200 OK\r\nfoo\r\nContent-Length: 0\r\n\r\n",
     "status_four_digits": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
     "http2_version": b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "http09_version": b"HTTP/0.9 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "http12_version": b"HTTP/1.2 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "status_below_100": b"HTTP/1.1 034 X\r\nContent-Length: 0\r\n\r\n",
+    "status_000": b"HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n",
+    "status_600": b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n",
+    "status_599": b"HTTP/1.1 599 X\r\nContent-Length: 0\r\n\r\n",
+    # Bytes after a complete response: dropped, and the connection is not reused
+    # (keep_alive False), whichever read they come in.
+    "two_responses": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    "body_after_204": b"HTTP/1.1 204 No Content\r\n\r\nabc",
+    "garbage_after_response": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00\x01",
     "chunk_bad_size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
     "chunk_bare_lf": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\n0\n\n",
+    "chunk_bare_lf_after_last": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"2\r\nok\r\n0\r\n\n",
+    "chunk_bare_lf_size_line": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"2\nok\r\n0\r\n\r\n",
+    "nul_in_reason": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+    "control_in_reason": b"HTTP/1.1 200 O\x1bK\r\nContent-Length: 0\r\n\r\n",
+    "tab_in_reason": b"HTTP/1.1 200 O\tK\r\nContent-Length: 0\r\n\r\n",
     "oversized": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n",
     # Framing fields spelt in other cases, with tabs, look-alike names, or naming others.
     "framing_mixed_case": b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 2\r\nCONNECTION: Close\r\n\r\nok",

@@ -329,6 +329,15 @@ def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Head
 
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
                    method: bytes, validated: bool = False) -> Response:
+    # RFC 9110 section 15: codes outside 100-599 are invalid (a client treats them as a
+    # server error: 502 here). llhttp takes 000-999, h11 100-999; HTTP/0.9 and 2.0 status
+    # lines both take. An HTTP/1.1 proxy talks HTTP/1.0 or 1.1 to its upstream.
+    if not 100 <= status <= 599:
+        raise RemoteProtocolError(f"invalid status code {status}", 502)
+    if version not in _VERSIONS:
+        raise RemoteProtocolError("unsupported HTTP version in the response", 502)
+    if _BAD_VALUE.search(reason):  # it goes to the client; RFC 9112 section 4: VCHAR, SP, HTAB
+        raise RemoteProtocolError("invalid byte in the reason phrase", 502)
     if not validated:
         _check_head(headers)
     connection, te, cl, _, _, _ = _scan(headers)
@@ -485,6 +494,15 @@ class HttptoolsRequestParser(_LlhttpHead):
         return events
 
 
+def _spoil(response: Response | None) -> None:
+    """Bytes came after ``response`` was complete: a second response, a body where none
+    may be, or garbage. They are dropped, and the connection is not used again: pooled,
+    it would hand them to the next request as (the start of) its answer (nginx: "upstream
+    sent more data than specified", and it closes the connection). Both parsers."""
+    if response is not None:
+        response.keep_alive = False
+
+
 class HttptoolsResponseParser(_LlhttpHead):
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self.max_header_bytes = max_header_bytes
@@ -510,7 +528,14 @@ class HttptoolsResponseParser(_LlhttpHead):
     def on_status(self, status: bytes) -> None:
         self._url += status
 
+    def on_message_begin(self) -> None:
+        if self._done:  # a second message in the read that ended the response
+            _spoil(self._response)
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
+        if self._done:
+            return
         headers = self._take_head(502)
         p = self._parser
         status = p.get_status_code()
@@ -530,6 +555,8 @@ class HttptoolsResponseParser(_LlhttpHead):
     def on_body(self, body: bytes) -> None:
         if not self._done:
             self._events.append(Data(body))
+        else:  # e.g. a body after the head that answers a HEAD
+            _spoil(self._response)
 
     def on_message_complete(self) -> None:
         if self._response is not None and not self._done:
@@ -538,7 +565,8 @@ class HttptoolsResponseParser(_LlhttpHead):
 
     def feed(self, data: bytes) -> list[Event]:
         if self._done:
-            raise RemoteProtocolError("upstream sent data after a complete response", 502)
+            _spoil(self._response)
+            return []
         head_in_progress = self._headers is not None
         in_chunk = self._in_chunk
         self._bound = (self._raw_size if head_in_progress else 0) + len(data)
@@ -552,6 +580,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._done:
                 raise RemoteProtocolError(f"malformed response: {exc}", 502) from None
+            _spoil(self._response)  # garbage after the response
         if self._headers is not None and self._open_head_too_large(len(data),
                                                                    head_in_progress):
             raise RemoteProtocolError("response header block too large", 502)
@@ -575,6 +604,16 @@ class HttptoolsResponseParser(_LlhttpHead):
 
 def _h11_headers(headers: h11._headers.Headers) -> Headers:
     return [(bytes(n), bytes(v)) for n, v in headers]
+
+
+# A chunk-size line as llhttp (strict) takes it: hex digits, no spaces; then extensions,
+# each ";" name ["=" (token | quoted-string)], names and values possibly empty, no spaces,
+# not ending in a bare ";" (RFC 9112 section 7.1.1 allows BWS around them; llhttp does not,
+# so neither does the seam).
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+_T = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_CHUNK_EXT = re.compile(rb"(?:;" + _T + rb"*(?:=(?:" + _T + rb"*|\"(?:[\t \x21\x23-\x5b\x5d-\x7e"
+                        rb"\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*")
 
 
 class _ChunkLines:
@@ -618,11 +657,12 @@ class _ChunkLines:
                 raise RemoteProtocolError("chunk data longer than its size")
             self._state = "size"
         elif self._state == "size":
-            size = line.split(b";", 1)[0].strip()
-            try:
-                self._remaining = int(size, 16)
-            except ValueError:
-                raise RemoteProtocolError("invalid chunk size") from None
+            size, semicolon, ext = line.partition(b";")
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise RemoteProtocolError("invalid chunk size")
+            if semicolon and (line.endswith(b";") or not _CHUNK_EXT.fullmatch(b";" + ext)):
+                raise RemoteProtocolError("invalid chunk extension")
+            self._remaining = int(size, 16)
             self._state = "data" if self._remaining else "trailer"
         elif self._state == "trailer" and not line:
             self._state = "done"
@@ -719,6 +759,8 @@ class H11ResponseParser:
         self._method = b"GET"
         self._raw_head = _HeadBytes(502)  # llhttp's line rules, as for requests
         self._in_body = False
+        self._response: Response | None = None
+        self._chunks: _ChunkLines | None = None  # llhttp's line rules for a chunked body
 
     def expect(self, method: bytes) -> None:
         c = self._conn
@@ -727,6 +769,8 @@ class H11ResponseParser:
         self._method = method
         self._raw_head.reset()
         self._in_body = False
+        self._response = None
+        self._chunks = None
         # h11 frames a response by the request it answers: describe that request to it.
         c.send(h11.Request(method=method, target="/", headers=[("host", "upstream")]))
         c.send(h11.EndOfMessage())
@@ -757,15 +801,34 @@ class H11ResponseParser:
                                               ev.http_version, headers, self._method)
                 except RemoteProtocolError as exc:  # framing: the upstream's fault
                     raise RemoteProtocolError(str(exc), 502) from None
+                self._response = response
                 events.append(response)
+                if response.chunked:
+                    self._chunks = _ChunkLines()
+                    self._check_chunks(bytes(self._conn.trailing_data[0]))
             elif isinstance(ev, h11.Data):
                 events.append(Data(bytes(ev.data)))
             elif isinstance(ev, h11.EndOfMessage):
                 events.append(END)
+                self._chunks = None
+                if self._conn.trailing_data[0]:  # more bytes in the read that ended it
+                    _spoil(self._response)
+
+    def _check_chunks(self, data: bytes) -> None:
+        assert self._chunks is not None
+        try:
+            self._chunks.feed(data)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(str(exc), 502) from None
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._conn.their_state is h11.DONE:  # the response was complete already
+            _spoil(self._response)
+            return []
         if not self._in_body:
             self._raw_head.add(data)
+        elif self._chunks is not None:
+            self._check_chunks(data)
         self._conn.receive_data(data)
         return self._drain()
 
