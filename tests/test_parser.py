@@ -136,6 +136,9 @@ CORPUS = {
                       b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
     "chunk_ext": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"3;x=y\r\nabc\r\n0\r\n\r\n",
+    "absolute_fragment_after_authority": b"GET http://h#p HTTP/1.1\r\nHost: h\r\n\r\n",
+    "absolute_fragment_after_port": b"GET http://h:80# HTTP/1.1\r\nHost: h\r\n\r\n",
+    "absolute_fragment_in_path": b"GET http://h/p#f HTTP/1.1\r\nHost: h\r\n\r\n",
     # Chunk-size lines as llhttp (strict) takes them: no spaces, no bare ";".
     **{f"chunk_line_{name}": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
        + line + b"\r\nok\r\n0\r\n\r\n" for name, line in CHUNK_LINES.items()},

@@ -317,7 +317,9 @@ def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Head
         if 0 <= i < end:
             end = i
     authority, path = rest[:end], rest[end:]
-    if not authority or b"@" in authority:  # RFC 9110 section 4.2.4: no userinfo
+    # RFC 9110 section 4.2.4: no userinfo; RFC 3986: a fragment cannot follow the
+    # authority here ("http://h#x": llhttp refuses it, h11 would take "h#x" as the host).
+    if not authority or b"@" in authority or b"#" in authority:
         raise RemoteProtocolError("invalid authority in the request target")
     if not path.startswith(b"/"):
         path = b"/" + path  # "http://h?q" -> "/?q"
