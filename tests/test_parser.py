@@ -139,6 +139,14 @@ CORPUS = {
     "absolute_fragment_after_authority": b"GET http://h#p HTTP/1.1\r\nHost: h\r\n\r\n",
     "absolute_fragment_after_port": b"GET http://h:80# HTTP/1.1\r\nHost: h\r\n\r\n",
     "absolute_fragment_in_path": b"GET http://h/p#f HTTP/1.1\r\nHost: h\r\n\r\n",
+    "te_trailing_tab": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+                       b"2\r\nok\r\n0\r\n\r\n",
+    "te_trailing_spaces": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked  \r\n\r\n"
+                          b"2\r\nok\r\n0\r\n\r\n",
+    "absolute_quote_in_authority": b'GET http://h"p/ HTTP/1.1\r\nHost: h\r\n\r\n',
+    "absolute_brace_in_authority": b"GET http://h{p/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    "absolute_ipv6_authority": b"GET http://[::1]:8080/p HTTP/1.1\r\nHost: h\r\n\r\n",
+    "absolute_subdelims_authority": b"GET http://a-b.c_d~e/p HTTP/1.1\r\nHost: h\r\n\r\n",
     # Chunk-size lines as llhttp (strict) takes them: no spaces, no bare ";".
     **{f"chunk_line_{name}": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
        + line + b"\r\nok\r\n0\r\n\r\n" for name, line in CHUNK_LINES.items()},
@@ -256,6 +264,22 @@ RESPONSE_CORPUS = {
     "status_000": b"HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n",
     "status_600": b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n",
     "status_599": b"HTTP/1.1 599 X\r\nContent-Length: 0\r\n\r\n",
+    "interim_bad_version": b"HTTP/1.7 100 Continue\r\n\r\n"
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "leading_crlf": b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "leading_lf": b"\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "te_trailing_tab": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+                       b"2\r\nok\r\n0\r\n\r\n",
+    "http10_then_more": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok7",
+    "http10_then_more_later": b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nokkkkkkk",
+    "interim_nul_reason": b"HTTP/1.1 100 \x00ontinue\r\n\r\n"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "trailer_del_value": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\nok\r\n0\r\nGrpc-Status:\x7f 0\r\n\r\n",
+    "trailer_no_colon": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\nok\r\n0\r\nGrpc-Status\r\n\r\n",
+    "trailer_space_before_colon": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"2\r\nok\r\n0\r\nGrpc-Status : 0\r\n\r\n",
     # Bytes after a complete response: dropped, and the connection is not reused
     # (keep_alive False), whichever read they come in.
     "two_responses": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -195,6 +195,14 @@ def _check_raw_head(raw: bytes) -> None:
     # h11 merges identical Content-Length values ("3, 3", or the field twice) before
     # ``_framing`` can see them; llhttp refuses both.
     lower = raw.lower()
+    # llhttp takes "chunked" followed by spaces, not by a tab; h11 strips both.
+    start = lower.find(b"\r\ntransfer-encoding:")
+    while start >= 0:
+        end = lower.find(b"\r\n", start + 2)
+        line = lower[start + 2:end if end >= 0 else len(lower)]
+        if b"\t" in line[len(line.rstrip(b" \t")):]:
+            raise RemoteProtocolError("tab after the Transfer-Encoding value")
+        start = lower.find(b"\r\ntransfer-encoding:", start + 2)
     start = lower.find(b"\r\ncontent-length:")
     if start >= 0:
         if lower.find(b"\r\ncontent-length:", start + 2) >= 0:
@@ -305,6 +313,12 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
                    connection, host)
 
 
+# An absolute-form target's authority, by the bytes llhttp takes there: RFC 3986's
+# reg-name (unreserved, sub-delims, pct-encoded) and a port, or an IP literal. Neither
+# userinfo ("@", RFC 9110 section 4.2.4) nor a fragment ("#") nor '"<>^`{|}'.
+_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:]+|\[[0-9A-Fa-f:.]+\](?::[0-9]*)?")
+
+
 def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Headers]:
     """An absolute-form target (``http://host/path``), which RFC 9112 section 3.2.2 says a
     server MUST accept: (origin-form target, host, headers). The URI's authority replaces
@@ -319,7 +333,8 @@ def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Head
     authority, path = rest[:end], rest[end:]
     # RFC 9110 section 4.2.4: no userinfo; RFC 3986: a fragment cannot follow the
     # authority here ("http://h#x": llhttp refuses it, h11 would take "h#x" as the host).
-    if not authority or b"@" in authority or b"#" in authority:
+    # llhttp refuses the bytes _AUTHORITY refuses; h11 takes them.
+    if not _AUTHORITY.fullmatch(authority):
         raise RemoteProtocolError("invalid authority in the request target")
     if not path.startswith(b"/"):
         path = b"/" + path  # "http://h?q" -> "/?q"
@@ -496,6 +511,14 @@ class HttptoolsRequestParser(_LlhttpHead):
         return events
 
 
+def _check_interim(version: bytes, reason: bytes) -> None:
+    """As _make_response, for a 1xx head (dropped, but both parsers refuse the same)."""
+    if version not in _VERSIONS:
+        raise RemoteProtocolError("unsupported HTTP version in the response", 502)
+    if _BAD_VALUE.search(reason):
+        raise RemoteProtocolError("invalid byte in the reason phrase", 502)
+
+
 def _spoil(response: Response | None) -> None:
     """Bytes came after ``response`` was complete: a second response, a body where none
     may be, or garbage. They are dropped, and the connection is not used again: pooled,
@@ -514,10 +537,12 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._stale_parser = False
         self._response: Response | None = None
         self._done = False
+        self._first = True  # the next feed starts a response
 
     def expect(self, method: bytes) -> None:
         """Ready for the response to a ``method`` request (one at a time, no pipelining)."""
         self._method = method
+        self._first = True
         if self._done:
             if self._stale_parser:
                 # After a HEAD answer llhttp still waits for a body: start afresh.
@@ -542,6 +567,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         p = self._parser
         status = p.get_status_code()
         if 100 <= status < 200:
+            _check_interim(p.get_http_version().encode(), self._url)
             self._events.append(Informational(status))
             return
         self._response = _make_response(status, self._url, p.get_http_version().encode(),
@@ -569,6 +595,12 @@ class HttptoolsResponseParser(_LlhttpHead):
         if self._done:
             _spoil(self._response)
             return []
+        if self._first:
+            self._first = False
+            if data[:1] in (b"\r", b"\n"):
+                # llhttp skips empty lines before a status line; h11 refuses them, and RFC
+                # 9112 section 2.2 forgives them only before a request line.
+                raise RemoteProtocolError("empty line before the status line", 502)
         head_in_progress = self._headers is not None
         in_chunk = self._in_chunk
         self._bound = (self._raw_size if head_in_progress else 0) + len(data)
@@ -666,8 +698,14 @@ class _ChunkLines:
                 raise RemoteProtocolError("invalid chunk extension")
             self._remaining = int(size, 16)
             self._state = "data" if self._remaining else "trailer"
-        elif self._state == "trailer" and not line:
-            self._state = "done"
+        elif self._state == "trailer":
+            if not line:
+                self._state = "done"
+                return
+            # A trailer field, held to the rules of a header field (llhttp's are the same).
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise RemoteProtocolError("invalid trailer field")
 
 
 class H11RequestParser:
@@ -763,6 +801,7 @@ class H11ResponseParser:
         self._in_body = False
         self._response: Response | None = None
         self._chunks: _ChunkLines | None = None  # llhttp's line rules for a chunked body
+        self._ended = False  # the response is complete
 
     def expect(self, method: bytes) -> None:
         c = self._conn
@@ -773,6 +812,7 @@ class H11ResponseParser:
         self._in_body = False
         self._response = None
         self._chunks = None
+        self._ended = False
         # h11 frames a response by the request it answers: describe that request to it.
         c.send(h11.Request(method=method, target="/", headers=[("host", "upstream")]))
         c.send(h11.EndOfMessage())
@@ -787,6 +827,7 @@ class H11ResponseParser:
             if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
                 return events
             if isinstance(ev, h11.InformationalResponse):
+                _check_interim(ev.http_version, bytes(ev.reason))
                 events.append(Informational(ev.status_code))
                 # The next head starts in what h11 holds: checked before it is parsed.
                 self._raw_head.reset(bytes(self._conn.trailing_data[0]))
@@ -813,8 +854,10 @@ class H11ResponseParser:
             elif isinstance(ev, h11.EndOfMessage):
                 events.append(END)
                 self._chunks = None
+                self._ended = True
                 if self._conn.trailing_data[0]:  # more bytes in the read that ended it
                     _spoil(self._response)
+                return events  # whatever follows is not parsed (h11 would refuse it)
 
     def _check_chunks(self, data: bytes) -> None:
         assert self._chunks is not None
@@ -824,7 +867,7 @@ class H11ResponseParser:
             raise RemoteProtocolError(str(exc), 502) from None
 
     def feed(self, data: bytes) -> list[Event]:
-        if self._conn.their_state is h11.DONE:  # the response was complete already
+        if self._ended:  # bytes after the complete response (h11: DONE or MUST_CLOSE)
             _spoil(self._response)
             return []
         if not self._in_body:
