@@ -344,6 +344,10 @@ def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Head
     return path, authority, replaced
 
 
+# Reason phrases seen valid ("OK", "Not Found", ...): a set test instead of a regex.
+_GOOD_REASONS: set[bytes] = set()
+
+
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
                    method: bytes, validated: bool = False) -> Response:
     # RFC 9110 section 15: codes outside 100-599 are invalid (a client treats them as a
@@ -353,8 +357,11 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
         raise RemoteProtocolError(f"invalid status code {status}", 502)
     if version not in _VERSIONS:
         raise RemoteProtocolError("unsupported HTTP version in the response", 502)
-    if _BAD_VALUE.search(reason):  # it goes to the client; RFC 9112 section 4: VCHAR, SP, HTAB
-        raise RemoteProtocolError("invalid byte in the reason phrase", 502)
+    if reason not in _GOOD_REASONS:  # it goes to the client; RFC 9112 section 4
+        if _BAD_VALUE.search(reason):
+            raise RemoteProtocolError("invalid byte in the reason phrase", 502)
+        if len(_GOOD_REASONS) < 256:  # bounded: upstreams choose them
+            _GOOD_REASONS.add(reason)
     if not validated:
         _check_head(headers)
     connection, te, cl, _, _, _ = _scan(headers)
@@ -558,7 +565,8 @@ class HttptoolsResponseParser(_LlhttpHead):
     def on_message_begin(self) -> None:
         if self._done:  # a second message in the read that ended the response
             _spoil(self._response)
-        super().on_message_begin()
+        self._url = b""  # as _LlhttpHead's, without a second call per response
+        self._headers = []
 
     def on_headers_complete(self) -> None:
         if self._done:
