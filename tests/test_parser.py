@@ -149,6 +149,10 @@ CORPUS = {
     "absolute_brace_in_authority": b"GET http://h{p/ HTTP/1.1\r\nHost: h\r\n\r\n",
     "absolute_ipv6_authority": b"GET http://[::1]:8080/p HTTP/1.1\r\nHost: h\r\n\r\n",
     "absolute_subdelims_authority": b"GET http://a-b.c_d~e/p HTTP/1.1\r\nHost: h\r\n\r\n",
+    "http10_close_then_empty_line": b"GET / HTTP/1.0\r\n\r\n\r\n",
+    "http10_close_then_request": b"GET / HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+    "close_then_request": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                          b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n",
     # Chunk-size lines as llhttp (strict) takes them: no spaces, no bare ";".
     **{f"chunk_line_{name}": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
        + line + b"\r\nok\r\n0\r\n\r\n" for name, line in CHUNK_LINES.items()},

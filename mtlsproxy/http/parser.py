@@ -726,9 +726,17 @@ class H11RequestParser:
         self._in_body = False
         self._chunks: _ChunkLines | None = None
         self._keep_alive = False  # the current request's
+        self._closing = False  # a request that closes the connection has ended
 
     def close(self) -> None:
         """Nothing to release: h11's connection holds no reference back to this object."""
+
+    @staticmethod
+    def _after_close(data: bytes) -> None:
+        """Bytes after a request that closes the connection: llhttp skips empty lines and
+        refuses anything else (the whole read), so the seam does on both parsers."""
+        if data.strip(b"\r\n"):
+            raise RemoteProtocolError("data after a request that closes the connection")
 
     def _finish_cycle(self) -> None:
         # h11 parses the next request only after a response was sent; the proxy writes
@@ -755,6 +763,9 @@ class H11RequestParser:
                 self._conn.receive_data(data)
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._closing:
+            self._after_close(data)
+            return []
         if not self._in_body:
             if not self._raw_head:  # before a request line: see _finish_cycle
                 data = data.lstrip(b"\r\n")
@@ -793,6 +804,10 @@ class H11RequestParser:
                 events.append(END)
                 self._in_body = False
                 self._chunks = None
+                if not self._keep_alive:
+                    self._closing = True
+                    self._after_close(bytes(self._conn.trailing_data[0]))
+                    break
                 self._finish_cycle()
                 # What h11 holds beyond this message starts the next head: checked now,
                 # before the next turn of this loop can parse it (pipelining).
