@@ -81,6 +81,7 @@ CHUNK_LINES = {
     "bare_semicolon": b"2;", "trailing_semicolon": b"2;x=y;", "empty_name": b"2;=y",
     "empty_exts": b"2;;x", "quoted": b'2;x="a b"', "quoted_then_junk": b'2;x="a"b',
     "two_equals": b"2;x=y=z", "size_space": b"2 ", "size_leading_zeros": b"0002",
+    "token_then_quoted": b'2;x=a"b c"', "two_quoted": b'2;x="a""b"',
 }
 
 CORPUS = {

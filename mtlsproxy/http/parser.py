@@ -649,13 +649,14 @@ def _h11_headers(headers: h11._headers.Headers) -> Headers:
 
 
 # A chunk-size line as llhttp (strict) takes it: hex digits, no spaces; then extensions,
-# each ";" name ["=" (token | quoted-string)], names and values possibly empty, no spaces,
+# each ";" name ["=" value], the value token characters and then perhaps one quoted
+# string (llhttp takes 'a"b"'), names and values possibly empty, no spaces,
 # not ending in a bare ";" (RFC 9112 section 7.1.1 allows BWS around them; llhttp does not,
 # so neither does the seam).
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 _T = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
-_CHUNK_EXT = re.compile(rb"(?:;" + _T + rb"*(?:=(?:" + _T + rb"*|\"(?:[\t \x21\x23-\x5b\x5d-\x7e"
-                        rb"\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*")
+_CHUNK_EXT = re.compile(rb"(?:;" + _T + rb"*(?:=" + _T + rb"*(?:\"(?:[\t \x21\x23-\x5b\x5d-\x7e"
+                        rb"\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\")?)?)*")
 
 
 class _ChunkLines:
