@@ -252,6 +252,25 @@ def test_bytes_after_a_complete_response_never_reach_the_next_request(
     assert h.upstream_requests == [0, 0, 0]  # type: ignore[attr-defined]
 
 
+def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request(
+        unstarted: Harness) -> None:
+    # An upstream that sends a body with its answer to HEAD (RFC 9110 section 9.3.2: it
+    # must not). The client gets the head only; the connection is not pooled with those
+    # bytes in it, so the next request (a GET) gets its own answer.
+    h = unstarted
+    head_with_body = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nSMUGGLED!"
+    port = scripted(h, head_with_body, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    conn = h.https()
+    conn.request("HEAD", "/")
+    r = conn.getresponse()
+    assert r.status == 200 and r.read() == b"" and r.getheader("content-length") == "9"
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"SMUGGLED!"  # a fresh connection: its answer 0
+    conn.close()
+    assert h.upstream_requests == [0, 0]  # type: ignore[attr-defined]
+
+
 def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
         unstarted: Harness) -> None:
     # 103 Early Hints (or a stray 100) before the final answer: only the final one reaches
