@@ -196,6 +196,23 @@ def test_idle_timeout_after_a_fast_exchange_closes_quietly(unstarted: Harness) -
         conn.close()
 
 
+def _twice_on_one_connection(h: Harness, answer: bytes) -> list[bytes]:
+    """Start the proxy before an upstream that gives every request ``answer`` (ending in
+    "ok"); send two requests on one client connection, the first on the general path and
+    the second on a pooled upstream connection, the fast one; return both responses."""
+    port = scripted(h, answer)
+    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
+    out = []
+    with h.tls() as t:
+        for _ in range(2):
+            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while not got.endswith(b"ok"):
+                got += t.recv(65536)
+            out.append(got)
+    return out
+
+
 def _response_headers(raw: bytes) -> dict[bytes, bytes]:
     head = raw.split(b"\r\n\r\n", 1)[0]
     return {n.strip().lower(): v.strip() for n, _, v in
@@ -214,21 +231,14 @@ def test_hop_by_hop_response_headers_are_removed_on_both_paths(
               b"Keep-Alive: timeout=5\r\nX-Up-Hop: 1\r\nPROXY-AUTHENTICATE: Basic\r\n"
               b"upgrade: h2c\r\nTrailer: X-T\r\nTE: trailers\r\nX-Connection: kept\r\n"
               b"Keep-Alive-X: kept\r\nX-Kept:\tyes \r\nContent-Length: 2\r\n\r\nok")
-    port = scripted(h, answer)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with h.tls() as t:
-        for _ in range(2):
-            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            got = b""
-            while not got.endswith(b"ok"):
-                got += t.recv(65536)
-            headers = _response_headers(got)
-            assert {b"keep-alive", b"proxy-authenticate", b"upgrade", b"trailer",
-                    b"te"}.isdisjoint(headers), got
-            assert (b"x-up-hop" in headers) is (connection == b"keep-alive"), got
-            assert headers[b"x-kept"] == b"yes" and headers[b"server"] == b"up"
-            assert headers[b"x-connection"] == headers[b"keep-alive-x"] == b"kept"
-            assert headers[b"content-length"] == b"2" and b"connection" not in headers
+    for got in _twice_on_one_connection(h, answer):
+        headers = _response_headers(got)
+        assert {b"keep-alive", b"proxy-authenticate", b"upgrade", b"trailer",
+                b"te"}.isdisjoint(headers), got
+        assert (b"x-up-hop" in headers) is (connection == b"keep-alive"), got
+        assert headers[b"x-kept"] == b"yes" and headers[b"server"] == b"up"
+        assert headers[b"x-connection"] == headers[b"keep-alive-x"] == b"kept"
+        assert headers[b"content-length"] == b"2" and b"connection" not in headers
     assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
     assert fast_exchanges(h) == 1
 
@@ -279,13 +289,6 @@ def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
     h = unstarted
     interim = (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
                b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
-    port = scripted(h, interim)
-    h.start(h.config(upstream=f"http://127.0.0.1:{port}"))
-    with h.tls() as t:
-        for _ in range(2):
-            t.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            got = b""
-            while not got.endswith(b"ok"):
-                got += t.recv(65536)
-            assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
+    for got in _twice_on_one_connection(h, interim):
+        assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
     assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
