@@ -902,6 +902,8 @@ class H11ResponseParser:
         return self._drain()
 
     def feed_eof(self) -> list[Event]:
+        if self._ended:  # the upstream closed after a complete response: nothing to add
+            return []
         self._conn.receive_data(b"")
         events = self._drain()
         if not any(e is END for e in events) and self._conn.their_state is not h11.DONE:
