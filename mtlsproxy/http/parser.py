@@ -348,6 +348,19 @@ def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Head
 _GOOD_REASONS: set[bytes] = set()
 
 
+def _check_status_line(version: bytes, reason: bytes) -> None:
+    """What neither parser checks in a status line (a final or an interim response's): the
+    version the proxy speaks upstream, and no control bytes in the reason phrase, which
+    goes to the client (RFC 9112 section 4: HTAB, SP, VCHAR, obs-text)."""
+    if version not in _VERSIONS:
+        raise RemoteProtocolError("unsupported HTTP version in the response", 502)
+    if reason not in _GOOD_REASONS:
+        if _BAD_VALUE.search(reason):
+            raise RemoteProtocolError("invalid byte in the reason phrase", 502)
+        if len(_GOOD_REASONS) < 256:  # bounded: upstreams choose them
+            _GOOD_REASONS.add(reason)
+
+
 def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
                    method: bytes, validated: bool = False) -> Response:
     # RFC 9110 section 15: codes outside 100-599 are invalid (a client treats them as a
@@ -355,13 +368,7 @@ def _make_response(status: int, reason: bytes, version: bytes, headers: Headers,
     # lines both take. An HTTP/1.1 proxy talks HTTP/1.0 or 1.1 to its upstream.
     if not 100 <= status <= 599:
         raise RemoteProtocolError(f"invalid status code {status}", 502)
-    if version not in _VERSIONS:
-        raise RemoteProtocolError("unsupported HTTP version in the response", 502)
-    if reason not in _GOOD_REASONS:  # it goes to the client; RFC 9112 section 4
-        if _BAD_VALUE.search(reason):
-            raise RemoteProtocolError("invalid byte in the reason phrase", 502)
-        if len(_GOOD_REASONS) < 256:  # bounded: upstreams choose them
-            _GOOD_REASONS.add(reason)
+    _check_status_line(version, reason)
     if not validated:
         _check_head(headers)
     connection, te, cl, _, _, _ = _scan(headers)
@@ -518,14 +525,6 @@ class HttptoolsRequestParser(_LlhttpHead):
         return events
 
 
-def _check_interim(version: bytes, reason: bytes) -> None:
-    """As _make_response, for a 1xx head (dropped, but both parsers refuse the same)."""
-    if version not in _VERSIONS:
-        raise RemoteProtocolError("unsupported HTTP version in the response", 502)
-    if _BAD_VALUE.search(reason):
-        raise RemoteProtocolError("invalid byte in the reason phrase", 502)
-
-
 def _spoil(response: Response | None) -> None:
     """Bytes came after ``response`` was complete: a second response, a body where none
     may be, or garbage. They are dropped, and the connection is not used again: pooled,
@@ -575,7 +574,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         p = self._parser
         status = p.get_status_code()
         if 100 <= status < 200:
-            _check_interim(p.get_http_version().encode(), self._url)
+            _check_status_line(p.get_http_version().encode(), self._url)
             self._events.append(Informational(status))
             return
         self._response = _make_response(status, self._url, p.get_http_version().encode(),
@@ -851,7 +850,7 @@ class H11ResponseParser:
             if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
                 return events
             if isinstance(ev, h11.InformationalResponse):
-                _check_interim(ev.http_version, bytes(ev.reason))
+                _check_status_line(ev.http_version, bytes(ev.reason))
                 events.append(Informational(ev.status_code))
                 # The next head starts in what h11 holds: checked before it is parsed.
                 self._raw_head.reset(bytes(self._conn.trailing_data[0]))
