@@ -665,7 +665,8 @@ class _ChunkLines:
     data passes through uncounted. llhttp refuses a bare LF there, so h11 must too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 400) -> None:
+        self._status = status  # to answer bad framing with: 400, or 502 for responses
         self._line = bytearray()
         self._remaining = 0
         self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
@@ -684,26 +685,26 @@ class _ChunkLines:
             if j < 0:
                 self._line += data[i:]
                 if len(self._line) > 4096:
-                    raise RemoteProtocolError("chunk line too long")
+                    raise RemoteProtocolError("chunk line too long", self._status)
                 return
             line = bytes(self._line) + data[i:j + 1]
             self._line.clear()
             i = j + 1
             if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                raise RemoteProtocolError("bare LF in chunked framing")
+                raise RemoteProtocolError("bare LF in chunked framing", self._status)
             self._line_done(line[:-2])
 
     def _line_done(self, line: bytes) -> None:
         if self._state == "crlf":
             if line:
-                raise RemoteProtocolError("chunk data longer than its size")
+                raise RemoteProtocolError("chunk data longer than its size", self._status)
             self._state = "size"
         elif self._state == "size":
             size, semicolon, ext = line.partition(b";")
             if not _CHUNK_SIZE.fullmatch(size):
-                raise RemoteProtocolError("invalid chunk size")
+                raise RemoteProtocolError("invalid chunk size", self._status)
             if semicolon and (line.endswith(b";") or not _CHUNK_EXT.fullmatch(b";" + ext)):
-                raise RemoteProtocolError("invalid chunk extension")
+                raise RemoteProtocolError("invalid chunk extension", self._status)
             self._remaining = int(size, 16)
             self._state = "data" if self._remaining else "trailer"
         elif self._state == "trailer":
@@ -713,7 +714,7 @@ class _ChunkLines:
             # A trailer field, held to the rules of a header field (llhttp's are the same).
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise RemoteProtocolError("invalid trailer field")
+                raise RemoteProtocolError("invalid trailer field", self._status)
 
 
 class H11RequestParser:
@@ -870,8 +871,8 @@ class H11ResponseParser:
                 self._response = response
                 events.append(response)
                 if response.chunked:
-                    self._chunks = _ChunkLines()
-                    self._check_chunks(bytes(self._conn.trailing_data[0]))
+                    self._chunks = _ChunkLines(502)
+                    self._chunks.feed(bytes(self._conn.trailing_data[0]))
             elif isinstance(ev, h11.Data):
                 events.append(Data(bytes(ev.data)))
             elif isinstance(ev, h11.EndOfMessage):
@@ -882,13 +883,6 @@ class H11ResponseParser:
                     _spoil(self._response)
                 return events  # whatever follows is not parsed (h11 would refuse it)
 
-    def _check_chunks(self, data: bytes) -> None:
-        assert self._chunks is not None
-        try:
-            self._chunks.feed(data)
-        except RemoteProtocolError as exc:
-            raise RemoteProtocolError(str(exc), 502) from None
-
     def feed(self, data: bytes) -> list[Event]:
         if self._ended:  # bytes after the complete response (h11: DONE or MUST_CLOSE)
             _spoil(self._response)
@@ -896,7 +890,7 @@ class H11ResponseParser:
         if not self._in_body:
             self._raw_head.add(data)
         elif self._chunks is not None:
-            self._check_chunks(data)
+            self._chunks.feed(data)
         self._conn.receive_data(data)
         return self._drain()
 
