@@ -40,6 +40,9 @@ class Request:
     expect_continue: bool = False
     connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
     host: bytes = b""  # the Host header's value (there is at most one)
+    # The request's exact bytes when they were all of one read and a memo entry (see "the
+    # head memo"): what a request is a function of, for memos further on (wire.py).
+    raw: bytes = b""
 
     @property
     def has_body(self) -> bool:
@@ -57,6 +60,7 @@ class Response:
     content_length: int | None
     close_delimited: bool = False
     connection: frozenset[bytes] = frozenset()
+    raw: bytes = b""  # the head's exact bytes, as Request.raw
 
 
 @dataclass(slots=True)
@@ -463,6 +467,32 @@ class _LlhttpHead:
         return self._raw_size > self.max_header_bytes
 
 
+# -- the head memo -------------------------------------------------------------------------
+#
+# Rules of the memo (both llhttp parsers):
+# - A read that is exactly one whole message head (requests: a bodyless request; responses:
+#   a head and its whole Content-Length body), arriving where llhttp stands between
+#   messages, is looked up by its bytes. A hit stands for what llhttp and the checks of
+#   this module made of the same bytes from the same state (with the same header limit):
+#   the events are rebuilt from it and llhttp is not fed, so it stays between messages,
+#   where it would be after parsing them.
+# - Only what parsed cleanly is stored, after the full parse; anything else (a partial
+#   head, a body, pipelined bytes, a HEAD answer, an error) takes the full parse.
+# - Hits get fresh Request/Response objects and header lists, never the stored ones.
+# - Bounded: heads up to _MEMO_HEAD_BYTES, _MEMO_ENTRIES per memo, emptied when full (a
+#   Date header makes a new response head every second; the memo refills with current ones).
+_MEMO_HEAD_BYTES = 2048
+_MEMO_ENTRIES = 256
+_RequestFields = tuple[bytes, bytes, bytes, Headers, bool, bool, "int | None", bool,
+                       frozenset[bytes], bytes]
+# max_header_bytes -> request bytes -> the Request's fields.
+_REQUEST_MEMOS: dict[int, dict[bytes, _RequestFields]] = {}
+_ResponseFields = tuple[int, bytes, bytes, Headers, bool, int, frozenset[bytes]]
+# max_header_bytes -> response head bytes -> the Response's fields (keep_alive True,
+# Content-Length framed: status, reason, version, headers, keep, length, connection).
+_RESPONSE_MEMOS: dict[int, dict[bytes, _ResponseFields]] = {}
+
+
 class HttptoolsRequestParser(_LlhttpHead):
     """llhttp behind the seam; the default fast path."""
 
@@ -470,8 +500,17 @@ class HttptoolsRequestParser(_LlhttpHead):
         self.max_header_bytes = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
+        self._memo = _REQUEST_MEMOS.setdefault(max_header_bytes, {})
+        # llhttp stands between messages (after a keep-alive request, or at the start).
+        self._between = True
+        self._keep = True  # the current request's keep_alive
 
     # llhttp callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._between = False
+
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -479,15 +518,19 @@ class HttptoolsRequestParser(_LlhttpHead):
         headers = self._take_head(431)
         p = self._parser
         # llhttp (strict) already refused invalid header names and control bytes.
-        self._events.append(_make_request(p.get_method(), self._url,
-                                          p.get_http_version().encode(), headers,
-                                          validated=True))
+        req = _make_request(p.get_method(), self._url, p.get_http_version().encode(),
+                            headers, validated=True)
+        self._keep = req.keep_alive
+        self._events.append(req)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
         self._events.append(END)
+        # After a request that closes the connection llhttp refuses more bytes: not a
+        # place where a memo hit may stand in for it.
+        self._between = self._keep
 
     def close(self) -> None:
         """The connection is gone: drop llhttp's parser. It holds this object's bound
@@ -497,6 +540,28 @@ class HttptoolsRequestParser(_LlhttpHead):
         vars(self).pop("_parser", None)
 
     def feed(self, data: bytes) -> list[Event]:
+        between = self._between
+        if between and len(data) <= _MEMO_HEAD_BYTES:
+            hit = self._memo.get(data)
+            if hit is not None:
+                m, t, v, h, keep, chunked, length, expect, connection, host = hit
+                return [Request(m, t, v, list(h), keep, chunked, length, expect, connection,
+                                host, data), END]
+        events = self._feed(data)
+        if (between and len(events) == 2 and self._between and len(data) <= _MEMO_HEAD_BYTES
+                and events[1] is END):
+            req = events[0]
+            if type(req) is Request and not req.chunked and req.content_length is None:
+                memo = self._memo
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[data] = (req.method, req.target, req.http_version, list(req.headers),
+                              req.keep_alive, False, None, req.expect_continue,
+                              req.connection, req.host)
+                req.raw = data
+        return events
+
+    def _feed(self, data: bytes) -> list[Event]:
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
         head_in_progress = self._headers is not None
@@ -544,6 +609,9 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._response: Response | None = None
         self._done = False
         self._first = True  # the next feed starts a response
+        self._memo = _RESPONSE_MEMOS.setdefault(max_header_bytes, {})
+        # llhttp stands between messages (after a keep-alive response, or at the start).
+        self._between = True
 
     def expect(self, method: bytes) -> None:
         """Ready for the response to a ``method`` request (one at a time, no pipelining)."""
@@ -554,6 +622,7 @@ class HttptoolsResponseParser(_LlhttpHead):
                 # After a HEAD answer llhttp still waits for a body: start afresh.
                 self._parser = httptools.HttpResponseParser(self)
                 self._stale_parser = False
+                self._between = True
             self._headers = None
             self._response = None
             self._done = False
@@ -566,6 +635,7 @@ class HttptoolsResponseParser(_LlhttpHead):
             _spoil(self._response)
         self._url = b""  # as _LlhttpHead's, without a second call per response
         self._headers = []
+        self._between = False
 
     def on_headers_complete(self) -> None:
         if self._done:
@@ -597,8 +667,41 @@ class HttptoolsResponseParser(_LlhttpHead):
         if self._response is not None and not self._done:
             self._events.append(END)
             self._done = True
+            self._between = self._response.keep_alive and self._parser.should_keep_alive()
 
     def feed(self, data: bytes) -> list[Event]:
+        start = self._first and self._between and self._method != b"HEAD"
+        if start:
+            end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_BYTES) + 4
+            if end > 4:
+                head = data[:end]
+                hit = self._memo.get(head)
+                if hit is not None and len(data) - end == hit[5]:
+                    status, reason, version, headers, keep, length, connection = hit
+                    self._first = False
+                    self._done = True
+                    resp = self._response = Response(status, reason, version, list(headers),
+                                                     keep, False, length, False, connection,
+                                                     head)
+                    return [resp, Data(data[end:]), END] if length else [resp, END]
+        events = self._feed(data)
+        if start and self._between and 2 <= len(events) <= 3 and events[-1] is END:
+            first = events[0]
+            if (isinstance(first, Response) and first.keep_alive and not first.chunked
+                    and first.content_length is not None
+                    and first.status not in (204, 304)):
+                end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_BYTES) + 4
+                if end > 4 and len(data) - end == first.content_length:
+                    memo = self._memo
+                    if len(memo) >= _MEMO_ENTRIES:
+                        memo.clear()
+                    first.raw = data[:end]
+                    memo[first.raw] = (first.status, first.reason, first.http_version,
+                                       list(first.headers), True, first.content_length,
+                                       first.connection)
+        return events
+
+    def _feed(self, data: bytes) -> list[Event]:
         if self._done:
             _spoil(self._response)
             return []

@@ -69,11 +69,33 @@ def _request_action(name: bytes) -> int:
     return action
 
 
+# Heads built before, for requests and responses whose parser says they are a function of
+# their bytes (``raw``, see the parser's head memo): (raw bytes, and every other input) ->
+# the head. Bounded; emptied when full (response heads carry a Date: new ones each second).
+_MEMO_ENTRIES = 256
+_UPSTREAM_HEADS: dict[tuple[bytes, bytes, str, bytes], bytes] = {}
+_CLIENT_HEADS: dict[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = {}
+
+
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_block: bytes) -> bytes:
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten."""
+    if not req.raw:
+        return _upstream_request_head(req, target, client_ip, cert_block)
+    key = (req.raw, target, client_ip, cert_block)
+    head = _UPSTREAM_HEADS.get(key)
+    if head is None:
+        head = _upstream_request_head(req, target, client_ip, cert_block)
+        if len(_UPSTREAM_HEADS) >= _MEMO_ENTRIES:
+            _UPSTREAM_HEADS.clear()
+        _UPSTREAM_HEADS[key] = head
+    return head
+
+
+def _upstream_request_head(req: Request, target: bytes, client_ip: str,
+                           cert_block: bytes) -> bytes:
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
     if named and named <= HOP_BY_HOP:
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
@@ -127,6 +149,20 @@ def client_response_head(req: Request, resp: Response, draining: bool
     clients cannot read chunked, so their body ends when the connection does. An HTTP/1.0
     client keeps the connection only when told so (RFC 9112 section 9.3).
     """
+    if not (req.raw and resp.raw):
+        return _client_response_head(req, resp, draining)
+    key = (req.raw, resp.raw, draining)
+    made = _CLIENT_HEADS.get(key)
+    if made is None:
+        made = _client_response_head(req, resp, draining)
+        if len(_CLIENT_HEADS) >= _MEMO_ENTRIES:
+            _CLIENT_HEADS.clear()
+        _CLIENT_HEADS[key] = made
+    return made
+
+
+def _client_response_head(req: Request, resp: Response, draining: bool
+                          ) -> tuple[bytes, bool, bool]:
     bodyless = req.method == b"HEAD" or resp.status in (204, 304)
     http10_client = req.http_version == b"1.0"
     unframed = not bodyless and (resp.chunked or resp.close_delimited)
