@@ -310,7 +310,7 @@ def test_identical_requests_from_two_clients_carry_each_its_own_identity(
     assert fast_exchanges(proxy) >= 4  # at least the 2nd and 3rd of each client
     if parser_kind == "httptools":  # both clients' heads came through the memos
         assert sum(b"/same" in key[0] for key in list(wire._UPSTREAM_HEADS)) == 2
-    for i, own in enumerate(seen):
+    for own in seen:
         assert own[0] == own[1] == own[2]
     subjects = [{v for n, v in own[0].items() if "subject" in n or n == "client-cert"}
                 for own in seen]
