@@ -210,12 +210,15 @@ def test_a_memoised_head_with_the_wrong_number_of_bytes_takes_the_full_parse(
     assert warm == outcome(response_parser(), data)
 
 
-def test_an_answer_to_head_is_never_taken_from_the_memo() -> None:
+@pytest.mark.parametrize("data", [OK[:-2], OK], ids=["head", "head_and_a_body"])
+def test_an_answer_to_head_is_never_taken_from_the_memo(data: bytes) -> None:
     response_parser().feed(OK)
     p = response_parser(b"HEAD")
-    events = p.feed(OK[:-2])
+    events = p.feed(data)
     assert [type(e) for e in events] == [Response, type(END)]
     assert isinstance(events[0], Response) and events[0].raw == b""
+    # A body after the head that answers a HEAD is dropped, and spoils the connection.
+    assert events[0].keep_alive == (data == OK[:-2])
 
 
 def test_a_memo_hit_leaves_the_parser_ready_for_the_next_response() -> None:
