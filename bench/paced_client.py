@@ -1,11 +1,14 @@
 """Latency at one fixed request rate: the same load for every proxy (open loop per slot).
 
-    python bench/paced_client.py PORT CONNS RATE SECONDS CERT KEY CA
+    python bench/paced_client.py PORT CONNS RATE SECONDS CERT KEY CA [unique]
 
 CONNS keep-alive mTLS connections share RATE requests/s: connection i sends its k-th
 request at start + (k * CONNS + i) / RATE, whether or not the proxy kept up, and the
 latency is measured from that scheduled instant (so a stall is not hidden by the client
 waiting: no coordinated omission). Prints ``p50_ms p99_ms max_ms requests errors``.
+With ``unique``, every request carries its own ``X-Request-Id`` (as traced services'
+requests do), so no two request heads are the same bytes: mtlsproxy's head memo (see
+docs/benchmarks.md) never hits on the request side.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 
 async def main(port: int, conns: int, rate: float, seconds: float, cert: str, key: str,
-               ca: str) -> None:
+               ca: str, unique: bool = False) -> None:
     ctx = ssl.create_default_context(cafile=ca)
     ctx.load_cert_chain(cert, key)
     latencies: list[float] = []
@@ -27,6 +30,7 @@ async def main(port: int, conns: int, rate: float, seconds: float, cert: str, ke
                                              server_hostname="localhost")
                for _ in range(conns)]
     start = time.perf_counter() + 0.2
+    start_id = time.time_ns()  # ids unique across runs too
     total = int(rate * seconds)
 
     async def worker(i: int) -> None:
@@ -38,7 +42,9 @@ async def main(port: int, conns: int, rate: float, seconds: float, cert: str, ke
             if delay > 0:
                 await asyncio.sleep(delay)
             try:
-                writer.write(request)
+                writer.write(request if not unique else
+                             b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: %d-%d\r\n\r\n"
+                             % (k, start_id))
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
@@ -65,4 +71,5 @@ if __name__ == "__main__":
     import uvloop
     a = sys.argv
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main(int(a[1]), int(a[2]), float(a[3]), float(a[4]), a[5], a[6], a[7]))
+        runner.run(main(int(a[1]), int(a[2]), float(a[3]), float(a[4]), a[5], a[6], a[7],
+                        a[8:9] == ["unique"]))

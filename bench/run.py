@@ -441,23 +441,30 @@ class Bench:
     def paced(self) -> None:
         """(4b) latency at the SAME load for every proxy: 1,000 requests/s spread over 50
         keep-alive connections, scheduled in advance (bench/paced_client.py)."""
+        self._paced("4b latency at 1,000 req/s, 50 conns (open loop)", False)
+
+    def unique(self) -> None:
+        """(4c) as 4b, but no two request heads alike (an X-Request-Id each): mtlsproxy's
+        request-side head memo never hits, so this row shows its miss path's cost."""
+        self._paced("4c as 4b, every request head unique", True)
+
+    def _paced(self, label: str, unique: bool) -> None:
         secs = 3 if self.args.quick else 8
         rate = 1000
-        p50 = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)", "p50 ms")
-        p99 = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)", "p99 ms")
+        p50 = self.row(label, "p50 ms")
+        p99 = self.row(label, "p99 ms")
         # CPU per request at the same load: no proxy is saturated here, so the kernel's
         # share (wake-ups of idle peers) is not inflated by how close each runs to its limit.
-        user = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)",
-                        "proxy user CPU us/request")
-        system = self.row(f"4b latency at {rate:,} req/s, 50 conns (open loop)",
-                          "proxy system CPU us/request")
+        user = self.row(label, "proxy user CPU us/request")
+        system = self.row(label, "proxy system CPU us/request")
         for _ in self.rounds():
             for t in self.targets:
                 u0, s0 = cpu_split(t.pids())
                 out = subprocess.run(
                     [sys.executable, str(ROOT / "bench" / "paced_client.py"), str(t.port),
                      "50", str(rate), str(secs), str(self.pki / "client.pem"),
-                     str(self.pki / "client.key"), str(self.pki / "root-ca.pem")],
+                     str(self.pki / "client.key"), str(self.pki / "root-ca.pem")]
+                    + (["unique"] if unique else []),
                     capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU))
                 fields = out.stdout.split()
                 if len(fields) != 5 or fields[4] != "0":
@@ -754,7 +761,7 @@ def cpu_model() -> str:
     return "?"
 
 
-SCENARIOS = ("keepalive", "paced", "full", "resumed", "streamed", "memory", "swap",
+SCENARIOS = ("keepalive", "paced", "unique", "full", "resumed", "streamed", "memory", "swap",
              "workers")
 
 
