@@ -529,8 +529,8 @@ class HttptoolsRequestParser(_LlhttpHead):
     def on_message_complete(self) -> None:
         self._events.append(END)
         # After a request that closes the connection llhttp refuses more bytes: not a
-        # place where a memo hit may stand in for it.
-        self._between = self._keep
+        # place where a memo hit may stand in for it (by our reading or llhttp's).
+        self._between = self._keep and self._parser.should_keep_alive()
 
     def close(self) -> None:
         """The connection is gone: drop llhttp's parser. It holds this object's bound
