@@ -63,8 +63,10 @@ def outcome(parser: HttptoolsRequestParser | HttptoolsResponseParser,
             events += parser.feed(data)
     except RemoteProtocolError as exc:
         return ("rejected", exc.status_hint)
+    # ``raw`` aside: it is set on hits only (the key for the memos in wire.py).
     return ("accepted", [(type(e).__name__, getattr(e, "__slots__", None) and
-                          {s: getattr(e, s) for s in e.__slots__}) for e in events])
+                          {s: getattr(e, s) for s in e.__slots__ if s != "raw"})
+                         for e in events])
 
 
 def response_parser(method: bytes = b"GET") -> HttptoolsResponseParser:
@@ -79,8 +81,11 @@ def test_a_repeated_request_read_gives_what_its_full_parse_gave() -> None:
     first = HttptoolsRequestParser().feed(GET)
     assert GET in request_memo()
     second = HttptoolsRequestParser().feed(GET)
+    assert isinstance(first[0], Request) and isinstance(second[0], Request)
+    # raw names a hit (a head seen twice): only those key the memos of wire.py.
+    assert first[0].raw == b"" and second[0].raw == GET
+    first[0].raw = GET
     assert second == first and second[1] is END
-    assert isinstance(second[0], Request) and second[0].raw == GET
 
 
 def test_request_memo_hits_hand_out_fresh_objects() -> None:
@@ -179,8 +184,10 @@ def test_a_repeated_response_read_gives_what_its_full_parse_gave() -> None:
     first = response_parser().feed(OK)
     assert OK[:-2] in response_memo()
     second = response_parser().feed(OK)
+    assert isinstance(first[0], Response) and isinstance(second[0], Response)
+    assert first[0].raw == b"" and second[0].raw == OK[:-2]
+    first[0].raw = OK[:-2]
     assert second == first and len(second) == 3 and second[2] is END
-    assert isinstance(second[0], Response) and second[0].raw == OK[:-2]
     assert isinstance(second[1], Data) and second[1].data == b"ok"
 
 

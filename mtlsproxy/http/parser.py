@@ -40,8 +40,9 @@ class Request:
     expect_continue: bool = False
     connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
     host: bytes = b""  # the Host header's value (there is at most one)
-    # The request's exact bytes when they were all of one read and a memo entry (see "the
-    # head memo"): what a request is a function of, for memos further on (wire.py).
+    # The request's exact bytes when it was a memo hit (see "the head memo"): a request
+    # seen before, byte for byte, whose derived heads are worth memoising too (wire.py).
+    # Empty otherwise, so that traffic that never repeats pays nothing more there.
     raw: bytes = b""
 
     @property
@@ -478,7 +479,8 @@ class _LlhttpHead:
 #   where it would be after parsing them.
 # - Only what parsed cleanly is stored, after the full parse; anything else (a partial
 #   head, a body, pipelined bytes, a HEAD answer, an error) takes the full parse.
-# - Hits get fresh Request/Response objects and header lists, never the stored ones.
+# - Hits get fresh Request/Response objects and header lists, never the stored ones, with
+#   ``raw`` set to the bytes (the key of the memos in wire.py; empty on a full parse).
 # - Bounded: heads up to _MEMO_HEAD_BYTES, _MEMO_ENTRIES per memo, emptied when full (a
 #   Date header makes a new response head every second; the memo refills with current ones).
 _MEMO_HEAD_BYTES = 2048
@@ -558,7 +560,6 @@ class HttptoolsRequestParser(_LlhttpHead):
                 memo[data] = (req.method, req.target, req.http_version, list(req.headers),
                               req.keep_alive, False, None, req.expect_continue,
                               req.connection, req.host)
-                req.raw = data
         return events
 
     def _feed(self, data: bytes) -> list[Event]:
@@ -695,8 +696,7 @@ class HttptoolsResponseParser(_LlhttpHead):
                     memo = self._memo
                     if len(memo) >= _MEMO_ENTRIES:
                         memo.clear()
-                    first.raw = data[:end]
-                    memo[first.raw] = (first.status, first.reason, first.http_version,
+                    memo[data[:end]] = (first.status, first.reason, first.http_version,
                                        list(first.headers), True, first.content_length,
                                        first.connection)
         return events

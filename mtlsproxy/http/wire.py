@@ -69,9 +69,9 @@ def _request_action(name: bytes) -> int:
     return action
 
 
-# Heads built before, for requests and responses whose parser says they are a function of
-# their bytes (``raw``, see the parser's head memo): (raw bytes, and every other input) ->
-# the head. Bounded; emptied when full (response heads carry a Date: new ones each second).
+# Heads built before, for requests and responses that were head-memo hits (``raw``: their
+# bytes, seen before; see http/parser.py): (raw bytes, and every other input) -> the head.
+# Bounded; emptied when full (response heads carry a Date: new ones each second).
 _MEMO_ENTRIES = 256
 _UPSTREAM_HEADS: dict[tuple[bytes, bytes, str, bytes], bytes] = {}
 _CLIENT_HEADS: dict[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = {}
