@@ -24,6 +24,7 @@ import h11
 import httptools
 
 from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http.memo import Memo
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -481,18 +482,18 @@ class _LlhttpHead:
 #   head, a body, pipelined bytes, a HEAD answer, an error) takes the full parse.
 # - Hits get fresh Request/Response objects and header lists, never the stored ones, with
 #   ``raw`` set to the bytes (the key of the memos in wire.py; empty on a full parse).
-# - Bounded: heads up to _MEMO_HEAD_BYTES, _MEMO_ENTRIES per memo, emptied when full (a
-#   Date header makes a new response head every second; the memo refills with current ones).
+# - A head is stored the second time it parses, and only the heads and sizes below are
+#   kept (``memo.Memo``: a doorkeeper, bounded, emptied when full; a Date header makes a
+#   new response head every second and the memo refills with current ones).
 _MEMO_HEAD_BYTES = 2048
-_MEMO_ENTRIES = 256
 _RequestFields = tuple[bytes, bytes, bytes, Headers, bool, bool, "int | None", bool,
                        frozenset[bytes], bytes]
 # max_header_bytes -> request bytes -> the Request's fields.
-_REQUEST_MEMOS: dict[int, dict[bytes, _RequestFields]] = {}
+_REQUEST_MEMOS: dict[int, Memo[bytes, _RequestFields]] = {}
 _ResponseFields = tuple[int, bytes, bytes, Headers, bool, int, frozenset[bytes]]
 # max_header_bytes -> response head bytes -> the Response's fields (keep_alive True,
 # Content-Length framed: status, reason, version, headers, keep, length, connection).
-_RESPONSE_MEMOS: dict[int, dict[bytes, _ResponseFields]] = {}
+_RESPONSE_MEMOS: dict[int, Memo[bytes, _ResponseFields]] = {}
 
 
 class HttptoolsRequestParser(_LlhttpHead):
@@ -502,7 +503,7 @@ class HttptoolsRequestParser(_LlhttpHead):
         self.max_header_bytes = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
-        self._memo = _REQUEST_MEMOS.setdefault(max_header_bytes, {})
+        self._memo = _REQUEST_MEMOS.setdefault(max_header_bytes, Memo())
         # llhttp stands between messages (after a keep-alive request, or at the start).
         self._between = True
         self._keep = True  # the current request's keep_alive
@@ -542,27 +543,14 @@ class HttptoolsRequestParser(_LlhttpHead):
         vars(self).pop("_parser", None)
 
     def feed(self, data: bytes) -> list[Event]:
-        between = self._between
-        if between and len(data) <= _MEMO_HEAD_BYTES:
-            hit = self._memo.get(data)
+        # "The head memo" above: a read where llhttp stands between messages may be one.
+        memoisable = self._between and len(data) <= _MEMO_HEAD_BYTES
+        if memoisable:
+            hit = self._memo.entries.get(data)
             if hit is not None:
                 m, t, v, h, keep, chunked, length, expect, connection, host = hit
                 return [Request(m, t, v, list(h), keep, chunked, length, expect, connection,
                                 host, data), END]
-        events = self._feed(data)
-        if (between and len(events) == 2 and self._between and len(data) <= _MEMO_HEAD_BYTES
-                and events[1] is END):
-            req = events[0]
-            if type(req) is Request and not req.chunked and req.content_length is None:
-                memo = self._memo
-                if len(memo) >= _MEMO_ENTRIES:
-                    memo.clear()
-                memo[data] = (req.method, req.target, req.http_version, list(req.headers),
-                              req.keep_alive, False, None, req.expect_continue,
-                              req.connection, req.host)
-        return events
-
-    def _feed(self, data: bytes) -> list[Event]:
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
         head_in_progress = self._headers is not None
@@ -588,6 +576,13 @@ class HttptoolsRequestParser(_LlhttpHead):
                 len(data)):
             raise RemoteProtocolError("request trailer section too large", 431)
         events, self._events = self._events, []
+        if memoisable and self._between and len(events) == 2 and events[1] is END:
+            req = events[0]
+            if (type(req) is Request and req.content_length is None and not req.chunked
+                    and self._memo.admit(data)):
+                self._memo.store(data, (req.method, req.target, req.http_version,
+                                        list(req.headers), req.keep_alive, False, None,
+                                        req.expect_continue, req.connection, req.host))
         return events
 
 
@@ -610,7 +605,7 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._response: Response | None = None
         self._done = False
         self._first = True  # the next feed starts a response
-        self._memo = _RESPONSE_MEMOS.setdefault(max_header_bytes, {})
+        self._memo = _RESPONSE_MEMOS.setdefault(max_header_bytes, Memo())
         # llhttp stands between messages (after a keep-alive response, or at the start).
         self._between = True
 
@@ -671,12 +666,14 @@ class HttptoolsResponseParser(_LlhttpHead):
             self._between = self._response.keep_alive and self._parser.should_keep_alive()
 
     def feed(self, data: bytes) -> list[Event]:
-        start = self._first and self._between and self._method != b"HEAD"
-        if start:
+        # "The head memo" above: the first read of a response (not a HEAD answer) where
+        # llhttp stands between messages may be a head seen before and its whole body.
+        head = b""
+        if self._first and self._between and self._method != b"HEAD":
             end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_BYTES) + 4
             if end > 4:
                 head = data[:end]
-                hit = self._memo.get(head)
+                hit = self._memo.entries.get(head)
                 if hit is not None and len(data) - end == hit[5]:
                     status, reason, version, headers, keep, length, connection = hit
                     self._first = False
@@ -686,19 +683,14 @@ class HttptoolsResponseParser(_LlhttpHead):
                                                      head)
                     return [resp, Data(data[end:]), END] if length else [resp, END]
         events = self._feed(data)
-        if start and self._between and 2 <= len(events) <= 3 and events[-1] is END:
+        if head and self._between and 2 <= len(events) <= 3 and events[-1] is END:
             first = events[0]
             if (isinstance(first, Response) and first.keep_alive and not first.chunked
-                    and first.content_length is not None
-                    and first.status not in (204, 304)):
-                end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_BYTES) + 4
-                if end > 4 and len(data) - end == first.content_length:
-                    memo = self._memo
-                    if len(memo) >= _MEMO_ENTRIES:
-                        memo.clear()
-                    memo[data[:end]] = (first.status, first.reason, first.http_version,
-                                       list(first.headers), True, first.content_length,
-                                       first.connection)
+                    and first.content_length == len(data) - len(head)
+                    and first.status not in (204, 304) and self._memo.admit(head)):
+                self._memo.store(head, (first.status, first.reason, first.http_version,
+                                        list(first.headers), True, first.content_length,
+                                        first.connection))
         return events
 
     def _feed(self, data: bytes) -> list[Event]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from mtlsproxy.http.memo import Memo
 from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.identity.headers import DETAIL_PREFIX, SPOOFABLE
 
@@ -71,10 +72,9 @@ def _request_action(name: bytes) -> int:
 
 # Heads built before, for requests and responses that were head-memo hits (``raw``: their
 # bytes, seen before; see http/parser.py): (raw bytes, and every other input) -> the head.
-# Bounded; emptied when full (response heads carry a Date: new ones each second).
-_MEMO_ENTRIES = 256
-_UPSTREAM_HEADS: dict[tuple[bytes, bytes, str, bytes], bytes] = {}
-_CLIENT_HEADS: dict[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = {}
+# Stored on a key's second sighting, bounded (memo.py).
+_UPSTREAM_HEADS: Memo[tuple[bytes, bytes, str, bytes], bytes] = Memo()
+_CLIENT_HEADS: Memo[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = Memo()
 
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
@@ -82,20 +82,11 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     """The request head sent upstream: hop-by-hop and spoofable headers removed,
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten."""
-    if not req.raw:
-        return _upstream_request_head(req, target, client_ip, cert_block)
-    key = (req.raw, target, client_ip, cert_block)
-    head = _UPSTREAM_HEADS.get(key)
-    if head is None:
-        head = _upstream_request_head(req, target, client_ip, cert_block)
-        if len(_UPSTREAM_HEADS) >= _MEMO_ENTRIES:
-            _UPSTREAM_HEADS.clear()
-        _UPSTREAM_HEADS[key] = head
-    return head
-
-
-def _upstream_request_head(req: Request, target: bytes, client_ip: str,
-                           cert_block: bytes) -> bytes:
+    if req.raw:
+        key = (req.raw, target, client_ip, cert_block)
+        made = _UPSTREAM_HEADS.entries.get(key)
+        if made is not None:
+            return made
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
     if named and named <= HOP_BY_HOP:
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
@@ -134,7 +125,10 @@ def _upstream_request_head(req: Request, target: bytes, client_ip: str,
         framing = b"content-length: %d\r\n" % req.content_length
     else:
         framing = b""
-    return b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
+    head = b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
+    if req.raw and _UPSTREAM_HEADS.admit(key):
+        _UPSTREAM_HEADS.store(key, head)
+    return head
 
 
 _CONTENT_LENGTH = frozenset({b"content-length"})
@@ -149,20 +143,12 @@ def client_response_head(req: Request, resp: Response, draining: bool
     clients cannot read chunked, so their body ends when the connection does. An HTTP/1.0
     client keeps the connection only when told so (RFC 9112 section 9.3).
     """
-    if not (req.raw and resp.raw):
-        return _client_response_head(req, resp, draining)
-    key = (req.raw, resp.raw, draining)
-    made = _CLIENT_HEADS.get(key)
-    if made is None:
-        made = _client_response_head(req, resp, draining)
-        if len(_CLIENT_HEADS) >= _MEMO_ENTRIES:
-            _CLIENT_HEADS.clear()
-        _CLIENT_HEADS[key] = made
-    return made
-
-
-def _client_response_head(req: Request, resp: Response, draining: bool
-                          ) -> tuple[bytes, bool, bool]:
+    memoised = req.raw and resp.raw
+    if memoised:
+        key = (req.raw, resp.raw, draining)
+        made = _CLIENT_HEADS.entries.get(key)
+        if made is not None:
+            return made
     bodyless = req.method == b"HEAD" or resp.status in (204, 304)
     http10_client = req.http_version == b"1.0"
     unframed = not bodyless and (resp.chunked or resp.close_delimited)
@@ -187,7 +173,10 @@ def _client_response_head(req: Request, resp: Response, draining: bool
     elif http10_client:
         lines.append(b"connection: keep-alive")
     lines.append(b"\r\n")
-    return b"\r\n".join(lines), chunked, keep_alive
+    made = b"\r\n".join(lines), chunked, keep_alive
+    if memoised and _CLIENT_HEADS.admit(key):
+        _CLIENT_HEADS.store(key, made)
+    return made
 
 
 def chunk(data: bytes) -> bytes:
