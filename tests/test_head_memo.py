@@ -394,3 +394,51 @@ def test_random_requests_through_the_memo_match_their_full_parse() -> None:
         assert isinstance(req, Request)
         target, n = head.split(b" ")[1], head.split(b"X-N: ")[1].split(b"\r\n")[0]
         assert req.target == target and (b"x-n", n) in req.headers
+
+
+# -- a connection whose heads do not repeat rests from the memo -----------------------------
+
+def _unique_request(i: int) -> bytes:
+    return b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-Id: %d\r\n\r\n" % i
+
+
+def test_a_request_parser_that_keeps_missing_rests_from_the_memo_then_looks_again() -> None:
+    parse_request(GET, 2)  # stored: a third sighting would be a hit
+    p = HttptoolsRequestParser()
+    for i in range(parser_module._MISS_STREAK):
+        p.feed(_unique_request(i))
+    (resting, _) = p.feed(GET)
+    assert isinstance(resting, Request) and resting.raw == b""  # parsed in full
+    for i in range(parser_module._RESTING - 1):
+        p.feed(_unique_request(100 + i))
+    (again, _) = p.feed(GET)
+    assert isinstance(again, Request) and again.raw == GET  # looking again: a hit
+    assert resting == dataclasses.replace(again, raw=b"")
+
+
+def test_a_hit_ends_a_run_of_misses() -> None:
+    parse_request(GET, 2)
+    p = HttptoolsRequestParser()
+    for round_ in range(3):
+        for i in range(parser_module._MISS_STREAK - 1):
+            p.feed(_unique_request(round_ * 100 + i))
+        (req, _) = p.feed(GET)
+        assert isinstance(req, Request) and req.raw == GET
+
+
+def test_a_response_parser_that_keeps_missing_rests_from_the_memo_then_looks_again() -> None:
+    warm_response()
+    p = HttptoolsResponseParser()
+
+    def answer(data: bytes) -> Response:
+        p.expect(b"GET")
+        (resp, *_) = p.feed(data)
+        assert isinstance(resp, Response)
+        return resp
+
+    for i in range(parser_module._MISS_STREAK):
+        answer(OK[:17] + b"X-Request-Id: %d\r\n" % i + OK[17:])
+    assert answer(OK).raw == b""
+    for i in range(parser_module._RESTING - 1):
+        answer(OK[:17] + b"X-Request-Id: %d\r\n" % (100 + i) + OK[17:])
+    assert answer(OK).raw == OK[:-2]
