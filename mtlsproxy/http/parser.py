@@ -419,10 +419,14 @@ class _LlhttpHead:
     # whole feeds spent there without a byte of data: the last chunk's trailer section.
     _in_chunk = False
     _trailer_size = 0
+    # llhttp stands between messages (at the start, or after a message that keeps the
+    # connection): where a head-memo hit may stand in for a parse (see "the head memo").
+    _between = True
 
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._between = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # ~9 calls per request: one attribute load, no test (a try costs nothing in 3.11).
@@ -511,16 +515,9 @@ class HttptoolsRequestParser(_LlhttpHead):
         self._events: list[Event] = []
         self._memo = _REQUEST_MEMOS.setdefault(max_header_bytes, Memo())
         self._misses = 0  # look-ups in a row that missed (see _MISS_STREAK)
-        # llhttp stands between messages (after a keep-alive request, or at the start).
-        self._between = True
         self._keep = True  # the current request's keep_alive
 
     # llhttp callbacks
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._between = False
-
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -620,8 +617,6 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._first = True  # the next feed starts a response
         self._memo = _RESPONSE_MEMOS.setdefault(max_header_bytes, Memo())
         self._misses = 0  # look-ups in a row that missed (see _MISS_STREAK)
-        # llhttp stands between messages (after a keep-alive response, or at the start).
-        self._between = True
 
     def expect(self, method: bytes) -> None:
         """Ready for the response to a ``method`` request (one at a time, no pipelining)."""
