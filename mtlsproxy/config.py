@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,16 @@ import yaml
 
 from mtlsproxy.authorizer import AuthorizerConfig
 from mtlsproxy.errors import ConfigError
+from mtlsproxy.http.normalize import ESCAPED_SLASH_ACTIONS, PathError, normalize_path
 from mtlsproxy.identity.authz import Rule, RuleError, parse_rule
 from mtlsproxy.truststore.sources import parse_s3_uri
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
 FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
+UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
+FORWARDED_MODES = ("append", "replace")
+# A header name, or a name prefix ending in "*" (listeners[].strip_headers).
+_HEADER_PATTERN = re.compile(r"^[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?$")
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,13 @@ class ListenerConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     proxy_protocol: bool = False  # PROXY v1/v2 header required before TLS
+    # What a client may say in headers and paths (issue 20; README "Security model").
+    # headers_with_underscores is a top-level key, copied into every listener.
+    headers_with_underscores: str = "drop"  # drop | reject | allow (Envoy's action)
+    strip_headers: tuple[str, ...] = ()  # the operator's own: names, or prefixes with "*"
+    forwarded_headers: str = "append"  # append | replace (X-Forwarded-For, Forwarded)
+    merge_slashes: bool = True
+    escaped_slashes: str = "reject"  # reject | keep | unescape (%2F, %5C, \\, %00)
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,33 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _check_prefix(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "must start with /"
+    # Requests are routed by their normalised path (http/normalize.py): a prefix that no
+    # normalised path can have would never match, or match what the operator did not mean.
+    try:
+        normal = normalize_path(value.encode("latin-1", "replace"), True, "keep")
+    except PathError as exc:
+        return f"not a usable path: {exc}"
+    if normal.decode("latin-1").rstrip("/") != value.rstrip("/") or "?" in value or \
+            "#" in value:
+        return (f"must be a normalised path (requests are matched by their normalised path: "
+                f"{normal.decode('latin-1')!r})")
+    return None
+
+
+_ROUTE_HOST = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+                         r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?"
+                         r"|\[[0-9A-Fa-f:.]+\])$")
+
+
+def _check_route_host(value: str) -> str | None:
+    if not _ROUTE_HOST.match(value):
+        return "must be a host name or [IPv6] literal, without a port"
+    return None
+
+
 def parse_address(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
     if value.startswith("["):
@@ -299,9 +339,26 @@ def _read_authorizer(r: _Reader, raw: Any, path: str) -> AuthorizerConfig | None
     )
 
 
-def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> ListenerConfig | None:
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _read_strip_headers(r: _Reader, data: dict[str, Any], path: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, item in enumerate(r.get(data, "strip_headers", path, list, [])):
+        if not isinstance(item, str) or not _HEADER_PATTERN.match(item) or item == "*":
+            r.problem(f"{path}.strip_headers[{i}]",
+                      f"must be a header name or a name prefix ending in *, got {item!r}")
+            continue
+        names.append(item.lower())
+    return tuple(names)
+
+
+def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
+                   underscores: str = "drop") -> ListenerConfig | None:
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
-                                 "timeouts", "limits", "proxy_protocol"))
+                                 "timeouts", "limits", "proxy_protocol", "strip_headers",
+                                 "forwarded_headers", "merge_slashes", "escaped_slashes"))
     if not data:
         r.problem(path, "must be a non-empty mapping")
         return None
@@ -395,9 +452,11 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
         rpath = f"{path}.routes[{i}]"
         rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix",
                                         "allow", "authorizer"))
-        prefix = r.get(rdata, "path_prefix", rpath, str, "/",
-                       lambda v: None if v.startswith("/") else "must start with /")
-        rhost = r.get(rdata, "host", rpath, str, "") or None
+        prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
+        rhost = r.get(rdata, "host", rpath, str, "", _check_route_host) or None
+        if rhost:
+            # Compared as requests' hosts are (http/routing.py): no case, no trailing dot.
+            rhost = rhost.lower().removesuffix(".")
         if (rhost, prefix) in seen:
             r.problem(rpath, f"duplicate route for host {rhost!r} and path_prefix {prefix!r}")
         seen.add((rhost, prefix))
@@ -426,7 +485,7 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
         routes.append(RouteConfig(
             path_prefix=prefix if prefix == "/" else prefix.rstrip("/"),
             upstream=upstream,
-            host=rhost.lower() if rhost else None,
+            host=rhost,
             strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
             allow=allow,
             authorizer=authorizer,
@@ -454,14 +513,21 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str]) -> Listener
                                               _positive)),
                           mutual_tls=mtls,
                           routes=tuple(routes), timeouts=timeouts, limits=limits,
-                          proxy_protocol=r.get(data, "proxy_protocol", path, bool, False))
+                          proxy_protocol=r.get(data, "proxy_protocol", path, bool, False),
+                          headers_with_underscores=underscores,
+                          strip_headers=_read_strip_headers(r, data, path),
+                          forwarded_headers=r.get(data, "forwarded_headers", path, str,
+                                                  "append", _one_of(FORWARDED_MODES)),
+                          merge_slashes=r.get(data, "merge_slashes", path, bool, True),
+                          escaped_slashes=r.get(data, "escaped_slashes", path, str, "reject",
+                                                _one_of(ESCAPED_SLASH_ACTIONS)))
 
 
 def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config:
     """Validate a decoded YAML document; raises ConfigError with every problem found."""
     r = _Reader(base_dir)
     top = r.mapping(raw, "", ("listeners", "admin", "drain_timeout", "parser", "access_log",
-                                    "workers"))
+                              "workers", "headers_with_underscores"))
     if not isinstance(raw, dict):
         raise ConfigError(r.problems or ["(top level): must be a mapping"])
     listeners: list[ListenerConfig] = []
@@ -470,8 +536,10 @@ def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config
         r.problem("listeners", "at least one listener is required")
     names: set[str] = set()
     addresses: set[tuple[str, int]] = set()
+    underscores = r.get(top, "headers_with_underscores", "", str, "drop",
+                        _one_of(UNDERSCORE_ACTIONS))
     for i, item in enumerate(raw_listeners):
-        listener = _read_listener(r, item, f"listeners[{i}]", names)
+        listener = _read_listener(r, item, f"listeners[{i}]", names, underscores)
         if listener is None:
             continue
         if listener.port and (listener.host, listener.port) in addresses:

@@ -15,6 +15,7 @@ from typing import IO, Any
 from mtlsproxy.authorizer import AuthorizerClient
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
+from mtlsproxy.http.header_rules import HeaderRules
 from mtlsproxy.http.parser import Request
 from mtlsproxy.http.proxy import ProxySession
 from mtlsproxy.http.routing import Router
@@ -88,6 +89,8 @@ class ListenerRuntime:
         self.clock = clock
         self.access_log = access_log
         self.router = Router(config.routes)
+        self._headers_dropped = metrics.headers_dropped
+        self.header_rules = self.make_header_rules(config)
         self.authorizer = AuthorizerClient(
             lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
         self.revocation: RevocationWatcher | None = None
@@ -110,6 +113,14 @@ class ListenerRuntime:
         self._durations: dict[str, Any] = {}
         self._active = metrics.connections_active.labels(self.name)
         metrics.declare_listener(self.name)
+
+    def make_header_rules(self, config: ListenerConfig) -> HeaderRules:
+        """The header rules of ``config`` (a reload builds new ones, then swaps them in)."""
+        dropped = self._headers_dropped
+        name = self.name
+        return HeaderRules(config.headers_with_underscores, config.strip_headers,
+                           config.forwarded_headers,
+                           lambda reason: dropped.labels(name, reason).inc())
 
     def configure_ocsp(self) -> None:
         wanted = self.config.mutual_tls.revocation.ocsp

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from mtlsproxy.http.header_rules import DROP_REASONS
 from mtlsproxy.pacing import pace
 from mtlsproxy.tls.failures import REASONS
 
@@ -192,6 +193,11 @@ class Metrics:
         self.upstream_errors = Counter(
             "mtlsproxy_upstream_errors", "Failures talking to an upstream, by kind.",
             ["upstream", "kind"], registry=registry)
+        self.headers_dropped = Counter(
+            "mtlsproxy_headers_dropped", "Request headers a client sent that never reached "
+            "the upstream, by reason: underscore (headers_with_underscores: drop), identity "
+            "(a certificate-identity header in any spelling), strip_headers (the listener's "
+            "list).", ["listener", "reason"], registry=registry)
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
@@ -205,6 +211,8 @@ class Metrics:
             self.handshake_failures.labels(listener, reason)
         for result in ("hit", "miss"):
             self.cert_cache.labels(result)
+        for reason in DROP_REASONS.values():
+            self.headers_dropped.labels(listener, reason)
 
 
 class TruststoreMetrics:

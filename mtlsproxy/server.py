@@ -258,6 +258,7 @@ class ProxyServer:
         old_revocation = lr.config.mutual_tls.revocation
         lr.config = lc
         lr.router = Router(lc.routes)
+        lr.header_rules = lr.make_header_rules(lc)
         lr.configure_ocsp()
         if old_revocation != lc.mutual_tls.revocation:
             if lr.revocation is not None:

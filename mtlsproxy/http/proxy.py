@@ -14,7 +14,11 @@ Rules of this module:
 - Between requests no task exists: the session is "parked" with a deadline that the
   listener's ticker enforces (request_headers for the first request, then idle).
 - Identity comes only from the TLS layer (``Verdict``); the certificate headers a client
-  sends are always dropped (``wire.upstream_request_head``).
+  sends are always dropped (``wire.upstream_request_head`` with the listener's
+  ``HeaderRules``).
+- What is routed, authorized and forwarded is one target: ``_screen`` normalises it
+  (http/normalize.py) and applies the header rules that refuse a request, on both paths,
+  before any route is looked up.
 - Before the response head is sent, every failure becomes a small JSON error
   (400/403/404/408/431/501/502/504); after it, the only honest signal is closing the
   connection. Either way the client is never left hanging.
@@ -32,6 +36,8 @@ from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.flow import Inbox
 from mtlsproxy.http import wire
+from mtlsproxy.http.header_rules import UnderscoreRejected
+from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.authz import authorize
 from mtlsproxy.identity.cache import Verdict
@@ -230,6 +236,10 @@ class ProxySession:
         if (verdict is None or verdict.generation != rt.holder.current.number
                 or rt.ocsp is not None or rt.draining or not verdict.admits(rt.clock())):
             return False
+        try:
+            self._screen(req)
+        except RemoteProtocolError:
+            return False  # the general path answers 400
         match = rt.router.match(req.host, req.target)
         if match is None:
             return False
@@ -243,7 +253,7 @@ class ProxySession:
         if up is None:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
-                                          verdict.header_block)
+                                          verdict.header_block, rt.header_rules)
         up.expect(req.method)
         try:
             up.write(head)
@@ -459,6 +469,7 @@ class ProxySession:
                 status = 403
                 sent = self._write_error(403, reason)
                 return False
+            self._screen(req)  # 400 (RemoteProtocolError below) for a path or header refused
             match = rt.router.match(req.host, req.target)
             if match is None:
                 status = 404
@@ -485,7 +496,8 @@ class ProxySession:
             upstream_key = route.upstream.key
             block = verdict.header_block + header_block(extra) if extra \
                 else verdict.header_block
-            head = wire.upstream_request_head(req, target, self.conn.peername[0], block)
+            head = wire.upstream_request_head(req, target, self.conn.peername[0], block,
+                                              rt.header_rules)
             status, sent, keep = await self._forward(req, route.upstream, head)
             return keep
         except _UpstreamAfterHead as exc:
@@ -517,6 +529,23 @@ class ProxySession:
                 status = 499  # nginx's code for "client closed the request"
             rt.count_request(route_name, status, duration)
             rt.access(self, req, status, sent, duration, upstream_key)
+
+    def _screen(self, req: Request) -> None:
+        """Normalise the target in place (routing, rules, the authorizer, the upstream and
+        the access log all see the normalised one) and refuse what the header rules
+        refuse. Raises normalize.PathError or UnderscoreRejected (400). Called on both paths."""
+        target = req.target
+        # The usual target has none of these (C-level searches): nothing to normalise.
+        if (b"%" in target or b"/." in target or b"//" in target or b"\\" in target
+                or b"#" in target):
+            config = self.rt.config
+            req.target = normalize_target(target, config.merge_slashes,
+                                          config.escaped_slashes)
+        rules = self.rt.header_rules
+        if rules.rejects_underscores:
+            name = rules.underscore_header(req.headers)
+            if name is not None:
+                raise UnderscoreRejected(f"header name with an underscore: {name[:40]!r}")
 
     def _authorized(self, verdict: Verdict, route: RouteConfig) -> bool:
         allowed = verdict.authz.get(route)

@@ -1,8 +1,20 @@
-"""Host + longest path prefix -> route; pure.
+"""Host, then longest path prefix -> route; pure.
 
-A prefix matches on a path-segment boundary (``/api`` matches ``/api`` and ``/api/x``,
-never ``/apix``), like a gateway's base path mapping. Among equal prefixes a route with
-a matching ``host`` wins over one without.
+Rules of this module:
+- The target it is given is already normalised (http/normalize.py): the path routed is the
+  path forwarded.
+- A route with a matching ``host`` wins over every route without one, whatever the prefix
+  lengths (the virtual host first, as nginx's ``server_name`` and Envoy's
+  ``virtual_hosts``); among routes of the same kind the longest prefix wins. A request
+  whose host has routes but none whose prefix matches falls through to the routes without
+  a host.
+- Hosts compare without case, without the port and without one trailing dot
+  (``API.example.com.:8443`` is ``api.example.com``; RFC 9110 section 4.2.3 and RFC 1034
+  section 3.1: the trailing dot names the same host).
+- A prefix matches on a path-segment boundary (``/api`` matches ``/api``, ``/api/x`` and
+  ``/api;v=1``, never ``/apix``), like a gateway's base path mapping. ``;`` counts as a
+  boundary because Tomcat and Spring strip path parameters before matching: ``/pay;x``
+  is ``/pay`` there, so it must meet ``/pay``'s rules here.
 """
 
 from __future__ import annotations
@@ -10,13 +22,27 @@ from __future__ import annotations
 from mtlsproxy.config import RouteConfig
 
 
+def route_host(host: bytes) -> str:
+    """A Host value as routes compare it: lower-case, no port, no trailing dot."""
+    if host[:1] == b"[":  # an IPv6 literal: its colons are not a port
+        end = host.find(b"]")
+        name = host[:end + 1] if end > 0 else host
+    else:
+        name = host.split(b":", 1)[0]
+    if name[-1:] == b".":
+        name = name[:-1]
+    return name.lower().decode("latin-1")
+
+
 class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        # Longest prefix first; host-specific before host-agnostic at equal length.
-        self.routes = sorted(routes, key=lambda r: (-len(r.path_prefix), r.host is None))
+        # Host-specific routes before every host-agnostic one; longest prefix first within.
+        self.routes = sorted(routes, key=lambda r: (r.host is None, -len(r.path_prefix)))
+        self._has_hosts = any(r.host is not None for r in routes)
         # Matched as bytes (latin-1, as the target arrives), so a request decodes nothing.
         self._compiled = [(r, r.host, r.path_prefix.encode("latin-1"),
                            r.path_prefix.encode("latin-1") + b"/",
+                           r.path_prefix.encode("latin-1") + b";",
                            r.strip_prefix and r.path_prefix != "/",
                            r.upstream.base_path.encode("latin-1"))
                           for r in self.routes]
@@ -26,14 +52,13 @@ class Router:
         if not target.startswith(b"/"):
             return None  # "*" (the parser turns absolute-form into origin-form)
         path, sep, query = target.partition(b"?")
-        hostname: str | None = None
-        for route, route_host, prefix, prefix_slash, strip, base in self._compiled:
-            if route_host is not None:
-                if hostname is None:
-                    hostname = host.split(b":", 1)[0].lower().decode("latin-1") if host else ""
-                if route_host != hostname:
-                    continue
-            if prefix != b"/" and not (path == prefix or path.startswith(prefix_slash)):
+        hostname = route_host(host) if self._has_hosts and host else ""
+        for route, host_of_route, prefix, prefix_slash, prefix_param, strip, base in \
+                self._compiled:
+            if host_of_route is not None and host_of_route != hostname:
+                continue
+            if prefix != b"/" and not (path == prefix or path.startswith(prefix_slash)
+                                       or path.startswith(prefix_param)):
                 continue
             if not strip and not base:
                 return route, target  # the common catch-all: the target as it came

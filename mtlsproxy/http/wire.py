@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 
+from mtlsproxy.http.header_rules import (
+    DEFAULT_RULES,
+    DROP,
+    EXPECT,
+    FORWARDED,
+    HOP_BY_HOP,
+    HOST,
+    XFF,
+    HeaderRules,
+    forwarded_element,
+    valid_forwarded,
+)
 from mtlsproxy.http.memo import Memo
 from mtlsproxy.http.parser import Request, Response
-from mtlsproxy.identity.headers import DETAIL_PREFIX, SPOOFABLE
-
-# RFC 9110 section 7.6.1 (Connection) and the de-facto hop-by-hop list proxies strip.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-})
-_FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
 
 REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -37,53 +41,25 @@ _SPACE_JOIN = b" ".join
 # "HTTP/1.1 200 " and friends, built once (a status line starts every response).
 _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
-# What a request head does with a header, by (lower-case) name: one of these actions.
-# Memoised: the same few names come on every request, and one lookup replaces five set
-# tests and a prefix test. Names that are simply forwarded are also learned into
-# ``_PLAIN``, whose set test (an opcode, no call) is all most headers cost. Both bounded,
-# since clients choose names.
-_KEEP, _DROP, _XFF, _HOST, _EXPECT = range(5)
-_REQUEST_ACTION: dict[bytes, int] = {}
-_PLAIN: set[bytes] = set()
-_MEMO_LIMIT = 1024
 _NO_NAMES: frozenset[bytes] = frozenset()
 
 
-def _request_action(name: bytes) -> int:
-    action = _REQUEST_ACTION.get(name)
-    if action is None:
-        if (name in HOP_BY_HOP or name in SPOOFABLE or name.startswith(DETAIL_PREFIX)
-                or name in _FORWARDED or name == b"content-length"):
-            action = _DROP
-        elif name == b"x-forwarded-for":
-            action = _XFF
-        elif name == b"host":
-            action = _HOST
-        elif name == b"expect":
-            action = _EXPECT
-        else:
-            action = _KEEP
-        if len(_REQUEST_ACTION) < _MEMO_LIMIT:
-            _REQUEST_ACTION[name] = action
-            if action == _KEEP:
-                _PLAIN.add(name)
-    return action
-
-
 # Heads built before, for requests and responses that were head-memo hits (``raw``: their
-# bytes, seen before; see http/parser.py): (raw bytes, and every other input) -> the head.
-# Stored on a key's second sighting, bounded (memo.py).
-_UPSTREAM_HEADS: Memo[tuple[bytes, bytes, str, bytes], bytes] = Memo()
+# bytes, seen before; see http/parser.py): (raw bytes, and every other input, the
+# listener's header rules included) -> the head. Stored on a key's second sighting,
+# bounded (memo.py).
+_UPSTREAM_HEADS: Memo[tuple[bytes, bytes, str, bytes, HeaderRules], bytes] = Memo()
 _CLIENT_HEADS: Memo[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = Memo()
 
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
-                          cert_block: bytes) -> bytes:
-    """The request head sent upstream: hop-by-hop and spoofable headers removed,
+                          cert_block: bytes, rules: HeaderRules = DEFAULT_RULES) -> bytes:
+    """The request head sent upstream: hop-by-hop, identity, underscore and the
+    operator's headers removed (``rules``: the listener's, see http/header_rules.py),
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten."""
     if req.raw:
-        key = (req.raw, target, client_ip, cert_block)
+        key = (req.raw, target, client_ip, cert_block, rules)
         made = _UPSTREAM_HEADS.entries.get(key)
         if made is not None:
             return made
@@ -92,31 +68,49 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
     lines = [_SPACE_JOIN((req.method, target, b"HTTP/1.1"))]
     xff = b""
+    forwarded = b""
     host = b""
+    counted = False  # a drop was counted: this head is not memoised (count every one)
+    plain = rules.plain
     for header in req.headers:
         name = header[0]
         if named and name in named:
             continue  # RFC 9110 section 7.6.1: the client made it hop-by-hop
-        if name not in _PLAIN:
-            action = _REQUEST_ACTION.get(name)
+        if name not in plain:
+            action = rules.actions.get(name)
             if action is None:
-                action = _request_action(name)
-            if action == _DROP:
+                action = rules.action(name)
+            if action == DROP:
                 continue
-            if action == _XFF:
+            if action == XFF:
                 xff += header[1] + b", "
                 continue
-            if action == _EXPECT:
+            if action == FORWARDED:
+                forwarded += header[1] + b", "
+                continue
+            if action == EXPECT:
                 if req.expect_continue:
                     continue  # the proxy answered 100 Continue itself (as nginx does)
-            elif action == _HOST:
+            elif action == HOST:
                 host = header[1]
+            elif action:  # one of the counted drops (header_rules.DROP_REASONS)
+                rules.count(action)
+                counted = True
+                continue
         lines.append(_FIELD_JOIN(header))
     if not host:
         host = b"localhost"
         lines.append(b"host: localhost")
-    # nginx's $proxy_add_x_forwarded_for: keep the chain, append the peer we saw.
+    # nginx's $proxy_add_x_forwarded_for: keep the chain, append the peer we saw (with
+    # forwarded_headers: replace, xff is empty: the client's chain was dropped).
     lines.append(b"x-forwarded-for: " + xff + client_ip.encode())
+    if forwarded:
+        # RFC 7239 section 4: the proxy appends its element to the client's list; only a
+        # list that parses is kept (header_rules.valid_forwarded).
+        mine = forwarded_element(client_ip, host)
+        chain = forwarded[:-2]
+        lines.append(b"forwarded: " + (chain + b", " + mine if valid_forwarded(chain)
+                                       else mine))
     lines.append(b"x-forwarded-proto: https")
     lines.append(b"x-forwarded-host: " + host)
     if req.chunked:
@@ -126,7 +120,7 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     else:
         framing = b""
     head = b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
-    if req.raw and _UPSTREAM_HEADS.admit(key):
+    if req.raw and not counted and _UPSTREAM_HEADS.admit(key):
         _UPSTREAM_HEADS.store(key, head)
     return head
 

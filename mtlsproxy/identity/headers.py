@@ -14,15 +14,24 @@ from mtlsproxy.identity.peer import ClientIdentity
 
 Header = tuple[bytes, bytes]
 
-DETAIL_PREFIX = b"x-client-cert-"
-# Removed from every client request on every route, whatever forward_client_cert says:
-# identity comes only from the TLS layer. Lower-case, as the parsers deliver names.
-SPOOFABLE = frozenset({
-    b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert",
-    # Common aliases other proxies use; an upstream might trust any of them.
-    b"ssl-client-cert", b"x-ssl-client-cert", b"x-client-cert", b"x-client-verify",
-    b"x-ssl-client-verify", b"x-ssl-client-dn", b"x-ssl-client-s-dn",
-})
+# Every certificate-identity header family of common proxies and load balancers, as
+# FOLDED names start (``fold``): a backend that trusts any of them must only ever see the
+# proxy's. Prefixes, so that each family's every member goes (the AWS load balancer's
+# X-Amzn-Mtls-Clientcert-Serial-Number, GCP's X-Client-Cert-Chain-Verified, ...).
+IDENTITY_PREFIXES = (
+    b"client-cert",                  # RFC 9440: Client-Cert, Client-Cert-Chain (ours)
+    b"x-client-cert",                # ours (X-Client-Cert-*), Google Cloud LB, Kong
+    b"x-forwarded-client-cert",      # Envoy / Istio XFCC (ours)
+    b"x-forwarded-tls-client-cert",  # Traefik's passTLSClientCert
+    b"ssl-client",                   # nginx / Apache mod_ssl: SSL-Client-Cert, -Verify, -S-DN
+    b"x-ssl-",                       # X-SSL-Cert, X-SSL-Client-* (nginx, HAProxy recipes)
+    b"x-amzn-mtls-clientcert",       # the AWS load balancer's mTLS headers
+    b"x-client-verify", b"x-client-dn", b"x-client-s-dn", b"x-client-i-dn",  # nginx recipes
+    b"x-tls-client",                 # HAProxy recipes
+    b"x-arr-clientcert",             # Azure App Service / ARR
+    b"cf-client-cert",               # Cloudflare's client certificate forwarding
+    b"l5d-client-id",                # Linkerd's mTLS identity
+)
 
 
 def header_block(headers: Iterable[Header]) -> bytes:
@@ -30,8 +39,20 @@ def header_block(headers: Iterable[Header]) -> bytes:
     return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
 
 
+def fold(name: bytes) -> bytes:
+    """A header name as WSGI, CGI, PHP and Rails read it: case and ``_``/``-`` folded."""
+    return name.lower().replace(b"_", b"-")
+
+
+def is_identity_header(name: bytes) -> bool:
+    """True for any spelling of a certificate-identity header (``Client_Cert``,
+    ``X-SSL-Client-S-DN``, ``x_amzn_mtls_clientcert_leaf``, ...)."""
+    folded = fold(name)
+    return folded.startswith(IDENTITY_PREFIXES) or folded == b"x-ssl"
+
+
 def is_spoofable(name: bytes) -> bool:
-    return name in SPOOFABLE or name.startswith(DETAIL_PREFIX)
+    return is_identity_header(name)
 
 
 def _byte_sequence(der: bytes) -> bytes:

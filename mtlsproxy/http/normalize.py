@@ -1,0 +1,132 @@
+"""Request path normalisation before routing, rules and the authorizer; pure.
+
+Rules of this module:
+- What is routed, authorized and forwarded is one path: the normalised one. An upstream
+  that normalises on its own (most do) then serves exactly what was authorized, however
+  the client spelled it (``/x/../pay``, ``/./pay``, ``/%70ay``, ``//pay`` all are ``/pay``).
+- RFC 3986 section 6.2.2: percent-encodings of unreserved characters are decoded (6.2.2.2),
+  the hex digits of the others upper-cased (6.2.2.1), dot-segments removed (6.2.2.3,
+  section 5.2.4). A ``..`` that would climb above the root is refused (400), not clamped:
+  no client needs it, and a clamp would hide a probe.
+- Slashes are merged by default (``merge_slashes``, Envoy's option of that name): most
+  upstreams read ``//pay`` as ``/pay``.
+- An encoded ``/`` or ``\\`` (``%2F``, ``%5C``), a raw ``\\`` and an encoded NUL follow
+  ``escaped_slashes`` (Envoy's ``path_with_escaped_slashes_action``): ``reject`` (default,
+  400), ``keep`` (forwarded as they came, hex upper-cased; the route sees one segment), or
+  ``unescape`` (``/`` for all three slashes; a NUL is still refused: it cannot be sent).
+- A dot-segment with path parameters (``..;x``, ``.;``) is refused: Tomcat and Spring strip
+  the parameters and then climb (the ``/public/..;/admin`` bypass).
+- A malformed percent-encoding (``%zz``, a lone ``%``) is refused: upstreams disagree on it.
+- A fragment (``#``) anywhere in the target is refused.
+- The query string is left alone.
+"""
+
+from __future__ import annotations
+
+from mtlsproxy.errors import RemoteProtocolError
+
+ESCAPED_SLASH_ACTIONS = ("reject", "keep", "unescape")
+
+# RFC 3986 section 2.3: ALPHA / DIGIT / "-" / "." / "_" / "~".
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_SLASHES = (0x2F, 0x5C)  # "/" and "\"
+
+
+class PathError(RemoteProtocolError):
+    """A path the proxy will not route (400); ``reason`` names why, for the client."""
+
+    reason = "bad_path"
+
+
+def _needs_work(path: bytes, merge_slashes: bool) -> bool:
+    # The common path has none of these: four C-level searches, no Python loop.
+    return (b"%" in path or b"/." in path or b"\\" in path
+            or (merge_slashes and b"//" in path))
+
+
+def normalize_target(target: bytes, merge_slashes: bool = True,
+                     escaped_slashes: str = "reject") -> bytes:
+    """The request target with its path normalised (the query kept as it came).
+
+    ``*`` (OPTIONS) passes. Raises PathError (400) for what must not be routed."""
+    if target[:1] != b"/":
+        return target
+    if b"#" in target:
+        # RFC 9112 section 3.2: no fragment in a request target; an upstream that cuts it
+        # off would serve "/pay" for "/pay#x", which routed as another segment (Envoy
+        # refuses it too).
+        raise PathError("fragment in the request target")
+    path, sep, query = target.partition(b"?")
+    if not _needs_work(path, merge_slashes):
+        return target
+    return normalize_path(path, merge_slashes, escaped_slashes) + sep + query
+
+
+def normalize_path(path: bytes, merge_slashes: bool = True,
+                   escaped_slashes: str = "reject") -> bytes:
+    """An absolute path (starting with ``/``), normalised; see the module's rules."""
+    decoded = _percent(path, escaped_slashes)
+    segments = decoded.split(b"/")
+    out: list[bytes] = []
+    trailing = False  # the input ended in a directory ("/a/", "/a/.", "/a/..")
+    last = len(segments) - 1
+    for i, seg in enumerate(segments[1:], 1):
+        trailing = False
+        if seg == b".":
+            trailing = True
+            continue
+        if seg == b"..":
+            if not out:
+                raise PathError("path climbs above the root")
+            out.pop()
+            trailing = True
+            continue
+        if seg[:1] == b"." and seg.split(b";", 1)[0] in (b".", b".."):
+            raise PathError("dot-segment with path parameters")
+        if not seg:
+            if i == last:
+                trailing = True
+                continue
+            if merge_slashes:
+                continue
+        out.append(seg)
+    result = b"/" + b"/".join(out)
+    if trailing and out:
+        result += b"/"
+    return result
+
+
+def _percent(path: bytes, escaped_slashes: str) -> bytes:
+    """Decode unreserved percent-encodings, upper-case the rest; apply escaped_slashes."""
+    if b"\\" in path:
+        if escaped_slashes == "reject":
+            raise PathError("backslash in the path")
+        if escaped_slashes == "unescape":
+            path = path.replace(b"\\", b"/")
+    if b"%" not in path:
+        return path
+    out = bytearray()
+    i, n = 0, len(path)
+    while i < n:
+        c = path[i]
+        if c != 0x25:  # "%"
+            out.append(c)
+            i += 1
+            continue
+        if i + 2 >= n or path[i + 1] not in _HEX or path[i + 2] not in _HEX:
+            raise PathError("malformed percent-encoding in the path")
+        byte = int(path[i + 1:i + 3], 16)
+        if byte in _UNRESERVED:
+            out.append(byte)
+        elif byte in _SLASHES or byte == 0:
+            if escaped_slashes == "reject" or (byte == 0 and escaped_slashes == "unescape"):
+                raise PathError("encoded slash, backslash or NUL in the path")
+            if escaped_slashes == "unescape":
+                out.append(0x2F)
+            else:
+                out += b"%%%02X" % byte
+        else:
+            out += b"%%%02X" % byte
+        i += 3
+    return bytes(out)
