@@ -26,6 +26,7 @@ from mtlsproxy.authorizer import AuthorizerConfig
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.http.normalize import ESCAPED_SLASH_ACTIONS, PathError, normalize_path
 from mtlsproxy.identity.authz import Rule, RuleError, parse_rule
+from mtlsproxy.tls.proxy_protocol import Networks
 from mtlsproxy.truststore.sources import parse_s3_uri
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
@@ -137,6 +138,8 @@ class ListenerConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     proxy_protocol: bool = False  # PROXY v1/v2 header required before TLS
+    # The peers allowed to send that header (proxy_protocol.trusted_sources); None: any.
+    proxy_protocol_sources: Networks | None = None
     # What a client may say in headers and paths (issue 20; README "Security model").
     # headers_with_underscores is a top-level key, copied into every listener.
     headers_with_underscores: str = "drop"  # drop | reject | allow (Envoy's action)
@@ -354,6 +357,46 @@ def _read_strip_headers(r: _Reader, data: dict[str, Any], path: str) -> tuple[st
     return tuple(names)
 
 
+# RFC 4291 section 2.5.5.2: peers in it are compared as IPv4 (proxy_protocol.trusted_source).
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _read_proxy_protocol(r: _Reader, raw: Any, path: str) -> tuple[bool, Networks | None]:
+    """``false``, ``true`` (a header from any peer), or ``{trusted_sources: [CIDR, ...]}``."""
+    if raw is None or isinstance(raw, bool):
+        return bool(raw), None
+    if not isinstance(raw, dict):
+        r.problem(path, f"must be a boolean or a mapping, got {type(raw).__name__}")
+        return False, None
+    data = r.mapping(raw, path, ("trusted_sources",))
+    entries = r.get(data, "trusted_sources", path, list, [])
+    if data.get("trusted_sources") is None:
+        r.problem(f"{path}.trusted_sources",
+                  "required: the load balancer's CIDRs (true takes a header from any peer)")
+    elif data["trusted_sources"] == []:
+        r.problem(f"{path}.trusted_sources", "must list at least one CIDR")
+    sources = []
+    for i, entry in enumerate(entries):
+        where = f"{path}.trusted_sources[{i}]"
+        try:
+            if not isinstance(entry, str):
+                raise ValueError(f"{entry!r} is not a string")
+            net = ipaddress.ip_network(entry)  # strict: 10.1.2.3/8 is a typo, not 10/8
+        except ValueError as exc:
+            r.problem(where, f"not an IP network: {exc}")
+            continue
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.scope_id:
+            # ipaddress keeps the scope but ignores it when matching: refuse the illusion.
+            r.problem(where, "a scope id (%...) cannot be matched: write the address alone")
+        elif isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_V4_MAPPED):
+            v4 = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+            r.problem(where, f"an IPv4-mapped network never matches (such peers are "
+                             f"compared as IPv4): write {v4}")
+        else:
+            sources.append(net)
+    return True, tuple(sources)
+
+
 def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
                    underscores: str = "drop") -> ListenerConfig | None:
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
@@ -507,13 +550,16 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
         max_connections=r.get(lm, "max_connections", lpath, int, dl.max_connections,
                               _positive),
     )
+    proxy_protocol, proxy_sources = _read_proxy_protocol(r, data.get("proxy_protocol"),
+                                                         f"{path}.proxy_protocol")
     return ListenerConfig(name=name, host=host, port=port,
                           tls=TLSConfig(policy, tuple(certs),
                                         r.get(tdata, "reload_interval", tpath, float, 30.0,
                                               _positive)),
                           mutual_tls=mtls,
                           routes=tuple(routes), timeouts=timeouts, limits=limits,
-                          proxy_protocol=r.get(data, "proxy_protocol", path, bool, False),
+                          proxy_protocol=proxy_protocol,
+                          proxy_protocol_sources=proxy_sources,
                           headers_with_underscores=underscores,
                           strip_headers=_read_strip_headers(r, data, path),
                           forwarded_headers=r.get(data, "forwarded_headers", path, str,

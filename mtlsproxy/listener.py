@@ -138,8 +138,9 @@ class ListenerRuntime:
     def protocol_factory(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.limits.max_connections:
             return _Refuse()
-        return TLSConnection(lambda conn: ProxySession(self, conn), self.config.proxy_protocol,
-                             self.writes)
+        config = self.config  # read per connection: a reload applies to the next one
+        return TLSConnection(lambda conn: ProxySession(self, conn), config.proxy_protocol,
+                             self.writes, config.proxy_protocol_sources)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -42,6 +42,18 @@ from mtlsproxy.writes import WriteBatch
 log = logging.getLogger("mtlsproxy")
 
 
+def warn_open_proxy_protocol(config: Config) -> None:
+    """``proxy_protocol: true`` believes a PROXY header from whoever reaches the port (kept
+    for compatibility): say so at start-up and on every reload that applies it. The peers
+    restrict it too: nginx's set_real_ip_from, an ACL before HAProxy's accept-proxy."""
+    for lc in config.listeners:
+        if lc.proxy_protocol and lc.proxy_protocol_sources is None:
+            log.warning("listener %s: proxy_protocol: true takes the client address from a "
+                        "PROXY header sent by any peer that reaches the port; set "
+                        "proxy_protocol.trusted_sources to the load balancer's CIDRs",
+                        lc.name)
+
+
 @dataclass(frozen=True, slots=True)
 class _Built:
     """A listener's new truststore, built by a config reload before any is applied."""
@@ -165,6 +177,7 @@ class ProxyServer:
         if self.admin is not None:
             await self.admin.start()
             log.info("admin on %s:%d", self.admin.host, self.admin.bound_port)
+        warn_open_proxy_protocol(self.config)
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
@@ -250,6 +263,7 @@ class ProxyServer:
         for lr, lc in zip(self.listeners, new.listeners, strict=True):
             self._apply(lr, lc, built.get(lc.name))
         self.config = new
+        warn_open_proxy_protocol(new)
         self.config_reloads.labels("applied").inc()
         log.info("config reloaded from %s", new.source)
         return []

@@ -34,6 +34,7 @@ from typing import Protocol
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.tls import native, proxy_protocol
 from mtlsproxy.tls.failures import classify
+from mtlsproxy.tls.proxy_protocol import Networks, trusted_source
 from mtlsproxy.writes import WriteBatch
 
 # One TLS record's plaintext at most (RFC 8446 section 5.1: 2^14 bytes): SSL_read (no read
@@ -100,18 +101,23 @@ class TLSHandler(Protocol):
 
 class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it ~150 bytes smaller (no __dict__).
-    __slots__ = ("_handler_factory", "state", "_proxy_buf", "transport", "handler", "sslobj",
-                 "_tls", "peername", "_incoming", "_outgoing", "write_paused",
-                 "_drain_waiter", "_reading_paused", "_writes", "_linger", "__weakref__")
+    __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
+                 "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
+                 "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",
+                 "__weakref__")
 
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
-                 proxy_protocol: bool = False, writes: WriteBatch | None = None) -> None:
+                 proxy_protocol: bool = False, writes: WriteBatch | None = None,
+                 proxy_sources: Networks | None = None) -> None:
         self._handler_factory = handler_factory
         # Where write() defers its send to the end of the loop's pass (writes.py); None:
         # send at once.
         self._writes = writes
         self.state = PROXY_HEADER if proxy_protocol else HANDSHAKING
         self._proxy_buf = b""
+        # The socket peers allowed to send the PROXY header; None: any (read only when
+        # a header is expected).
+        self._proxy_sources = proxy_sources
         self.transport: asyncio.Transport | None = None
         self.handler: TLSHandler | None = None
         self.sslobj: ssl.SSLObject | None = None
@@ -148,6 +154,13 @@ class TLSConnection(asyncio.Protocol):
         if peer:
             self.peername = (peer[0], peer[1])  # (host, port[, flowinfo, scope_id])
         self.handler = self._handler_factory(self)
+        if self.state is PROXY_HEADER and self._proxy_sources is not None and (
+                not trusted_source(self.peername[0], self._proxy_sources)):
+            # Refused before a byte of the header is read (its address would be believed)
+            # and before any TLS byte is sent: no SSLObject is even made.
+            self._fail_handshake(RemoteProtocolError(
+                f"PROXY protocol from an untrusted source {self.peername[0]}"), "protocol")
+            return
         self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing,
                                                       server_side=True)
         self._tls = native.core(self.sslobj)

@@ -3,6 +3,7 @@
 A load balancer with PROXY protocol on prefixes each connection with the client's real
 address. ``parse`` takes the bytes received so far and returns None (need more), or
 (bytes consumed, client address or None for LOCAL/UNKNOWN); anything else is refused.
+``trusted_source`` says whether a socket peer may send such a header at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,30 @@ from mtlsproxy.errors import RemoteProtocolError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107  # the spec's longest v1 line, CRLF included
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def trusted_source(host: str, sources: Networks) -> bool:
+    """Whether the socket peer ``host`` (before any PROXY header) is in ``sources``.
+
+    The header claims any address it likes, so only the balancer may send it: HAProxy's
+    ``accept-proxy`` behind a ``tcp-request connection reject`` ACL, nginx's
+    ``set_real_ip_from``. Fails closed: a host that does not parse is not trusted.
+    - An IPv4-mapped peer (``::ffff:10.1.2.3``, RFC 4291 section 2.5.5.2, what a
+      dual-stack socket reports for an IPv4 client) is compared as the IPv4 address it
+      is: it matches 10.0.0.0/8, and an IPv6 entry such as ``::/0`` does not take in
+      every IPv4 client by accident.
+    - A scope id (``fe80::1%eth0``) is dropped: the entries name addresses, not
+      interfaces (``ipaddress`` ignores it in a network test anyway; explicit here).
+    """
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in sources)  # False across IP versions
 
 
 def parse(buf: bytes) -> tuple[int, tuple[str, int] | None] | None:
