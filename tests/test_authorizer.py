@@ -280,6 +280,7 @@ def test_a_malformed_policy_is_an_authorizer_error_and_fails_closed(harness: Har
 @pytest.mark.parametrize("answer", [
     {"allow": {"methods": ["GET"]}},                      # not a list
     {"allow": ["GET"]},                                   # not a list of mappings
+    {"allow": [[]]},                                      # would otherwise match all
     {"allow": [{"paths": "/r"}]},                         # unknown key
     {"allow": [{"methods": "GET"}]},                      # wrong type
     {"allow": [{"methods": ["GE T"]}]},                   # not a method name
