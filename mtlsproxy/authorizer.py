@@ -3,16 +3,22 @@ authorizer function.
 
 Contract: a POST of a JSON document describing the client certificate and the request; a
 2xx answer ``{"allow": true|false, "ttl": seconds, "headers": {...}}`` decides, and the
-returned headers go upstream. Decisions are cached per (leaf fingerprint, route, truststore
-generation) for ``ttl`` (capped by ``max_ttl``); concurrent identical misses share one
-call. Timeouts, refused connections, non-2xx answers and bad JSON are failures, handled by
-``failure_mode``: ``closed`` (default) refuses, ``open`` admits without extra headers.
+returned headers go upstream. A decision is cached for ``ttl`` (capped by ``max_ttl``) per
+(leaf fingerprint, route, truststore generation, method, path without the query): one
+request's answer must not admit another (a gateway caches a policy evaluated per request
+for the same reason). ``"scope": "route"`` widens it to every request of the client on the
+route; ``"allow": [statements]`` is a policy, cached per route and evaluated per request.
+A route-scoped entry is looked up first, then the request's; concurrent identical misses
+share one call. Timeouts, refused connections, non-2xx answers and bad or malformed
+answers are failures, handled by ``failure_mode``: ``closed`` (default) refuses, ``open``
+admits without extra headers.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -26,6 +32,7 @@ from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.headers import is_spoofable, safe_value
 from mtlsproxy.identity.peer import ClientIdentity
 
+log = logging.getLogger("mtlsproxy")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Headers an authorizer may never set upstream: framing, routing and identity stay ours.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
@@ -86,18 +93,93 @@ def request_document(identity: ClientIdentity, req: Request, route: str, listene
 
 
 Headers = tuple[tuple[bytes, bytes], ...]
+_STATEMENT_KEYS = frozenset({"methods", "path_prefix"})
 
 
-def parse_answer(status: int, body: bytes) -> tuple[bool, float, Headers]:
-    """(allow, ttl, headers) from the authorizer's answer; ValueError when malformed."""
+@dataclass(frozen=True)
+class Statement:
+    """One statement of a policy answer: every key it gives must match; none matches all."""
+
+    methods: frozenset[bytes] | None = None
+    path_prefix: bytes | None = None
+
+    def matches(self, method: bytes, path: bytes) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        prefix = self.path_prefix
+        # On a path-segment boundary, as routes match (http/routing.py): /r/read admits
+        # /r/read/x, never /r/readme.
+        return (prefix is None or prefix == b"/" or path == prefix
+                or path.startswith(prefix + b"/"))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An answer that decides later requests too: any statement matching admits."""
+
+    statements: tuple[Statement, ...]
+    headers: Headers
+
+    def decide(self, method: bytes, path: bytes) -> Decision:
+        if any(s.matches(method, path) for s in self.statements):
+            return Decision(True, self.headers, "allow")
+        return Decision(False, (), "deny")
+
+
+def decision_for(entry: Decision | Policy, method: bytes, path: bytes) -> Decision:
+    """What a cached (or just received) answer says about one request."""
+    return entry.decide(method, path) if isinstance(entry, Policy) else entry
+
+
+@dataclass(frozen=True)
+class Answer:
+    entry: Decision | Policy
+    ttl: float
+    route_scoped: bool  # cached for every request of the client on the route
+
+
+def parse_statement(raw: Any, where: str) -> Statement:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a statement must be an object")
+    unknown = sorted(str(k) for k in raw if k not in _STATEMENT_KEYS)
+    if unknown:
+        # An unknown key could be a condition we would silently drop: refuse the policy.
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    methods: frozenset[bytes] | None = None
+    if "methods" in raw:
+        names = raw["methods"]
+        if not isinstance(names, list) or not all(
+                isinstance(m, str) and _TOKEN.match(m) for m in names):
+            raise ValueError(f"{where}.methods: must be a list of method names")
+        # Compared exactly: methods are case-sensitive (RFC 9110 section 9.1).
+        methods = frozenset(m.encode() for m in names)
+    prefix: bytes | None = None
+    if "path_prefix" in raw:
+        text = raw["path_prefix"]
+        if not isinstance(text, str) or not text.startswith("/"):
+            raise ValueError(f"{where}.path_prefix: must be a path starting with /")
+        try:
+            # Trailing slashes dropped as for routes' path_prefix; latin-1 as the target
+            # arrives (and as the request document's path was decoded).
+            prefix = (text.rstrip("/") or "/").encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}.path_prefix: not a latin-1 path") from None
+    return Statement(methods, prefix)
+
+
+def parse_answer(status: int, body: bytes) -> Answer:
+    """The authorizer's answer; ValueError when malformed."""
     if not 200 <= status < 300:
         raise ValueError(f"authorizer answered {status}")
     doc = json.loads(body)
-    if not isinstance(doc, dict) or not isinstance(doc.get("allow"), bool):
-        raise ValueError('the answer needs "allow": true|false')
+    if not isinstance(doc, dict) or not isinstance(doc.get("allow"), bool | list):
+        raise ValueError('the answer needs "allow": true|false or a list of statements')
     ttl = doc.get("ttl", 0)
     if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl < 0:
         raise ValueError('"ttl" must be a number of seconds')
+    scope = doc.get("scope", "request")
+    if scope not in ("request", "route"):
+        raise ValueError('"scope" must be "request" or "route"')
     headers: list[tuple[bytes, bytes]] = []
     raw_headers = doc.get("headers") or {}
     if not isinstance(raw_headers, dict):
@@ -109,7 +191,19 @@ def parse_answer(status: int, body: bytes) -> tuple[bool, float, Headers]:
         if lname in _RESERVED or is_spoofable(lname.encode()):
             continue  # never let the authorizer forge framing or certificate headers
         headers.append((name.encode(), safe_value(value)))
-    return doc["allow"], float(ttl), tuple(headers)
+    allow = doc["allow"]
+    if isinstance(allow, list):
+        if "scope" in doc and scope != "route":
+            raise ValueError('a policy decides the whole route: "scope" must be "route"')
+        statements = tuple(parse_statement(raw, f"allow[{i}]") for i, raw in enumerate(allow))
+        return Answer(Policy(statements, tuple(headers)), float(ttl), True)
+    decision = Decision(allow, tuple(headers) if allow else (), "allow" if allow else "deny")
+    return Answer(decision, float(ttl), scope == "route")
+
+
+# (leaf fingerprint, route, truststore generation) for route-scoped entries; with
+# (method, path) appended for request-scoped ones.
+_Key = tuple[str, str, int] | tuple[str, str, int, bytes, bytes]
 
 
 class AuthorizerClient:
@@ -118,32 +212,50 @@ class AuthorizerClient:
     def __init__(self, count: Callable[[str, str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.count = count
-        self.cache: CoalescingCache[tuple[str, str, int], Decision] = CoalescingCache(clock)
+        self.cache: CoalescingCache[_Key, Decision | Policy] = CoalescingCache(clock)
 
     def __repr__(self) -> str:
         return f"<AuthorizerClient {self.cache!r}>"
 
     async def decide(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
                      route: str, listener: str, generation: int) -> Decision:
-        async def call() -> tuple[Decision, float]:
-            decision, ttl = await self._call(config, identity, req, route, listener)
-            return decision, min(ttl, config.max_ttl)
-        return await self.cache.get((identity.fingerprint_sha256, route, generation), call)
+        method = req.method
+        # The query is not part of the key: the same resource with other parameters is
+        # the same request to authorize (README: the cache key).
+        path = req.target.partition(b"?")[0]
+        route_key = (identity.fingerprint_sha256, route, generation)
+        held = self.cache.peek(route_key)
+        if held is not None:
+            return decision_for(held, method, path)
+
+        async def call() -> tuple[Decision | Policy, float]:
+            answer = await self._call(config, identity, req, route, listener)
+            ttl = min(answer.ttl, config.max_ttl)
+            if answer.route_scoped:
+                self.cache.put(route_key, answer.entry, ttl)
+                return answer.entry, 0.0  # coalesced waiters share it; nothing per request
+            return answer.entry, ttl
+        entry = await self.cache.get((*route_key, method, path), call)
+        return decision_for(entry, method, path)
 
     async def _call(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
-                    route: str, listener: str) -> tuple[Decision, float]:
+                    route: str, listener: str) -> Answer:
         body = json.dumps(request_document(identity, req, route, listener,
                                            config.forward_headers)).encode()
         try:
-            status, answer = await post(config.url, body, config.timeout)
-            allow, ttl, headers = parse_answer(status, answer)
+            status, raw = await post(config.url, body, config.timeout)
+            answer = parse_answer(status, raw)
         except TimeoutError:
-            return self._failure(config, route, "timeout"), 0.0
-        except (OSError, ValueError, ProtocolError):
-            return self._failure(config, route, "error"), 0.0
-        result = "allow" if allow else "deny"
-        self.count(route, result)
-        return Decision(allow, headers if allow else (), result), ttl
+            return Answer(self._failure(config, route, "timeout"), 0.0, False)
+        except ValueError as exc:
+            log.warning("authorizer for route %s failed: %s", route, exc)
+            return Answer(self._failure(config, route, "error"), 0.0, False)
+        except (OSError, ProtocolError):
+            return Answer(self._failure(config, route, "error"), 0.0, False)
+        # A call's result is what it said about the request that made it.
+        self.count(route, decision_for(answer.entry, req.method,
+                                       req.target.partition(b"?")[0]).result)
+        return answer
 
     def _failure(self, config: AuthorizerConfig, route: str, result: str) -> Decision:
         self.count(route, result)

@@ -29,6 +29,16 @@ class CoalescingCache(Generic[K, V]):
         return (f"<CoalescingCache entries={len(self._cache)} inflight={len(self._inflight)} "
                 f"computed={self.computed}>")
 
+    def peek(self, key: K) -> V | None:
+        """The cached value while it holds, without computing anything."""
+        cached = self._cache.get(key)
+        return cached[1] if cached is not None and cached[0] > self.clock() else None
+
+    def put(self, key: K, value: V, ttl: float) -> None:
+        """Cache ``value`` under a key other than the one being computed."""
+        if ttl > 0:
+            self._store(key, value, ttl)
+
     async def get(self, key: K, compute: Callable[[], Awaitable[tuple[V, float]]]) -> V:
         """The cached value, the in-flight one, or ``compute()`` -> (value, seconds to keep)."""
         cached = self._cache.get(key)
