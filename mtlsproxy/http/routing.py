@@ -1,4 +1,4 @@
-"""Host, then longest path prefix -> route; pure.
+r"""Host, then longest path prefix -> route; pure.
 
 Rules of this module:
 - The target it is given is already normalised (http/normalize.py): the path routed is the
@@ -11,10 +11,15 @@ Rules of this module:
 - Hosts compare without case, without the port and without one trailing dot
   (``API.example.com.:8443`` is ``api.example.com``; RFC 9110 section 4.2.3 and RFC 1034
   section 3.1: the trailing dot names the same host).
-- A prefix matches on a path-segment boundary (``/api`` matches ``/api``, ``/api/x`` and
-  ``/api;v=1``, never ``/apix``), like a gateway's base path mapping. ``;`` counts as a
-  boundary because Tomcat and Spring strip path parameters before matching: ``/pay;x``
-  is ``/pay`` there, so it must meet ``/pay``'s rules here.
+- A prefix matches on a path-segment boundary (``/api`` matches ``/api`` and ``/api/x``,
+  never ``/apix``), like a gateway's base path mapping.
+- Routes match the path as the most lenient upstream reads it: path parameters (``;...``
+  in a segment) and empty segments ignored, and (with ``escaped_slashes: keep``) ``\``,
+  ``%2F`` and ``%5C`` taken as ``/`` with the dot-segments they make resolved. Tomcat and
+  Spring strip parameters before they route, most servers merge slashes, IIS takes ``\``
+  for ``/``: ``/pay;x``, ``/;x/pay``, ``//pay`` (``merge_slashes: false``) and
+  ``/x%2F..%2Fpay`` (``keep``) are ``/pay`` there and must meet ``/pay``'s rules here.
+  The path is forwarded as normalised (parameters and slashes as they came).
 """
 
 from __future__ import annotations
@@ -34,6 +39,32 @@ def route_host(host: bytes) -> str:
     return name.lower().decode("latin-1")
 
 
+def _lenient(path: bytes) -> bytes:
+    """The path as the most lenient upstream reads it (see the module's rules)."""
+    path = path.replace(b"\\", b"/").replace(b"%2F", b"/").replace(b"%5C", b"/")
+    kept: list[bytes] = []
+    for segment in path.split(b"/"):
+        name = segment.split(b";", 1)[0]  # "..;x" is ".." to Tomcat
+        if name == b"..":
+            if kept:
+                kept.pop()
+        elif name and name != b".":
+            kept.append(name)
+    return b"/" + b"/".join(kept)
+
+
+def _after_segments(path: bytes, count: int) -> bytes:
+    """What follows the first ``count`` non-empty segments of ``path`` (strip_prefix)."""
+    segments = path.split(b"/")[1:]
+    seen = 0
+    for i, segment in enumerate(segments):
+        if segment.split(b";", 1)[0]:
+            seen += 1
+            if seen == count:
+                return b"/" + b"/".join(segments[i + 1:])
+    return b"/"
+
+
 class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         # Host-specific routes before every host-agnostic one; longest prefix first within.
@@ -42,7 +73,6 @@ class Router:
         # Matched as bytes (latin-1, as the target arrives), so a request decodes nothing.
         self._compiled = [(r, r.host, r.path_prefix.encode("latin-1"),
                            r.path_prefix.encode("latin-1") + b"/",
-                           r.path_prefix.encode("latin-1") + b";",
                            r.strip_prefix and r.path_prefix != "/",
                            r.upstream.base_path.encode("latin-1"))
                           for r in self.routes]
@@ -53,16 +83,22 @@ class Router:
             return None  # "*" (the parser turns absolute-form into origin-form)
         path, sep, query = target.partition(b"?")
         hostname = route_host(host) if self._has_hosts and host else ""
-        for route, host_of_route, prefix, prefix_slash, prefix_param, strip, base in \
-                self._compiled:
+        lenient = (b";" in path or b"//" in path or b"\\" in path or b"%2F" in path
+                   or b"%5C" in path)
+        matched = _lenient(path) if lenient else path
+        for route, host_of_route, prefix, prefix_slash, strip, base in self._compiled:
             if host_of_route is not None and host_of_route != hostname:
                 continue
-            if prefix != b"/" and not (path == prefix or path.startswith(prefix_slash)
-                                       or path.startswith(prefix_param)):
+            if prefix != b"/" and not (matched == prefix or matched.startswith(prefix_slash)):
                 continue
             if not strip and not base:
                 return route, target  # the common catch-all: the target as it came
-            rest = path[len(prefix):] if strip else path
+            if not strip:
+                rest = path
+            elif lenient:  # the prefix's segments go, whatever parameters they carried
+                rest = _after_segments(path, prefix.count(b"/"))
+            else:
+                rest = path[len(prefix):]
             if not rest.startswith(b"/"):
                 rest = b"/" + rest
             return route, base + rest + sep + query
