@@ -29,7 +29,7 @@ from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
 from mtlsproxy.http.parser import Request
-from mtlsproxy.identity.headers import is_spoofable, safe_value
+from mtlsproxy.identity.headers import fold, is_identity_header, safe_value
 from mtlsproxy.identity.peer import ClientIdentity
 
 log = logging.getLogger("mtlsproxy")
@@ -37,7 +37,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Headers an authorizer may never set upstream: framing, routing and identity stay ours.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
                        "upgrade", "keep-alive", "trailer", "x-forwarded-for",
-                       "x-forwarded-proto", "x-forwarded-host"})
+                       "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ def request_document(identity: ClientIdentity, req: Request, route: str, listene
     wanted = {h.lower().encode() for h in forward_headers}
     headers: dict[str, str] = {}
     for name, value in req.headers:
-        if name in wanted:
+        # A client's identity headers (any spelling) are forgeries: the document carries
+        # the certificate itself.
+        if name in wanted and b"_" not in name and not is_identity_header(name):
             key = name.decode("latin-1")
             headers[key] = (headers[key] + ", " if key in headers else "") + \
                 value.decode("latin-1")
@@ -188,7 +190,8 @@ def parse_answer(status: int, body: bytes) -> Answer:
         if not isinstance(name, str) or not _TOKEN.match(name) or not isinstance(value, str):
             raise ValueError(f"invalid header {name!r}")
         lname = name.lower()
-        if lname in _RESERVED or is_spoofable(lname.encode()):
+        # Folded (identity.headers.fold): "X_Forwarded_For" is X-Forwarded-For to a backend.
+        if fold(lname.encode()).decode() in _RESERVED or is_identity_header(lname.encode()):
             continue  # never let the authorizer forge framing or certificate headers
         headers.append((name.encode(), safe_value(value)))
     allow = doc["allow"]

@@ -16,7 +16,7 @@ from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParse
 from mtlsproxy.http.routing import Router
 from mtlsproxy.http.wire import error_response, upstream_request_head
 from mtlsproxy.identity.cache import ValidationCache, Verdict
-from mtlsproxy.identity.headers import header_block, is_spoofable, render, safe_value
+from mtlsproxy.identity.headers import header_block, is_identity_header, render, safe_value
 from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.identity.policy import algorithm_problem, build_path, check_chain
 from mtlsproxy.metrics import Metrics
@@ -131,9 +131,12 @@ def test_xfcc_quotes_values_with_separators(pki: PKI) -> None:
 @pytest.mark.parametrize("name, spoofable", [
     (b"client-cert", True), (b"client-cert-chain", True), (b"x-forwarded-client-cert", True),
     (b"x-client-cert-subject", True), (b"x-client-cert-anything", True),
-    (b"x-forwarded-for", False), (b"authorization", False)])
-def test_spoofable_header_names(name: bytes, spoofable: bool) -> None:
-    assert is_spoofable(name) is spoofable
+    (b"Client_Cert", True), (b"X_SSL_CLIENT_S_DN", True), (b"x-ssl", True),
+    (b"ssl-client-verify", True), (b"x-amzn-mtls-clientcert-leaf", True),
+    (b"x-sslx", False), (b"x-forwarded-for", False), (b"authorization", False),
+    (b"x-client", False)])
+def test_identity_header_names_in_every_spelling(name: bytes, spoofable: bool) -> None:
+    assert is_identity_header(name) is spoofable
 
 
 def test_upstream_head_drops_client_identity_and_reframes() -> None:

@@ -51,10 +51,6 @@ def is_identity_header(name: bytes) -> bool:
     return folded.startswith(IDENTITY_PREFIXES) or folded == b"x-ssl"
 
 
-def is_spoofable(name: bytes) -> bool:
-    return is_identity_header(name)
-
-
 def _byte_sequence(der: bytes) -> bytes:
     # RFC 9440 section 2.1: a Structured Field Byte Sequence (RFC 8941 3.3.5), base64
     # between colons, of the DER certificate.
