@@ -432,3 +432,49 @@ def test_the_authorizer_is_asked_about_the_normalised_path_of_each_request(
     assert h.get("/r/read/%2e%2e/admin")[0] == 403
     assert h.get("/r/read")[0] == 200  # cached: not asked again
     assert asked == ["/r/read", "/r/admin"]
+
+
+def test_naming_host_in_connection_cannot_change_the_host_the_upstream_sees(
+        unstarted: Harness) -> None:
+    h = unstarted
+    h.start()
+    out = h.raw(b"GET / HTTP/1.1\r\nHost: api.example.test\r\n"
+                b"Connection: close, host, x-forwarded-for\r\nX-Forwarded-For: 10.6.6.6\r\n\r\n")
+    seen = headers_of(out.split(b"\r\n\r\n", 1)[1])
+    assert seen["host"] == ["api.example.test"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+
+
+def test_the_authorizer_never_sees_forged_identity_nor_sets_folded_proxy_headers(
+        unstarted: Harness) -> None:
+    import asyncio
+    h = unstarted
+    documents: list[dict[str, Any]] = []
+
+    async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from tests.conftest import read_post_body
+        documents.append(json.loads(await read_post_body(reader)))
+        answer = json.dumps({"allow": True, "ttl": 0, "headers": {
+            "X_Forwarded_For": "10.6.6.6", "x_client_cert_subject": FORGED,
+            "Forwarded": "for=10.6.6.6", "X-Tenant": "acme"}}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+    port = h.serve(authorizer)
+    h.start(h.config(top={"headers_with_underscores": "allow"},
+                     routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:"
+                                                              f"{h.start_echo()}",
+                              "authorizer": {"url": f"http://127.0.0.1:{port}/a",
+                                             "forward_headers": ["x-client-cert-subject",
+                                                                 "ssl-client-s-dn",
+                                                                 "x-tenant"]}}]))
+    status, _, body = h.get("/", headers={"X-Client-Cert-Subject": FORGED,
+                                          "SSL_Client_S_DN": FORGED, "X-Tenant": "t"})
+    assert status == 200
+    assert documents[0]["request"]["headers"] == {"x-tenant": "t"}
+    seen = headers_of(body)
+    assert seen["x-forwarded-for"] == ["127.0.0.1"] and "forwarded" not in seen
+    assert seen["x-tenant"] == ["acme"]
+    assert not [n for n, vs in seen.items() if any(FORGED in v for v in vs)], seen

@@ -41,7 +41,7 @@ from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.authz import authorize
 from mtlsproxy.identity.cache import Verdict
-from mtlsproxy.identity.headers import header_block
+from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.identity.ocsp import reason_for
 from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
 from mtlsproxy.tls.bio import OPEN, TLSConnection
@@ -74,6 +74,7 @@ class _Fast:
 
 
 _PARK = object()  # _next_request: nothing queued; return to callback mode
+_NO_NAMES: frozenset[bytes] = frozenset()
 
 
 class ProxySession:
@@ -496,8 +497,11 @@ class ProxySession:
             upstream_key = route.upstream.key
             block = verdict.header_block + header_block(extra) if extra \
                 else verdict.header_block
-            head = wire.upstream_request_head(req, target, self.conn.peername[0], block,
-                                              rt.header_rules)
+            # The authorizer's headers replace a client's of the same (folded) name, as
+            # Envoy's ext_authz does: a client must not pre-send X-Tenant beside them.
+            head = wire.upstream_request_head(
+                req, target, self.conn.peername[0], block, rt.header_rules,
+                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES)
             status, sent, keep = await self._forward(req, route.upstream, head)
             return keep
         except _UpstreamAfterHead as exc:

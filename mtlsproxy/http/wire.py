@@ -22,6 +22,7 @@ from mtlsproxy.http.header_rules import (
 )
 from mtlsproxy.http.memo import Memo
 from mtlsproxy.http.parser import Request, Response
+from mtlsproxy.identity.headers import fold
 
 REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -53,11 +54,13 @@ _CLIENT_HEADS: Memo[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = Memo(
 
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
-                          cert_block: bytes, rules: HeaderRules = DEFAULT_RULES) -> bytes:
+                          cert_block: bytes, rules: HeaderRules = DEFAULT_RULES,
+                          replaced: frozenset[bytes] = _NO_NAMES) -> bytes:
     """The request head sent upstream: hop-by-hop, identity, underscore and the
     operator's headers removed (``rules``: the listener's, see http/header_rules.py),
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
-    see ``identity.headers.header_block``), framing rewritten."""
+    see ``identity.headers.header_block``), framing rewritten. ``replaced``: folded names
+    that ``cert_block`` sets (the authorizer's headers), so a client's are dropped."""
     if req.raw:
         key = (req.raw, target, client_ip, cert_block, rules)
         made = _UPSTREAM_HEADS.entries.get(key)
@@ -74,8 +77,12 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     plain = rules.plain
     for header in req.headers:
         name = header[0]
-        if named and name in named:
-            continue  # RFC 9110 section 7.6.1: the client made it hop-by-hop
+        if named and name in named and name != b"host":
+            # RFC 9110 section 7.6.1: the client made it hop-by-hop. Never Host: the
+            # upstream must see the host that was routed, not a default in its place.
+            continue
+        if replaced and fold(name) in replaced:
+            continue
         if name not in plain:
             action = rules.actions.get(name)
             if action is None:
