@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from mtlsproxy import __version__
-from mtlsproxy.config import Config, admin_is_loopback, load_config, parse_config
+from mtlsproxy.config import (
+    CLIENT_INTERMEDIATES,
+    Config,
+    admin_is_loopback,
+    load_config,
+    parse_config,
+)
 from mtlsproxy.errors import ConfigError, TruststoreError
 from mtlsproxy.pki import DevPKI, write_dev_pki
 
@@ -152,6 +158,14 @@ def _crl_report(uris: list[str], bundle: Any) -> Any:
     return build_state("soft", datas, bundle)
 
 
+_INTERMEDIATES_LINE = {
+    "ignore": "client intermediates: ignored (mutual_tls.client_intermediates: ignore, the "
+              "default): a client must be issued by a CA of this bundle",
+    "use": "client intermediates: used (mutual_tls.client_intermediates: use): a client may "
+           "also send its own intermediates, up to a CA of this bundle",
+}
+
+
 def cmd_truststore_check(args: argparse.Namespace) -> int:
     """One line per certificate, then one WARNING line per problem; 0 usable, 1 not."""
     from mtlsproxy.truststore.bundle import analyse
@@ -166,6 +180,7 @@ def cmd_truststore_check(args: argparse.Namespace) -> int:
     usable = {c.fingerprint_sha256 for c in bundle.certs}
     print(f"# {args.uri} version={fetched.version} certificates={len(bundle.all_certs)} "
           f"usable={len(usable)} warnings={len(bundle.warnings)}")
+    print(_INTERMEDIATES_LINE[args.client_intermediates])
     crls = _crl_report(args.crl or [], bundle)
     for c in bundle.all_certs:
         d = c.describe()
@@ -276,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("uri", help="a path, file:// or s3://bucket/key")
     t.add_argument("--version", help="S3 VersionId (default: the newest)")
     t.add_argument("--max-chain-length", type=int, default=4)
+    t.add_argument("--client-intermediates", choices=CLIENT_INTERMEDIATES, default="ignore",
+                   help="the listener's mutual_tls.client_intermediates (default: ignore)")
     t.add_argument("--crl", action="append", metavar="URI",
                    help="a CRL to report per CA (repeatable): path, s3:// or http(s)://")
     t.set_defaults(func=cmd_truststore_check)

@@ -57,6 +57,9 @@ class RevocationConfig:
     ocsp: bool = False
 
 
+CLIENT_INTERMEDIATES = ("ignore", "use")
+
+
 @dataclass(frozen=True)
 class MutualTLSConfig:
     """``truststore_uri == ""`` means mutual TLS is off for the listener."""
@@ -67,6 +70,9 @@ class MutualTLSConfig:
     max_chain_length: int = 4
     forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
     revocation: RevocationConfig = RevocationConfig()
+    # "ignore": only truststore CAs build a client's chain (the model: a client is issued
+    # by a CA of the truststore); "use": intermediates the client sends count too.
+    client_intermediates: str = "ignore"
 
     @property
     def enabled(self) -> bool:
@@ -439,7 +445,8 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
     mpath = f"{path}.mutual_tls"
     mdata = r.mapping(data.get("mutual_tls"), mpath,
                       ("truststore_uri", "truststore_version", "refresh_interval",
-                       "max_chain_length", "forward_client_cert", "revocation"))
+                       "max_chain_length", "forward_client_cert", "revocation",
+                       "client_intermediates"))
     uri = r.get(mdata, "truststore_uri", mpath, str, "")
     if uri.startswith("s3://"):
         try:
@@ -484,6 +491,9 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
         max_chain_length=r.get(mdata, "max_chain_length", mpath, int, 4,
                                lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"),
         forward_client_cert=tuple(f for f in families if f in FORWARD_FAMILIES),
+        client_intermediates=r.get(
+            mdata, "client_intermediates", mpath, str, "ignore",
+            lambda v: None if v in CLIENT_INTERMEDIATES else "must be ignore or use"),
     )
 
     routes: list[RouteConfig] = []

@@ -270,6 +270,7 @@ class ProxyServer:
 
     def _apply(self, lr: ListenerRuntime, lc: ListenerConfig, built: _Built | None) -> None:
         old_revocation = lr.config.mutual_tls.revocation
+        old_intermediates = lr.config.mutual_tls.client_intermediates
         lr.config = lc
         lr.router = Router(lc.routes)
         lr.header_rules = lr.make_header_rules(lc)
@@ -286,6 +287,10 @@ class ProxyServer:
         if built is None:
             if old_revocation != lc.mutual_tls.revocation and lr.revocation is None:
                 lr.holder.swap(lr.holder.current.with_revocation(None))
+            elif old_intermediates != lc.mutual_tls.client_intermediates:
+                # Verdicts are cached per generation number: a new one decides them all
+                # again under the new mode; the contexts (and session tickets) are kept.
+                lr.holder.swap(lr.holder.current.renumbered())
             return
         generation, data, source = built.generation, built.data, built.source
         if lr.revocation is not None:

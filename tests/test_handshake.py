@@ -122,13 +122,20 @@ def test_key_outside_policy_gets_403_weak_algorithm(harness: Harness, case: str)
     assert wait_metric(harness, "weak_algorithm") == 1
 
 
+def use_client_intermediates(h: Harness) -> None:
+    """Start the proxy with ``client_intermediates: use``: the chain the client sends
+    counts (the truststore holds only inter and root)."""
+    h.start(h.config(mutual_tls={"truststore_uri": str(h.pki.truststore),
+                                 "client_intermediates": "use"}))
+
+
 def test_chain_longer_than_max_gets_403_chain_too_long(harness: Harness) -> None:
     pki = harness.pki
     # root -> inter -> i2 -> i3 -> leaf: five certificates, over the default of four.
     i2 = make_cert("Intermediate 2", pki.inter, ca=True)
     i3 = make_cert("Intermediate 3", i2, ca=True)
     leaf = make_cert("deep-client", i3)
-    harness.start()
+    use_client_intermediates(harness)
     status, _, body = harness.get("/", ctx=harness.client_context(leaf, name="deep"))
     assert status == 403
     assert json.loads(body)["reason"] == "chain_too_long"
@@ -139,7 +146,7 @@ def test_chain_of_four_is_accepted(harness: Harness) -> None:
     pki = harness.pki
     i2 = make_cert("Intermediate 2", pki.inter, ca=True)
     leaf = make_cert("four-client", i2)
-    harness.start()
+    use_client_intermediates(harness)
     status, _, _ = harness.get("/", ctx=harness.client_context(leaf, name="four"))
     assert status == 200
 

@@ -98,11 +98,11 @@ def test_the_verified_chain_is_read_on_a_cache_miss_only(pki: PKI) -> None:
 def test_cache_is_bounded_lru() -> None:
     cache = ValidationCache(max_entries=2)
     v = Verdict(1, None, None, (), dt.datetime.now(UTC), dt.datetime.now(UTC))
-    cache.put((b"a", 1), v)
-    cache.put((b"b", 1), v)
-    assert cache.get((b"a", 1)) is v  # a is now the most recent
-    cache.put((b"c", 1), v)
-    assert cache.get((b"b", 1)) is None and len(cache) == 2
+    cache.put((b"a", 1, "ignore"), v)
+    cache.put((b"b", 1, "ignore"), v)
+    assert cache.get((b"a", 1, "ignore")) is v  # a is now the most recent
+    cache.put((b"c", 1, "ignore"), v)
+    assert cache.get((b"b", 1, "ignore")) is None and len(cache) == 2
     assert repr(cache) == "<ValidationCache entries=2 max=2>"
 
 

@@ -1,8 +1,9 @@
 """Validation results per client certificate and truststore generation; bounded LRU.
 
-The key is (SHA-256 of the leaf DER, generation number): a truststore swap makes every
-old entry unreachable, so keep-alive connections re-check on their next request. The
-session id is NOT part of the key: it changes on every TLS 1.3 resumption.
+The key is (SHA-256 of the leaf DER, generation number, ``client_intermediates`` mode): a
+truststore swap makes every old entry unreachable, so keep-alive connections re-check on
+their next request. The session id is NOT part of the key: it changes on every TLS 1.3
+resumption.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Verdict:
         return self.reason or validity_reason(self.valid_from, self.valid_until, now)
 
 
-CacheKey = tuple[bytes, int]
+CacheKey = tuple[bytes, int, str]  # leaf SHA-256, generation, client_intermediates mode
 
 
 class ValidationCache:

@@ -84,6 +84,16 @@ class TrustBundle:
     warnings: tuple[CertWarning, ...] = ()
     all_certs: tuple[TrustedCert, ...] = ()
     by_subject: dict[bytes, tuple[TrustedCert, ...]] = field(default_factory=dict)
+    # The DER of every usable CA, and of every certificate: is a certificate OpenSSL put
+    # in a client's chain one of ours, or one the client sent
+    # (``mutual_tls.client_intermediates``)?
+    ders: frozenset[bytes] = field(init=False, compare=False, repr=False)
+    all_ders: frozenset[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # frozen: set once, here
+        object.__setattr__(self, "ders", frozenset(c.der for c in self.certs))
+        object.__setattr__(self, "all_ders", frozenset(c.der for c in self.all_certs))
 
     @property
     def cadata(self) -> bytes:

@@ -41,6 +41,12 @@ class Generation:
         cached verdict is re-decided against the new revocation state."""
         return dataclasses.replace(self, number=next_generation_number(), revocation=state)
 
+    def renumbered(self) -> Generation:
+        """The same contexts and revocation state under a new number: a listener policy that
+        shapes verdicts changed (``client_intermediates``), so every cached one, and every
+        keep-alive connection's, is decided again."""
+        return dataclasses.replace(self, number=next_generation_number())
+
     @property
     def mutual_tls(self) -> bool:
         return self.bundle is not None
