@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import random
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -478,3 +479,32 @@ def test_the_authorizer_never_sees_forged_identity_nor_sets_folded_proxy_headers
     assert seen["x-forwarded-for"] == ["127.0.0.1"] and "forwarded" not in seen
     assert seen["x-tenant"] == ["acme"]
     assert not [n for n, vs in seen.items() if any(FORGED in v for v in vs)], seen
+
+
+# -- 3. a client-sent intermediate outside the truststore --------------------------------------
+
+def test_a_client_of_a_sub_ca_it_sends_itself_never_reaches_the_upstream(
+        unstarted: Harness, wsgi: WSGIUpstream) -> None:
+    from tests.test_client_intermediates import sub_ca_client
+    h = unstarted
+    start(h, wsgi)
+    out = h.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                h.client_context(sub_ca_client(h.pki), name="sub-ca-client"))
+    assert out.startswith(b"HTTP/1.1 403 ") and b'"reason":"untrusted"' in out, out[:120]
+    assert wsgi.environs == []
+
+
+# -- 5. PROXY protocol from anyone -------------------------------------------------------------
+
+def test_a_proxy_header_from_an_untrusted_peer_never_reaches_the_upstream(
+        unstarted: Harness, wsgi: WSGIUpstream) -> None:
+    from tests.test_proxy_protocol import request_through
+    h = unstarted
+    start(h, wsgi, proxy_protocol={"trusted_sources": ["10.0.0.0/8"]})
+    try:
+        out = request_through(h, b"PROXY TCP4 10.1.2.3 10.0.0.1 51000 443\r\n")
+    except (ConnectionError, ssl.SSLError):
+        out = b""  # closed at accept: the handshake finds no peer
+    assert out == b"" and wsgi.environs == []
+    assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                    reason="protocol") == 1
