@@ -66,13 +66,14 @@ class UnderscoreRejected(RemoteProtocolError):
 class HeaderRules:
     """One listener's header settings, and the action for each name it has seen."""
 
-    __slots__ = ("underscores", "strip_exact", "strip_prefixes", "forwarded", "actions",
-                 "plain", "on_drop")
+    __slots__ = ("underscores", "rejects_underscores", "strip_exact", "strip_prefixes",
+                 "forwarded", "actions", "plain", "on_drop")
 
     def __init__(self, underscores: str = "drop", strip: tuple[str, ...] = (),
                  forwarded: str = "append",
                  on_drop: Callable[[str], None] | None = None) -> None:
         self.underscores = underscores
+        self.rejects_underscores = underscores == "reject"  # read on every request
         patterns = [fold(s.encode("latin-1")) for s in strip]
         self.strip_exact = frozenset(p for p in patterns if not p.endswith(b"*"))
         self.strip_prefixes = tuple(p[:-1] for p in patterns if p.endswith(b"*"))
@@ -86,10 +87,6 @@ class HeaderRules:
     def __repr__(self) -> str:
         return (f"<HeaderRules underscores={self.underscores} forwarded={self.forwarded} "
                 f"strip={sorted(self.strip_exact)}+{list(self.strip_prefixes)}>")
-
-    @property
-    def rejects_underscores(self) -> bool:
-        return self.underscores == "reject"
 
     def action(self, name: bytes) -> int:
         action = self.actions.get(name)

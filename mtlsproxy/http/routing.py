@@ -70,6 +70,11 @@ class Router:
         # Host-specific routes before every host-agnostic one; longest prefix first within.
         self.routes = sorted(routes, key=lambda r: (r.host is None, -len(r.path_prefix)))
         self._has_hosts = any(r.host is not None for r in routes)
+        # The usual sidecar: one catch-all route that forwards the target as it came.
+        only = self.routes[0] if len(self.routes) == 1 else None
+        self._catch_all = only if (only is not None and only.path_prefix == "/"
+                                   and only.host is None and not only.upstream.base_path) \
+            else None
         # Matched as bytes (latin-1, as the target arrives), so a request decodes nothing.
         self._compiled = [(r, r.host, r.path_prefix.encode("latin-1"),
                            r.path_prefix.encode("latin-1") + b"/",
@@ -81,6 +86,8 @@ class Router:
         """The route and the upstream target (path + query) for a request, or None."""
         if not target.startswith(b"/"):
             return None  # "*" (the parser turns absolute-form into origin-form)
+        if self._catch_all is not None:
+            return self._catch_all, target
         path, sep, query = target.partition(b"?")
         hostname = route_host(host) if self._has_hosts and host else ""
         lenient = (b";" in path or b"//" in path or b"\\" in path or b"%2F" in path
