@@ -28,6 +28,7 @@ from typing import Any
 from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
+from mtlsproxy.http.normalize import routing_view, under_prefix
 from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.headers import fold, is_identity_header, safe_value
 from mtlsproxy.identity.peer import ClientIdentity
@@ -37,7 +38,9 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Headers an authorizer may never set upstream: framing, routing and identity stay ours.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
                        "upgrade", "keep-alive", "trailer", "x-forwarded-for",
-                       "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+                       "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip",
+                       "true-client-ip", "x-client-ip", "x-original-url", "x-rewrite-url",
+                       "x-http-method-override"})
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ def _pem(der: bytes) -> str:
     return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
 
 
-def request_document(identity: ClientIdentity, req: Request, route: str, listener: str,
-                     forward_headers: tuple[str, ...]) -> dict[str, Any]:
+def forwarded_headers(req: Request, forward_headers: tuple[str, ...]) -> dict[str, str]:
+    """The request headers an authorizer is given (``forward_headers``), joined by name."""
     wanted = {h.lower().encode() for h in forward_headers}
     headers: dict[str, str] = {}
     for name, value in req.headers:
@@ -73,6 +76,12 @@ def request_document(identity: ClientIdentity, req: Request, route: str, listene
             key = name.decode("latin-1")
             headers[key] = (headers[key] + ", " if key in headers else "") + \
                 value.decode("latin-1")
+    return headers
+
+
+def request_document(identity: ClientIdentity, req: Request, route: str, listener: str,
+                     forward_headers: tuple[str, ...]) -> dict[str, Any]:
+    headers = forwarded_headers(req, forward_headers)
     host = next((v for n, v in req.headers if n == b"host"), b"").decode("latin-1")
     return {
         "listener": listener,
@@ -109,10 +118,10 @@ class Statement:
         if self.methods is not None and method not in self.methods:
             return False
         prefix = self.path_prefix
-        # On a path-segment boundary, as routes match (http/routing.py): /r/read admits
-        # /r/read/x, never /r/readme.
-        return (prefix is None or prefix == b"/" or path == prefix
-                or path.startswith(prefix + b"/"))
+        # As routes match (http/routing.py): on a path-segment boundary (/r/read admits
+        # /r/read/x, never /r/readme), and on the path as the most lenient upstream reads
+        # it (/r/read/x%2F..%2F..%2Fadmin is /r/admin to some).
+        return prefix is None or under_prefix(routing_view(path), prefix.lower())
 
 
 @dataclass(frozen=True)
@@ -205,8 +214,9 @@ def parse_answer(status: int, body: bytes) -> Answer:
 
 
 # (leaf fingerprint, route, truststore generation) for route-scoped entries; with
-# (method, path) appended for request-scoped ones.
-_Key = tuple[str, str, int] | tuple[str, str, int, bytes, bytes]
+# (method, path, host, forwarded headers) appended for request-scoped ones.
+_Key = (tuple[str, str, int]
+        | tuple[str, str, int, bytes, bytes, bytes, tuple[tuple[str, str], ...]])
 
 
 class AuthorizerClient:
@@ -238,7 +248,13 @@ class AuthorizerClient:
                 self.cache.put(route_key, answer.entry, ttl)
                 return answer.entry, 0.0  # coalesced waiters share it; nothing per request
             return answer.entry, ttl
-        entry = await self.cache.get((*route_key, method, path), call)
+        # Everything else the document shows the authorizer is in the key too: the host
+        # and the forwarded headers (an answer about X-Tenant: acme is not one about
+        # X-Tenant: evil). The query is not.
+        forwarded = tuple(sorted(forwarded_headers(req, config.forward_headers).items())) \
+            if config.forward_headers else ()
+        entry = await self.cache.get((*route_key, method, path, req.host.lower(), forwarded),
+                                     call)
         return decision_for(entry, method, path)
 
     async def _call(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,

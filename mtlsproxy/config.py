@@ -510,9 +510,11 @@ def _read_listener(r: _Reader, raw: Any, path: str, names: set[str],
         if rhost:
             # Compared as requests' hosts are (http/routing.py): no case, no trailing dot.
             rhost = rhost.lower().removesuffix(".")
-        if (rhost, prefix) in seen:
-            r.problem(rpath, f"duplicate route for host {rhost!r} and path_prefix {prefix!r}")
-        seen.add((rhost, prefix))
+        # Routes match without case (http/routing.py): /Pay and /pay are one route.
+        if (rhost, prefix.lower().rstrip("/")) in seen:
+            r.problem(rpath, f"duplicate route for host {rhost!r} and path_prefix {prefix!r} "
+                             "(prefixes compare without case)")
+        seen.add((rhost, prefix.lower().rstrip("/")))
         upstream = Upstream("http", "", 0, "")
         if r.required(rdata, "upstream", rpath):
             try:

@@ -197,7 +197,8 @@ class Metrics:
             "mtlsproxy_headers_dropped", "Request headers a client sent that never reached "
             "the upstream, by reason: underscore (headers_with_underscores: drop), identity "
             "(a certificate-identity header in any spelling), strip_headers (the listener's "
-            "list).", ["listener", "reason"], registry=registry)
+            "list), override (a header that rewrites the path or method).",
+            ["listener", "reason"], registry=registry)
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)

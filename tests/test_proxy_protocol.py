@@ -54,6 +54,9 @@ def test_headers_parse_whole_and_byte_by_byte(header: bytes, client: object) -> 
     b"\x16\x03\x01", b"GET / HTTP/1.1\r\n", b"PROXY TCP4 x 10.0.0.1 1 2\r\n",
     b"PROXY TCP4 ::1 10.0.0.1 1 2\r\n", b"PROXY TCP5 1.2.3.4 1.2.3.4 1 2\r\n",
     b"PROXY TCP4 " + b"1" * 120, V2_SIGNATURE + b"\x31\x11\x00\x00",
+    # An IPv6 scope id: ipaddress takes any bytes there, a line break included.
+    b"PROXY TCP6 fe80::1%\nX-Client-Cert-Subject:CN=admin ::1 1 2\r\n",
+    b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", b"PROXY TCP6 ::1 fe80::1%\r 1 2\r\n",
 ])
 def test_malformed_headers_are_refused(bad: bytes) -> None:
     with pytest.raises(RemoteProtocolError):

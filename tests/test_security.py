@@ -110,7 +110,9 @@ FORGED_NAMES = [
     "X-Amzn-Mtls-Clientcert-Leaf", "x-amzn-mtls-clientcert-subject",
     "X_Amzn_Mtls_Clientcert_Serial_Number", "X-Forwarded-Tls-Client-Cert",
     "X-Client-Verify", "X-Client-DN", "X-ARR-ClientCert", "Cf-Client-Cert-Sha256",
-    "l5d-client-id", "X-Client-Certificate",
+    "l5d-client-id", "X-Client-Certificate", "WL-Proxy-Client-Cert", "WL-Proxy-SSL",
+    "$WSCC", "$WSIS", "Proxy-auth-cert", "Proxy-ssl-id", "X-Forwarded-SSL-Client-Cert",
+    "X-Client-Subject", "X-Client-Crt", "X-Cert", "SSLClientCert",
 ]
 
 
@@ -335,11 +337,13 @@ def test_escaped_slashes_unescape_routes_and_forwards_them_as_slashes(
     assert json.loads(out.split(b"\r\n\r\n", 1)[1])["environ"]["PATH_INFO"] == "/a/b/c"
 
 
-def test_merge_slashes_false_forwards_empty_segments(unstarted: Harness) -> None:
+def test_merge_slashes_false_forwards_empty_segments_but_never_a_leading_one(
+        unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(merge_slashes=False))
+    # "//a/..." would be the host "a" to a URL parser (RFC 3986 section 4.2).
     body = json.loads(raw_get(h, b"//a//b/./c").split(b"\r\n\r\n", 1)[1])
-    assert body["path"] == "//a//b/c"
+    assert body["path"] == "/a//b/c"
 
 
 def test_a_host_route_wins_over_every_host_less_route(unstarted: Harness) -> None:
@@ -513,3 +517,134 @@ def test_a_proxy_header_from_an_untrusted_peer_never_reaches_the_upstream(
     assert out == b"" and wsgi.environs == []
     assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
                     reason="protocol") == 1
+
+
+
+def test_headers_that_rewrite_the_path_or_method_never_reach_the_upstream(
+        unstarted: Harness, wsgi: WSGIUpstream) -> None:
+    h = unstarted
+    start(h, wsgi)
+    status, body = get(h, "/public", headers={
+        "X-Original-URL": "/pay", "X-Rewrite-URL": "/pay", "X_Original_URL": "/pay",
+        "X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE",
+        "X-Method-Override": "DELETE"})
+    assert status == 200
+    assert not [k for k, v in body["environ"].items() if v in ("/pay", "DELETE")]
+    assert h.metric("mtlsproxy_headers_dropped_total", listener="public",
+                    reason="override") == 5  # and one underscore drop
+
+
+def test_a_proxy_v1_address_cannot_inject_header_lines(unstarted: Harness,
+                                                       wsgi: WSGIUpstream) -> None:
+    import socket
+    h = unstarted
+    start(h, wsgi, proxy_protocol={"trusted_sources": ["127.0.0.0/8"]})
+    # ipaddress takes an IPv6 scope id of any bytes; str() keeps them.
+    header = (b"PROXY TCP6 fe80::1%\nClient-Cert::Zm9yZ2Vk:\nX-Client-Cert-Subject:CN=admin"
+              b" ::1 1234 443\r\n")
+    with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+        s.sendall(header)
+        try:
+            out = s.recv(65536)
+        except ConnectionError:
+            out = b""
+    assert b"admin" not in out and wsgi.environs == []
+    assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                    reason="protocol") == 1
+
+
+@pytest.mark.parametrize("host", [
+    b"x@admin.example.test", b"admin%2eexample.test", b"admin.example.test?",
+    b"admin.example.test#", b"admin.example.test,x", b"x,admin.example.test",
+    b"admin.example.test;x", b"admin.example.test\\x",
+])
+def test_host_spellings_that_parsers_read_as_another_host_get_400(
+        unstarted: Harness, host: bytes) -> None:
+    h = unstarted
+    echo = f"http://127.0.0.1:{h.start_echo()}"
+    h.start(h.config(routes=[
+        {"path_prefix": "/", "upstream": echo},
+        {"path_prefix": "/", "host": "admin.example.test", "upstream": echo,
+         "allow": [{"fingerprint_sha256": NOBODY}]}]))
+    out = h.raw(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 "), (host, out[:100])
+    # As an absolute-form authority: refused, or cut where a URL parser cuts it ("?")
+    # and routed to the host route, whose rules refuse this client.
+    out = h.raw(b"GET http://" + host + b"/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert out.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 403 ")), (host, out[:100])
+
+
+def test_case_and_leading_slashes_meet_the_rules_of_the_route_they_spell(
+        unstarted: Harness, wsgi: WSGIUpstream) -> None:
+    h = unstarted
+    up = f"http://127.0.0.1:{wsgi.port}"
+    start(h, wsgi, merge_slashes=False,
+          routes=[{"path_prefix": "/", "upstream": up},
+                  {"path_prefix": "/pay", "upstream": up,
+                   "allow": [{"fingerprint_sha256": NOBODY}]}])
+    for target in (b"/PAY", b"/Pay/x", b"/pAy;v=1", b"//pay", b"/x/..//pay"):
+        assert raw_get(h, target).startswith(b"HTTP/1.1 403 "), target
+    assert wsgi.environs == []
+    # "//x/pay" is the host "x" to a URL parser; here it is the path /x/pay.
+    out = raw_get(h, b"//x/pay")
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["environ"]["PATH_INFO"] == "/x/pay"
+
+
+def test_an_authorizer_answer_is_not_reused_for_another_host_or_forwarded_header(
+        unstarted: Harness) -> None:
+    import asyncio
+    h = unstarted
+    asked: list[tuple[str, dict[str, str]]] = []
+
+    async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from tests.conftest import read_post_body
+        doc = json.loads(await read_post_body(reader))["request"]
+        asked.append((doc["host"], doc["headers"]))
+        allow = doc["headers"].get("x-tenant") == "acme" and doc["host"].startswith("public")
+        answer = json.dumps({"allow": allow, "ttl": 60}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+    port = h.serve(authorizer)
+    echo = f"http://127.0.0.1:{h.start_echo()}"
+    h.start(h.config(routes=[{"path_prefix": "/r", "upstream": echo, "authorizer": {
+        "url": f"http://127.0.0.1:{port}/a", "forward_headers": ["x-tenant"]}}]))
+
+    def status(host: str, tenant: str) -> int:
+        out = h.raw(b"GET /r/data HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Tenant: "
+                    + tenant.encode() + b"\r\nConnection: close\r\n\r\n")
+        return int(out[9:12])
+    assert status("public.example.test", "acme") == 200
+    assert status("public.example.test", "evil") == 403
+    assert status("admin.example.test", "acme") == 403
+    assert status("public.example.test", "acme") == 200  # cached
+    assert len(asked) == 3
+
+
+def test_a_policy_statement_meets_encoded_slashes_as_routes_do(unstarted: Harness) -> None:
+    import asyncio
+    h = unstarted
+
+    async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from tests.conftest import read_post_body
+        await read_post_body(reader)
+        answer = json.dumps({"allow": [{"path_prefix": "/r/read", "methods": ["GET"]}],
+                             "ttl": 60}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+    port = h.serve(authorizer)
+    echo = f"http://127.0.0.1:{h.start_echo()}"
+    h.start(h.config(escaped_slashes="keep", routes=[
+        {"path_prefix": "/r", "upstream": echo,
+         "authorizer": {"url": f"http://127.0.0.1:{port}/a"}}]))
+    assert raw_get(h, b"/r/read/x").startswith(b"HTTP/1.1 200 ")
+    for target in (b"/r/read/x%2F..%2F..%2Fadmin", b"/r/read/x\\..\\..\\admin",
+                   b"/r/read;x/..%2f..%2fadmin"):
+        # Refused by the policy, or (read as /admin) by having no route at all.
+        assert raw_get(h, target).startswith((b"HTTP/1.1 403 ", b"HTTP/1.1 404 ")), target
+    assert raw_get(h, b"/R/READ/y").startswith(b"HTTP/1.1 200 ")

@@ -11,8 +11,9 @@ Rules of this module:
   with ``_``, ``reject`` answers 400, ``allow`` forwards them unless their folded name is
   one the proxy owns.
 - Identity comes only from the TLS layer: every certificate-identity family of common
-  proxies and load balancers (``identity.headers.IDENTITY_PREFIXES``) and the operator's
-  ``strip_headers`` are removed, in every spelling.
+  proxies, load balancers and application servers (``identity.headers``) and the
+  operator's ``strip_headers`` are removed, in every spelling; so are the headers that make
+  a backend serve another path or method than the one authorized (``_OVERRIDE``).
 - ``forwarded_headers``: ``append`` (the default, for a sidecar behind a trusted hop) keeps
   a client's X-Forwarded-For / Forwarded chain and appends the peer the proxy saw, so the
   last element is always the proxy's; ``replace`` (an edge facing clients directly) drops
@@ -39,9 +40,20 @@ HOP_BY_HOP = frozenset({
 
 # The actions, by (lower-case) name. DROP is silent (framing, or a header the proxy sets
 # itself); the three DROP_* are counted in mtlsproxy_headers_dropped_total by reason.
-KEEP, DROP, XFF, HOST, EXPECT, FORWARDED, DROP_UNDERSCORE, DROP_IDENTITY, DROP_STRIP = range(9)
+(KEEP, DROP, XFF, HOST, EXPECT, FORWARDED, DROP_UNDERSCORE, DROP_IDENTITY, DROP_STRIP,
+ DROP_OVERRIDE) = range(10)
 DROP_REASONS = {DROP_UNDERSCORE: "underscore", DROP_IDENTITY: "identity",
-                DROP_STRIP: "strip_headers"}
+                DROP_STRIP: "strip_headers", DROP_OVERRIDE: "override"}
+
+# Headers that make a backend serve another path or method than the request line's: IIS
+# URL Rewrite, Laminas and older Symfony read X-Original-URL / X-Rewrite-URL; Express's
+# method-override, ASP.NET and many frameworks read X-HTTP-Method-Override. The route,
+# its rules and the authorizer decided on the request line: what the upstream serves
+# must be that (the nginx-ingress X-Original-URL advisories).
+_OVERRIDE = frozenset({
+    b"x-original-url", b"x-rewrite-url", b"x-original-uri", b"x-http-method-override",
+    b"x-http-method", b"x-method-override", b"x-original-method",
+})
 
 _SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"content-length"})
 # Headers that name the client's address, read by applications and frameworks in place of
@@ -51,7 +63,7 @@ _CLIENT_ADDRESS = frozenset({
     b"x-real-ip", b"x-client-ip", b"true-client-ip", b"x-cluster-client-ip", b"client-ip",
     b"cf-connecting-ip", b"fastly-client-ip", b"x-envoy-external-address",
     b"x-original-forwarded-for", b"x-forwarded", b"forwarded-for", b"x-originating-ip",
-    b"x-remote-ip", b"x-remote-addr",
+    b"x-remote-ip", b"x-remote-addr", b"wl-proxy-client-ip", b"x-proxyuser-ip",
 })
 
 _MEMO_LIMIT = 1024
@@ -109,6 +121,8 @@ class HeaderRules:
         if folded in self.strip_exact or (self.strip_prefixes
                                           and folded.startswith(self.strip_prefixes)):
             return DROP_STRIP
+        if folded in _OVERRIDE:
+            return DROP_OVERRIDE
         action = self._by_folded(folded)
         if action != KEEP and folded != name:
             # "X_Forwarded_For", "Content_Length" under allow: the backend would read it as

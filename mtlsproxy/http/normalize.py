@@ -9,7 +9,8 @@ Rules of this module:
   section 5.2.4). A ``..`` that would climb above the root is refused (400), not clamped:
   no client needs it, and a clamp would hide a probe.
 - Slashes are merged by default (``merge_slashes``, Envoy's option of that name): most
-  upstreams read ``//pay`` as ``/pay``.
+  upstreams read ``//pay`` as ``/pay``. Leading ones always are: ``//x/pay`` is the host
+  ``x`` and the path ``/pay`` to a URL parser.
 - An encoded ``/`` or ``\\`` (``%2F``, ``%5C``), a raw ``\\`` and an encoded NUL follow
   ``escaped_slashes`` (Envoy's ``path_with_escaped_slashes_action``): ``reject`` (default,
   400), ``keep`` (forwarded as they came, hex upper-cased; the route sees one segment), or
@@ -88,7 +89,9 @@ def normalize_path(path: bytes, merge_slashes: bool = True,
             if i == last:
                 trailing = True
                 continue
-            if merge_slashes:
+            if merge_slashes or not out:
+                # A path that starts with "//" reads as a network-path reference ("//host/
+                # path", RFC 3986 section 4.2) to WHATWG URL parsers and urlsplit: never.
                 continue
         out.append(seg)
     result = b"/" + b"/".join(out)
@@ -130,3 +133,39 @@ def _percent(path: bytes, escaped_slashes: str) -> bytes:
             out += b"%%%02X" % byte
         i += 3
     return bytes(out)
+
+
+def needs_routing_view(path: bytes) -> bool:
+    """Whether ``routing_view`` could differ from the lower-cased path."""
+    return (b";" in path or b"//" in path or b"\\" in path or b"%2f" in path
+            or b"%5c" in path)
+
+
+def routing_view(path: bytes) -> bytes:
+    """A normalised path as the most lenient upstream reads it, for deciding which rules
+    apply (routes, authorizer policies); never forwarded. Lower-cased (Express, IIS and
+    ASP.NET match without case), path parameters dropped (Tomcat and Spring strip
+    ``;...``), empty segments dropped (most servers merge slashes), ``\\``, ``%2F`` and
+    ``%5C`` read as ``/`` (IIS; what ``escaped_slashes: keep`` forwards), and the
+    dot-segments that makes resolved (``..;`` is ``..`` to Tomcat)."""
+    path = path.lower()
+    if not needs_routing_view(path):
+        return path
+    path = path.replace(b"\\", b"/").replace(b"%2f", b"/").replace(b"%5c", b"/")
+    kept: list[bytes] = []
+    for segment in path.split(b"/"):
+        name = segment.split(b";", 1)[0]
+        if name == b"..":
+            if kept:
+                kept.pop()
+        elif name and name != b".":
+            kept.append(name)
+    return b"/" + b"/".join(kept)
+
+
+def under_prefix(view: bytes, prefix: bytes) -> bool:
+    """``view`` (a ``routing_view``) is ``prefix`` (lower-case, no trailing ``/``) or below
+    it, on a path-segment boundary: ``/api`` takes ``/api`` and ``/api/x``, not ``/apix``."""
+    return (prefix == b"/" or view == prefix or view.startswith(prefix)
+            and view[len(prefix):len(prefix) + 1] == b"/")
+

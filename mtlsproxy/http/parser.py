@@ -273,7 +273,12 @@ _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 # nginx's rules (ngx_http_validate_host): no path separators, no spaces or control bytes,
 # no empty name and no ".." - a Host that the upstream could read as a path or as two
 # names, or would receive twice (an empty one is replaced), never leaves the proxy.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^\x00-\x20\x7f/\\\[\]]+)(?::[0-9]*)?")
+# Stricter than nginx: a name is RFC 3986's unreserved bytes only. Routes match hosts
+# byte for byte, while URL parsers read "x@admin.example.com" (userinfo),
+# "admin%2eexample.com" (an escape), "admin.example.com?" or "#" (a delimiter) and
+# "a,admin.example.com" (a list, in X-Forwarded-Host) as admin.example.com: such a Host
+# would miss a host route and reach the upstream as that host.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~]+)(?::[0-9]*)?")
 # Host values seen valid: one set test per request instead of a regex. Bounded, since
 # clients choose them.
 _GOOD_HOSTS: set[bytes] = set()
@@ -319,10 +324,10 @@ def _make_request(method: bytes, target: bytes, version: bytes, headers: Headers
                    connection, host)
 
 
-# An absolute-form target's authority, by the bytes llhttp takes there: RFC 3986's
-# reg-name (unreserved, sub-delims, pct-encoded) and a port, or an IP literal. Neither
-# userinfo ("@", RFC 9110 section 4.2.4) nor a fragment ("#") nor '"<>^`{|}'.
-_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:]+|\[[0-9A-Fa-f:.]+\](?::[0-9]*)?")
+# An absolute-form target's authority: a name of RFC 3986's unreserved bytes (not its
+# sub-delims or escapes: see _HOST) and a port, or an IP literal. Neither userinfo ("@",
+# RFC 9110 section 4.2.4) nor a fragment ("#") nor '"<>^`{|}'.
+_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9\-._~]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 
 def _to_origin_form(target: bytes, headers: Headers) -> tuple[bytes, bytes, Headers]:

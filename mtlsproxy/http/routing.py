@@ -13,18 +13,17 @@ Rules of this module:
   section 3.1: the trailing dot names the same host).
 - A prefix matches on a path-segment boundary (``/api`` matches ``/api`` and ``/api/x``,
   never ``/apix``), like a gateway's base path mapping.
-- Routes match the path as the most lenient upstream reads it: path parameters (``;...``
-  in a segment) and empty segments ignored, and (with ``escaped_slashes: keep``) ``\``,
-  ``%2F`` and ``%5C`` taken as ``/`` with the dot-segments they make resolved. Tomcat and
-  Spring strip parameters before they route, most servers merge slashes, IIS takes ``\``
-  for ``/``: ``/pay;x``, ``/;x/pay``, ``//pay`` (``merge_slashes: false``) and
-  ``/x%2F..%2Fpay`` (``keep``) are ``/pay`` there and must meet ``/pay``'s rules here.
-  The path is forwarded as normalised (parameters and slashes as they came).
+- Routes match the path as the most lenient upstream reads it (``normalize.routing_view``:
+  no case, no path parameters, no empty segments, and with ``escaped_slashes: keep`` the
+  encoded slashes as ``/``): ``/PAY``, ``/pay;x``, ``/;x/pay``, ``//pay``
+  (``merge_slashes: false``) and ``/x%2F..%2Fpay`` (``keep``) are ``/pay`` to some
+  upstream, so they meet ``/pay``'s rules here. The path is forwarded as normalised.
 """
 
 from __future__ import annotations
 
 from mtlsproxy.config import RouteConfig
+from mtlsproxy.http.normalize import routing_view, under_prefix
 
 
 def route_host(host: bytes) -> str:
@@ -37,20 +36,6 @@ def route_host(host: bytes) -> str:
     if name[-1:] == b".":
         name = name[:-1]
     return name.lower().decode("latin-1")
-
-
-def _lenient(path: bytes) -> bytes:
-    """The path as the most lenient upstream reads it (see the module's rules)."""
-    path = path.replace(b"\\", b"/").replace(b"%2F", b"/").replace(b"%5C", b"/")
-    kept: list[bytes] = []
-    for segment in path.split(b"/"):
-        name = segment.split(b";", 1)[0]  # "..;x" is ".." to Tomcat
-        if name == b"..":
-            if kept:
-                kept.pop()
-        elif name and name != b".":
-            kept.append(name)
-    return b"/" + b"/".join(kept)
 
 
 def _after_segments(path: bytes, count: int) -> bytes:
@@ -76,8 +61,7 @@ class Router:
                                    and only.host is None and not only.upstream.base_path) \
             else None
         # Matched as bytes (latin-1, as the target arrives), so a request decodes nothing.
-        self._compiled = [(r, r.host, r.path_prefix.encode("latin-1"),
-                           r.path_prefix.encode("latin-1") + b"/",
+        self._compiled = [(r, r.host, r.path_prefix.lower().encode("latin-1"),
                            r.strip_prefix and r.path_prefix != "/",
                            r.upstream.base_path.encode("latin-1"))
                           for r in self.routes]
@@ -90,22 +74,18 @@ class Router:
             return self._catch_all, target
         path, sep, query = target.partition(b"?")
         hostname = route_host(host) if self._has_hosts and host else ""
-        lenient = (b";" in path or b"//" in path or b"\\" in path or b"%2F" in path
-                   or b"%5C" in path)
-        matched = _lenient(path) if lenient else path
-        for route, host_of_route, prefix, prefix_slash, strip, base in self._compiled:
+        matched = routing_view(path)
+        for route, host_of_route, prefix, strip, base in self._compiled:
             if host_of_route is not None and host_of_route != hostname:
                 continue
-            if prefix != b"/" and not (matched == prefix or matched.startswith(prefix_slash)):
+            if prefix != b"/" and not under_prefix(matched, prefix):
                 continue
             if not strip and not base:
                 return route, target  # the common catch-all: the target as it came
             if not strip:
                 rest = path
-            elif lenient:  # the prefix's segments go, whatever parameters they carried
+            else:  # the prefix's segments go, whatever case or parameters they carried
                 rest = _after_segments(path, prefix.count(b"/"))
-            else:
-                rest = path[len(prefix):]
             if not rest.startswith(b"/"):
                 rest = b"/" + rest
             return route, base + rest + sep + query

@@ -31,7 +31,15 @@ IDENTITY_PREFIXES = (
     b"x-arr-clientcert",             # Azure App Service / ARR
     b"cf-client-cert",               # Cloudflare's client certificate forwarding
     b"l5d-client-id",                # Linkerd's mTLS identity
+    b"wl-proxy-client-cert", b"wl-proxy-ssl",  # Oracle WebLogic's proxy plug-in
+    b"$ws",                          # IBM WebSphere's plug-in ($WSCC, $WSIS, $WSRA, ...)
+    b"proxy-auth-cert", b"proxy-ssl-id",  # Jetty's ForwardedRequestCustomizer
+    b"x-forwarded-ssl-client",       # X-Forwarded-SSL-Client-Cert
+    b"x-client-subject", b"x-client-issuer", b"x-client-crt",  # common recipes
+    b"sslclientcert", b"sslclientcipher",  # Apache recipes without separators
 )
+# Whole names only (as prefixes they would take in unrelated headers).
+IDENTITY_NAMES = frozenset({b"x-cert", b"x-client-certificate", b"x-ssl"})
 
 
 def header_block(headers: Iterable[Header]) -> bytes:
@@ -48,7 +56,7 @@ def is_identity_header(name: bytes) -> bool:
     """True for any spelling of a certificate-identity header (``Client_Cert``,
     ``X-SSL-Client-S-DN``, ``x_amzn_mtls_clientcert_leaf``, ...)."""
     folded = fold(name)
-    return folded.startswith(IDENTITY_PREFIXES) or folded == b"x-ssl"
+    return folded.startswith(IDENTITY_PREFIXES) or folded in IDENTITY_NAMES
 
 
 def _byte_sequence(der: bytes) -> bytes:

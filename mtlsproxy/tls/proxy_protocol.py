@@ -9,12 +9,14 @@ address. ``parse`` takes the bytes received so far and returns None (need more),
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 
 from mtlsproxy.errors import RemoteProtocolError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107  # the spec's longest v1 line, CRLF included
+_V1_ADDRESS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
@@ -60,6 +62,11 @@ def _v1(buf: bytes) -> tuple[int, tuple[str, int] | None] | None:
         return end + 2, None
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         raise RemoteProtocolError("malformed PROXY v1 header")
+    # Addresses only (the spec's grammar: digits, hex, "." and ":"). ipaddress also takes
+    # an IPv6 scope id of ANY bytes ("fe80::1%\nClient-Cert: ...") and str() keeps it: that
+    # string becomes the client address written into X-Forwarded-For.
+    if not (_V1_ADDRESS.fullmatch(parts[2]) and _V1_ADDRESS.fullmatch(parts[3])):
+        raise RemoteProtocolError("malformed PROXY v1 addresses")
     try:
         src = ipaddress.ip_address(parts[2])
         ipaddress.ip_address(parts[3])
