@@ -11,8 +11,9 @@ import logging
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -22,6 +23,8 @@ from mtlsproxy.errors import ConfigError, RemoteProtocolError
 from mtlsproxy.tls.proxy_protocol import V2_SIGNATURE, parse, trusted_source
 from tests.conftest import PKI, Harness, wait_for
 from tests.test_config import good, problems, write
+
+T = TypeVar("T")
 
 
 def v2(src: str, sport: int, command: int = 1) -> bytes:
@@ -64,15 +67,40 @@ def test_malformed_headers_are_refused(bad: bytes) -> None:
 
 
 def request_through(h: Harness, header: bytes, host: str = "127.0.0.1") -> bytes:
+    """``header``, then one request over TLS; the answer. TLS runs over memory BIOs on the
+    plain socket: ``wrap_socket`` on a socket the proxy already closed can raise before it
+    closes the SSLSocket it made, which the GC then reports in a later test."""
     ctx = h.client_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
     with socket.create_connection((host, h.port), timeout=10) as s:
         s.sendall(header)
-        with ctx.wrap_socket(s, server_hostname="localhost") as t:
-            t.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := t.recv(65536):
-                data += chunk
-            return data
+
+        def pump(op: Callable[[], T]) -> T:
+            while True:
+                try:
+                    result = op()
+                except ssl.SSLWantReadError:
+                    s.sendall(outgoing.read())
+                    data = s.recv(65536)
+                    if not data:
+                        raise ConnectionResetError("the proxy closed the connection") from None
+                    incoming.write(data)
+                    continue
+                s.sendall(outgoing.read())
+                return result
+        pump(tls.do_handshake)
+        pump(lambda: tls.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Connection: close\r\n\r\n"))
+        answer = b""
+        while True:
+            try:
+                chunk = pump(lambda: tls.read(65536))
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionResetError):
+                return answer
+            if not chunk:  # close_notify
+                return answer
+            answer += chunk
 
 
 @pytest.mark.parametrize("header", [b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n",
