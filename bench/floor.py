@@ -150,8 +150,8 @@ def serve(config: Path, upstream: int) -> None:
     import uvloop
 
     from mtlsproxy.config import load_config
+    from mtlsproxy.tls.contexts import build_server_contexts
     from mtlsproxy.truststore.bundle import parse_bundle
-    from mtlsproxy.truststore.context import build_server_contexts
 
     listener = load_config(config).listeners[0]
     bundle = parse_bundle(listener.mutual_tls.truststore_path.read_bytes())

@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mtlsproxy.pki import write_dev_pki  # noqa: E402
+from mtlsproxy.dev.pki import write_dev_pki  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
@@ -561,8 +561,8 @@ class Bench:
         """(7) a 1,000-CA truststore: build cost off the loop, and the p99 of keep-alive
         requests while the proxy swaps between two such bundles every second."""
         from mtlsproxy.config import CertificateConfig, TLSConfig
+        from mtlsproxy.tls.contexts import build_server_contexts
         from mtlsproxy.truststore.bundle import parse_bundle
-        from mtlsproxy.truststore.context import build_server_contexts
         ours = (self.pki / "truststore.pem").read_bytes()
         bundles = [ca_bundle(1000) + ours, ca_bundle(1000) + ours]
         tls = TLSConfig("TLS_1_2", (CertificateConfig(self.pki / "server.pem",

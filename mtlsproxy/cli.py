@@ -25,8 +25,8 @@ from mtlsproxy.config import (
     load_config,
     parse_config,
 )
+from mtlsproxy.dev.pki import DevPKI, write_dev_pki
 from mtlsproxy.errors import ConfigError, TruststoreError
-from mtlsproxy.pki import DevPKI, write_dev_pki
 
 log = logging.getLogger("mtlsproxy")
 
@@ -85,7 +85,7 @@ def _load(args: argparse.Namespace) -> Config | None:
 def _load_problems(config: Config) -> list[str]:
     """Truststores and server certificates, loaded as ``run`` would load them; each
     problem is printed (naming its key) and returned."""
-    from mtlsproxy.truststore.holder import load_generation
+    from mtlsproxy.server.generation import load_generation
     problems = []
     for i, lc in enumerate(config.listeners):
         try:
@@ -108,7 +108,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mtlsproxy.workers import Supervisor, WorkerSettings, notify_ready
+    from mtlsproxy.server.workers import Supervisor, WorkerSettings, notify_ready
     config = _load(args)
     if config is None:
         return 2
@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"error: cannot listen: {exc}", file=sys.stderr)
             return 1
-    from mtlsproxy.server import ProxyServer
+    from mtlsproxy.server.proxy_server import ProxyServer
     from mtlsproxy.tls import native
     if worker is not None:
         native.use_secret(worker.read_secret())
@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _crl_report(uris: list[str], bundle: Any) -> Any:
-    from mtlsproxy.identity.revocation import build_state
+    from mtlsproxy.revocation.crl import build_state
     from mtlsproxy.truststore.sources import make_source
     datas: dict[str, bytes | None] = {}
     for uri in uris:
@@ -227,9 +227,9 @@ def _demo_config(pki: DevPKI, upstream_port: int, port: int) -> Config:
 
 
 async def _demo(pki: DevPKI, once: bool, port: int) -> int:
-    from mtlsproxy.demo_client import mtls_get
-    from mtlsproxy.echo import start_echo
-    from mtlsproxy.server import ProxyServer
+    from mtlsproxy.dev.demo_client import mtls_get
+    from mtlsproxy.dev.echo import start_echo
+    from mtlsproxy.server.proxy_server import ProxyServer
     echo = await start_echo()
     upstream_port = echo.sockets[0].getsockname()[1]
     server = ProxyServer(_demo_config(pki, upstream_port, port))

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from mtlsproxy.authorizer import AuthorizerConfig
+from mtlsproxy.admission.authorizer import AuthorizerConfig
+from mtlsproxy.admission.rules import Rule, RuleError, parse_rule
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.http.normalize import ESCAPED_SLASH_ACTIONS, PathError, normalize_path
-from mtlsproxy.identity.authz import Rule, RuleError, parse_rule
 from mtlsproxy.tls.proxy_protocol import Networks
 from mtlsproxy.truststore.sources import parse_s3_uri
 

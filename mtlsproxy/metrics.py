@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from mtlsproxy.http.header_rules import DROP_REASONS
-from mtlsproxy.pacing import pace
+from mtlsproxy.runtime.pacing import pace
 from mtlsproxy.tls.failures import REASONS
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.

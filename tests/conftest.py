@@ -34,9 +34,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import CollectorRegistry
 
 from mtlsproxy.config import load_config
-from mtlsproxy.echo import start_echo
-from mtlsproxy.pki import DevPKI, write_dev_pki
-from mtlsproxy.server import ProxyServer
+from mtlsproxy.dev.echo import start_echo
+from mtlsproxy.dev.pki import DevPKI, write_dev_pki
+from mtlsproxy.server.proxy_server import ProxyServer
 
 T = TypeVar("T")
 UTC = dt.UTC

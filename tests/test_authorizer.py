@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mtlsproxy.authorizer import Policy, Statement, parse_answer
+from mtlsproxy.admission.authorizer import Policy, Statement, parse_answer
 from tests.conftest import Harness, read_post_body
 
 Answer = dict[str, Any]

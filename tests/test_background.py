@@ -10,11 +10,11 @@ from typing import TypeVar
 
 import pytest
 
-from mtlsproxy import background, pacing
 from mtlsproxy.config import CertificateConfig, TLSConfig
-from mtlsproxy.truststore import context
+from mtlsproxy.runtime import background, pacing
+from mtlsproxy.tls import contexts as context
+from mtlsproxy.tls.contexts import build_server_contexts
 from mtlsproxy.truststore.bundle import parse_bundle
-from mtlsproxy.truststore.context import build_server_contexts
 from tests.conftest import PKI, make_cert
 
 T = TypeVar("T")
@@ -95,7 +95,7 @@ def test_a_long_crl_paces_its_indexing_on_the_build_thread(
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from mtlsproxy.identity.revocation import build_state
+    from mtlsproxy.revocation.crl import build_state
     monkeypatch.setattr(pacing, "PACE_S", 0.0)
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(pki.inter.cert.subject)

@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mtlsproxy.admission.verify import evaluate
 from mtlsproxy.cli import build_parser, cmd_truststore_check
 from mtlsproxy.config import MutualTLSConfig, load_config
 from mtlsproxy.errors import ConfigError
-from mtlsproxy.identity.verify import evaluate
 from mtlsproxy.truststore.bundle import parse_bundle
 from tests.conftest import PKI, UTC, Cert, Harness, make_cert
 
@@ -223,7 +223,7 @@ def test_with_use_a_recheck_without_a_chain_leaves_no_refusal_in_the_cache(
     alone (it has no chain to show again): its sub-CA client is refused there. That
     refusal must not be what the same leaf's next full handshake, which shows its
     sub-CA, finds in the cache."""
-    from mtlsproxy.truststore.holder import build_generation
+    from mtlsproxy.server.generation import build_generation
     leaf = sub_ca_client(harness.pki)
     harness.start(config_with(harness, "use"))
     kept = harness.https(harness.client_context(leaf, name="sub-ca"))

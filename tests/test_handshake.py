@@ -315,7 +315,7 @@ def test_server_certificate_is_chosen_by_sni_exact_before_wildcard(harness: Harn
 
 def test_a_swapped_truststore_applies_to_new_connections_and_rechecks_old_ones(
         harness: Harness) -> None:
-    from mtlsproxy.truststore.holder import build_generation
+    from mtlsproxy.server.generation import build_generation
     harness.start()
     kept = harness.https()
     kept.request("GET", "/before")

@@ -11,19 +11,19 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from prometheus_client import CollectorRegistry
 
+from mtlsproxy.admission.cache import ValidationCache, Verdict
+from mtlsproxy.admission.policy import algorithm_problem, build_path, check_chain
 from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
 from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParser, Request
-from mtlsproxy.http.routing import Router
 from mtlsproxy.http.wire import error_response, upstream_request_head
-from mtlsproxy.identity.cache import ValidationCache, Verdict
 from mtlsproxy.identity.headers import header_block, is_identity_header, render, safe_value
 from mtlsproxy.identity.peer import read_identity
-from mtlsproxy.identity.policy import algorithm_problem, build_path, check_chain
 from mtlsproxy.metrics import Metrics
+from mtlsproxy.proxy.pool import UpstreamPool
+from mtlsproxy.proxy.routing import Router
+from mtlsproxy.proxy.upstream import UpstreamConnection, UpstreamState
 from mtlsproxy.tls.failures import REASONS, classify
 from mtlsproxy.truststore.bundle import parse_bundle
-from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
-from mtlsproxy.upstream.pool import UpstreamPool
 from tests.conftest import PKI, UTC, make_cert
 
 # -- policy ---------------------------------------------------------------------------
@@ -81,8 +81,8 @@ def test_admits_agrees_with_reason_at_on_both_bounds_and_a_refusal(pki: PKI) -> 
 
 
 def test_the_verified_chain_is_read_on_a_cache_miss_only(pki: PKI) -> None:
+    from mtlsproxy.admission.verify import cached_verdict
     from mtlsproxy.config import MutualTLSConfig
-    from mtlsproxy.identity.verify import cached_verdict
     bundle = parse_bundle(pki.truststore.read_bytes())
     cache, asked = ValidationCache(), []
 
@@ -302,7 +302,7 @@ def test_metric_names_are_the_public_ones() -> None:
 
 
 def test_readyz_is_503_until_started_and_while_draining() -> None:
-    from mtlsproxy.admin import AdminServer
+    from mtlsproxy.server.admin import AdminServer
     state = {"ready": False}
     admin = AdminServer("127.0.0.1", 0, CollectorRegistry(), lambda: state["ready"], dict)
     assert admin.respond("GET", "/readyz")[0] == 503
@@ -316,7 +316,7 @@ def test_readyz_is_503_until_started_and_while_draining() -> None:
 def test_coalescing_cache_shares_one_call_and_never_hangs_waiters() -> None:
     import asyncio
 
-    from mtlsproxy.coalesce import CoalescingCache
+    from mtlsproxy.runtime.coalesce import CoalescingCache
 
     async def scenario() -> None:
         clock = _Clock()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mtlsproxy.pki import DevPKI, make_leaf
+from mtlsproxy.dev.pki import DevPKI, make_leaf
 from tests.conftest import LoopThread, make_cert, start_slow_upstream
 
 MiB = 1024 * 1024

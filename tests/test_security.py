@@ -23,7 +23,7 @@ import pytest
 from mtlsproxy.config import RouteConfig, parse_upstream
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http.normalize import normalize_target
-from mtlsproxy.http.routing import Router
+from mtlsproxy.proxy.routing import Router
 from tests.conftest import Harness
 from tests.test_forwarding import headers_of
 

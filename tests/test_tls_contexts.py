@@ -11,8 +11,8 @@ import pytest
 
 from mtlsproxy.config import CertificateConfig, TLSConfig
 from mtlsproxy.tls import native
+from mtlsproxy.tls.contexts import build_server_contexts
 from mtlsproxy.truststore.bundle import parse_bundle
-from mtlsproxy.truststore.context import build_server_contexts
 from tests.conftest import PKI, make_cert
 
 
@@ -111,7 +111,7 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
 def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> None:
     # Above context._FILE_THRESHOLD CAs, OpenSSL reads them from a memfd (the GIL is free
     # meanwhile); the context must hold all of them and still admit our clients.
-    from mtlsproxy.truststore import context as context_module
+    from mtlsproxy.tls import contexts as context_module
     others = b"".join(make_cert(f"other CA {i}", ca=True).cert_pem() for i in range(80))
     assert 80 > context_module._FILE_THRESHOLD
     bundle = parse_bundle(pki.truststore.read_bytes() + others)

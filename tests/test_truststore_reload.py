@@ -205,7 +205,7 @@ listeners:
     mutual_tls: {truststore_uri: "s3://trust/ca.pem"}
     routes: [{path_prefix: /, upstream: "http://127.0.0.1:9"}]
 """)
-    from mtlsproxy.pki import make_ca, make_leaf
+    from mtlsproxy.dev.pki import make_ca, make_leaf
     ca = make_ca("t")
     leaf = make_leaf(ca, "localhost", server=True, dns=("localhost",))
     (tmp_path / "s.pem").write_bytes(leaf.cert_pem)

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from mtlsproxy.config import ConfigError, cpu_count, parse_config
-from mtlsproxy.pki import DevPKI
-from mtlsproxy.workers import ADMIN, WorkerSettings
+from mtlsproxy.dev.pki import DevPKI
+from mtlsproxy.server.workers import ADMIN, WorkerSettings
 from tests.conftest import LoopThread, start_slow_upstream
 
 
@@ -299,7 +299,7 @@ def test_sighup_reloads_every_worker(devpki: DevPKI, workers: Workers) -> None:
 
 def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(
         devpki: DevPKI, workers: Workers) -> None:
-    from mtlsproxy.workers import MAX_RESTARTS
+    from mtlsproxy.server.workers import MAX_RESTARTS
     for kill in range(MAX_RESTARTS + 1):
         pid = workers.worker_pids()[0]
         os.kill(pid, signal.SIGKILL)

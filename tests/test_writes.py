@@ -18,9 +18,9 @@ import pytest
 import uvloop
 
 from mtlsproxy.http.parser import HttptoolsResponseParser
+from mtlsproxy.proxy.upstream import UpstreamConnection, UpstreamState
+from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls.bio import TLSConnection
-from mtlsproxy.upstream.connection import UpstreamConnection, UpstreamState
-from mtlsproxy.writes import WriteBatch
 from tests.conftest import PKI, Harness
 
 T = TypeVar("T")

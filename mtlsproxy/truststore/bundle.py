@@ -25,9 +25,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from mtlsproxy.admission.policy import algorithm_problem
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.identity.policy import algorithm_problem
-from mtlsproxy.pacing import pace
+from mtlsproxy.runtime.pacing import pace
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 _END = b"-----END CERTIFICATE-----"

@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mtlsproxy.background import dispose, run_build
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.metrics import TruststoreMetrics
-from mtlsproxy.periodic import Periodic
+from mtlsproxy.runtime.background import dispose, run_build
+from mtlsproxy.runtime.periodic import Periodic
+from mtlsproxy.server.generation import Generation, build_generation
 from mtlsproxy.truststore.bundle import CertWarning, analyse, next_change
-from mtlsproxy.truststore.holder import Generation, build_generation
 from mtlsproxy.truststore.sources import Source
 
 if TYPE_CHECKING:
-    from mtlsproxy.listener import ListenerRuntime
+    from mtlsproxy.server.listener import ListenerRuntime
 
 log = logging.getLogger("mtlsproxy.truststore")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.identity.revocation import RevocationState
+from mtlsproxy.revocation.crl import RevocationState
+from mtlsproxy.tls.contexts import ServerContexts, build_server_contexts
 from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
-from mtlsproxy.truststore.context import ServerContexts, build_server_contexts
 from mtlsproxy.truststore.sources import Source, make_source
 
 _generations = itertools.count(1)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from mtlsproxy.config import Upstream
 from mtlsproxy.errors import UpstreamError
 from mtlsproxy.http.parser import response_parser
-from mtlsproxy.upstream.connection import ACTIVE, IDLE, UpstreamConnection
-from mtlsproxy.writes import WriteBatch
+from mtlsproxy.proxy.upstream import ACTIVE, IDLE, UpstreamConnection
+from mtlsproxy.runtime.writes import WriteBatch
 
 
 class UpstreamPool:

@@ -13,9 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtlsproxy.admission.policy import validity_reason
 from mtlsproxy.identity.headers import Header, header_block
 from mtlsproxy.identity.peer import ClientIdentity
-from mtlsproxy.identity.policy import validity_reason
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
 from mtlsproxy.http.normalize import routing_view, under_prefix
 from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.headers import fold, is_identity_header, safe_value
 from mtlsproxy.identity.peer import ClientIdentity
+from mtlsproxy.runtime.coalesce import CoalescingCache
 
 log = logging.getLogger("mtlsproxy")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

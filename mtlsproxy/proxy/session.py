@@ -31,24 +31,24 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from mtlsproxy.authorizer import Decision
+from mtlsproxy.admission.authorizer import Decision
+from mtlsproxy.admission.cache import Verdict
+from mtlsproxy.admission.rules import authorize
+from mtlsproxy.admission.verify import anonymous, cached_verdict, refused
 from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
-from mtlsproxy.flow import Inbox
 from mtlsproxy.http import wire
 from mtlsproxy.http.header_rules import UnderscoreRejected
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
-from mtlsproxy.identity.authz import authorize
-from mtlsproxy.identity.cache import Verdict
 from mtlsproxy.identity.headers import fold, header_block
-from mtlsproxy.identity.ocsp import reason_for
-from mtlsproxy.identity.verify import anonymous, cached_verdict, refused
+from mtlsproxy.proxy.upstream import UpstreamConnection
+from mtlsproxy.revocation.ocsp import reason_for
+from mtlsproxy.runtime.inbox import Inbox
 from mtlsproxy.tls.bio import OPEN, TLSConnection
-from mtlsproxy.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
-    from mtlsproxy.listener import ListenerRuntime
+    from mtlsproxy.server.listener import ListenerRuntime
 
 
 log = logging.getLogger("mtlsproxy")

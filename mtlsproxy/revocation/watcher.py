@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from mtlsproxy.background import run_build
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.identity.revocation import RevocationState, build_state
-from mtlsproxy.periodic import Periodic
+from mtlsproxy.revocation.crl import RevocationState, build_state
+from mtlsproxy.runtime.background import run_build
+from mtlsproxy.runtime.periodic import Periodic
+from mtlsproxy.server.generation import Generation
 from mtlsproxy.truststore.bundle import TrustBundle
-from mtlsproxy.truststore.holder import Generation
 from mtlsproxy.truststore.sources import Source, make_source
 
 if TYPE_CHECKING:
-    from mtlsproxy.listener import ListenerRuntime
+    from mtlsproxy.server.listener import ListenerRuntime
 
 log = logging.getLogger("mtlsproxy.revocation")
 

@@ -17,27 +17,27 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mtlsproxy.admin import AdminServer
-from mtlsproxy.background import run_build
+from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
-from mtlsproxy.http.routing import Router
-from mtlsproxy.identity.cache import ValidationCache
-from mtlsproxy.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.metrics import Metrics, TruststoreMetrics
-from mtlsproxy.periodic import Periodic
-from mtlsproxy.truststore.holder import Generation, TruststoreHolder, fetch_generation
-from mtlsproxy.truststore.revocation_watcher import (
+from mtlsproxy.proxy.pool import UpstreamPool
+from mtlsproxy.proxy.routing import Router
+from mtlsproxy.revocation.watcher import (
     Prepared,
     RevocationWatcher,
     crl_stale_gauge,
 )
-from mtlsproxy.truststore.server_certs import ServerCertMetrics, ServerCertWatcher
+from mtlsproxy.runtime.background import run_build
+from mtlsproxy.runtime.periodic import Periodic
+from mtlsproxy.runtime.writes import WriteBatch
+from mtlsproxy.server.admin import AdminServer
+from mtlsproxy.server.generation import Generation, TruststoreHolder, fetch_generation
+from mtlsproxy.server.listener import AccessLog, ListenerRuntime, utc_now
+from mtlsproxy.server.workers import WorkerSettings
+from mtlsproxy.tls.server_certs import ServerCertMetrics, ServerCertWatcher
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
-from mtlsproxy.upstream.pool import UpstreamPool
-from mtlsproxy.workers import WorkerSettings
-from mtlsproxy.writes import WriteBatch
 
 log = logging.getLogger("mtlsproxy")
 

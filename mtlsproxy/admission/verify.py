@@ -12,12 +12,12 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from mtlsproxy.admission.cache import ValidationCache, Verdict
+from mtlsproxy.admission.policy import build_path, check_chain
 from mtlsproxy.config import MutualTLSConfig
-from mtlsproxy.identity.cache import ValidationCache, Verdict
 from mtlsproxy.identity.headers import render
 from mtlsproxy.identity.peer import read_identity
-from mtlsproxy.identity.policy import build_path, check_chain
-from mtlsproxy.identity.revocation import RevocationState
+from mtlsproxy.revocation.crl import RevocationState
 from mtlsproxy.truststore.bundle import TrustBundle
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -12,21 +12,21 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from mtlsproxy.authorizer import AuthorizerClient
+from mtlsproxy.admission.authorizer import AuthorizerClient
+from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
 from mtlsproxy.http.parser import Request
-from mtlsproxy.http.proxy import ProxySession
-from mtlsproxy.http.routing import Router
-from mtlsproxy.identity.cache import ValidationCache
-from mtlsproxy.identity.ocsp import OcspClient
 from mtlsproxy.metrics import Metrics, RequestSeries
+from mtlsproxy.proxy.pool import UpstreamPool
+from mtlsproxy.proxy.routing import Router
+from mtlsproxy.proxy.session import ProxySession
+from mtlsproxy.revocation.ocsp import OcspClient
+from mtlsproxy.revocation.watcher import RevocationWatcher
+from mtlsproxy.runtime.writes import WriteBatch
+from mtlsproxy.server.generation import TruststoreHolder
 from mtlsproxy.tls.bio import TLSConnection
-from mtlsproxy.truststore.holder import TruststoreHolder
-from mtlsproxy.truststore.revocation_watcher import RevocationWatcher
-from mtlsproxy.upstream.pool import UpstreamPool
-from mtlsproxy.writes import WriteBatch
 
 log = logging.getLogger("mtlsproxy")
 

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from mtlsproxy.coalesce import CoalescingCache
 from mtlsproxy.errors import MtlsProxyError
 from mtlsproxy.identity.peer import ClientIdentity
+from mtlsproxy.runtime.coalesce import CoalescingCache
 
 DEFAULT_TTL = 300.0
 

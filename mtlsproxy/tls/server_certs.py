@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mtlsproxy.background import dispose, run_build
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.periodic import Periodic
-from mtlsproxy.truststore.context import build_server_contexts
-from mtlsproxy.truststore.holder import next_generation_number
+from mtlsproxy.runtime.background import dispose, run_build
+from mtlsproxy.runtime.periodic import Periodic
+from mtlsproxy.server.generation import next_generation_number
+from mtlsproxy.tls.contexts import build_server_contexts
 
 if TYPE_CHECKING:
     from mtlsproxy.config import ListenerConfig
-    from mtlsproxy.listener import ListenerRuntime
+    from mtlsproxy.server.listener import ListenerRuntime
 
 log = logging.getLogger("mtlsproxy.tls")
 

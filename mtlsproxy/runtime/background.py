@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from mtlsproxy import pacing
+from mtlsproxy.runtime import pacing
 
 T = TypeVar("T")
 

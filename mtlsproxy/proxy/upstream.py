@@ -7,9 +7,9 @@ import enum
 from typing import Protocol, cast
 
 from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
-from mtlsproxy.flow import Inbox
 from mtlsproxy.http.parser import Event, ResponseParser
-from mtlsproxy.writes import WriteBatch
+from mtlsproxy.runtime.inbox import Inbox
+from mtlsproxy.runtime.writes import WriteBatch
 
 
 class DirectHandler(Protocol):

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import TLSConfig
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.pacing import pace
+from mtlsproxy.runtime.pacing import pace
 from mtlsproxy.tls import native
 from mtlsproxy.truststore.bundle import TrustBundle
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mtlsproxy.identity.peer import ClientIdentity
-from mtlsproxy.pacing import pace
+from mtlsproxy.runtime.pacing import pace
 from mtlsproxy.truststore.bundle import TrustBundle
 
 

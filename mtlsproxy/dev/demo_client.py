@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import ssl
 
-from mtlsproxy.pki import DevPKI
+from mtlsproxy.dev.pki import DevPKI
 
 
 def mtls_get(host: str, port: int, path: str, pki: DevPKI,
