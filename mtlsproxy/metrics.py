@@ -20,9 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mtlsproxy.http.header_rules import DROP_REASONS
+from mtlsproxy.reasons import HANDSHAKE_FAILURE_REASONS, HEADER_DROP_REASONS
 from mtlsproxy.runtime.pacing import pace
-from mtlsproxy.tls.failures import REASONS
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -208,11 +207,11 @@ class Metrics:
         self.connections_active.labels(listener)
         for resumed in ("true", "false"):
             self.handshakes.labels(listener, resumed)
-        for reason in REASONS:
+        for reason in HANDSHAKE_FAILURE_REASONS:
             self.handshake_failures.labels(listener, reason)
         for result in ("hit", "miss"):
             self.cert_cache.labels(result)
-        for reason in DROP_REASONS.values():
+        for reason in HEADER_DROP_REASONS:
             self.headers_dropped.labels(listener, reason)
 
 

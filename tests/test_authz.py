@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from mtlsproxy.admission.rules import RuleError, authorize, parse_rule
+from mtlsproxy.admission.rules import authorize
 from mtlsproxy.config import parse_config
+from mtlsproxy.config.rules import RuleError, parse_rule
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.identity.peer import read_identity
 from tests.conftest import PKI, Harness, make_cert

@@ -12,17 +12,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from prometheus_client import CollectorRegistry
 
 from mtlsproxy.admission.cache import ValidationCache, Verdict
-from mtlsproxy.admission.policy import algorithm_problem, build_path, check_chain
+from mtlsproxy.admission.policy import build_path, check_chain
 from mtlsproxy.config import RouteConfig, Upstream, parse_upstream
 from mtlsproxy.http.parser import HttptoolsRequestParser, HttptoolsResponseParser, Request
 from mtlsproxy.http.wire import error_response, upstream_request_head
+from mtlsproxy.identity.algorithms import algorithm_problem
 from mtlsproxy.identity.headers import header_block, is_identity_header, render, safe_value
 from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
 from mtlsproxy.proxy.upstream import UpstreamConnection, UpstreamState
-from mtlsproxy.tls.failures import REASONS, classify
+from mtlsproxy.reasons import HANDSHAKE_FAILURE_REASONS as REASONS
+from mtlsproxy.tls.failures import classify
 from mtlsproxy.truststore.bundle import parse_bundle
 from tests.conftest import PKI, UTC, make_cert
 

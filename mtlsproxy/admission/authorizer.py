@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mtlsproxy.config.model import AuthorizerConfig
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
 from mtlsproxy.http.normalize import routing_view, under_prefix
@@ -41,15 +42,6 @@ _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connectio
                        "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip",
                        "true-client-ip", "x-client-ip", "x-original-url", "x-rewrite-url",
                        "x-http-method-override"})
-
-
-@dataclass(frozen=True)
-class AuthorizerConfig:
-    url: str
-    timeout: float = 1.0
-    failure_mode: str = "closed"  # closed | open
-    forward_headers: tuple[str, ...] = ()
-    max_ttl: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -10,39 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-if TYPE_CHECKING:
-    from mtlsproxy.truststore.bundle import TrustBundle
-
-# The model's supported algorithms: SHA-256 or stronger, RSA >= 2048, ECDSA P-256/P-384.
-_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
-_CURVES = (ec.SECP256R1, ec.SECP384R1)
-MIN_RSA_BITS = 2048
-
-
-def algorithm_problem(cert: x509.Certificate, check_signature: bool = True) -> str | None:
-    """Why the certificate's key or signature is outside the policy, or None."""
-    key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            return f"RSA key of {key.key_size} bits (minimum {MIN_RSA_BITS})"
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        if not isinstance(key.curve, _CURVES):
-            return f"ECDSA curve {key.curve.name} (only P-256 and P-384)"
-    else:
-        return f"key type {type(key).__name__.removeprefix('_')} (only RSA and ECDSA)"
-    if check_signature:
-        algo = cert.signature_hash_algorithm
-        if not isinstance(algo, _HASHES):
-            name = algo.name if algo is not None else "none"
-            return f"signature hash {name} (SHA-256 or stronger required)"
-    return None
+from mtlsproxy.identity.algorithms import algorithm_problem
+from mtlsproxy.truststore.bundle import TrustBundle
 
 
 def validity_reason(valid_from: dt.datetime, valid_until: dt.datetime,

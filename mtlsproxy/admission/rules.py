@@ -1,18 +1,9 @@
-"""Per-route client authorization (``routes[].allow``); pure.
+"""Per-route client authorization (``routes[].allow``): does this identity match; pure.
 
 ``allow`` is a list of alternatives; any one admits the client, and inside one every key
 given must match. Evaluated only after the chain is valid; a route with rules refuses
-(fails closed) a connection without a client identity.
-
-Pattern rules (documented in the README):
-- ``subject`` / ``issuer``: a mapping of CN, O, OU to a value; ``*`` and ``?`` are
-  shell-style wildcards within the value, otherwise the match is exact.
-- ``san_dns``: exact name, or ``*.`` + name where ``*`` is exactly one DNS label.
-- ``san_uri``: ``*`` matches within one path segment (never ``/``), ``**`` matches across
-  segments; e.g. ``spiffe://prod.example.com/ns/payments/**``.
-- ``fingerprint_sha256`` (leaf DER), ``spki_sha256`` (leaf SubjectPublicKeyInfo DER),
-  ``issuer_fingerprint_sha256`` (the issuing CA's DER): 64 hex digits, colons allowed,
-  compared in constant time.
+(fails closed) a connection without a client identity. The rules are parsed with the
+config (config/rules.py), which names the key path of a bad one.
 """
 
 from __future__ import annotations
@@ -20,111 +11,48 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import re
-from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from mtlsproxy.config.rules import ATTRIBUTES, Rule
 from mtlsproxy.identity.peer import ClientIdentity
 
-RULE_KEYS = ("subject", "issuer", "san_dns", "san_uri", "fingerprint_sha256", "spki_sha256",
-             "issuer_fingerprint_sha256")
-_ATTRS = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME,
-          "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
-
-class RuleError(ValueError):
-    """A rule that can never match; the message says why."""
-
-
-def _fingerprint(value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise RuleError("must be a string of 64 hex digits")
-    clean = value.replace(":", "").strip().lower()
-    if not _HEX64.match(clean):
-        raise RuleError(f"not a SHA-256 fingerprint (64 hex digits): {value!r}")
-    return bytes.fromhex(clean)
-
-
-def _dns_pattern(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise RuleError("must be a DNS name or *.name")
-    name = value.lower().rstrip(".")
-    labels = name.split(".")
-    rest = labels[1:] if labels[0] == "*" else labels
-    if not rest or not all(_DNS_LABEL.match(label) for label in rest):
-        raise RuleError(f"malformed DNS pattern {value!r} (* only as the whole first label)")
-    return name
-
-
-def _uri_pattern(value: Any) -> re.Pattern[str]:
-    if not isinstance(value, str) or "://" not in value:
-        raise RuleError("must be a URI pattern such as spiffe://domain/path/*")
-    if "***" in value:
-        raise RuleError(f"malformed URI pattern {value!r}")
-    parts = re.split(r"(\*\*|\*)", value)
-    regex = "".join("[^/]*" if p == "*" else ".*" if p == "**" else re.escape(p)
-                    for p in parts)
-    return re.compile(f"^{regex}$")
-
-
-def _name_pattern(value: Any, key: str) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict) or not value:
-        raise RuleError(f"{key} must be a mapping of CN, O, OU to values")
-    out = []
-    for attr, pattern in value.items():
-        if attr not in _ATTRS:
-            raise RuleError(f"{key}.{attr}: unknown attribute (allowed: CN, O, OU)")
-        if not isinstance(pattern, str) or not pattern:
-            raise RuleError(f"{key}.{attr}: must be a non-empty string")
-        if "[" in pattern:
-            raise RuleError(f"{key}.{attr}: character classes are not supported")
-        out.append((attr, pattern))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One alternative of ``allow``: every key given must match."""
-
-    source: str  # the rule as configured, for logs
-    subject: tuple[tuple[str, str], ...] = ()
-    issuer: tuple[tuple[str, str], ...] = ()
-    san_dns: str | None = None
-    san_uri: re.Pattern[str] | None = None
-    fingerprint_sha256: bytes | None = None
-    spki_sha256: bytes | None = None
-    issuer_fingerprint_sha256: bytes | None = None
-
-    def matches(self, identity: ClientIdentity) -> bool:
-        leaf = identity.leaf
-        if self.subject and not _name_matches(leaf.subject, self.subject):
-            return False
-        if self.issuer and not _name_matches(leaf.issuer, self.issuer):
-            return False
-        if self.san_dns is not None and not any(_dns_matches(self.san_dns, d)
-                                                for d in identity.san_dns):
-            return False
-        if self.san_uri is not None and not any(self.san_uri.match(u)
-                                                for u in identity.san_uri):
-            return False
-        if self.fingerprint_sha256 is not None and not hmac.compare_digest(
-                self.fingerprint_sha256, bytes.fromhex(identity.fingerprint_sha256)):
-            return False
-        if self.spki_sha256 is not None and not hmac.compare_digest(
-                self.spki_sha256, _spki_sha256(leaf)):
-            return False
-        if self.issuer_fingerprint_sha256 is not None:
-            issuer_der = identity.chain_der[0] if identity.chain_der else b""
-            if not hmac.compare_digest(self.issuer_fingerprint_sha256,
-                                       hashlib.sha256(issuer_der).digest()):
-                return False
+def authorize(rules: tuple[Rule, ...] | None, identity: ClientIdentity | None) -> bool:
+    """True when admitted; False when refused. ``None`` rules admit everyone validated."""
+    if rules is None:
         return True
+    if identity is None:
+        return False  # fail closed: a rule needs an identity to match
+    return any(rule_matches(rule, identity) for rule in rules)
+
+
+def rule_matches(rule: Rule, identity: ClientIdentity) -> bool:
+    """Every key the rule gives matches the identity."""
+    leaf = identity.leaf
+    if rule.subject and not _name_matches(leaf.subject, rule.subject):
+        return False
+    if rule.issuer and not _name_matches(leaf.issuer, rule.issuer):
+        return False
+    if rule.san_dns is not None and not any(_dns_matches(rule.san_dns, d)
+                                            for d in identity.san_dns):
+        return False
+    if rule.san_uri is not None and not any(rule.san_uri.match(u)
+                                            for u in identity.san_uri):
+        return False
+    if rule.fingerprint_sha256 is not None and not hmac.compare_digest(
+            rule.fingerprint_sha256, bytes.fromhex(identity.fingerprint_sha256)):
+        return False
+    if rule.spki_sha256 is not None and not hmac.compare_digest(
+            rule.spki_sha256, _spki_sha256(leaf)):
+        return False
+    if rule.issuer_fingerprint_sha256 is not None:
+        issuer_der = identity.chain_der[0] if identity.chain_der else b""
+        if not hmac.compare_digest(rule.issuer_fingerprint_sha256,
+                                   hashlib.sha256(issuer_der).digest()):
+            return False
+    return True
 
 
 def _spki_sha256(cert: x509.Certificate) -> bytes:
@@ -135,7 +63,7 @@ def _spki_sha256(cert: x509.Certificate) -> bytes:
 
 def _name_matches(name: x509.Name, patterns: tuple[tuple[str, str], ...]) -> bool:
     for attr, pattern in patterns:
-        values = [str(a.value) for a in name.get_attributes_for_oid(_ATTRS[attr])]
+        values = [str(a.value) for a in name.get_attributes_for_oid(ATTRIBUTES[attr])]
         if not any(fnmatch.fnmatchcase(v, pattern) for v in values):
             return False
     return True
@@ -147,37 +75,3 @@ def _dns_matches(pattern: str, name: str) -> bool:
         head, _, rest = name.partition(".")
         return bool(head) and rest == pattern[2:]
     return name == pattern
-
-
-def parse_rule(raw: Any) -> Rule:
-    """One ``allow`` alternative from config; raises RuleError naming what is wrong."""
-    if not isinstance(raw, dict) or not raw:
-        raise RuleError("an alternative must be a mapping with at least one key")
-    unknown = [k for k in raw if k not in RULE_KEYS]
-    if unknown:
-        raise RuleError(f"{unknown[0]}: unknown key (allowed: {', '.join(RULE_KEYS)})")
-    fields: dict[str, Any] = {"source": ", ".join(f"{k}={raw[k]}" for k in raw)}
-    for key, value in raw.items():
-        try:
-            if key in ("subject", "issuer"):
-                fields[key] = _name_pattern(value, key)
-            elif key == "san_dns":
-                fields[key] = _dns_pattern(value)
-            elif key == "san_uri":
-                fields[key] = _uri_pattern(value)
-            else:
-                fields[key] = _fingerprint(value)
-        except RuleError as exc:
-            message = str(exc)
-            raise RuleError(message if message.startswith(key) else f"{key}: {message}") \
-                from None
-    return Rule(**fields)
-
-
-def authorize(rules: tuple[Rule, ...] | None, identity: ClientIdentity | None) -> bool:
-    """True when admitted; False when refused. ``None`` rules admit everyone validated."""
-    if rules is None:
-        return True
-    if identity is None:
-        return False  # fail closed: a rule needs an identity to match
-    return any(rule.matches(identity) for rule in rules)

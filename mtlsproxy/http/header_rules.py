@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.identity.headers import fold, is_identity_header
+from mtlsproxy.reasons import HEADER_DROP_REASONS
 
 # RFC 9110 section 7.6.1 (Connection) and the de-facto hop-by-hop list proxies strip.
 HOP_BY_HOP = frozenset({
@@ -42,8 +43,8 @@ HOP_BY_HOP = frozenset({
 # itself); the three DROP_* are counted in mtlsproxy_headers_dropped_total by reason.
 (KEEP, DROP, XFF, HOST, EXPECT, FORWARDED, DROP_UNDERSCORE, DROP_IDENTITY, DROP_STRIP,
  DROP_OVERRIDE) = range(10)
-DROP_REASONS = {DROP_UNDERSCORE: "underscore", DROP_IDENTITY: "identity",
-                DROP_STRIP: "strip_headers", DROP_OVERRIDE: "override"}
+DROP_REASONS = dict(zip((DROP_UNDERSCORE, DROP_IDENTITY, DROP_STRIP, DROP_OVERRIDE),
+                        HEADER_DROP_REASONS, strict=True))
 
 # Headers that make a backend serve another path or method than the request line's: IIS
 # URL Rewrite, Laminas and older Symfony read X-Original-URL / X-Rewrite-URL; Express's

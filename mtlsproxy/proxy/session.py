@@ -42,9 +42,9 @@ from mtlsproxy.http.header_rules import UnderscoreRejected
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.headers import fold, header_block
+from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.upstream import UpstreamConnection
 from mtlsproxy.revocation.ocsp import reason_for
-from mtlsproxy.runtime.inbox import Inbox
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 
 if TYPE_CHECKING:

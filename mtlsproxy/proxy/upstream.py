@@ -8,7 +8,7 @@ from typing import Protocol, cast
 
 from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
 from mtlsproxy.http.parser import Event, ResponseParser
-from mtlsproxy.runtime.inbox import Inbox
+from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.runtime.writes import WriteBatch
 
 

@@ -31,11 +31,12 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol
 
+from mtlsproxy.config.model import Networks
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls import native, proxy_protocol
 from mtlsproxy.tls.failures import classify
-from mtlsproxy.tls.proxy_protocol import Networks, trusted_source
+from mtlsproxy.tls.proxy_protocol import trusted_source
 
 # One TLS record's plaintext at most (RFC 8446 section 5.1: 2^14 bytes): SSL_read (no read
 # pipelining) returns one record per call, and CPython allocates the size before shrinking.

@@ -1,4 +1,4 @@
-"""Map a handshake failure to a bounded ``reason`` label; pure.
+"""Map a handshake failure to a bounded ``reason`` label (reasons.py); pure.
 
 The verify codes are OpenSSL's X509_V_ERR_* values (openssl/x509_vfy.h); the table of
 what each client certificate produces was measured in python-tls-findings.md.
@@ -7,15 +7,6 @@ what each client certificate produces was measured in python-tls-findings.md.
 from __future__ import annotations
 
 import ssl
-
-# The bounded label set of mtlsproxy_tls_handshake_failures_total{reason}. Policy-stage
-# reasons (after the handshake) share it so one metric explains every rejection.
-REASONS = (
-    "no_client_certificate", "untrusted", "expired", "not_yet_valid", "bad_signature",
-    "weak_algorithm", "chain_too_long", "unsupported_purpose", "protocol", "timeout",
-    "client_closed", "server_cert_rejected", "unauthorized", "revoked",
-    "revocation_unavailable", "other",
-)
 
 _VERIFY_CODES = {
     2: "untrusted",        # unable to get issuer certificate

@@ -12,13 +12,13 @@ import ipaddress
 import re
 import struct
 
+from mtlsproxy.config.model import Networks
 from mtlsproxy.errors import RemoteProtocolError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107  # the spec's longest v1 line, CRLF included
 _V1_ADDRESS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 def trusted_source(host: str, sources: Networks) -> bool:

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from mtlsproxy.admission.policy import algorithm_problem
 from mtlsproxy.errors import TruststoreError
+from mtlsproxy.identity.algorithms import algorithm_problem
 from mtlsproxy.runtime.pacing import pace
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from mtlsproxy.config.load import parse_s3_uri
 from mtlsproxy.errors import TruststoreError
 
 
@@ -121,14 +122,6 @@ class HttpSource:
             raise TruststoreError(f"{self.uri}: {exc}") from None
         version = hashlib.sha256(data).hexdigest()
         return None if version == current else Fetched(data, version)
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    parts = urlsplit(uri)
-    key = parts.path.lstrip("/")
-    if parts.scheme != "s3" or not parts.netloc or not key:
-        raise ValueError("expected s3://bucket/key")
-    return parts.netloc, key
 
 
 def make_source(uri: str, version: str = "",

@@ -1,0 +1,41 @@
+"""The configuration: its model (model.py), its loader (load.py), route rules (rules.py).
+
+The names below are the package's interface; import them from ``mtlsproxy.config``.
+"""
+
+from mtlsproxy.config.load import (
+    admin_is_loopback,
+    cpu_count,
+    load_config,
+    parse_address,
+    parse_config,
+    parse_s3_uri,
+    parse_upstream,
+)
+from mtlsproxy.config.model import (
+    CLIENT_INTERMEDIATES,
+    FORWARD_FAMILIES,
+    AdminConfig,
+    AuthorizerConfig,
+    CertificateConfig,
+    Config,
+    LimitsConfig,
+    ListenerConfig,
+    MutualTLSConfig,
+    Networks,
+    RevocationConfig,
+    RouteConfig,
+    TimeoutsConfig,
+    TLSConfig,
+    Upstream,
+)
+from mtlsproxy.errors import ConfigError
+
+__all__ = [
+    "CLIENT_INTERMEDIATES", "FORWARD_FAMILIES",
+    "AdminConfig", "AuthorizerConfig", "CertificateConfig", "Config", "ConfigError",
+    "LimitsConfig", "ListenerConfig", "MutualTLSConfig", "Networks", "RevocationConfig",
+    "RouteConfig", "TLSConfig", "TimeoutsConfig", "Upstream", "admin_is_loopback",
+    "cpu_count", "load_config", "parse_address", "parse_config", "parse_s3_uri",
+    "parse_upstream",
+]

@@ -1,0 +1,166 @@
+"""The configuration model: typed, frozen dataclasses, one per section of the YAML.
+
+The loader (config/load.py) builds them and validates every value; everything else reads
+them and never sees YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mtlsproxy.config.rules import Rule
+
+# The peers trusted to send a PROXY protocol header (listeners[].proxy_protocol).
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
+FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
+UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
+FORWARDED_MODES = ("append", "replace")
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    security_policy: str
+    certificates: tuple[CertificateConfig, ...]
+    reload_interval: float = 30.0  # seconds between server certificate file checks
+
+
+@dataclass(frozen=True)
+class RevocationConfig:
+    crl_uris: tuple[str, ...] = ()
+    mode: str = "soft"  # soft: allow and count when a CRL is missing or stale; hard: refuse
+    ocsp: bool = False
+
+
+CLIENT_INTERMEDIATES = ("ignore", "use")
+
+
+@dataclass(frozen=True)
+class MutualTLSConfig:
+    """``truststore_uri == ""`` means mutual TLS is off for the listener."""
+
+    truststore_uri: str = ""
+    truststore_version: str = ""  # S3 VersionId to pin; "" follows the newest version
+    refresh_interval: float = 30.0
+    max_chain_length: int = 4
+    forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
+    revocation: RevocationConfig = RevocationConfig()
+    # "ignore": only truststore CAs build a client's chain (the model: a client is issued
+    # by a CA of the truststore); "use": intermediates the client sends count too.
+    client_intermediates: str = "ignore"
+
+    @property
+    def enabled(self) -> bool:
+        return self.truststore_uri != ""
+
+    @property
+    def truststore_path(self) -> Path:
+        """The local path of a file truststore (a plain path or a file:// URI)."""
+        uri = self.truststore_uri
+        return Path(urlsplit(uri).path) if uri.startswith("file://") else Path(uri)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    # The label used in metrics and logs, ``host:port`` (``[::1]:port`` for an IPv6 host,
+    # as in a URL and nginx's $upstream_addr): a field, read on every request.
+    key: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "key", f"{host}:{self.port}")  # frozen: set once
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    path_prefix: str
+    upstream: Upstream
+    host: str | None = None
+    strip_prefix: bool = False
+    allow: tuple[Rule, ...] | None = None  # None: every validated client
+    authorizer: AuthorizerConfig | None = None
+    # The route's label in metrics and logs: a field, read on every request.
+    name: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.host or ''}{self.path_prefix}")  # frozen
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    # Defaults follow the peers: nginx client_header_timeout 60s is too generous for a
+    # sidecar; Envoy's recommended edge settings use 10s for headers and 60s idle.
+    handshake: float = 10.0
+    request_headers: float = 10.0
+    idle: float = 60.0
+    upstream_connect: float = 5.0
+    upstream_read: float = 60.0  # nginx proxy_read_timeout
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Envoy's max_request_headers_kb defaults to 60; nginx's large buffers to 4 x 8k.
+    max_header_bytes: int = 32768
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    tls: TLSConfig
+    mutual_tls: MutualTLSConfig
+    routes: tuple[RouteConfig, ...]
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    proxy_protocol: bool = False  # PROXY v1/v2 header required before TLS
+    # The peers allowed to send that header (proxy_protocol.trusted_sources); None: any.
+    proxy_protocol_sources: Networks | None = None
+    # What a client may say in headers and paths (issue 20; README "Security model").
+    # headers_with_underscores is a top-level key, copied into every listener.
+    headers_with_underscores: str = "drop"  # drop | reject | allow (Envoy's action)
+    strip_headers: tuple[str, ...] = ()  # the operator's own: names, or prefixes with "*"
+    forwarded_headers: str = "append"  # append | replace (X-Forwarded-For, Forwarded)
+    merge_slashes: bool = True
+    escaped_slashes: str = "reject"  # reject | keep | unescape (%2F, %5C, \\, %00)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    admin: AdminConfig | None = AdminConfig()
+    drain_timeout: float = 20.0
+    parser: str = "httptools"
+    access_log: bool = True
+    source: Path | None = None
+    workers: int = 1  # processes sharing the listen ports (SO_REUSEPORT); "auto" = cores
+
+
+@dataclass(frozen=True)
+class AuthorizerConfig:
+    url: str
+    timeout: float = 1.0
+    failure_mode: str = "closed"  # closed | open
+    forward_headers: tuple[str, ...] = ()
+    max_ttl: float = 300.0

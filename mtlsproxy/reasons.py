@@ -1,0 +1,21 @@
+"""The bounded label vocabularies of the refusal metrics, in one place.
+
+Metrics declare every series at zero from these tuples, and the code that refuses or drops
+names its reason from them; keeping them here (below both) lets metrics.py know them without
+importing the TLS or HTTP layers.
+"""
+
+from __future__ import annotations
+
+# mtlsproxy_tls_handshake_failures_total{reason}. Policy-stage reasons (after the
+# handshake) share it so one metric explains every rejection.
+HANDSHAKE_FAILURE_REASONS = (
+    "no_client_certificate", "untrusted", "expired", "not_yet_valid", "bad_signature",
+    "weak_algorithm", "chain_too_long", "unsupported_purpose", "protocol", "timeout",
+    "client_closed", "server_cert_rejected", "unauthorized", "revoked",
+    "revocation_unavailable", "other",
+)
+
+# mtlsproxy_headers_dropped_total{reason}: a header name with "_", a forged identity header,
+# a listener's strip_headers entry, a header that rewrites the path or method.
+HEADER_DROP_REASONS = ("underscore", "identity", "strip_headers", "override")
