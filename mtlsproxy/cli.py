@@ -85,11 +85,11 @@ def _load(args: argparse.Namespace) -> Config | None:
 def _load_problems(config: Config) -> list[str]:
     """Truststores and server certificates, loaded as ``run`` would load them; each
     problem is printed (naming its key) and returned."""
-    from mtlsproxy.server.generation import load_generation
+    from mtlsproxy.server.generation import fetch_generation
     problems = []
     for i, lc in enumerate(config.listeners):
         try:
-            load_generation(lc)
+            fetch_generation(lc)
         except TruststoreError as exc:
             problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
     for p in problems:

@@ -282,3 +282,37 @@ class TruststoreMetrics:
         self.certificates.labels(listener).set(usable)
         self.warnings.labels(listener).set(warnings)
         self.last_success.labels(listener).set(now)
+
+
+class ServerCertMetrics:
+    """Server certificate reloads (tls/server_certs.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reloads = Counter("mtlsproxy_server_cert_reloads",
+                               "Server certificate reloads by result: applied, failed.",
+                               ["listener", "result"], registry=registry)
+        self.not_after = Gauge("mtlsproxy_server_cert_not_after_timestamp_seconds",
+                               "The earliest expiry among a listener's server certificates.",
+                               ["listener"], registry=registry, multiprocess_mode="livemin")
+
+
+def crl_stale_gauge(registry: CollectorRegistry) -> Gauge:
+    """1 per (listener, issuer) whose CRL is past its nextUpdate (revocation/watcher.py)."""
+    return Gauge("mtlsproxy_crl_stale",
+                 "1 when a CRL in use is past its nextUpdate (soft mode admits anyway).",
+                 ["listener", "issuer"], registry=registry,
+                 multiprocess_mode="livemax")
+
+
+class ServerMetrics:
+    """The process's own state: readiness and config reloads (server/proxy_server.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Set on every change of state, not computed at scrape time: a worker's value must
+        # reach the multiprocess files. With workers: 1 only when every worker is ready.
+        self.ready = Gauge(
+            "mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
+            registry=registry, multiprocess_mode="livemin")
+        self.config_reloads = Counter(
+            "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
+            registry=registry)

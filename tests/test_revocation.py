@@ -219,12 +219,11 @@ def test_a_crl_fetched_between_a_reload_build_and_its_swap_is_the_one_attached(
     serial = harness.pki.client.cert.serial_number
     f.write_bytes(crl(harness.pki.inter, [serial]))
     assert watcher.fetch_all()  # what the periodic refresh does meanwhile
-    attached = harness.loop.call(lambda: watcher.attach(gen, prepared))
-    assert attached.revocation is not None
-    assert [serial in c.revoked for c in attached.revocation.crls.values()] == [True]
+    attached = harness.loop.call(lambda: watcher.attach_state(gen.bundle, prepared))
+    assert [serial in c.revoked for c in attached.crls.values()] == [True]
     # Prepared from the CRLs still current, it is taken as it is.
     again = watcher.prepare(gen.bundle)
-    assert harness.loop.call(lambda: watcher.attach(gen, again)).revocation is again.state
+    assert harness.loop.call(lambda: watcher.attach_state(gen.bundle, again)) is again.state
 
 
 @pytest.fixture

@@ -1,38 +1,59 @@
 """Fetch a listener's CRLs every refresh and re-decide when they change; I/O at the edge.
 
-A changed CRL (or a CRL turning stale) gives the listener a new generation number with the
-same TLS contexts (``Generation.with_revocation``): tickets stay valid, every cached verdict
-is re-decided, and kept-alive connections are re-checked on their next request. A truststore
-swap re-verifies the current CRLs against the new bundle (``attach``).
+A changed CRL (or a CRL turning stale) makes the listener's generation owner
+(server/generation.py) install a new generation number with the same TLS contexts: tickets
+stay valid, every cached verdict is re-decided, and kept-alive connections are re-checked on
+their next request. A truststore swap re-verifies the current CRLs against the new bundle
+(``attach_state``). The owner serialises these with every other change of the generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
 
+from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.revocation.crl import RevocationState, build_state
-from mtlsproxy.runtime.background import run_build
 from mtlsproxy.runtime.periodic import Periodic
-from mtlsproxy.server.generation import Generation
 from mtlsproxy.truststore.bundle import TrustBundle
 from mtlsproxy.truststore.sources import Source, make_source
-
-if TYPE_CHECKING:
-    from mtlsproxy.server.listener import ListenerRuntime
 
 log = logging.getLogger("mtlsproxy.revocation")
 
 
+class Installed(Protocol):
+    """A generation as this module sees it."""
+
+    @property
+    def bundle(self) -> TrustBundle | None: ...
+    @property
+    def revocation(self) -> RevocationState | None: ...
+
+
+class Owner(Protocol):
+    """The listener's generation owner (server/generation.py): the one writer."""
+
+    @property
+    def config(self) -> ListenerConfig: ...
+    @property
+    def current(self) -> Installed: ...
+    async def revocation_changed(self) -> None: ...
+
+
 class RevocationWatcher(Periodic):
-    def __init__(self, rt: ListenerRuntime, stale_gauge: Gauge) -> None:
-        self.rt = rt
-        cfg = rt.config.mutual_tls.revocation
+    def __init__(self, owner: Owner, stale_gauge: Gauge,
+                 clock: Callable[[], dt.datetime]) -> None:
+        self.owner = owner
+        self.name = owner.config.name
+        self.clock = clock
+        cfg = owner.config.mutual_tls.revocation
         self.mode = cfg.mode
         self.sources: dict[str, Source] = {u: make_source(u) for u in cfg.crl_uris}
         self.data: dict[str, bytes | None] = {u: None for u in cfg.crl_uris}
@@ -41,7 +62,7 @@ class RevocationWatcher(Periodic):
         self._stale: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
-        return f"<RevocationWatcher {self.rt.name} crls={len(self.sources)} mode={self.mode}>"
+        return f"<RevocationWatcher {self.name} crls={len(self.sources)} mode={self.mode}>"
 
     def fetch_all(self) -> bool:
         """Blocking: fetch every CRL that changed; True when any did."""
@@ -51,7 +72,7 @@ class RevocationWatcher(Periodic):
                 fetched = source.check(self.versions[uri])
             except TruststoreError as exc:
                 if self.data[uri] is not None or self.versions[uri] is None:
-                    log.warning("CRL %s of %s not updated: %s", uri, self.rt.name, exc)
+                    log.warning("CRL %s of %s not updated: %s", uri, self.name, exc)
                 if self.versions[uri] is None:
                     self.versions[uri] = ""  # tried once; keep data None (missing)
                 continue
@@ -66,25 +87,27 @@ class RevocationWatcher(Periodic):
         data = dict(self.data)
         state = build_state(self.mode, data, bundle)
         for problem in state.problems:
-            log.warning("revocation of %s: %s", self.rt.name, problem)
+            log.warning("revocation of %s: %s", self.name, problem)
         return Prepared(bundle, data, state)
 
-    def attach(self, gen: Generation, prepared: Prepared | None = None) -> Generation:
-        """``gen`` carrying the current CRLs, verified against its own bundle: by
-        ``prepared`` when it was made for that bundle from the CRLs still current, else
-        here (a fetch landed in between: rare, and what ``refresh`` may not redo)."""
+    def attach_state(self, bundle: TrustBundle | None,
+                     prepared: Prepared | None = None) -> RevocationState:
+        """The current CRLs verified against ``bundle``: ``prepared`` when it was made for
+        that bundle from the CRLs still current, else built here (a fetch landed in
+        between). Blocking when it builds: the owner calls it on the build thread, or with
+        a ``prepared`` state on the loop."""
         # (The URIs are fixed for a watcher's life; a fetch replaces a CRL's bytes object.)
-        if (prepared is None or prepared.bundle is not gen.bundle
+        if (prepared is None or prepared.bundle is not bundle
                 or any(self.data[u] is not d for u, d in prepared.data.items())):
-            prepared = self.prepare(gen.bundle)
+            prepared = self.prepare(bundle)
         self._publish(prepared.state)
-        return gen.with_revocation(prepared.state)
+        return prepared.state
 
     def _publish(self, state: RevocationState) -> frozenset[str]:
-        now = self.rt.clock()
+        now = self.clock()
         stale = frozenset(c.issuer for c in state.stale(now))
         for crl in state.crls.values():
-            self.stale_gauge.labels(self.rt.name, crl.issuer).set(1 if crl.issuer in stale
+            self.stale_gauge.labels(self.name, crl.issuer).set(1 if crl.issuer in stale
                                                                   else 0)
         self._stale = stale
         return stale
@@ -92,10 +115,10 @@ class RevocationWatcher(Periodic):
     def next_wait(self) -> float:
         """Seconds to the next refresh: the interval, or sooner when a CRL's nextUpdate
         comes first (re-fetch as soon as the issuer publishes the next one)."""
-        wait = self.rt.config.mutual_tls.refresh_interval
-        state = self.rt.holder.current.revocation
+        wait = self.owner.config.mutual_tls.refresh_interval
+        state = self.owner.current.revocation
         if state is not None:
-            now = self.rt.clock()
+            now = self.clock()
             for crl in state.crls.values():
                 if crl.next_update is not None and crl.next_update > now:
                     wait = min(wait, max(1.0, (crl.next_update - now).total_seconds()))
@@ -104,28 +127,15 @@ class RevocationWatcher(Periodic):
     async def refresh(self) -> None:
         loop = asyncio.get_running_loop()
         changed = await loop.run_in_executor(None, self.fetch_all)
-        current = self.rt.holder.current
-        before = self._stale
-        if current.revocation is not None and not changed:
+        current = self.owner.current.revocation
+        if current is not None and not changed:
             # Only the clock moved: a CRL past its nextUpdate changes decisions (hard mode).
-            if self._publish(current.revocation) == before:
+            before = self._stale
+            if self._publish(current) == before:
                 return
-        # On the build thread: loading and indexing a CRL costs ~0.7 us per entry (70 ms
-        # for 100,000), a stall if it ran on the event loop.
-        # Why the retry is enough: the build thread is ONE thread (background.executor), so
-        # builds finish in the order they were queued. A truststore swap whose attach read
-        # the CRLs from before this fetch was queued before this attach, so it lands
-        # first, and the check below sees it and attaches again. With two build threads
-        # that attach could land after this one and put the old CRLs back.
-        while True:
-            attached = await run_build(self.attach, current)
-            if self.rt.holder.current is current:
-                break
-            # A truststore swap landed meanwhile; its CRLs may predate this fetch.
-            current = self.rt.holder.current
-        self.rt.holder.swap(attached)
-        log.info("revocation state of %s updated (generation %d)", self.rt.name,
-                 self.rt.holder.current.number)
+        # The owner verifies the CRLs on the build thread (a CRL of many entries would
+        # stall the loop) and installs them after any change queued before this one.
+        await self.owner.revocation_changed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +146,4 @@ class Prepared:
     bundle: TrustBundle | None
     data: dict[str, bytes | None]
     state: RevocationState
-
-
-def crl_stale_gauge(registry: CollectorRegistry) -> Gauge:
-    return Gauge("mtlsproxy_crl_stale",
-                 "1 when a CRL in use is past its nextUpdate (soft mode admits anyway).",
-                 ["listener", "issuer"], registry=registry,
-                 multiprocess_mode="livemax")
 

@@ -1,23 +1,39 @@
-"""The current truststore generation of one listener; a swap is one assignment.
+"""A listener's generation (bundle, contexts, revocation state) and its one owner.
 
-Everything a generation needs (bundle, contexts) is built completely before ``swap``;
-readers take ``holder.current`` once per connection and keep that snapshot, so a swap can
-never leave a connection with half of an old and half of a new truststore.
+Rules of this module:
+- Everything a generation needs is built completely before ``swap``; readers take
+  ``holder.current`` once per connection and keep that snapshot, so a swap can never leave
+  a connection with half of an old and half of a new truststore (ghostunnel's reload).
+- ``GenerationOwner`` is the only writer. Its changes (a truststore version, CRLs, the
+  server certificate files, a SIGHUP reload) run one at a time under its lock, and each
+  builds from the generation current once it holds the lock: a change that awaited a build
+  can never install contexts made from a generation that another change replaced meanwhile.
+- The watchers (truststore/, revocation/, tls/) only notice changes and call the owner;
+  they sit below this layer and know it through the small protocols they declare.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.revocation.crl import RevocationState
+from mtlsproxy.runtime.background import dispose, run_build
 from mtlsproxy.tls.contexts import ServerContexts, build_server_contexts
 from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
 from mtlsproxy.truststore.sources import Source, make_source
+
+if TYPE_CHECKING:
+    from mtlsproxy.revocation.watcher import RevocationWatcher
+
+log = logging.getLogger("mtlsproxy.truststore")
 
 _generations = itertools.count(1)
 
@@ -82,11 +98,6 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
                       time.time() if now is None else now, version)
 
 
-def load_generation(listener: ListenerConfig, source: Source | None = None) -> Generation:
-    """Fetch the listener's truststore (if mutual TLS is on) and build a generation."""
-    return fetch_generation(listener, source)[0]
-
-
 def fetch_generation(listener: ListenerConfig, source: Source | None = None
                      ) -> tuple[Generation, bytes | None]:
     """(generation, the truststore bytes); blocking: start-up and CLI only."""
@@ -116,3 +127,69 @@ class TruststoreHolder:
         g = self.current
         sha = g.bundle.sha256[:12] if g.bundle else "-"
         return f"<TruststoreHolder generation={g.number} uri={g.uri!r} sha256={sha}>"
+
+
+class GenerationOwner:
+    """The one writer of a listener's generation; see the rules at the top."""
+
+    def __init__(self, config: ListenerConfig, initial: Generation) -> None:
+        self.config = config  # the inputs the next build reads (a reload replaces them)
+        self.holder = TruststoreHolder(initial)
+        self.revocation: RevocationWatcher | None = None
+        self.lock = asyncio.Lock()  # held by every change, and by a reload across listeners
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def current(self) -> Generation:
+        return self.holder.current
+
+    def __repr__(self) -> str:
+        return f"<GenerationOwner {self.name} {self.holder!r} locked={self.lock.locked()}>"
+
+    def attach_revocation(self, watcher: RevocationWatcher | None) -> None:
+        """Start-up and reload (the lock held or not yet needed): the CRLs ``watcher``
+        has fetched, verified against the current bundle, or none."""
+        self.revocation = watcher
+        state = watcher.attach_state(self.current.bundle) if watcher is not None else None
+        self.holder.swap(self.current.with_revocation(state))
+
+    async def truststore_changed(self, data: bytes, version: str) -> Generation:
+        """A new truststore version: a new generation built from it; raises TruststoreError
+        and leaves the current one serving."""
+        async with self.lock:
+            gen = await run_build(build_generation, self.config, data, None, version)
+            if self.revocation is not None:
+                state = await run_build(self.revocation.attach_state, gen.bundle)
+                gen = gen.with_revocation(state)
+            old = self.holder.swap(gen)
+            log.info("truststore of %s: generation %d -> %d (version %s, %d CAs)", self.name,
+                     old.number, gen.number, version,
+                     len(gen.bundle.certs) if gen.bundle else 0)
+            dispose(old)
+            del old
+            return gen
+
+    async def revocation_changed(self) -> None:
+        """The CRLs changed (or one turned stale): the same contexts under a new number."""
+        async with self.lock:
+            watcher = self.revocation
+            if watcher is None:
+                return
+            state = await run_build(watcher.attach_state, self.current.bundle)
+            self.holder.swap(self.current.with_revocation(state))
+            log.info("revocation state of %s updated (generation %d)", self.name,
+                     self.current.number)
+
+    async def server_certs_changed(self) -> None:
+        """New server certificate files: contexts rebuilt around the bundle in use; raises
+        (TruststoreError, ValueError, OSError) and leaves the current one serving."""
+        async with self.lock:
+            current = self.current
+            contexts = await run_build(build_server_contexts, self.config.tls, current.bundle,
+                                       self.name)
+            # The replaced contexts hold the truststore's X509_STORE: freed off the loop.
+            dispose(self.holder.swap(dataclasses.replace(
+                current, number=next_generation_number(), contexts=contexts)))

@@ -25,7 +25,7 @@ from mtlsproxy.proxy.session import ProxySession
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
-from mtlsproxy.server.generation import TruststoreHolder
+from mtlsproxy.server.generation import GenerationOwner
 from mtlsproxy.tls.bio import TLSConnection
 
 log = logging.getLogger("mtlsproxy")
@@ -72,7 +72,7 @@ class _Refuse(asyncio.Protocol):
 
 
 class ListenerRuntime:
-    def __init__(self, config: ListenerConfig, holder: TruststoreHolder, metrics: Metrics,
+    def __init__(self, config: ListenerConfig, owner: GenerationOwner, metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
                  clock: Callable[[], dt.datetime] = utc_now,
                  access_log: AccessLog | None = None, worker: int | None = None,
@@ -81,7 +81,8 @@ class ListenerRuntime:
         self.writes = writes  # client connections' sends deferred to the pass's end
         self.worker = worker  # index among ``workers: N``; None when there is one process
         self.name = config.name
-        self.holder = holder
+        self.owner = owner  # the one writer of the generation
+        self.holder = owner.holder  # read: holder.current
         self.metrics = metrics
         self.pool = pool
         self.cache = cache
@@ -93,7 +94,6 @@ class ListenerRuntime:
         self.header_rules = self.make_header_rules(config)
         self.authorizer = AuthorizerClient(
             lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
-        self.revocation: RevocationWatcher | None = None
         self.ocsp: OcspClient | None = None
         self.configure_ocsp()
         self.sessions: set[ProxySession] = set()
@@ -121,6 +121,10 @@ class ListenerRuntime:
         return HeaderRules(config.headers_with_underscores, config.strip_headers,
                            config.forwarded_headers,
                            lambda reason: dropped.labels(name, reason).inc())
+
+    @property
+    def revocation(self) -> RevocationWatcher | None:
+        return self.owner.revocation
 
     def configure_ocsp(self) -> None:
         wanted = self.config.mutual_tls.revocation.ocsp

@@ -8,6 +8,7 @@ true only when all are bound. Stop order is the reverse, with a bounded drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import signal
@@ -15,27 +16,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
-from mtlsproxy.metrics import Metrics, TruststoreMetrics
-from mtlsproxy.proxy.pool import UpstreamPool
-from mtlsproxy.proxy.routing import Router
-from mtlsproxy.revocation.watcher import (
-    Prepared,
-    RevocationWatcher,
+from mtlsproxy.metrics import (
+    Metrics,
+    ServerCertMetrics,
+    ServerMetrics,
+    TruststoreMetrics,
     crl_stale_gauge,
 )
+from mtlsproxy.proxy.pool import UpstreamPool
+from mtlsproxy.proxy.routing import Router
+from mtlsproxy.revocation.watcher import Prepared, RevocationWatcher
 from mtlsproxy.runtime.background import run_build
 from mtlsproxy.runtime.periodic import Periodic
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.server.admin import AdminServer
-from mtlsproxy.server.generation import Generation, TruststoreHolder, fetch_generation
+from mtlsproxy.server.generation import Generation, GenerationOwner, fetch_generation
 from mtlsproxy.server.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.server.workers import WorkerSettings
-from mtlsproxy.tls.server_certs import ServerCertMetrics, ServerCertWatcher
+from mtlsproxy.tls.server_certs import ServerCertWatcher
 from mtlsproxy.truststore.sources import default_s3_client, make_source
 from mtlsproxy.truststore.watcher import TruststoreWatcher
 
@@ -90,16 +93,12 @@ class ProxyServer:
         self.s3_client_factory = s3_client_factory
         self.crl_stale = crl_stale_gauge(self.registry)
         self.server_cert_metrics = ServerCertMetrics(self.registry)
-        # Set on every change of state, not computed at scrape time: a worker's value must
-        # reach the multiprocess files. With workers: 1 only when every worker is ready.
-        self.ready_gauge = Gauge(
-            "mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
-            registry=self.registry, multiprocess_mode="livemin")
+        server_metrics = ServerMetrics(self.registry)
+        self.ready_gauge = server_metrics.ready
         self.ready_gauge.set(0)
         self.cert_watchers: list[ServerCertWatcher] = []
-        self.config_reloads = Counter(
-            "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
-            registry=self.registry)
+        self.config_reloads = server_metrics.config_reloads
+        self.clock = clock
         self.listeners: list[ListenerRuntime] = []
         self.watchers: dict[str, TruststoreWatcher] = {}
         for i, lc in enumerate(config.listeners):
@@ -110,16 +109,16 @@ class ProxyServer:
                 generation, data = fetch_generation(lc, source)
             except TruststoreError as exc:
                 raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
-            runtime = ListenerRuntime(lc, TruststoreHolder(generation), self.metrics, self.pool,
+            runtime = ListenerRuntime(lc, GenerationOwner(lc, generation), self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log,
                                       worker=None if worker is None else worker.index,
                                       writes=self.writes)
             self._setup_revocation(runtime)
-            self.cert_watchers.append(ServerCertWatcher(runtime, self.server_cert_metrics))
+            self.cert_watchers.append(ServerCertWatcher(runtime.owner, self.server_cert_metrics))
             self.listeners.append(runtime)
             if source is not None and data is not None:
-                self.watchers[lc.name] = TruststoreWatcher(runtime, source,
-                                                           self.truststore_metrics, data)
+                self.watchers[lc.name] = TruststoreWatcher(runtime.owner, source,
+                                                           self.truststore_metrics, data, clock)
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(config.admin.host, config.admin.port,
@@ -143,12 +142,10 @@ class ProxyServer:
     def _setup_revocation(self, runtime: ListenerRuntime) -> None:
         """Fetch the CRLs (blocking: start-up and reload only) and attach them."""
         if not runtime.config.mutual_tls.revocation.crl_uris:
-            runtime.revocation = None
             return
-        watcher = RevocationWatcher(runtime, self.crl_stale)
+        watcher = RevocationWatcher(runtime.owner, self.crl_stale, self.clock)
         watcher.fetch_all()
-        runtime.holder.swap(watcher.attach(runtime.holder.current))
-        runtime.revocation = watcher
+        runtime.owner.attach_revocation(watcher)
 
     def __repr__(self) -> str:
         names = [lr.name for lr in self.listeners]
@@ -236,6 +233,15 @@ class ProxyServer:
         problems = self._not_live(new)
         if problems:
             return self._reload_failed(problems)
+        # Every listener's generation stays still from the first build to the last apply:
+        # a watcher's change waits, then builds from what the reload installed.
+        async with contextlib.AsyncExitStack() as held:
+            for lr in self.listeners:
+                await held.enter_async_context(lr.owner.lock)
+            return await self._reload_held(new)
+
+    async def _reload_held(self, new: Config) -> list[str]:
+        problems: list[str] = []
         # Build every new truststore generation first; apply nothing unless all succeed.
         built: dict[str, _Built] = {}
         for i, (lr, lc) in enumerate(zip(self.listeners, new.listeners, strict=True)):
@@ -272,22 +278,26 @@ class ProxyServer:
         old_revocation = lr.config.mutual_tls.revocation
         old_intermediates = lr.config.mutual_tls.client_intermediates
         lr.config = lc
+        lr.owner.config = lc
         lr.router = Router(lc.routes)
         lr.header_rules = lr.make_header_rules(lc)
         lr.configure_ocsp()
         if old_revocation != lc.mutual_tls.revocation:
             if lr.revocation is not None:
                 lr.revocation.stop()
-            lr.revocation = None
+            watcher = None
             if lc.mutual_tls.revocation.crl_uris:
-                lr.revocation = RevocationWatcher(lr, self.crl_stale)
+                watcher = RevocationWatcher(lr.owner, self.crl_stale, self.clock)
                 if self.started:
-                    lr.revocation.start()
-                    asyncio.get_running_loop().create_task(lr.revocation.refresh())
+                    watcher.start()
+                    asyncio.get_running_loop().create_task(watcher.refresh())
+            if watcher is None:
+                lr.owner.attach_revocation(None)  # no CRLs: verdicts decided again without
+            else:
+                lr.owner.revocation = watcher  # its first refresh installs its CRLs
         if built is None:
-            if old_revocation != lc.mutual_tls.revocation and lr.revocation is None:
-                lr.holder.swap(lr.holder.current.with_revocation(None))
-            elif old_intermediates != lc.mutual_tls.client_intermediates:
+            if (old_revocation == lc.mutual_tls.revocation
+                    and old_intermediates != lc.mutual_tls.client_intermediates):
                 # Verdicts are cached per generation number: a new one decides them all
                 # again under the new mode; the contexts (and session tickets) are kept.
                 lr.holder.swap(lr.holder.current.renumbered())
@@ -296,16 +306,18 @@ class ProxyServer:
         if lr.revocation is not None:
             # A new watcher (the revocation config changed) has fetched nothing yet: its
             # state is empty and cheap; a kept one takes what the build thread prepared.
-            generation = lr.revocation.attach(generation, built.prepared)
+            generation = generation.with_revocation(
+                lr.revocation.attach_state(generation.bundle, built.prepared))
         lr.holder.swap(generation)
         old_watcher = self.watchers.pop(lc.name, None)
         if old_watcher is not None:
             old_watcher.stop()
         if source is not None and data is not None:
-            watcher = TruststoreWatcher(lr, source, self.truststore_metrics, data)
-            self.watchers[lc.name] = watcher
+            truststore_watcher = TruststoreWatcher(lr.owner, source, self.truststore_metrics,
+                                                   data, self.clock)
+            self.watchers[lc.name] = truststore_watcher
             if self.started:
-                watcher.start()
+                truststore_watcher.start()
 
     def request_stop(self) -> None:
         self._stop.set()
