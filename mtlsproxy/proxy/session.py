@@ -19,6 +19,10 @@ Rules of this module:
 - What is routed, authorized and forwarded is one target: ``_screen`` normalises it
   (http/normalize.py) and applies the header rules that refuse a request, on both paths,
   before any route is looked up.
+- Who may pass is decided by the listener's ``Admission`` (admission/admit.py) alone, on
+  both paths: ``admit_now`` in callbacks, ``admit`` when it needs an await.
+- The session sees its listener through the ``Listener`` protocol below: what it reads
+  (settings, routes, admission, the pool) and what it reports (counts, the access log).
 - Before the response head is sent, every failure becomes a small JSON error
   (400/403/404/408/431/501/502/504); after it, the only honest signal is closing the
   connection. Either way the client is never left hanging.
@@ -29,27 +33,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
-from mtlsproxy.admission.authorizer import Decision
+from mtlsproxy.admission.admit import (
+    ADMITTED,
+    Admission,
+    Admitted,
+    Installed,
+    Refusal,
+    Scope,
+)
 from mtlsproxy.admission.cache import Verdict
-from mtlsproxy.admission.rules import authorize
-from mtlsproxy.admission.verify import anonymous, cached_verdict, refused
-from mtlsproxy.config import RouteConfig, Upstream
+from mtlsproxy.config import ListenerConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
-from mtlsproxy.http.header_rules import UnderscoreRejected
+from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.proxy.inbox import Inbox
+from mtlsproxy.proxy.pool import UpstreamPool
+from mtlsproxy.proxy.routing import Router
 from mtlsproxy.proxy.upstream import UpstreamConnection
-from mtlsproxy.revocation.ocsp import reason_for
 from mtlsproxy.tls.bio import OPEN, TLSConnection
-
-if TYPE_CHECKING:
-    from mtlsproxy.server.listener import ListenerRuntime
-
+from mtlsproxy.tls.contexts import ServerContexts
 
 log = logging.getLogger("mtlsproxy")
 
@@ -73,6 +81,42 @@ class _Fast:
         self.up, self.head, self.start = up, head, start
 
 
+class Snapshot(Installed, Protocol):
+    """The listener's generation a connection's handshake used."""
+
+    @property
+    def contexts(self) -> ServerContexts: ...
+
+
+class Listener(Protocol):
+    """What a session reads from its listener and reports to it (server/listener.py)."""
+
+    name: str
+    config: ListenerConfig  # timeouts, limits, path settings: read per use (reloads)
+    parser_kind: str
+    router: Router
+    header_rules: HeaderRules
+    admission: Admission
+    pool: UpstreamPool
+    draining: bool
+    loop_time: Callable[[], float]
+    fast_exchanges: int
+
+    @property
+    def access_log(self) -> object | None: ...  # None: no access log, no record built
+
+    def generation(self) -> Snapshot: ...
+    def connection_opened(self, session: ProxySession) -> None: ...
+    def connection_closed(self, session: ProxySession) -> None: ...
+    def count_handshake(self, resumed: bool) -> None: ...
+    def count_handshake_failure(self, reason: str, client: str,
+                                exc: BaseException | None) -> None: ...
+    def count_request(self, route: str, status: int, duration: float) -> None: ...
+    def count_upstream_error(self, upstream: str, kind: str) -> None: ...
+    def access(self, session: ProxySession, req: Request, status: int, sent: int,
+               duration: float, upstream: str) -> None: ...
+
+
 _PARK = object()  # _next_request: nothing queued; return to callback mode
 _NO_NAMES: frozenset[bytes] = frozenset()
 
@@ -83,10 +127,10 @@ class ProxySession:
                  "idle", "served", "deadline", "waiting_on", "_head_bytes_seen",
                  "_refusal_counted", "_parse_failed", "__weakref__")
 
-    def __init__(self, rt: ListenerRuntime, conn: TLSConnection) -> None:
+    def __init__(self, rt: Listener, conn: TLSConnection) -> None:
         self.rt = rt
         self.conn = conn
-        self.generation = rt.holder.current  # one snapshot for the connection's life
+        self.generation = rt.generation()  # one snapshot for the connection's life
         self.verdict: Verdict | None = None
         self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes)
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
@@ -117,21 +161,13 @@ class ProxySession:
         resumed = conn.session_reused
         rt.count_handshake(resumed)
         gen = self.generation
-        if gen.bundle is None:
-            self.verdict = anonymous(gen.number)
-        else:
-            leaf = conn.peer_certificate_der()
-            if leaf is None:
-                self.verdict = refused(gen.number, "no_client_certificate")
-            else:
-                chain = None if resumed else conn.verified_chain_der
-                self.verdict, hit = cached_verdict(rt.cache, leaf, chain, gen.bundle,
-                                                   gen.number, rt.config.mutual_tls,
-                                                   gen.revocation)
-                rt.count_cache(hit)
-        now = rt.clock()
-        if not self.verdict.admits(now):
-            reason = self.verdict.reason_at(now)
+        admission = rt.admission
+        self.verdict = verdict = admission.handshake(
+            gen, conn.peer_certificate_der() if gen.bundle is not None else None,
+            None if resumed else conn.verified_chain_der)
+        now = admission.clock()
+        if not verdict.admits(now):
+            reason = verdict.reason_at(now)
             assert reason is not None  # admits() is reason_at() is None
             self._count_refusal(reason)
         self._park()
@@ -233,9 +269,7 @@ class ProxySession:
     def _try_fast(self, req: Request) -> bool:
         """Forward ``req`` from this callback if nothing in it needs the general path."""
         rt = self.rt
-        verdict = self.verdict
-        if (verdict is None or verdict.generation != rt.holder.current.number
-                or rt.ocsp is not None or rt.draining or not verdict.admits(rt.clock())):
+        if self.verdict is None or rt.draining:
             return False
         target = req.target
         # _screen's own test, inline: the usual request has nothing to normalise or refuse
@@ -250,11 +284,12 @@ class ProxySession:
         if match is None:
             return False
         route, target = match
-        # Rules decided before for this verdict only; a first decision (and its log line)
-        # belongs to the general path.
-        if route.authorizer is not None or (
-                route.allow is not None and verdict.authz.get(route) is not True):
+        # The same decision as the general path's; a refusal (its answer, its count, its
+        # log line) and anything that needs an await belong to the general path.
+        self.verdict, outcome = rt.admission.admit_now(self.verdict, route)
+        if outcome is not ADMITTED:
             return False
+        verdict = self.verdict
         up = rt.pool.take_idle(route.upstream.key)
         if up is None:
             return False
@@ -462,43 +497,27 @@ class ProxySession:
             if fast is not None:
                 status, sent, keep = await self._forward(req, fast.upstream, fast.head, fast)
                 return keep
-            verdict = self.verdict
-            assert verdict is not None
-            if verdict.generation != rt.holder.current.number:
-                verdict = self._recheck(verdict)
-            reason = verdict.reason_at(rt.clock())
-            if reason is None and rt.ocsp is not None and verdict.identity is not None:
-                answer = await rt.ocsp.answer(verdict.identity)  # cached until nextUpdate
-                reason = reason_for(answer, rt.config.mutual_tls.revocation.mode)
-            if reason is not None:
-                self._count_refusal(reason)
-                status = 403
-                sent = self._write_error(403, reason)
-                return False
+            assert self.verdict is not None
             self._screen(req)  # 400 (RemoteProtocolError below) for a path or header refused
             match = rt.router.match(req.host, req.target)
+            route = match[0] if match is not None else None
+            self.verdict, outcome = await rt.admission.admit(self.verdict, route, req)
+            verdict = self.verdict
+            keep = req.keep_alive and not req.has_body and not rt.draining
+            if isinstance(outcome, Refusal):
+                if route is not None:
+                    route_name = route.name
+                status = outcome.status
+                keep = keep and outcome.scope is not Scope.CLIENT
+                sent = self._refuse(outcome, route_name, keep)
+                return keep
             if match is None:
                 status = 404
-                keep = req.keep_alive and not req.has_body and not rt.draining
                 sent = self._write_error(404, "no_route", keep_alive=keep)
                 return keep
             route, target = match
             route_name = route.name
-            keep = req.keep_alive and not req.has_body and not rt.draining
-            if route.allow is not None and not self._authorized(verdict, route):
-                status = 403
-                sent = self._write_error(403, "unauthorized", keep_alive=keep)
-                return keep
-            extra: tuple[tuple[bytes, bytes], ...] = ()
-            if route.authorizer is not None:
-                decision = await self._ask_authorizer(verdict, route, req)
-                if not decision.allow:
-                    status, reason = ((403, "unauthorized") if decision.result == "deny"
-                                      or verdict.identity is None
-                                      else (503, "authorizer_unavailable"))
-                    sent = self._write_error(status, reason, keep_alive=keep)
-                    return keep
-                extra = decision.headers
+            extra = outcome.headers if isinstance(outcome, Admitted) else ()
             upstream_key = route.upstream.key
             block = verdict.header_block + header_block(extra) if extra \
                 else verdict.header_block
@@ -556,47 +575,18 @@ class ProxySession:
             if name is not None:
                 raise UnderscoreRejected(f"header name with an underscore: {name[:40]!r}")
 
-    def _authorized(self, verdict: Verdict, route: RouteConfig) -> bool:
-        allowed = verdict.authz.get(route)
-        if allowed is None:
-            allowed = verdict.authz[route] = authorize(route.allow, verdict.identity)
-        if not allowed:
-            identity = verdict.identity
-            self.rt.count_handshake_failure("unauthorized", self.conn.peername[0], None)
-            log.warning("client %s refused on route %s: no allow rule matched (%s)",
-                        identity.subject if identity else "(no certificate)", route.name,
-                        " | ".join(r.source for r in route.allow or ()))
-        return allowed
-
-    async def _ask_authorizer(self, verdict: Verdict, route: RouteConfig,
-                              req: Request) -> Decision:
-        assert route.authorizer is not None
-        identity = verdict.identity
-        if identity is None:
-            return Decision(False, (), "deny")  # fail closed: nothing to authorize
-        decision = await self.rt.authorizer.decide(route.authorizer, identity, req,
-                                                   route.name, self.rt.name, verdict.generation)
-        if decision.result == "deny":
-            self.rt.count_handshake_failure("unauthorized", self.conn.peername[0], None)
-        return decision
-
-    def _recheck(self, old: Verdict) -> Verdict:
-        """The truststore changed since this connection's verdict: decide again."""
-        rt = self.rt
-        gen = rt.holder.current
-        identity = old.identity
-        if gen.bundle is None:
-            verdict = anonymous(gen.number)
-        elif identity is None:
-            # Mutual TLS was turned on under a connection that never showed a certificate
-            # (or was refused before one was read): it cannot be admitted now.
-            verdict = refused(gen.number, old.reason or "no_client_certificate")
-        else:
-            verdict, hit = cached_verdict(rt.cache, identity.leaf_der, None, gen.bundle,
-                                          gen.number, rt.config.mutual_tls, gen.revocation)
-            rt.count_cache(hit)
-        self.verdict = verdict
-        return verdict
+    def _refuse(self, refusal: Refusal, route: str, keep: bool) -> int:
+        """Answer and count a refusal of the admission step; the bytes sent."""
+        if refusal.scope is Scope.CLIENT:
+            self._count_refusal(refusal.reason)
+        elif refusal.scope is Scope.ROUTE:
+            self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None)
+            if refusal.detail:
+                identity = self.verdict.identity if self.verdict is not None else None
+                log.warning("client %s refused on route %s: no allow rule matched (%s)",
+                            identity.subject if identity else "(no certificate)", route,
+                            refusal.detail)
+        return self._write_error(refusal.status, refusal.reason, keep_alive=keep)
 
     async def _forward(self, req: Request, upstream: Upstream, head: bytes,
                        fast: _Fast | None = None) -> tuple[int, int, bool]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from mtlsproxy.admission.admit import Admission
 from mtlsproxy.admission.authorizer import AuthorizerClient
 from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import ListenerConfig
@@ -25,7 +26,7 @@ from mtlsproxy.proxy.session import ProxySession
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
-from mtlsproxy.server.generation import GenerationOwner
+from mtlsproxy.server.generation import Generation, GenerationOwner
 from mtlsproxy.tls.bio import TLSConnection
 
 log = logging.getLogger("mtlsproxy")
@@ -92,9 +93,14 @@ class ListenerRuntime:
         self.router = Router(config.routes)
         self._headers_dropped = metrics.headers_dropped
         self.header_rules = self.make_header_rules(config)
-        self.authorizer = AuthorizerClient(
-            lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
-        self.ocsp: OcspClient | None = None
+        self._cache_hits = metrics.cert_cache.labels("hit")
+        self._cache_misses = metrics.cert_cache.labels("miss")
+        # Who may pass: the one decision every protocol asks (admission/admit.py).
+        self.admission = Admission(
+            self.name, self.generation, cache, clock, config.mutual_tls,
+            AuthorizerClient(
+                lambda route, result: metrics.authorizer_requests.labels(route, result).inc()),
+            self.count_cache)
         self.configure_ocsp()
         self.sessions: set[ProxySession] = set()
         self.draining = False
@@ -103,8 +109,6 @@ class ListenerRuntime:
         self.fast_exchanges = 0
         self._handshakes_resumed = metrics.handshakes.labels(self.name, "true")
         self._handshakes_full = metrics.handshakes.labels(self.name, "false")
-        self._cache_hits = metrics.cert_cache.labels("hit")
-        self._cache_misses = metrics.cert_cache.labels("miss")
         self.server: asyncio.Server | None = None
         self.loop_time: Callable[[], float] = time.monotonic
         self._ticker: asyncio.Task[None] | None = None
@@ -126,12 +130,19 @@ class ListenerRuntime:
     def revocation(self) -> RevocationWatcher | None:
         return self.owner.revocation
 
+    def generation(self) -> Generation:
+        """The generation new connections take (one snapshot each)."""
+        return self.holder.current
+
     def configure_ocsp(self) -> None:
+        """The admission step's settings from ``config`` (start-up and every reload)."""
+        admission = self.admission
+        admission.mutual_tls = self.config.mutual_tls
         wanted = self.config.mutual_tls.revocation.ocsp
-        if wanted and self.ocsp is None:
-            self.ocsp = OcspClient(post)
+        if wanted and admission.ocsp is None:
+            admission.ocsp = OcspClient(post)
         elif not wanted:
-            self.ocsp = None
+            admission.ocsp = None
 
     def __repr__(self) -> str:
         return (f"<ListenerRuntime {self.name} {self.config.host}:{self.config.port} "

@@ -33,8 +33,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("__main__",),
 )
-# Edges still being removed (issue 21): empty when the layering is done.
-PENDING = {("mtlsproxy.proxy.session", "mtlsproxy.server.listener")}
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
@@ -71,8 +69,7 @@ def layer_of(module: str) -> str:
 
 def graph() -> dict[str, set[str]]:
     modules = all_modules()
-    return {name: {t for t in imports_of(path, modules) - {name} if (name, t) not in PENDING}
-            for name, path in modules.items()}
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
 
 
 def test_every_module_belongs_to_a_layer() -> None:
