@@ -47,12 +47,6 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something we will not accept (h11's remote protocol error)."""
 
 
-class LocalProtocolError(ProtocolError):
-    """We were asked to send something invalid; a bug, never the peer's fault."""
-
-    status_hint = 500
-
-
 class UpstreamError(MtlsProxyError):
     """Talking to the upstream failed; ``kind`` is the metric label, ``status_hint`` the answer."""
 

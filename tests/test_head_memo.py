@@ -1,4 +1,4 @@
-"""The head memo (http/parser.py, "the head memo"; http/wire.py; http/memo.py): a read
+"""The head memo (http/llhttp_parser.py, "the head memo"; http/wire.py; http/memo.py): a read
 that repeats the exact bytes of a head parsed before is answered from a memo instead of
 llhttp's callbacks, and the heads built from such a request or response are memoised too.
 A head is stored the second time it parses (a doorkeeper), so a hit is its third sighting.
@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import pytest
 
 from mtlsproxy.errors import RemoteProtocolError
-from mtlsproxy.http import parser as parser_module
 from mtlsproxy.http import wire
-from mtlsproxy.http.memo import Memo
+from mtlsproxy.http.llhttp_parser import MISS_STREAK, RESTING
+from mtlsproxy.http.memo import HeadMemos, Memo
 from mtlsproxy.http.parser import (
     END,
     Data,
@@ -40,11 +40,13 @@ OK = (b"HTTP/1.1 200 OK\r\nServer: s\r\nDate: Mon, 30 Nov 2026 10:00:00 GMT\r\n"
       b"Content-Length: 2\r\n\r\nok")
 
 
+# The memos these tests share, as a server's parsers and head builders share its own.
+MEMOS = HeadMemos()
+
+
 def cold() -> None:
-    """Empty every memo and doorkeeper (they are per process)."""
-    for memo in [*parser_module._REQUEST_MEMOS.values(), *parser_module._RESPONSE_MEMOS.values(),
-                 wire._UPSTREAM_HEADS, wire._CLIENT_HEADS]:
-        memo.clear()
+    """Empty every memo and doorkeeper, as their owner does."""
+    MEMOS.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -54,20 +56,18 @@ def empty_memos() -> Iterator[None]:
 
 
 def request_memo(limit: int = 32768) -> dict[bytes, object]:
-    memo = parser_module._REQUEST_MEMOS.get(limit)
-    return {} if memo is None else memo.entries  # type: ignore[return-value]
+    return MEMOS.requests(limit).entries
 
 
 def response_memo(limit: int = 65536) -> dict[bytes, object]:
-    memo = parser_module._RESPONSE_MEMOS.get(limit)
-    return {} if memo is None else memo.entries  # type: ignore[return-value]
+    return MEMOS.responses(limit).entries
 
 
 def parse_request(data: bytes, times: int = 1, limit: int = 32768) -> list[Event]:
     """``times`` full sightings of ``data``, each on a fresh parser; the last one's events."""
     events: list[Event] = []
     for _ in range(times):
-        events = HttptoolsRequestParser(limit).feed(data)
+        events = HttptoolsRequestParser(limit, MEMOS).feed(data)
     return events
 
 
@@ -86,7 +86,7 @@ def outcome(parser: HttptoolsRequestParser | HttptoolsResponseParser,
 
 
 def response_parser(method: bytes = b"GET") -> HttptoolsResponseParser:
-    p = HttptoolsResponseParser()
+    p = HttptoolsResponseParser(memos=MEMOS)
     p.expect(method)
     return p
 
@@ -117,7 +117,7 @@ def test_request_memo_hits_hand_out_fresh_objects() -> None:
     assert isinstance(a, Request)
     a.headers.append((b"x-client-cert", b"mine"))
     a.keep_alive = False
-    b, _ = HttptoolsRequestParser().feed(GET)
+    b, _ = HttptoolsRequestParser(memos=MEMOS).feed(GET)
     assert isinstance(b, Request)
     assert b is not a and b.keep_alive and (b"x-client-cert", b"mine") not in b.headers
 
@@ -125,7 +125,7 @@ def test_request_memo_hits_hand_out_fresh_objects() -> None:
 def test_a_request_after_one_that_closes_the_connection_is_refused_even_if_memoised() -> None:
     parse_request(GET, 2)
     assert GET in request_memo()
-    p = HttptoolsRequestParser()
+    p = HttptoolsRequestParser(memos=MEMOS)
     p.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     with pytest.raises(RemoteProtocolError):
         p.feed(GET)
@@ -139,9 +139,9 @@ def test_a_request_after_one_that_closes_the_connection_is_refused_even_if_memoi
 def test_memoised_bytes_inside_a_message_are_parsed_as_its_continuation(before: bytes) -> None:
     parse_request(GET, 2)
     assert GET in request_memo()
-    warm = outcome(HttptoolsRequestParser(), before, GET)
+    warm = outcome(HttptoolsRequestParser(memos=MEMOS), before, GET)
     cold()
-    assert warm == outcome(HttptoolsRequestParser(), before, GET)
+    assert warm == outcome(HttptoolsRequestParser(memos=MEMOS), before, GET)
     assert warm[0] == "rejected" or all(name != "Request" or fields["target"] != b"/a"  # type: ignore[index]
                                         for name, fields in warm[1])  # type: ignore[index]
 
@@ -158,7 +158,7 @@ def test_memoised_bytes_inside_a_message_are_parsed_as_its_continuation(before: 
 def test_only_whole_bodyless_keep_alive_requests_in_one_read_are_memoised(
         reads: list[bytes]) -> None:
     for _ in range(3):
-        p = HttptoolsRequestParser()
+        p = HttptoolsRequestParser(memos=MEMOS)
         for data in reads:
             p.feed(data)
     assert request_memo() == {}
@@ -169,7 +169,7 @@ def test_memos_are_kept_per_header_limit() -> None:
     parse_request(big, 2, limit=4096)
     assert big in request_memo(4096)
     with pytest.raises(RemoteProtocolError) as err:
-        HttptoolsRequestParser(100).feed(big)
+        HttptoolsRequestParser(100, MEMOS).feed(big)
     assert err.value.status_hint == 431
 
 
@@ -325,9 +325,9 @@ def test_a_memoised_upstream_head_is_the_one_built_for_its_inputs() -> None:
     plain = dataclasses.replace(req, raw=b"")  # built afresh every time
     for _ in range(3):
         for target, ip, block in inputs:
-            assert wire.upstream_request_head(req, target, ip, block) == \
-                wire.upstream_request_head(plain, target, ip, block)
-    heads = {wire.upstream_request_head(req, *i) for i in inputs}
+            assert wire.upstream_request_head(req, target, ip, block, memos=MEMOS) == \
+                wire.upstream_request_head(plain, target, ip, block, memos=MEMOS)
+    heads = {wire.upstream_request_head(req, *i, memos=MEMOS) for i in inputs}
     assert len(heads) == len(inputs)
 
 
@@ -336,23 +336,24 @@ def test_a_memoised_client_head_follows_the_drain() -> None:
     warm_response()
     (resp, *_) = response_parser().feed(OK)
     assert isinstance(resp, Response) and resp.raw
-    open_head, _, keep = wire.client_response_head(req, resp, False)
-    closing_head, _, keep_draining = wire.client_response_head(req, resp, True)
+    open_head, _, keep = wire.client_response_head(req, resp, False, MEMOS)
+    closing_head, _, keep_draining = wire.client_response_head(req, resp, True, MEMOS)
     assert keep and not keep_draining
     assert b"connection: close" in closing_head and b"connection: close" not in open_head
-    assert wire.client_response_head(req, resp, False)[0] == open_head
+    assert wire.client_response_head(req, resp, False, MEMOS)[0] == open_head
 
 
 def test_the_wire_memos_store_on_the_second_sighting_and_stay_bounded() -> None:
     req = _memoised_request()
-    wire.upstream_request_head(req, b"/a", "10.0.0.1", b"")
-    assert wire._UPSTREAM_HEADS.entries == {}
-    wire.upstream_request_head(req, b"/a", "10.0.0.1", b"")
-    assert len(wire._UPSTREAM_HEADS.entries) == 1
+    wire.upstream_request_head(req, b"/a", "10.0.0.1", b"", memos=MEMOS)
+    assert MEMOS.upstream_heads.entries == {}
+    wire.upstream_request_head(req, b"/a", "10.0.0.1", b"", memos=MEMOS)
+    assert len(MEMOS.upstream_heads.entries) == 1
     for i in range(600):
         for _ in range(2):
-            wire.upstream_request_head(req, b"/a", f"10.0.{i // 256}.{i % 256}", b"")
-    assert 0 < len(wire._UPSTREAM_HEADS.entries) <= 256
+            wire.upstream_request_head(req, b"/a", f"10.0.{i // 256}.{i % 256}", b"",
+                                       memos=MEMOS)
+    assert 0 < len(MEMOS.upstream_heads.entries) <= 256
 
 
 # -- through the proxy ----------------------------------------------------------------------
@@ -372,7 +373,9 @@ def test_identical_requests_from_two_clients_carry_each_its_own_identity(
         conn.close()
     assert fast_exchanges(proxy) >= 10  # all but the first of each client
     if parser_kind == "httptools":  # both clients' heads came through the memos
-        assert sum(b"/same" in key[0] for key in list(wire._UPSTREAM_HEADS.entries)) == 2
+        assert proxy.server is not None
+        heads = list(proxy.server.memos.upstream_heads.entries)
+        assert sum(b"/same" in key[0] for key in heads) == 2
     for own in seen:
         assert all(headers == own[0] for headers in own)
     subjects = [{v for n, v in own[0].items() if "subject" in n or n == "client-cert"}
@@ -390,7 +393,7 @@ def test_random_requests_through_the_memo_match_their_full_parse() -> None:
                                                                    rng.randrange(40))
              for _ in range(400)]
     for head in heads:
-        (req, _) = HttptoolsRequestParser().feed(head)
+        (req, _) = HttptoolsRequestParser(memos=MEMOS).feed(head)
         assert isinstance(req, Request)
         target, n = head.split(b" ")[1], head.split(b"X-N: ")[1].split(b"\r\n")[0]
         assert req.target == target and (b"x-n", n) in req.headers
@@ -404,12 +407,12 @@ def _unique_request(i: int) -> bytes:
 
 def test_a_request_parser_that_keeps_missing_rests_from_the_memo_then_looks_again() -> None:
     parse_request(GET, 2)  # stored: a third sighting would be a hit
-    p = HttptoolsRequestParser()
-    for i in range(parser_module._MISS_STREAK):
+    p = HttptoolsRequestParser(memos=MEMOS)
+    for i in range(MISS_STREAK):
         p.feed(_unique_request(i))
     (resting, _) = p.feed(GET)
     assert isinstance(resting, Request) and resting.raw == b""  # parsed in full
-    for i in range(parser_module._RESTING - 1):
+    for i in range(RESTING - 1):
         p.feed(_unique_request(100 + i))
     (again, _) = p.feed(GET)
     assert isinstance(again, Request) and again.raw == GET  # looking again: a hit
@@ -418,9 +421,9 @@ def test_a_request_parser_that_keeps_missing_rests_from_the_memo_then_looks_agai
 
 def test_a_hit_ends_a_run_of_misses() -> None:
     parse_request(GET, 2)
-    p = HttptoolsRequestParser()
+    p = HttptoolsRequestParser(memos=MEMOS)
     for round_ in range(3):
-        for i in range(parser_module._MISS_STREAK - 1):
+        for i in range(MISS_STREAK - 1):
             p.feed(_unique_request(round_ * 100 + i))
         (req, _) = p.feed(GET)
         assert isinstance(req, Request) and req.raw == GET
@@ -428,7 +431,7 @@ def test_a_hit_ends_a_run_of_misses() -> None:
 
 def test_a_response_parser_that_keeps_missing_rests_from_the_memo_then_looks_again() -> None:
     warm_response()
-    p = HttptoolsResponseParser()
+    p = HttptoolsResponseParser(memos=MEMOS)
 
     def answer(data: bytes) -> Response:
         p.expect(b"GET")
@@ -436,9 +439,9 @@ def test_a_response_parser_that_keeps_missing_rests_from_the_memo_then_looks_aga
         assert isinstance(resp, Response)
         return resp
 
-    for i in range(parser_module._MISS_STREAK):
+    for i in range(MISS_STREAK):
         answer(OK[:17] + b"X-Request-Id: %d\r\n" % i + OK[17:])
     assert answer(OK).raw == b""
-    for i in range(parser_module._RESTING - 1):
+    for i in range(RESTING - 1):
         answer(OK[:17] + b"X-Request-Id: %d\r\n" % (100 + i) + OK[17:])
     assert answer(OK).raw == OK[:-2]

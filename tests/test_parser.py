@@ -417,14 +417,14 @@ def test_request_parsers_are_the_named_implementations() -> None:
 
 
 def test_connection_tokens_are_remembered_per_value_within_a_bound() -> None:
-    from mtlsproxy.http import parser
+    from mtlsproxy.http import checks
     p = request_parser("httptools", 32768)
     for i in range(600):  # values a client chooses must not grow memory without bound
         events = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-%d\r\n\r\n"
                         % i)
         req = events[0]
         assert isinstance(req, Request) and req.connection == {b"keep-alive", b"x-%d" % i}
-    assert len(parser._TOKENS_OF) <= 256
+    assert len(checks._TOKENS_OF) <= 256
 
 
 # -- the header-size limit, checked without counting per header (httptools) -----------
@@ -573,14 +573,14 @@ def test_h11_checks_a_head_sent_a_byte_at_a_time_once_not_per_byte(
         kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Checking the whole partial head on every read made a head trickled a byte per read
     # cost quadratic time on the event loop (a 30 KB head: 9.6 s of CPU).
-    import mtlsproxy.http.parser as parser_module
+    import mtlsproxy.http.checks as checks_module
     calls: list[int] = []
-    real = parser_module._check_raw_head
+    real = checks_module._check_raw_head
 
     def counting(raw: bytes) -> None:
         calls.append(len(raw))
         real(raw)
-    monkeypatch.setattr(parser_module, "_check_raw_head", counting)
+    monkeypatch.setattr(checks_module, "_check_raw_head", counting)
     lines = b"".join(b"x-%d: y\r\n" % i for i in range(200))
     p: H11RequestParser | H11ResponseParser
     if kind == "request":

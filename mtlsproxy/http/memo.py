@@ -1,4 +1,4 @@
-"""A small bounded memo with a doorkeeper, for the head memos (http/parser.py, wire.py).
+"""A small bounded memo with a doorkeeper, and ``HeadMemos``: every head memo in one home.
 
 Rules of this module:
 - An entry is stored the second time its key is offered: the doorkeeper remembers the
@@ -16,7 +16,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -54,3 +54,42 @@ class Memo(Generic[K, V]):
     def clear(self) -> None:
         self.entries.clear()
         self._seen.clear()
+
+
+class HeadMemos:
+    """The head memos of one process (llhttp_parser.py, wire.py), made by their owner (the
+    server) and handed to what uses them, so that one bound holds for all of them and one
+    ``clear`` empties them. Parsers and head builders given none memoise nothing across
+    connections."""
+
+    __slots__ = ("size", "seen", "_requests", "_responses", "upstream_heads", "client_heads")
+
+    def __init__(self, size: int = 256, seen: int = 4096) -> None:
+        self.size, self.seen = size, seen
+        # Parsed heads by header limit (a hit must stand for a parse under the same limit).
+        self._requests: dict[int, Memo[bytes, Any]] = {}
+        self._responses: dict[int, Memo[bytes, Any]] = {}
+        # Heads built from memoised requests and responses (wire.py).
+        self.upstream_heads: Memo[Any, bytes] = Memo(size, seen)
+        self.client_heads: Memo[Any, tuple[bytes, bool, bool]] = Memo(size, seen)
+
+    def requests(self, max_header_bytes: int) -> Memo[bytes, Any]:
+        memo = self._requests.get(max_header_bytes)
+        if memo is None:
+            memo = self._requests[max_header_bytes] = Memo(self.size, self.seen)
+        return memo
+
+    def responses(self, max_header_bytes: int) -> Memo[bytes, Any]:
+        memo = self._responses.get(max_header_bytes)
+        if memo is None:
+            memo = self._responses[max_header_bytes] = Memo(self.size, self.seen)
+        return memo
+
+    def clear(self) -> None:
+        for memo in (*self._requests.values(), *self._responses.values(),
+                     self.upstream_heads, self.client_heads):
+            memo.clear()
+
+    def __repr__(self) -> str:
+        return (f"<HeadMemos requests={self._requests} responses={self._responses} "
+                f"upstream={self.upstream_heads!r} client={self.client_heads!r}>")

@@ -20,7 +20,7 @@ from mtlsproxy.http.header_rules import (
     forwarded_element,
     valid_forwarded,
 )
-from mtlsproxy.http.memo import Memo
+from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.identity.headers import fold
 
@@ -45,25 +45,27 @@ _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _NO_NAMES: frozenset[bytes] = frozenset()
 
 
-# Heads built before, for requests and responses that were head-memo hits (``raw``: their
-# bytes, seen before; see http/parser.py): (raw bytes, and every other input, the
-# listener's header rules included) -> the head. Stored on a key's second sighting,
-# bounded (memo.py).
-_UPSTREAM_HEADS: Memo[tuple[bytes, bytes, str, bytes, HeaderRules], bytes] = Memo()
-_CLIENT_HEADS: Memo[tuple[bytes, bytes, bool], tuple[bytes, bool, bool]] = Memo()
+# With ``memos`` (the process's HeadMemos, memo.py), heads built before for requests and
+# responses that were head-memo hits (``raw``: their bytes, seen before; see
+# llhttp_parser.py) are reused: keyed by the raw bytes and every other input, the
+# listener's header rules included. Stored on a key's second sighting, bounded. Without,
+# every head is built: the functions stay pure either way.
 
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_block: bytes, rules: HeaderRules = DEFAULT_RULES,
-                          replaced: frozenset[bytes] = _NO_NAMES) -> bytes:
+                          replaced: frozenset[bytes] = _NO_NAMES,
+                          memos: HeadMemos | None = None) -> bytes:
     """The request head sent upstream: hop-by-hop, identity, underscore and the
     operator's headers removed (``rules``: the listener's, see http/header_rules.py),
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten. ``replaced``: folded names
     that ``cert_block`` sets (the authorizer's headers), so a client's are dropped."""
-    if req.raw:
-        key = (req.raw, target, client_ip, cert_block, rules)
-        made = _UPSTREAM_HEADS.entries.get(key)
+    raw = req.raw if memos is not None else b""
+    if raw:
+        assert memos is not None
+        key = (raw, target, client_ip, cert_block, rules)
+        made = memos.upstream_heads.entries.get(key)
         if made is not None:
             return made
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
@@ -127,16 +129,16 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     else:
         framing = b""
     head = b"".join((b"\r\n".join(lines), b"\r\n", cert_block, framing, b"\r\n"))
-    if req.raw and not counted and _UPSTREAM_HEADS.admit(key):
-        _UPSTREAM_HEADS.store(key, head)
+    if raw and not counted and memos is not None and memos.upstream_heads.admit(key):
+        memos.upstream_heads.store(key, head)
     return head
 
 
 _CONTENT_LENGTH = frozenset({b"content-length"})
 
 
-def client_response_head(req: Request, resp: Response, draining: bool
-                         ) -> tuple[bytes, bool, bool]:
+def client_response_head(req: Request, resp: Response, draining: bool,
+                         memos: HeadMemos | None = None) -> tuple[bytes, bool, bool]:
     """(response head for the client, re-chunk the body, keep the connection): one framing
     decision for the fast and the general path, and the head that states it.
 
@@ -144,10 +146,11 @@ def client_response_head(req: Request, resp: Response, draining: bool
     clients cannot read chunked, so their body ends when the connection does. An HTTP/1.0
     client keeps the connection only when told so (RFC 9112 section 9.3).
     """
-    memoised = req.raw and resp.raw
+    memoised = memos is not None and req.raw and resp.raw
     if memoised:
+        assert memos is not None
         key = (req.raw, resp.raw, draining)
-        made = _CLIENT_HEADS.entries.get(key)
+        made = memos.client_heads.entries.get(key)
         if made is not None:
             return made
     bodyless = req.method == b"HEAD" or resp.status in (204, 304)
@@ -175,8 +178,8 @@ def client_response_head(req: Request, resp: Response, draining: bool
         lines.append(b"connection: keep-alive")
     lines.append(b"\r\n")
     made = b"\r\n".join(lines), chunked, keep_alive
-    if memoised and _CLIENT_HEADS.admit(key):
-        _CLIENT_HEADS.store(key, made)
+    if memoised and memos is not None and memos.client_heads.admit(key):
+        memos.client_heads.store(key, made)
     return made
 
 

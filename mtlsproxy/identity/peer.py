@@ -25,11 +25,6 @@ class ClientIdentity:
     not_after: dt.datetime
 
     @property
-    def chain_length(self) -> int:
-        """Certificates from leaf to root, both counted."""
-        return 1 + len(self.chain)
-
-    @property
     def valid_from(self) -> dt.datetime:
         """The latest not_before of the whole chain."""
         return max([self.not_before] + [c.not_valid_before_utc for c in self.chain])

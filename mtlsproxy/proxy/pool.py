@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from mtlsproxy.config import Upstream
 from mtlsproxy.errors import UpstreamError
+from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import response_parser
 from mtlsproxy.proxy.upstream import ACTIVE, IDLE, UpstreamConnection
 from mtlsproxy.runtime.writes import WriteBatch
@@ -24,8 +25,9 @@ class UpstreamPool:
     def __init__(self, parser_kind: str = "httptools", connect_timeout: float = 5.0,
                  max_idle_per_upstream: int = 64, idle_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
-                 writes: WriteBatch | None = None) -> None:
+                 writes: WriteBatch | None = None, memos: HeadMemos | None = None) -> None:
         self.parser_kind = parser_kind
+        self.memos = memos  # the process's head memos (http/memo.py), for response parsers
         self.writes = writes  # given to every connection (writes.py)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_upstream
@@ -64,7 +66,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(key, response_parser(self.parser_kind),
+                    lambda: UpstreamConnection(key, response_parser(self.parser_kind, self.memos),
                                                self.writes),
                     upstream.host, upstream.port)
         except TimeoutError:

@@ -49,6 +49,7 @@ from mtlsproxy.config import ListenerConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
 from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
+from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.headers import fold, header_block
@@ -98,6 +99,7 @@ class Listener(Protocol):
     header_rules: HeaderRules
     admission: Admission
     pool: UpstreamPool
+    memos: HeadMemos | None
     draining: bool
     loop_time: Callable[[], float]
     fast_exchanges: int
@@ -132,7 +134,8 @@ class ProxySession:
         self.conn = conn
         self.generation = rt.generation()  # one snapshot for the connection's life
         self.verdict: Verdict | None = None
-        self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes)
+        self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes,
+                                     rt.memos)
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
         self.task: asyncio.Task[None] | None = None  # only while the general path runs
         self.fast: _Fast | None = None  # a fast exchange in flight
@@ -294,7 +297,8 @@ class ProxySession:
         if up is None:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
-                                          verdict.header_block, rt.header_rules)
+                                          verdict.header_block, rt.header_rules, _NO_NAMES,
+                                          rt.memos)
         up.expect(req.method)
         try:
             up.write(head)
@@ -323,7 +327,7 @@ class ProxySession:
         up.direct = None
         self.fast = None
         self.deadline = 0.0
-        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining)
+        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining, rt.memos)
         body = events[1]
         if len(events) == 3 and not rechunk and type(body) is Data:
             data = head + body.data  # the common case: one body piece, framed as it came
@@ -525,7 +529,7 @@ class ProxySession:
             # Envoy's ext_authz does: a client must not pre-send X-Tenant beside them.
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
-                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES)
+                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
             status, sent, keep = await self._forward(req, route.upstream, head)
             return keep
         except _UpstreamAfterHead as exc:
@@ -687,7 +691,7 @@ class ProxySession:
     async def _stream_response(self, req: Request, resp: Response, up: UpstreamConnection,
                                pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
         rt = self.rt
-        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining)
+        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining, rt.memos)
         # Writes are coalesced: the head and whatever body is already here go out as one
         # TLS record and one system call (for small responses, the whole response).
         pending = [head]

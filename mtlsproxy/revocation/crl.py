@@ -27,7 +27,6 @@ from mtlsproxy.truststore.bundle import TrustBundle
 class LoadedCRL:
     uri: str
     issuer: str  # RFC 4514, for logs and the stale metric
-    issuer_key: bytes  # DER of the issuer Name
     next_update: dt.datetime | None
     revoked: frozenset[int]
 
@@ -113,6 +112,5 @@ def build_state(mode: str, crls: dict[str, bytes | None],
             missing = True
             continue
         loaded[crl.issuer.public_bytes()] = LoadedCRL(
-            uri, crl.issuer.rfc4514_string(), crl.issuer.public_bytes(),
-            crl.next_update_utc, _serials(crl))
+            uri, crl.issuer.rfc4514_string(), crl.next_update_utc, _serials(crl))
     return RevocationState(mode, loaded, tuple(problems), missing)

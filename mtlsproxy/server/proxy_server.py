@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
+from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.metrics import (
     Metrics,
     ServerCertMetrics,
@@ -87,7 +88,10 @@ class ProxyServer:
         # One batch for every connection of this process: a pass's sends all go after
         # its reads (writes.py).
         self.writes = WriteBatch()
-        self.pool = UpstreamPool(config.parser, writes=self.writes)
+        # The head memos of this process (http/memo.py): made here, handed down, cleared
+        # by their owner.
+        self.memos = HeadMemos()
+        self.pool = UpstreamPool(config.parser, writes=self.writes, memos=self.memos)
         self.access_log = AccessLog(access_stream) if config.access_log else None
         self.truststore_metrics = TruststoreMetrics(self.registry)
         self.s3_client_factory = s3_client_factory
@@ -112,7 +116,7 @@ class ProxyServer:
             runtime = ListenerRuntime(lc, GenerationOwner(lc, generation), self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log,
                                       worker=None if worker is None else worker.index,
-                                      writes=self.writes)
+                                      writes=self.writes, memos=self.memos)
             self._setup_revocation(runtime)
             self.cert_watchers.append(ServerCertWatcher(runtime.owner, self.server_cert_metrics))
             self.listeners.append(runtime)

@@ -1,0 +1,77 @@
+"""The events of the HTTP/1.1 parsing seam (http/parser.py): what a message becomes.
+
+Header names are lower-case; values as received, without surrounding spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    expect_continue: bool = False
+    connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
+    host: bytes = b""  # the Host header's value (there is at most one)
+    # The request's exact bytes when it was a memo hit (see "the head memo"): a request
+    # seen before, byte for byte, whose derived heads are worth memoising too (wire.py).
+    # Empty otherwise, so that traffic that never repeats pays nothing more there.
+    raw: bytes = b""
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: bytes
+    http_version: bytes
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    close_delimited: bool = False
+    connection: frozenset[bytes] = frozenset()
+    raw: bytes = b""  # the head's exact bytes, as Request.raw
+
+
+@dataclass(slots=True)
+class Informational:
+    status: int
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    pass
+
+
+END = EndOfMessage()
+Event = Request | Response | Informational | Data | EndOfMessage
+
+
+class RequestParser(Protocol):
+    def feed(self, data: bytes) -> list[Event]: ...
+    def close(self) -> None: ...
+
+
+class ResponseParser(Protocol):
+    def expect(self, method: bytes) -> None: ...
+    def feed(self, data: bytes) -> list[Event]: ...
+    def feed_eof(self) -> list[Event]: ...
