@@ -424,7 +424,7 @@ def test_connection_tokens_are_remembered_per_value_within_a_bound() -> None:
                         % i)
         req = events[0]
         assert isinstance(req, Request) and req.connection == {b"keep-alive", b"x-%d" % i}
-    assert len(checks._TOKENS_OF) <= 256
+    assert len(checks.TOKENS_OF) <= 256
 
 
 # -- the header-size limit, checked without counting per header (httptools) -----------

@@ -8,6 +8,10 @@ Rules of this module:
   than ``chunked``, repeated differing Content-Length, obs-fold, bare LF, or control
   bytes in a header is refused (RFC 9112 sections 6.1, 6.3, 5.2; request smuggling).
 - Errors are ``RemoteProtocolError`` with the status to answer (400, 431, 501, 505).
+- Three module-level sets remember values already checked (``TOKENS_OF``, the good hosts,
+  the good reason phrases): memos of pure functions, each bounded (256 or 1024) because
+  clients and upstreams choose the values; unlike the head memos (memo.py) they hold no
+  per-connection state and need no owner.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ _FRAMING_NAMES = frozenset({b"host", b"content-length", b"connection", b"transfe
                             b"expect"})
 # Connection header value -> its tokens, lower-case. Peers send a handful of distinct
 # values ("keep-alive", "Keep-Alive", "close"); bounded, since clients choose them.
-_TOKENS_OF: dict[bytes, frozenset[bytes]] = {}
+TOKENS_OF: dict[bytes, frozenset[bytes]] = {}
 
 
 def _connection_tokens(value: bytes) -> frozenset[bytes]:
-    tokens = _TOKENS_OF.get(value)
+    tokens = TOKENS_OF.get(value)
     if tokens is None:
         tokens = frozenset(t.strip().lower() for t in value.split(b",")) - {b""}
-        if len(_TOKENS_OF) < 256:
-            _TOKENS_OF[value] = tokens
+        if len(TOKENS_OF) < 256:
+            TOKENS_OF[value] = tokens
     return tokens
 
 
@@ -67,7 +71,7 @@ def _scan(headers: Headers) -> tuple[frozenset[bytes], tuple[bytes, ...], tuple[
         elif name == b"content-length":
             cl += (value,)
         elif name == b"connection":
-            tokens = _TOKENS_OF.get(value)  # the memo inline: one call fewer per head
+            tokens = TOKENS_OF.get(value)  # the memo inline: one call fewer per head
             connection = connection | (tokens if tokens is not None
                                        else _connection_tokens(value))
         elif name == b"transfer-encoding":
