@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from mtlsproxy.config.load import parse_s3_uri
+from mtlsproxy.config.values import parse_s3_uri
 from mtlsproxy.errors import TruststoreError
 
 
