@@ -187,6 +187,12 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def frame(data: bytes, chunked: bool) -> bytes:
+    """A body piece as it goes out: chunked when the head said so (``client_response_head``
+    decides it for responses, the request's own framing for request bodies)."""
+    return chunk(data) if chunked else data
+
+
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

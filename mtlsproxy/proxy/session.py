@@ -26,11 +26,17 @@ Rules of this module:
 - Before the response head is sent, every failure becomes a small JSON error
   (400/403/404/408/431/501/502/504); after it, the only honest signal is closing the
   connection. Either way the client is never left hanging.
+
+Over ~400 lines on purpose: the fast path and the general path share one connection's
+state (``SessionState``), and keeping them in one class keeps every transition in one
+place; admission (admission/admit.py), heads and framing (http/wire.py), parsing
+(http/parser.py) and the upstream pool (pool.py) live elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
 from collections.abc import Callable
@@ -119,6 +125,33 @@ class Listener(Protocol):
                duration: float, upstream: str) -> None: ...
 
 
+class SessionState(enum.Enum):
+    """Where a connection is; ``ProxySession._enter`` checks every transition."""
+
+    HANDSHAKE = "handshake"  # the TLS handshake runs
+    PARKED = "parked"  # between requests in callback mode: no task, a ticker deadline
+    FAST = "fast"  # a fast exchange is in flight (callbacks only)
+    TASK = "task"  # the general path's task serves the connection
+    CLOSING = "closing"  # the session closed the connection; connection_lost follows
+    CLOSED = "closed"  # connection_lost: nothing more happens
+
+
+_S = SessionState
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    _S.HANDSHAKE: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
+    _S.PARKED: frozenset({_S.FAST, _S.TASK, _S.CLOSING, _S.CLOSED}),
+    _S.FAST: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
+    # TASK -> TASK: the task ended with requests queued meanwhile; a new one takes them.
+    _S.TASK: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
+    _S.CLOSING: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+class SessionStateError(RuntimeError):
+    """A transition the state machine does not have: a bug, never the client's doing."""
+
+
 _PARK = object()  # _next_request: nothing queued; return to callback mode
 _NO_NAMES: frozenset[bytes] = frozenset()
 
@@ -126,7 +159,7 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 class ProxySession:
     # One per connection: slots make it ~150 bytes smaller (no __dict__).
     __slots__ = ("rt", "conn", "generation", "verdict", "parser", "inbox", "task", "fast",
-                 "idle", "served", "deadline", "waiting_on", "_head_bytes_seen",
+                 "state", "served", "deadline", "waiting_on", "_head_bytes_seen",
                  "_refusal_counted", "_parse_failed", "__weakref__")
 
     def __init__(self, rt: Listener, conn: TLSConnection) -> None:
@@ -139,7 +172,7 @@ class ProxySession:
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
         self.task: asyncio.Task[None] | None = None  # only while the general path runs
         self.fast: _Fast | None = None  # a fast exchange in flight
-        self.idle = False  # waiting for a request head (drain may close it)
+        self.state = SessionState.HANDSHAKE
         self.served = 0
         # Hot-path timeouts are deadlines checked by the listener's ticker (one float store
         # per wait) rather than an asyncio.timeout (a timer handle per wait). The first
@@ -152,7 +185,12 @@ class ProxySession:
         rt.connection_opened(self)
 
     def __repr__(self) -> str:
-        return f"<ProxySession {self.rt.name} {self.conn!r} idle={self.idle}>"
+        return f"<ProxySession {self.rt.name} {self.conn!r} {self.state.value}>"
+
+    def _enter(self, state: SessionState) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise SessionStateError(f"{self.state.value} -> {state.value}")
+        self.state = state
 
     # -- TLSHandler ---------------------------------------------------------------------
 
@@ -195,7 +233,7 @@ class ProxySession:
             self._wake()
             return
         if not events:
-            if self.idle and not self._head_bytes_seen:
+            if self.state is _S.PARKED and not self._head_bytes_seen:
                 # Slowloris: a head that started (and did not end in this read) must
                 # complete within request_headers. A whole head pays no clock read.
                 self._head_bytes_seen = True
@@ -203,7 +241,7 @@ class ProxySession:
                 if deadline < self.deadline:
                     self.deadline = deadline
             return
-        if (self.idle and self.task is None and len(events) == 2
+        if (self.state is _S.PARKED and len(events) == 2
                 and type(events[0]) is Request and type(events[1]) is EndOfMessage
                 and not events[0].has_body and not self.inbox.events
                 and self._try_fast(events[0])):
@@ -214,11 +252,11 @@ class ProxySession:
     def _wake(self) -> None:
         """Events or an error queued: the general path takes them (unless a fast exchange
         is in flight: its end checks the inbox)."""
-        if self.task is None and self.fast is None and self.idle:
+        if self.state is _S.PARKED:
             self._start_task(None)
 
     def _start_task(self, fast: _Fast | None) -> None:
-        self.idle = False
+        self._enter(_S.TASK)
         self.deadline = 0.0
         self.task = asyncio.get_running_loop().create_task(self.run(fast))
 
@@ -226,13 +264,13 @@ class ProxySession:
         """No request pending: wait in callback mode under the ticker's deadline."""
         rt = self.rt
         if self.inbox.events or self.inbox.failed is not None:
-            self.idle = True
             self._start_task(None)
             return
         if rt.draining:
+            self._enter(_S.CLOSING)
             self.conn.close()
             return
-        self.idle = True
+        self._enter(_S.PARKED)
         self._head_bytes_seen = False
         timeouts = rt.config.timeouts
         self.deadline = rt.loop_time() + (timeouts.idle if self.served
@@ -241,12 +279,9 @@ class ProxySession:
     def on_drain(self) -> None:
         """The listener drains: an idle connection closes now, a busy one after its
         response (``keep`` is false while draining)."""
-        if not self.idle:
-            return
-        if self.task is None:
+        if self.state is _S.PARKED:
+            self._enter(_S.CLOSING)
             self.conn.close()
-        else:
-            self.inbox.fail(ConnectionClosed("draining"))
 
     def eof_received(self) -> None:
         self.inbox.fail(ConnectionClosed("client closed the connection"))
@@ -260,9 +295,9 @@ class ProxySession:
             fast.up.direct = None
             fast.up.close()
             self._count_fast(fast, 499, 0)  # nginx's code for "client closed the request"
-        if self.task is not None and not self.task.done() and not self.idle:
+        if self.task is not None and not self.task.done():
             self.task.cancel()
-        self.idle = False
+        self._enter(_S.CLOSED)
         self.deadline = 0.0
         self.parser.close()
         self.rt.connection_closed(self)
@@ -305,7 +340,7 @@ class ProxySession:
         except UpstreamError:
             up.close()
             return False
-        self.idle = False
+        self._enter(_S.FAST)
         self.fast = _Fast(req, route.upstream, route.name, up, head, rt.loop_time())
         up.direct = self
         self.deadline = self.fast.start + rt.config.timeouts.upstream_read
@@ -335,7 +370,7 @@ class ProxySession:
             parts = [head]
             for ev in events[1:-1]:
                 if isinstance(ev, Data):
-                    parts.append(wire.chunk(ev.data) if rechunk else ev.data)
+                    parts.append(wire.frame(ev.data, rechunk))
             if rechunk:
                 parts.append(wire.LAST_CHUNK)
             data = b"".join(parts)
@@ -348,6 +383,8 @@ class ProxySession:
         rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))
         if self.conn.state is not OPEN:  # closing (not keep) or closed
+            if self.state is not _S.CLOSED:
+                self._enter(_S.CLOSING)
             self.conn.close()
         elif self.conn.write_paused:
             self._start_task(None)  # the general path waits for the drain
@@ -418,7 +455,8 @@ class ProxySession:
             if park and self.conn.state is OPEN:
                 self._park()
             else:
-                self.idle = False
+                if self.state is not _S.CLOSED:
+                    self._enter(_S.CLOSING)
                 # Lingering: the client may still be sending what was not read (a body
                 # after an early answer, a pipelined request) - see TLSConnection.close.
                 self.conn.close(linger=True)
@@ -473,9 +511,9 @@ class ProxySession:
             self.deadline = 0.0
             self._fast_to_task(self.fast, [], UpstreamError("upstream read timed out",
                                                             "timeout", 504))
-        elif self.task is None and self.idle:
+        elif self.state is _S.PARKED:
             self.deadline = 0.0
-            self.idle = False
+            self._enter(_S.CLOSING)
             if self._head_bytes_seen:  # a head started but did not finish in time
                 self._write_error(408, "request_timeout")
                 self.rt.count_request("", 408, 0.0)
@@ -642,7 +680,7 @@ class ProxySession:
                     # TimeoutErrors into an upstream timeout (504), and this is the client's.
                     raise _BodyTimeout() from None
             if isinstance(ev, Data):
-                up.write(wire.chunk(ev.data) if req.chunked else ev.data)
+                up.write(wire.frame(ev.data, req.chunked))
                 if up.write_paused:
                     try:
                         async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
@@ -712,7 +750,7 @@ class ProxySession:
                     except ConnectionClosed:
                         raise UpstreamError("upstream closed mid-response", "reset") from None
                 if isinstance(ev, Data):
-                    data = wire.chunk(ev.data) if rechunk else ev.data
+                    data = wire.frame(ev.data, rechunk)
                     pending.append(data)
                     pending_size += len(data)
                     sent += len(data)

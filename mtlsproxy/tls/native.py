@@ -40,6 +40,9 @@ A session survives its connection only when the connection ended with close_noti
 (``SSLObject.unwrap``): OpenSSL drops the sessions of connections freed without one.
 With ``workers: N`` the stateless shared-key tickets stay, since a worker's memory cannot
 resume a session another worker made.
+
+Over ~400 lines on purpose: every ctypes declaration lives here and nowhere else, so
+that what reaches below ``ssl`` can be audited in one file.
 """
 
 from __future__ import annotations
