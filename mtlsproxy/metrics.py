@@ -39,7 +39,7 @@ class RequestCounts(Collector):
 
     Why not prometheus-client's Counter and Histogram here: their ``inc`` and ``observe``
     take a lock each and the histogram walks its buckets in Python; on a keep-alive request
-    that was ~17,000 of ~248,000 instructions (bench/instructions.py). Same names, labels
+    that was a measurable share of its instructions (bench/instructions.py). Same names, labels
     and buckets. Only for a single process: with ``workers: N`` the samples must reach
     prometheus-client's multiprocess files, so ``Metrics`` uses its Counter and Histogram.
     Scrapes run on the event loop that counts, so no lock is needed.
@@ -121,7 +121,7 @@ class LocalFamily(Collector):
 
     Why: prometheus-client's ``inc`` is three Python calls and a lock, four of them per
     connection; replacing them, with the handshake timer moved to the ticker in the same
-    change, cut ~5% of the user CPU of a resumed connection (A/B, docs/benchmarks.md).
+    change, cut the user CPU of a resumed connection (A/B, docs/performance.md).
     Same names, labels and samples
     (``test_local_families_expose_what_prometheus_client_would``).
     Single process only, like ``RequestCounts``; ``workers: N`` keep prometheus-client's.
@@ -254,8 +254,8 @@ class TruststoreMetrics:
         """Replace the listener's series with those of the truststore now in use.
 
         Only what changed is touched: a refresh that keeps most CAs (the usual update, or
-        the daily re-analysis of the same bytes) costs a dict comparison, not ~9 us of
-        label handling per CA (1,000 CAs: 18 ms)."""
+        the daily re-analysis of the same bytes) costs a dict comparison, not the label
+        handling of every CA."""
         labels = (listener, uri, version, sha256)
         old = self._info_labels.get(listener)
         if old != labels:

@@ -1,7 +1,7 @@
 """The proxy's own client-certificate policy, applied after OpenSSL's verification; pure.
 
 OpenSSL at its default security level accepts what the model refuses (P-521 and Ed25519
-keys, chains longer than four: python-tls-findings.md), so these checks run on every
+keys, chains longer than four: docs/architecture.md), so these checks run on every
 chain. They also re-check validity against an injected clock, because a resumed TLS 1.3
 session is accepted by OpenSSL after the certificate expired.
 """

@@ -153,7 +153,7 @@ class HeadBytes:
 
     A head is checked once it is complete (its blank line has come), which is before h11
     can parse it, and not on every feed: checking every partial head cost quadratic time
-    for a head sent a byte per read (30 KB: 9.6 s of CPU on the event loop, 0.14 s now).
+    for a head sent a byte per read (seconds of CPU on the event loop for a large head).
     A bad head that never completes meets the header-size or time limit instead.
     """
 

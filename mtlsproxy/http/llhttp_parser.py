@@ -16,7 +16,7 @@ class _LlhttpHead:
 
     A head in progress is ``_url`` (the request target or the status reason) and
     ``_headers`` (None between heads). Plain attributes, no head object: these callbacks
-    run ~20 times per proxied request.
+    run many times per proxied request.
 
     The header-size limit costs nothing per header: ``feed`` knows how many bytes a head
     can have taken so far (``_bound``: the bytes fed since before it began), and only a
@@ -44,7 +44,7 @@ class _LlhttpHead:
         self._between = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # ~9 calls per request: one attribute load, no test (a try costs nothing in 3.11).
+        # Several calls per request: one attribute load, no test (a try is free in 3.11).
         try:
             self._headers.append(  # type: ignore[union-attr]
                 (name.lower(), value.strip(b" \t")))
@@ -107,7 +107,7 @@ class _LlhttpHead:
 # - A parser whose last MISS_STREAK look-ups all missed (a connection whose heads do not
 #   repeat: a tracing id per request) skips the memo for the next RESTING reads, then looks
 #   again: such traffic pays a counter instead of a look-up, a doorkeeper check and the
-#   tests around them (~300 bytecodes per request with both sides missing).
+#   tests around them.
 MEMO_HEAD_BYTES = 2048
 MISS_STREAK = 8
 RESTING = 256

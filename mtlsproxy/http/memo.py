@@ -4,8 +4,8 @@ Rules of this module:
 - An entry is stored the second time its key is offered: the doorkeeper remembers the
   hashes of keys offered once (as TinyLFU's doorkeeper does). Keys that never repeat - a
   request head with a tracing id, say - store nothing, and so keep no objects alive that
-  would only feed the cyclic GC: storing every head made gen-0 collections ~4x as frequent
-  and added full ones, 3-16 us per request in-process when no head repeated.
+  would only feed the cyclic GC: storing every head made gen-0 collections several times
+  as frequent and added full ones when no head repeated (docs/performance.md).
 - Bounded: at most ``size`` entries and ``seen`` hashes, each emptied when full (heads with
   a Date change every second; the memo refills with current ones). A hash collision in the
   doorkeeper stores an entry one sighting early, nothing worse: entries are keyed by the

@@ -157,7 +157,7 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 
 class ProxySession:
-    # One per connection: slots make it ~150 bytes smaller (no __dict__).
+    # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("rt", "conn", "generation", "verdict", "parser", "inbox", "task", "fast",
                  "state", "served", "deadline", "waiting_on", "_head_bytes_seen",
                  "_refusal_counted", "_parse_failed", "__weakref__")

@@ -1,17 +1,16 @@
 """The thread that builds truststores and contexts, below the event loop's priority.
 
-Why: a 1,000-CA truststore costs ~0.5 s of CPU to analyse and load. The build already
-runs off the event loop, but a thread still competes with the loop for the core (and for
-the GIL): with the proxy on one core, requests served during a swap waited twice as long
-(bench/run.py scenario 7). So builds go to ONE dedicated thread with a raised Linux nice
-value: the scheduler favours the loop whenever both want the core, and the build takes
-longer. Nice 19 starves the build at full load (the analysis alone took 4.4 s instead of
-0.7, and a saturated loop leaves it ~1.5% of the core by the scheduler's weights: ~30 s
-for a 500 ms build; a truststore change must not wait for the load to drop); nice 5 gives
-the build about a quarter of the core. The nice value alone does not bound how long the loop
-waits once the build has the core (a scheduler tick): the build's loops also pace
-themselves (pacing.py). Raising one's own niceness needs no privilege; where it is not
-possible the thread runs at normal priority.
+Why: a large truststore costs a lot of CPU to analyse and load. The build already runs off
+the event loop, but a thread still competes with the loop for the core (and for the GIL):
+with the proxy on one core, requests served during a swap waited twice as long (bench/run.py
+scenario 7). So builds go to ONE dedicated thread with a raised Linux nice value: the
+scheduler favours the loop whenever both want the core, and the build takes longer. Nice 19
+starves the build at full load (by the scheduler's weights a saturated loop leaves it a
+sliver of the core, and a truststore change must not wait for the load to drop); nice 5
+gives the build about a quarter of the core (docs/performance.md). The nice value alone does
+not bound how long the loop waits once the build has the core (a scheduler tick): the
+build's loops also pace themselves (pacing.py). Raising one's own niceness needs no
+privilege; where it is not possible the thread runs at normal priority.
 
 What a swap leaves on the loop is small on purpose: the one assignment, and a log line.
 The metrics of the new truststore are published here too, and the replaced generation is
@@ -64,7 +63,7 @@ def dispose(obj: object) -> None:
 
     When the thread's is the last one, the deallocation happens there, not on the event
     loop: a replaced generation of 1,000 CAs (its SSLContext's X509_STORE and the parsed
-    certificates) took 10-20 ms to free, with the GIL held. The thread's work item keeps
+    certificates) takes milliseconds to free, with the GIL held. The thread's work item keeps
     ``obj`` until it has run (concurrent.futures.thread._worker deletes it there)."""
     try:
         executor().submit(_keep, obj)

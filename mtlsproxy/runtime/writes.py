@@ -6,10 +6,9 @@ the peer's receive path in our system call and wakes the peer when it sleeps in
 epoll_wait; interleaved, the peer (a load generator, the upstream server) wakes, handles
 one message and sleeps again between two of our sends, and every wake-up is a
 cross-core interrupt (a VM exit on a virtual machine). Sent after the pass, the first
-send wakes it and the others find it awake. Measured with the bench's keep-alive
-scenario (50 connections, saturated, 6 alternating rounds of both trees): 50.3 -> 42.8 us
-of proxy CPU per request, user and system time both lower; perf put the difference in
-``sock_def_readable``'s wake-ups. Envoy defers likewise: ``ConnectionImpl::write`` only
+send wakes it and the others find it awake (measured with the bench's keep-alive
+scenario: docs/performance.md; perf put the difference in ``sock_def_readable``'s
+wake-ups). Envoy defers likewise: ``ConnectionImpl::write`` only
 moves the data into the connection's write buffer and activates the socket's write event
 (source/common/network/connection_impl.cc); the dispatcher sends later in its loop.
 

@@ -265,7 +265,7 @@ class ProxyServer:
             prepared = None
             if lr.revocation is not None and old.mutual_tls.revocation == lc.mutual_tls.revocation:
                 # The CRLs the listener keeps, verified against the new bundle on the build
-                # thread too (a 100,000-entry CRL: ~70 ms that the loop would stall).
+                # thread too (a long CRL would stall the loop: docs/performance.md).
                 prepared = await run_build(lr.revocation.prepare, generation.bundle)
             built[lc.name] = _Built(generation, data, source, prepared)
         if problems:

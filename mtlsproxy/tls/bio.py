@@ -3,7 +3,7 @@
 Why not ``create_server(ssl=...)`` or ``start_tls``: the context must be chosen per
 connection (hot-swappable truststore), uvloop's ``start_tls`` loses ClientHellos
 (uvloop issue 707), and only the MemoryBIO way lets OpenSSL's alert reach the client
-(python-tls-findings.md).
+(docs/architecture.md, "What Python's ssl does and does not do").
 
 Rules of this module:
 - The context is taken once, in ``connection_made``, from ``handler.context()``.
@@ -75,8 +75,9 @@ class TLSState(enum.Enum):
 
 
 # The members as module globals, for the checks made per record. In Python 3.11 every
-# ``TLSState.X`` runs through ``EnumType.__getattr__``'s slot (~70 ns, a global ~5 ns);
-# ~9 such reads were ~4% of a keep-alive request's instructions (bench/instructions.py).
+# ``TLSState.X`` runs through ``EnumType.__getattr__``'s slot, much slower than a global;
+# such reads were a visible share of a keep-alive request's instructions
+# (bench/instructions.py).
 # Python 3.12 dropped that ``__getattr__``.
 PROXY_HEADER, HANDSHAKING, OPEN, CLOSING, CLOSED = (
     TLSState.PROXY_HEADER, TLSState.HANDSHAKING, TLSState.OPEN, TLSState.CLOSING,
@@ -104,7 +105,7 @@ class TLSHandler(Protocol):
 
 
 class TLSConnection(asyncio.Protocol):
-    # One per connection: slots make it ~150 bytes smaller (no __dict__).
+    # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
                  "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
                  "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",

@@ -2,7 +2,8 @@
 
 Rules of this module:
 - A truststore change always builds NEW contexts: a live context can gain CAs but never
-  lose one (python-tls-findings.md), and old session tickets die with the old context.
+  lose one (docs/architecture.md, "What Python's ssl does and does not do"), and old
+  session tickets die with the old context.
 - One context per server certificate, all sharing the truststore; the SNI callback only
   selects among the contexts of the SAME generation, so tickets stay tied to the
   generation that issued them.
@@ -64,10 +65,9 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     native.prefer_tls13_suites(ctx)  # AES-128-GCM first (see native.TLS13_SUITES)
     # One TLS 1.3 ticket per handshake, not OpenSSL's default two: a client resumes with
-    # one, and each ticket costs ~0.45 ms here (OpenSSL 3.0 encodes the session with the
-    # client certificate, decodes it again and re-encodes it: construct_stateless_ticket).
-    # Server side of a full mutual-TLS handshake, median of 5x100 in-memory handshakes:
-    # 2.39 ms with two tickets, 1.86 ms with one, 1.44 ms with none.
+    # one, and each ticket is costly here (OpenSSL 3.0 encodes the session with the
+    # client certificate, decodes it again and re-encodes it: construct_stateless_ticket;
+    # the handshake's cost per ticket is in docs/performance.md).
     ctx.num_tickets = 1
     if bundle is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -81,12 +81,12 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
 
 # Above this many CAs the truststore goes through a file: CPython releases the GIL while
 # OpenSSL reads ``cafile`` but holds it while it parses ``cadata`` (Modules/_ssl.c), and
-# OpenSSL 3.0 decodes a certificate in ~0.15 ms (its provider decoder for the public key):
-# 1,000 CAs held the event loop for ~200 ms (bench/run.py scenario 7) although the build
-# runs in an executor thread.
+# OpenSSL 3.0 decodes a certificate slowly (its provider decoder for the public key): a
+# large truststore held the event loop (bench/run.py scenario 7) although the build runs
+# in an executor thread.
 _FILE_THRESHOLD = 64
-# CAs per file handed to OpenSSL: ~0.6 ms of decoding, so the build can pace() between
-# files (pacing.py); a file costs ~30 us more (memfd, open, BIO).
+# CAs per file handed to OpenSSL: about one pace of decoding, so the build can pace()
+# between files (pacing.py); each file costs a little more (memfd, open, BIO).
 _CHUNK = 4
 
 

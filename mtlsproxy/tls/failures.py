@@ -1,7 +1,8 @@
 """Map a handshake failure to a bounded ``reason`` label (reasons.py); pure.
 
 The verify codes are OpenSSL's X509_V_ERR_* values (openssl/x509_vfy.h); the table of
-what each client certificate produces was measured in python-tls-findings.md.
+what each client certificate produces is checked by tests/test_identity.py and listed in
+docs/architecture.md, "What Python's ssl does and does not do".
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ The session cache (a single process: nothing to share). A stateless TLS 1.3 tick
 the whole session, client certificate included: OpenSSL 3.0 serialises it for every
 ticket and parses it back (``d2i_SSL_SESSION``, its slow provider decoders) on every
 resumption. With ``OP_NO_TICKET`` a TLS 1.3 ticket only names a session kept in the
-context's memory (RFC 8446 section 2.2 allows either): measured in-process, the server
-side of a resumed mutual-TLS handshake 780 -> 300 us, of a full one 1,330 -> 1,070 us.
-Python's ``ssl`` cannot turn it on by itself: OpenSSL caches no session of a
-client-verifying server without a session id context (``ssl_update_cache``), and Python
-sets none. ``SSL_CTX_set_session_id_context`` is set here, and ``SSL_CTX_sess_set_cache_size``
-bounds the cache at ``SESSION_CACHE_SIZE`` (a session with its client chain measured
-~11.5 KiB). Its own self-test (a real handshake, a resumption from memory, none from a
-context of another label) decides, with the same one-line fallback to stateless tickets.
+context's memory (RFC 8446 section 2.2 allows either), which made the server side of
+resumed and of full mutual-TLS handshakes cheaper (docs/performance.md).
+Python's ``ssl`` cannot turn it on by itself: OpenSSL caches no session of a client-
+verifying server without a session id context (``ssl_update_cache``), and Python sets none.
+``SSL_CTX_set_session_id_context`` is set here, and ``SSL_CTX_sess_set_cache_size`` bounds
+the cache at ``SESSION_CACHE_SIZE`` (a session keeps its client chain). Its own self-test (a
+real handshake, a resumption from memory, none from a context of another label) decides,
+with the same one-line fallback to stateless tickets.
 A session survives its connection only when the connection ended with close_notify
 (``SSLObject.unwrap``): OpenSSL drops the sessions of connections freed without one.
 With ``workers: N`` the stateless shared-key tickets stay, since a worker's memory cannot
@@ -66,15 +66,15 @@ SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59  # OpenSSL include/openssl/ssl.h
 KEY_LENGTH = 80  # name 16 + HMAC 32 + AES 32 (OpenSSL's TLSEXT_KEYNAME_LENGTH etc.)
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42  # SSL_CTX_sess_set_cache_size, include/openssl/ssl.h
 # Sessions kept per context (a listener's truststore generation). OpenSSL's default,
-# 20,480, could hold ~230 MiB of client chains; a sidecar's clients are few. Each
-# resumption adds the session of its new ticket, so ~2 entries per returning client.
+# 20,480, could hold hundreds of MiB of client chains; a sidecar's clients are few. Each
+# resumption adds the session of its new ticket, so about two entries per returning client.
 SESSION_CACHE_SIZE = 2048
 
 # TLS 1.3 suites in the server's order of preference: AES-128-GCM first, as in Mozilla's
 # "intermediate" and "modern" configurations and as BoringSSL (Envoy) and Go (ghostunnel)
 # choose with AES hardware. OpenSSL's own order puts AES-256-GCM-SHA384 first, which runs
 # every key schedule on SHA-384 (no CPU instructions for it here; SHA-256 has them):
-# measured on resumed connections (openssl s_time -reuse), 480 -> 446 us of CPU each.
+# measured on resumed connections (openssl s_time -reuse; docs/performance.md).
 TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 _lock = threading.Lock()

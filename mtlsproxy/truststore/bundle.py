@@ -123,7 +123,7 @@ def _pem_blocks(data: bytes) -> list[bytes]:
     """Each BEGIN..END CERTIFICATE block, text around them ignored (as OpenSSL does).
 
     ``bytes.find``, not a regular expression: a lazy ``.+?`` over a 1,000-CA bundle held
-    the GIL for 8-15 ms in one call, a stall of the event loop during every swap."""
+    the GIL for milliseconds in one call, a stall of the event loop during every swap."""
     blocks = []
     start = data.find(_BEGIN)
     while start >= 0:
@@ -247,7 +247,7 @@ def _path_depth(c: TrustedCert, visiting: frozenset[str], depth: dict[str, int |
 
     A module function, not a closure in ``analyse``: a recursive closure is a reference
     cycle (function -> cell -> function) that kept every analysed certificate alive until
-    a full garbage collection, which then held the GIL for ~37 ms (1,000 CAs)."""
+    a full garbage collection, which then held the GIL for a long pause."""
     fp = c.fingerprint_sha256
     if fp in depth:
         return depth[fp]
@@ -272,7 +272,7 @@ def next_change(bundle: TrustBundle, now: dt.datetime) -> dt.datetime | None:
     """The first instant at or after ``now`` from which ``analyse`` of the same bytes can
     answer differently: a certificate starts or stops being valid, enters the expiry
     window, or its "expires in N days" count drops. None: never. Between two such
-    instants re-analysing is wasted work (1,000 CAs cost ~250 ms of CPU and the GIL)."""
+    instants re-analysing is wasted work (a large bundle costs CPU and the GIL)."""
     candidates: list[dt.datetime] = []
     for c in bundle.all_certs:
         pace()
