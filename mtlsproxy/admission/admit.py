@@ -79,19 +79,26 @@ class Installed(Protocol):
     def revocation(self) -> RevocationState | None: ...
 
 
+class Holder(Protocol):
+    """Where the listener's current generation is read (server/generation.py)."""
+
+    @property
+    def current(self) -> Installed: ...
+
+
 class Admission:
     """One listener's admission step. ``mutual_tls`` and ``ocsp`` are replaced by the
     listener when a reload changes them; the rest is fixed for the listener's life."""
 
-    __slots__ = ("listener", "current", "cache", "clock", "mutual_tls", "ocsp", "authorizer",
+    __slots__ = ("listener", "holder", "cache", "clock", "mutual_tls", "ocsp", "authorizer",
                  "on_cache")
 
-    def __init__(self, listener: str, current: Callable[[], Installed], cache: ValidationCache,
+    def __init__(self, listener: str, holder: Holder, cache: ValidationCache,
                  clock: Callable[[], dt.datetime], mutual_tls: MutualTLSConfig,
                  authorizer: AuthorizerClient, on_cache: Callable[[bool], None],
                  ocsp: OcspClient | None = None) -> None:
         self.listener = listener
-        self.current = current
+        self.holder = holder  # read, never written: its owner swaps generations
         self.cache = cache
         self.clock = clock
         self.mutual_tls = mutual_tls
@@ -119,7 +126,7 @@ class Admission:
 
     def _recheck(self, old: Verdict) -> Verdict:
         """The generation changed since this verdict: decide it again."""
-        gen = self.current()
+        gen = self.holder.current
         identity = old.identity
         if gen.bundle is None:
             return anonymous(gen.number)
@@ -139,13 +146,15 @@ class Admission:
         """The decision, when it needs no await; PENDING otherwise. ``route`` None: the
         request matched no route, so only the client itself is judged. Returns the verdict
         to keep (decided again when the generation changed)."""
-        if verdict.generation != self.current().number:
+        if verdict.generation != self.holder.current.number:
             verdict = self._recheck(verdict)
         if not verdict.admits(self.clock()):
             reason = verdict.reason_at(self.clock())
             return verdict, Refusal(403, reason or "untrusted", Scope.CLIENT)
         if self.ocsp is not None and verdict.identity is not None:
             return verdict, PENDING
+        if route is None or (route.allow is None and route.authorizer is None):
+            return verdict, ADMITTED  # the usual route: nothing more to decide, no call
         return verdict, self._route_now(verdict, route)
 
     def _route_now(self, verdict: Verdict, route: RouteConfig | None) -> Outcome | _Pending:

@@ -135,16 +135,24 @@ class SessionState(enum.Enum):
     CLOSING = "closing"  # the session closed the connection; connection_lost follows
     CLOSED = "closed"  # connection_lost: nothing more happens
 
+    # Identity hashing (a C slot), not Enum's Python-level hash(name): the transition
+    # check hashes a member on every change (as tls/bio.py's TLSState).
+    __hash__ = object.__hash__
 
+
+# The members as module globals: ``SessionState.X`` goes through EnumType.__getattr__ in
+# Python 3.11, far slower than a global, and the fast path reads them per request.
 _S = SessionState
+HANDSHAKE, PARKED, FAST, TASK, CLOSING, CLOSED = (
+    _S.HANDSHAKE, _S.PARKED, _S.FAST, _S.TASK, _S.CLOSING, _S.CLOSED)
 TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
-    _S.HANDSHAKE: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
-    _S.PARKED: frozenset({_S.FAST, _S.TASK, _S.CLOSING, _S.CLOSED}),
-    _S.FAST: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
+    HANDSHAKE: frozenset({PARKED, TASK, CLOSING, CLOSED}),
+    PARKED: frozenset({FAST, TASK, CLOSING, CLOSED}),
+    FAST: frozenset({PARKED, TASK, CLOSING, CLOSED}),
     # TASK -> TASK: the task ended with requests queued meanwhile; a new one takes them.
-    _S.TASK: frozenset({_S.PARKED, _S.TASK, _S.CLOSING, _S.CLOSED}),
-    _S.CLOSING: frozenset({_S.CLOSED}),
-    _S.CLOSED: frozenset(),
+    TASK: frozenset({PARKED, TASK, CLOSING, CLOSED}),
+    CLOSING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
 }
 
 
@@ -172,7 +180,7 @@ class ProxySession:
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
         self.task: asyncio.Task[None] | None = None  # only while the general path runs
         self.fast: _Fast | None = None  # a fast exchange in flight
-        self.state = SessionState.HANDSHAKE
+        self.state = HANDSHAKE
         self.served = 0
         # Hot-path timeouts are deadlines checked by the listener's ticker (one float store
         # per wait) rather than an asyncio.timeout (a timer handle per wait). The first
@@ -233,7 +241,7 @@ class ProxySession:
             self._wake()
             return
         if not events:
-            if self.state is _S.PARKED and not self._head_bytes_seen:
+            if self.state is PARKED and not self._head_bytes_seen:
                 # Slowloris: a head that started (and did not end in this read) must
                 # complete within request_headers. A whole head pays no clock read.
                 self._head_bytes_seen = True
@@ -241,7 +249,7 @@ class ProxySession:
                 if deadline < self.deadline:
                     self.deadline = deadline
             return
-        if (self.state is _S.PARKED and len(events) == 2
+        if (self.state is PARKED and len(events) == 2
                 and type(events[0]) is Request and type(events[1]) is EndOfMessage
                 and not events[0].has_body and not self.inbox.events
                 and self._try_fast(events[0])):
@@ -252,11 +260,11 @@ class ProxySession:
     def _wake(self) -> None:
         """Events or an error queued: the general path takes them (unless a fast exchange
         is in flight: its end checks the inbox)."""
-        if self.state is _S.PARKED:
+        if self.state is PARKED:
             self._start_task(None)
 
     def _start_task(self, fast: _Fast | None) -> None:
-        self._enter(_S.TASK)
+        self._enter(TASK)
         self.deadline = 0.0
         self.task = asyncio.get_running_loop().create_task(self.run(fast))
 
@@ -267,10 +275,12 @@ class ProxySession:
             self._start_task(None)
             return
         if rt.draining:
-            self._enter(_S.CLOSING)
+            self._enter(CLOSING)
             self.conn.close()
             return
-        self._enter(_S.PARKED)
+        if PARKED not in TRANSITIONS[self.state]:  # _enter, inline: once per request
+            raise SessionStateError(f"{self.state.value} -> parked")
+        self.state = PARKED
         self._head_bytes_seen = False
         timeouts = rt.config.timeouts
         self.deadline = rt.loop_time() + (timeouts.idle if self.served
@@ -279,8 +289,8 @@ class ProxySession:
     def on_drain(self) -> None:
         """The listener drains: an idle connection closes now, a busy one after its
         response (``keep`` is false while draining)."""
-        if self.state is _S.PARKED:
-            self._enter(_S.CLOSING)
+        if self.state is PARKED:
+            self._enter(CLOSING)
             self.conn.close()
 
     def eof_received(self) -> None:
@@ -297,7 +307,7 @@ class ProxySession:
             self._count_fast(fast, 499, 0)  # nginx's code for "client closed the request"
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        self._enter(_S.CLOSED)
+        self._enter(CLOSED)
         self.deadline = 0.0
         self.parser.close()
         self.rt.connection_closed(self)
@@ -340,7 +350,7 @@ class ProxySession:
         except UpstreamError:
             up.close()
             return False
-        self._enter(_S.FAST)
+        self.state = FAST  # from PARKED, which plaintext_received checked: always allowed
         self.fast = _Fast(req, route.upstream, route.name, up, head, rt.loop_time())
         up.direct = self
         self.deadline = self.fast.start + rt.config.timeouts.upstream_read
@@ -383,8 +393,8 @@ class ProxySession:
         rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))
         if self.conn.state is not OPEN:  # closing (not keep) or closed
-            if self.state is not _S.CLOSED:
-                self._enter(_S.CLOSING)
+            if self.state is not CLOSED:
+                self._enter(CLOSING)
             self.conn.close()
         elif self.conn.write_paused:
             self._start_task(None)  # the general path waits for the drain
@@ -455,8 +465,8 @@ class ProxySession:
             if park and self.conn.state is OPEN:
                 self._park()
             else:
-                if self.state is not _S.CLOSED:
-                    self._enter(_S.CLOSING)
+                if self.state is not CLOSED:
+                    self._enter(CLOSING)
                 # Lingering: the client may still be sending what was not read (a body
                 # after an early answer, a pipelined request) - see TLSConnection.close.
                 self.conn.close(linger=True)
@@ -511,9 +521,9 @@ class ProxySession:
             self.deadline = 0.0
             self._fast_to_task(self.fast, [], UpstreamError("upstream read timed out",
                                                             "timeout", 504))
-        elif self.state is _S.PARKED:
+        elif self.state is PARKED:
             self.deadline = 0.0
-            self._enter(_S.CLOSING)
+            self._enter(CLOSING)
             if self._head_bytes_seen:  # a head started but did not finish in time
                 self._write_error(408, "request_timeout")
                 self.rt.count_request("", 408, 0.0)

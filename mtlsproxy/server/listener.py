@@ -99,7 +99,7 @@ class ListenerRuntime:
         self._cache_misses = metrics.cert_cache.labels("miss")
         # Who may pass: the one decision every protocol asks (admission/admit.py).
         self.admission = Admission(
-            self.name, self.generation, cache, clock, config.mutual_tls,
+            self.name, owner.holder, cache, clock, config.mutual_tls,
             AuthorizerClient(
                 lambda route, result: metrics.authorizer_requests.labels(route, result).inc()),
             self.count_cache)

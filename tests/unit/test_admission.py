@@ -29,8 +29,13 @@ class Gen:
     revocation: RevocationState | None = None
 
 
+@dataclass
+class Holder:
+    current: Gen
+
+
 def admission(gen: Gen, now: dt.datetime = NOW) -> Admission:
-    return Admission("public", lambda: gen, ValidationCache(), lambda: now,
+    return Admission("public", Holder(gen), ValidationCache(), lambda: now,
                      MutualTLSConfig(truststore_uri="x"),
                      AuthorizerClient(lambda route, result: None), lambda hit: None)
 
