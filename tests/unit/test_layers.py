@@ -132,3 +132,16 @@ def test_no_module_imports_itself_back() -> None:
 )
 def test_the_circle_finder_finds_circles(edges: dict[str, set[str]], expected: bool) -> None:
     assert (find_cycle(edges) is not None) is expected
+
+
+def test_loading_a_config_imports_no_http_parser() -> None:
+    # A config is read by check-config, the CLI and every worker: it must not pull in the
+    # parsers (or the authorizer's client) to validate a file.
+    import subprocess
+    import sys
+    code = ("import sys, mtlsproxy.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('httptools', 'h11')"
+            " or m.startswith('mtlsproxy.http.') and m != 'mtlsproxy.http.normalize'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
