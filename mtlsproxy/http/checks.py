@@ -113,7 +113,7 @@ def _check_head(headers: Headers) -> None:
             raise RemoteProtocolError(f"invalid byte in header {name.decode()!r}")
 
 
-def _check_raw_head(raw: bytes) -> None:
+def check_raw_head(raw: bytes) -> None:
     """Line-level rules that the two parsers do not agree on by themselves."""
     if b"\n" in raw.replace(b"\r\n", b""):
         raise RemoteProtocolError("bare LF line ending")
@@ -148,7 +148,7 @@ _H11_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 class HeadBytes:
     """The bytes of a head that h11 has not parsed yet, held to llhttp's line rules
-    (``_check_raw_head``) before h11 may parse them: h11 tolerates obs-fold, bare LF and
+    (``check_raw_head``) before h11 may parse them: h11 tolerates obs-fold, bare LF and
     repeated identical Content-Length values where llhttp refuses them.
 
     A head is checked once it is complete (its blank line has come), which is before h11
@@ -186,7 +186,7 @@ class HeadBytes:
         self._searched = len(buf)
         try:
             # The blank line included: its LF, or the last header line's, may be bare.
-            _check_raw_head(bytes(buf[:found.end()]))
+            check_raw_head(bytes(buf[:found.end()]))
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(str(exc), self._status) from None
 

@@ -84,24 +84,24 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
 # OpenSSL 3.0 decodes a certificate slowly (its provider decoder for the public key): a
 # large truststore held the event loop (bench/run.py scenario 7) although the build runs
 # in an executor thread.
-_FILE_THRESHOLD = 64
+FILE_THRESHOLD = 64
 # CAs per file handed to OpenSSL: about one pace of decoding, so the build can pace()
 # between files (pacing.py); each file costs a little more (memfd, open, BIO).
-_CHUNK = 4
+CHUNK = 4
 
 
 def _load_cas(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
-    if len(bundle.certs) < _FILE_THRESHOLD or not hasattr(os, "memfd_create"):
+    if len(bundle.certs) < FILE_THRESHOLD or not hasattr(os, "memfd_create"):
         ctx.load_verify_locations(cadata=bundle.cadata)
         return
     # An anonymous in-memory file: no writable filesystem needed (read-only root in k8s),
     # nothing left behind; OpenSSL opens it again through /proc/self/fd.
     fd = os.memfd_create("mtlsproxy-truststore", os.MFD_CLOEXEC)
     try:
-        for i in range(0, len(bundle.certs), _CHUNK):
+        for i in range(0, len(bundle.certs), CHUNK):
             pace()
             pem = "".join(ssl.DER_cert_to_PEM_cert(c.der)
-                          for c in bundle.certs[i:i + _CHUNK]).encode("ascii")
+                          for c in bundle.certs[i:i + CHUNK]).encode("ascii")
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             view = memoryview(pem)

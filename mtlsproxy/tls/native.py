@@ -99,7 +99,7 @@ class _Lib:
         self.set_suites.restype = ctypes.c_int
 
 
-_lib: _Lib | None = None
+LIBSSL: _Lib | None = None
 
 
 def _ctx_pointer(ctx: ssl.SSLContext) -> int:
@@ -111,18 +111,18 @@ def _ctx_pointer(ctx: ssl.SSLContext) -> int:
 
 
 def _checked_pointer(ctx: ssl.SSLContext) -> int:
-    assert _lib is not None
+    assert LIBSSL is not None
     ptr = _ctx_pointer(ctx)
-    if _lib.get_options(ptr) != int(ctx.options):
+    if LIBSSL.get_options(ptr) != int(ctx.options):
         raise RuntimeError("SSL_CTX pointer check failed (options differ)")
     return ptr
 
 
 def _install(ctx: ssl.SSLContext, keys: bytes) -> None:
-    assert _lib is not None and len(keys) == KEY_LENGTH
+    assert LIBSSL is not None and len(keys) == KEY_LENGTH
     ptr = _checked_pointer(ctx)
     buf = ctypes.create_string_buffer(keys, KEY_LENGTH)
-    if _lib.ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, KEY_LENGTH, buf) != 1:
+    if LIBSSL.ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, KEY_LENGTH, buf) != 1:
         raise RuntimeError("SSL_CTX_set_tlsext_ticket_keys returned an error")
 
 
@@ -133,10 +133,10 @@ def derive_keys(secret: bytes, label: str) -> bytes:
 
 def _self_test(check: Callable[[], None], warning: str) -> tuple[bool, str]:
     """(passed, reason): run ``check`` once; a failure logs ``warning`` % reason."""
-    global _lib
+    global LIBSSL
     try:
-        if _lib is None:
-            _lib = _Lib()
+        if LIBSSL is None:
+            LIBSSL = _Lib()
         check()
         return True, ""
     except Exception as exc:  # any failure means: do not touch OpenSSL; fall back
@@ -145,7 +145,7 @@ def _self_test(check: Callable[[], None], warning: str) -> tuple[bool, str]:
         return False, reason
 
 
-class _Check:
+class SelfCheck:
     """One self-test, run once per process (under the module lock) before its feature
     is first used; ``status`` None until then."""
 
@@ -163,28 +163,28 @@ class _Check:
 
 def available() -> bool:
     """Run the self-test once per process; True when keys can be shared."""
-    return _TICKET_KEYS.passed()
+    return TICKET_KEYS.passed()
 
 
 def _keep_sessions(ctx: ssl.SSLContext, label: str) -> None:
     """Stateful TLS 1.3 tickets: sessions stay in ``ctx``'s bounded memory cache."""
-    assert _lib is not None
+    assert LIBSSL is not None
     ptr = _checked_pointer(ctx)
     sid = hashlib.sha256(label.encode()).digest()  # SSL_MAX_SID_CTX_LENGTH is 32
-    if _lib.set_sid_ctx(ptr, sid, len(sid)) != 1:
+    if LIBSSL.set_sid_ctx(ptr, sid, len(sid)) != 1:
         raise RuntimeError("SSL_CTX_set_session_id_context returned an error")
-    _lib.ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_SIZE, SESSION_CACHE_SIZE, None)
+    LIBSSL.ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_SIZE, SESSION_CACHE_SIZE, None)
     ctx.options |= ssl.OP_NO_TICKET
 
 
 def session_cache_available() -> bool:
     """Run the session cache's self-test once per process; True when it can be used."""
-    return _SESSION_CACHE.passed()
+    return SESSION_CACHE.passed()
 
 
 def _prefer_suites(ctx: ssl.SSLContext) -> None:
-    assert _lib is not None
-    if _lib.set_suites(_checked_pointer(ctx), TLS13_SUITES) != 1:
+    assert LIBSSL is not None
+    if LIBSSL.set_suites(_checked_pointer(ctx), TLS13_SUITES) != 1:
         raise RuntimeError("SSL_CTX_set_ciphersuites returned an error")
 
 
@@ -192,7 +192,7 @@ def prefer_tls13_suites(ctx: ssl.SSLContext) -> bool:
     """Give ``ctx`` the TLS 1.3 suite order ``TLS13_SUITES`` (Python's ``set_ciphers``
     reaches TLS 1.2 only); False, leaving OpenSSL's order, when the self-test failed.
     The context must also have ``OP_CIPHER_SERVER_PREFERENCE``."""
-    if not _SUITES.passed():
+    if not SUITES.passed():
         return False
     _prefer_suites(ctx)
     return True
@@ -255,7 +255,7 @@ def _handshake(client: ssl.SSLObject, server: ssl.SSLObject,
         pass
 
 
-def _connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+def connect_in_memory(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
              session: ssl.SSLSession | None) -> ssl.SSLObject:
     bios = [ssl.MemoryBIO() for _ in range(4)]
     c_in, c_out, s_in, s_out = bios
@@ -312,13 +312,13 @@ def _resumption_check() -> None:
     _install(a, derive_keys(secret, "self-test"))
     _install(b, derive_keys(secret, "self-test"))
     _install(other, derive_keys(secret, "self-test other"))
-    first = _connect(a, client_ctx, None)
+    first = connect_in_memory(a, client_ctx, None)
     session: Any = first.session
     if session is None:
         raise RuntimeError("no session ticket received")
-    if not _connect(b, client_ctx, session).session_reused:
+    if not connect_in_memory(b, client_ctx, session).session_reused:
         raise RuntimeError("a context with the same keys did not resume the session")
-    if _connect(other, client_ctx, session).session_reused:
+    if connect_in_memory(other, client_ctx, session).session_reused:
         raise RuntimeError("a context with other keys resumed the session")
 
 
@@ -326,13 +326,13 @@ def _session_cache_check() -> None:
     (ours, other), client_ctx = _self_test_contexts(2)
     _keep_sessions(ours, "self-test")
     _keep_sessions(other, "self-test other")
-    session: Any = _connect(ours, client_ctx, None).session
+    session: Any = connect_in_memory(ours, client_ctx, None).session
     if session is None:
         raise RuntimeError("no session ticket received")
-    resumed = _connect(ours, client_ctx, session)
+    resumed = connect_in_memory(ours, client_ctx, session)
     if not resumed.session_reused:
         raise RuntimeError("a session kept in memory did not resume")
-    if _connect(other, client_ctx, resumed.session).session_reused:
+    if connect_in_memory(other, client_ctx, resumed.session).session_reused:
         raise RuntimeError("a context of another label resumed the session")
 
 
@@ -340,29 +340,29 @@ def _suites_check() -> None:
     (server,), client_ctx = _self_test_contexts(1)
     server.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     _prefer_suites(server)
-    cipher = _connect(server, client_ctx, None).cipher()  # OpenSSL's client: AES-256 first
+    cipher = connect_in_memory(server, client_ctx, None).cipher()  # OpenSSL's client: AES-256 first
     if cipher is None or cipher[0] != "TLS_AES_128_GCM_SHA256":
         raise RuntimeError(f"the server's order did not decide (negotiated {cipher})")
 
 
-_TICKET_KEYS = _Check(
+TICKET_KEYS = SelfCheck(
     _resumption_check, "shared TLS ticket keys disabled (self-test failed: %s); each "
     "worker keeps its own keys, so resumption across workers is lost")
-_SESSION_CACHE = _Check(
+SESSION_CACHE = SelfCheck(
     _session_cache_check, "TLS session cache disabled (self-test failed: %s); sessions "
     "resume from stateless tickets instead")
-_SUITES = _Check(_suites_check, "TLS 1.3 cipher suites in OpenSSL's order (self-test "
+SUITES = SelfCheck(_suites_check, "TLS 1.3 cipher suites in OpenSSL's order (self-test "
                  "failed: %s): AES-256-GCM-SHA384 first")
 
 
 def status() -> tuple[bool | None, str]:
     """(self-test result or None if not run yet, failure reason)."""
-    return _TICKET_KEYS.status, _TICKET_KEYS.reason
+    return TICKET_KEYS.status, TICKET_KEYS.reason
 
 
 def session_cache_status() -> tuple[bool | None, str]:
     """(the session cache's self-test result or None if not run yet, failure reason)."""
-    return _SESSION_CACHE.status, _SESSION_CACHE.reason
+    return SESSION_CACHE.status, SESSION_CACHE.reason
 
 
 # -- the verified chain -------------------------------------------------------------------
@@ -399,7 +399,7 @@ class SSLCore(Protocol):
 _CORE_NAMES = ("session_reused", "do_handshake", "read", "write", "pending", "getpeercert")
 
 
-def _core_check() -> bool:
+def core_check() -> bool:
     """Self-test, once at import: the SSLObject of a real context has a ``_sslobj`` with
     every name TLSConnection calls. Else ``core`` hands back the public object."""
     try:
@@ -418,7 +418,7 @@ def _core_check() -> bool:
         return False
 
 
-_CORE_OK = _core_check()
+_CORE_OK = core_check()
 
 
 def core(sslobj: ssl.SSLObject) -> SSLCore:

@@ -12,7 +12,8 @@ from pathlib import Path
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mtlsproxy.runtime.background import executor
-from tests.conftest import Harness, make_cert
+from tests.support.harness import Harness
+from tests.support.pki import make_cert
 
 
 async def until(predicate: object, what: str) -> None:

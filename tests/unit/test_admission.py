@@ -17,7 +17,7 @@ from mtlsproxy.config.rules import parse_rule
 from mtlsproxy.identity.peer import read_identity
 from mtlsproxy.revocation.crl import RevocationState
 from mtlsproxy.truststore.bundle import TrustBundle, parse_bundle
-from tests.conftest import PKI, make_cert
+from tests.support.pki import PKI, make_cert
 
 NOW = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
 

@@ -24,8 +24,8 @@ from mtlsproxy.config import RouteConfig, parse_upstream
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.proxy.routing import Router
-from tests.conftest import Harness
-from tests.test_forwarding import headers_of
+from tests.integration.test_forwarding import headers_of
+from tests.support.harness import Harness
 
 NOBODY = "00" * 32  # an allow rule no client matches: the route refuses everyone
 
@@ -421,7 +421,7 @@ def test_the_authorizer_is_asked_about_the_normalised_path_of_each_request(
     asked: list[str] = []
 
     async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tests.conftest import read_post_body
+        from tests.support.tools import read_post_body
         doc = json.loads(await read_post_body(reader))
         path = doc["request"]["path"]
         asked.append(path)
@@ -460,7 +460,7 @@ def test_the_authorizer_never_sees_forged_identity_nor_sets_folded_proxy_headers
     documents: list[dict[str, Any]] = []
 
     async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tests.conftest import read_post_body
+        from tests.support.tools import read_post_body
         documents.append(json.loads(await read_post_body(reader)))
         answer = json.dumps({"allow": True, "ttl": 0, "headers": {
             "X_Forwarded_For": "10.6.6.6", "x_client_cert_subject": FORGED,
@@ -492,7 +492,7 @@ def test_the_authorizer_never_sees_forged_identity_nor_sets_folded_proxy_headers
 
 def test_a_client_of_a_sub_ca_it_sends_itself_never_reaches_the_upstream(
         unstarted: Harness, wsgi: WSGIUpstream) -> None:
-    from tests.test_client_intermediates import sub_ca_client
+    from tests.integration.test_client_intermediates import sub_ca_client
     h = unstarted
     start(h, wsgi)
     out = h.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
@@ -597,7 +597,7 @@ def test_an_authorizer_answer_is_not_reused_for_another_host_or_forwarded_header
     asked: list[tuple[str, dict[str, str]]] = []
 
     async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tests.conftest import read_post_body
+        from tests.support.tools import read_post_body
         doc = json.loads(await read_post_body(reader))["request"]
         asked.append((doc["host"], doc["headers"]))
         allow = doc["headers"].get("x-tenant") == "acme" and doc["host"].startswith("public")
@@ -628,7 +628,7 @@ def test_a_policy_statement_meets_encoded_slashes_as_routes_do(unstarted: Harnes
     h = unstarted
 
     async def authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tests.conftest import read_post_body
+        from tests.support.tools import read_post_body
         await read_post_body(reader)
         answer = json.dumps({"allow": [{"path_prefix": "/r/read", "methods": ["GET"]}],
                              "ttl": 60}).encode()

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import UTC, Cert, Harness, make_cert
-from tests.conftest import wait_for as shared_wait_for
+from tests.support.harness import Harness
+from tests.support.pki import UTC, Cert, make_cert
+from tests.support.tools import wait_for as shared_wait_for
 
 REFRESH = 0.2
 

@@ -21,7 +21,8 @@ from mtlsproxy.http.parser import HttptoolsResponseParser
 from mtlsproxy.proxy.upstream import UpstreamConnection, UpstreamState
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls.bio import TLSConnection
-from tests.conftest import PKI, Harness
+from tests.support.harness import Harness
+from tests.support.pki import PKI
 
 T = TypeVar("T")
 

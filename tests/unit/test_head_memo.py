@@ -12,7 +12,6 @@ heads that never repeat store nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Iterator
 
@@ -31,9 +30,7 @@ from mtlsproxy.http.parser import (
     Request,
     Response,
 )
-from tests.conftest import Harness, make_cert
-from tests.test_fast_path import fast_exchanges
-from tests.test_parser import _REQUEST_SEEDS, CORPUS, RESPONSE_CORPUS, _mutated
+from tests.unit.test_parser import _REQUEST_SEEDS, CORPUS, RESPONSE_CORPUS, _mutated
 
 GET = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
 OK = (b"HTTP/1.1 200 OK\r\nServer: s\r\nDate: Mon, 30 Nov 2026 10:00:00 GMT\r\n"
@@ -354,35 +351,6 @@ def test_the_wire_memos_store_on_the_second_sighting_and_stay_bounded() -> None:
             wire.upstream_request_head(req, b"/a", f"10.0.{i // 256}.{i % 256}", b"",
                                        memos=MEMOS)
     assert 0 < len(MEMOS.upstream_heads.entries) <= 256
-
-
-# -- through the proxy ----------------------------------------------------------------------
-
-def test_identical_requests_from_two_clients_carry_each_its_own_identity(
-        proxy: Harness, parser_kind: str) -> None:
-    other = make_cert("other-client", proxy.pki.inter, dns=("other.example.test",))
-    clients = [proxy.https(), proxy.https(proxy.client_context(other, name="other"))]
-    seen: list[list[dict[str, str]]] = [[], []]
-    for _ in range(6):
-        for i, conn in enumerate(clients):  # byte-identical requests, interleaved
-            conn.request("GET", "/same")
-            r = conn.getresponse()
-            assert r.status == 200
-            seen[i].append({n: v for n, v in json.loads(r.read())["headers"]})
-    for conn in clients:
-        conn.close()
-    assert fast_exchanges(proxy) >= 10  # all but the first of each client
-    if parser_kind == "httptools":  # both clients' heads came through the memos
-        assert proxy.server is not None
-        heads = list(proxy.server.memos.upstream_heads.entries)
-        assert sum(b"/same" in key[0] for key in heads) == 2
-    for own in seen:
-        assert all(headers == own[0] for headers in own)
-    subjects = [{v for n, v in own[0].items() if "subject" in n or n == "client-cert"}
-                for own in seen]
-    assert subjects[0] and subjects[1] and subjects[0] != subjects[1]
-    assert any("good-client" in v for v in subjects[0])
-    assert any("other-client" in v for v in subjects[1])
 
 
 def test_random_requests_through_the_memo_match_their_full_parse() -> None:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Harness, wait_for
+from tests.support.harness import Harness
+from tests.support.tools import wait_for
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from mtlsproxy.config import parse_config
 from mtlsproxy.config.rules import RuleError, parse_rule
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.identity.peer import read_identity
-from tests.conftest import PKI, Harness, make_cert
+from tests.support.harness import Harness
+from tests.support.pki import PKI, make_cert
 
 
 def spki(cert: Any) -> str:

@@ -15,7 +15,7 @@ from mtlsproxy.runtime import background, pacing
 from mtlsproxy.tls import contexts as context
 from mtlsproxy.tls.contexts import build_server_contexts
 from mtlsproxy.truststore.bundle import parse_bundle
-from tests.conftest import PKI, make_cert
+from tests.support.pki import PKI, make_cert
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def test_a_truststore_build_paces_itself_on_the_build_thread(
         return pacing.yields - before
 
     # At least once per certificate analysed and once per chunk handed to OpenSSL.
-    assert asyncio.run(_on_build_thread(build)) >= 72 + 72 // context._CHUNK
+    assert asyncio.run(_on_build_thread(build)) >= 72 + 72 // context.CHUNK
 
 
 async def _on_build_thread(fn: Callable[[], T]) -> T:

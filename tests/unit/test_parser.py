@@ -575,12 +575,12 @@ def test_h11_checks_a_head_sent_a_byte_at_a_time_once_not_per_byte(
     # cost quadratic time on the event loop (a 30 KB head: 9.6 s of CPU).
     import mtlsproxy.http.checks as checks_module
     calls: list[int] = []
-    real = checks_module._check_raw_head
+    real = checks_module.check_raw_head
 
     def counting(raw: bytes) -> None:
         calls.append(len(raw))
         real(raw)
-    monkeypatch.setattr(checks_module, "_check_raw_head", counting)
+    monkeypatch.setattr(checks_module, "check_raw_head", counting)
     lines = b"".join(b"x-%d: y\r\n" % i for i in range(200))
     p: H11RequestParser | H11ResponseParser
     if kind == "request":

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from mtlsproxy.dev.pki import DevPKI, make_leaf
-from tests.conftest import LoopThread, make_cert, start_slow_upstream
+from tests.support.loops import LoopThread, start_slow_upstream
+from tests.support.pki import make_cert
 
 MiB = 1024 * 1024
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import Harness, freeing_thread, make_cert, wait_for
+from tests.support.harness import Harness
+from tests.support.pki import make_cert
+from tests.support.tools import freeing_thread, wait_for
 
 
 def served_subject(h: Harness) -> str:

@@ -13,7 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.conftest import UTC, Cert, Harness, make_cert, read_post_body
+from tests.support.harness import Harness
+from tests.support.pki import UTC, Cert, make_cert
+from tests.support.tools import read_post_body
 
 
 class Responder:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from mtlsproxy.admission.authorizer import Policy, Statement, parse_answer
-from tests.conftest import Harness, read_post_body
+from tests.support.harness import Harness
+from tests.support.tools import read_post_body
 
 Answer = dict[str, Any]
 

@@ -21,8 +21,10 @@ import boto3
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from tests.conftest import Cert, Harness, freeing_thread, make_cert
-from tests.conftest import wait_for as shared_wait_for
+from tests.support.harness import Harness
+from tests.support.pki import Cert, make_cert
+from tests.support.tools import freeing_thread
+from tests.support.tools import wait_for as shared_wait_for
 
 REFRESH = 0.2
 

@@ -26,7 +26,7 @@ from mtlsproxy.proxy.upstream import UpstreamConnection, UpstreamState
 from mtlsproxy.reasons import HANDSHAKE_FAILURE_REASONS as REASONS
 from mtlsproxy.tls.failures import classify
 from mtlsproxy.truststore.bundle import parse_bundle
-from tests.conftest import PKI, UTC, make_cert
+from tests.support.pki import PKI, UTC, make_cert
 
 # -- policy ---------------------------------------------------------------------------
 

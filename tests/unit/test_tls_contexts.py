@@ -13,7 +13,7 @@ from mtlsproxy.config import CertificateConfig, TLSConfig
 from mtlsproxy.tls import native
 from mtlsproxy.tls.contexts import build_server_contexts
 from mtlsproxy.truststore.bundle import parse_bundle
-from tests.conftest import PKI, make_cert
+from tests.support.pki import PKI, make_cert
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def contexts(pki: PKI, listener: str, truststore: bytes) -> ssl.SSLContext:
     return build_server_contexts(tls, parse_bundle(truststore), listener).default
 
 
-def break_self_test(monkeypatch: pytest.MonkeyPatch, check: native._Check,
+def break_self_test(monkeypatch: pytest.MonkeyPatch, check: native.SelfCheck,
                     error: str) -> None:
     """What a self-test failing on this platform leaves: it runs again, and raises."""
     def broken() -> None:
@@ -47,9 +47,9 @@ def break_self_test(monkeypatch: pytest.MonkeyPatch, check: native._Check,
 
 def resumes(pki: PKI, first: ssl.SSLContext, second: ssl.SSLContext) -> bool:
     ctx = client(pki)  # a session resumes only from the client context that made it
-    session = native._connect(first, ctx, None).session
+    session = native.connect_in_memory(first, ctx, None).session
     assert session is not None
-    return bool(native._connect(second, ctx, session).session_reused)
+    return bool(native.connect_in_memory(second, ctx, session).session_reused)
 
 
 def test_the_self_test_passes_on_this_python_and_openssl() -> None:
@@ -60,7 +60,7 @@ def test_the_self_test_passes_on_this_python_and_openssl() -> None:
 def test_tls_records_go_through_the_c_object_behind_sslobject() -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
-    assert native._core_check()
+    assert native.core_check()
     core = native.core(obj)
     assert core is not obj and type(core).__name__ == "_SSLSocket"
     assert core.pending() == 0 and core.session_reused is False
@@ -94,7 +94,7 @@ def test_without_a_shared_secret_each_context_keeps_its_own_keys(pki: PKI) -> No
 
 def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    break_self_test(monkeypatch, native._TICKET_KEYS,
+    break_self_test(monkeypatch, native.TICKET_KEYS,
                     "SSL_CTX pointer check failed (options differ)")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         assert not native.use_secret(b"k" * 32)
@@ -105,20 +105,20 @@ def test_a_failed_self_test_falls_back_to_own_keys_with_one_log_line(
         "across workers is lost"]
     store = pki.truststore.read_bytes()
     assert not resumes(pki, contexts(pki, "public", store), contexts(pki, "public", store))
-    monkeypatch.setattr(native._TICKET_KEYS, "status", None)  # the next test: the real check
+    monkeypatch.setattr(native.TICKET_KEYS, "status", None)  # the next test: the real check
 
 
 def test_a_large_truststore_loads_every_ca_through_the_file_path(pki: PKI) -> None:
-    # Above context._FILE_THRESHOLD CAs, OpenSSL reads them from a memfd (the GIL is free
+    # Above contexts.FILE_THRESHOLD CAs, OpenSSL reads them from a memfd (the GIL is free
     # meanwhile); the context must hold all of them and still admit our clients.
     from mtlsproxy.tls import contexts as context_module
     others = b"".join(make_cert(f"other CA {i}", ca=True).cert_pem() for i in range(80))
-    assert 80 > context_module._FILE_THRESHOLD
+    assert 80 > context_module.FILE_THRESHOLD
     bundle = parse_bundle(pki.truststore.read_bytes() + others)
     tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
     ctx = build_server_contexts(tls, bundle, "public").default
     assert len(ctx.get_ca_certs()) == len(bundle.certs) == 82
-    conn = native._connect(ctx, client(pki), None)
+    conn = native.connect_in_memory(ctx, client(pki), None)
     assert conn.getpeercert() is not None  # the handshake with our client certificate passed
 
 
@@ -145,9 +145,9 @@ def test_a_single_process_resumes_sessions_from_memory(pki: PKI) -> None:
 def test_the_session_cache_is_bounded(pki: PKI) -> None:
     from mtlsproxy.tls.native import SSL_CTRL_SET_SESS_CACHE_SIZE, _ctx_pointer
     ctx = contexts(pki, "public", pki.truststore.read_bytes())
-    assert native._lib is not None
+    assert native.LIBSSL is not None
     # SSL_CTX_sess_get_cache_size is SSL_CTRL_SET_SESS_CACHE_SIZE + 1.
-    assert native._lib.ctrl(_ctx_pointer(ctx), SSL_CTRL_SET_SESS_CACHE_SIZE + 1, 0,
+    assert native.LIBSSL.ctrl(_ctx_pointer(ctx), SSL_CTRL_SET_SESS_CACHE_SIZE + 1, 0,
                             None) == native.SESSION_CACHE_SIZE
 
 
@@ -159,7 +159,7 @@ def test_workers_keep_stateless_tickets_that_any_worker_resumes(pki: PKI,
 
 def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    break_self_test(monkeypatch, native._SESSION_CACHE, "a session kept in memory did not resume")
+    break_self_test(monkeypatch, native.SESSION_CACHE, "a session kept in memory did not resume")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         ctx = contexts(pki, "public", pki.truststore.read_bytes())
         contexts(pki, "public", pki.truststore.read_bytes())  # logged once, not per context
@@ -168,7 +168,7 @@ def test_a_failed_session_cache_self_test_falls_back_to_tickets_with_one_log_lin
         "memory did not resume); sessions resume from stateless tickets instead"]
     assert not ctx.options & ssl.OP_NO_TICKET
     assert resumes(pki, ctx, ctx)  # from a stateless ticket
-    monkeypatch.setattr(native._SESSION_CACHE, "status", None)  # the next test: the real one
+    monkeypatch.setattr(native.SESSION_CACHE, "status", None)  # the next test: the real one
 
 
 def test_without_the_c_object_records_go_through_the_public_sslobject(
@@ -182,18 +182,18 @@ def test_without_the_c_object_records_go_through_the_public_sslobject(
 def test_tls13_takes_aes_128_gcm_first_whatever_the_clients_order(pki: PKI) -> None:
     store = pki.truststore.read_bytes()
     ctx = client(pki)  # OpenSSL's client order: AES-256-GCM-SHA384 first
-    conn = native._connect(contexts(pki, "public", store), ctx, None)
+    conn = native.connect_in_memory(contexts(pki, "public", store), ctx, None)
     assert conn.version() == "TLSv1.3"
     assert conn.cipher()[0] == "TLS_AES_128_GCM_SHA256"  # type: ignore[index]
-    assert native._SUITES.status is True
+    assert native.SUITES.status is True
 
 
 def test_a_failed_suites_self_test_leaves_openssls_order_with_one_log_line(
         pki: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    break_self_test(monkeypatch, native._SUITES, "the server's order did not decide")
+    break_self_test(monkeypatch, native.SUITES, "the server's order did not decide")
     with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
         store = pki.truststore.read_bytes()
-        conn = native._connect(contexts(pki, "public", store), client(pki), None)
+        conn = native.connect_in_memory(contexts(pki, "public", store), client(pki), None)
     assert conn.cipher()[0] == "TLS_AES_256_GCM_SHA384"  # type: ignore[index]
     assert [r.getMessage() for r in caplog.records] == [
         "TLS 1.3 cipher suites in OpenSSL's order (self-test failed: RuntimeError: the "

@@ -30,7 +30,7 @@ import yaml
 from mtlsproxy.config import ConfigError, cpu_count, parse_config
 from mtlsproxy.dev.pki import DevPKI
 from mtlsproxy.server.workers import ADMIN, WorkerSettings
-from tests.conftest import LoopThread, start_slow_upstream
+from tests.support.loops import LoopThread, start_slow_upstream
 
 
 class Workers:

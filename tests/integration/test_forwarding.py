@@ -18,7 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mtlsproxy.tls import bio
-from tests.conftest import Harness, wait_for
+from tests.support.harness import Harness
+from tests.support.tools import wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -21,8 +21,10 @@ import yaml
 from mtlsproxy.config import load_config, parse_config
 from mtlsproxy.errors import ConfigError, RemoteProtocolError
 from mtlsproxy.tls.proxy_protocol import V2_SIGNATURE, parse, trusted_source
-from tests.conftest import PKI, Harness, wait_for
-from tests.test_config import good, problems, write
+from tests.integration.test_config import good, problems, write
+from tests.support.harness import Harness
+from tests.support.pki import PKI
+from tests.support.tools import wait_for
 
 T = TypeVar("T")
 
@@ -319,7 +321,7 @@ def test_trusted_sources_do_not_warn(harness: Harness,
 
 
 def test_the_edge_configmap_trusts_only_the_vpc_placeholder(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     cm = yaml.safe_load((root / "deploy/k8s/edge/configmap.yaml").read_text())
     raw = yaml.safe_load(cm["data"]["config.yaml"])
     assert raw["listeners"][0]["proxy_protocol"] == {"trusted_sources": ["10.0.0.0/8"]}

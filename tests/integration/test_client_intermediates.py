@@ -29,7 +29,8 @@ from mtlsproxy.cli import build_parser, cmd_truststore_check
 from mtlsproxy.config import MutualTLSConfig, load_config
 from mtlsproxy.errors import ConfigError
 from mtlsproxy.truststore.bundle import parse_bundle
-from tests.conftest import PKI, UTC, Cert, Harness, make_cert
+from tests.support.harness import Harness
+from tests.support.pki import PKI, UTC, Cert, make_cert
 
 FAILURES = "mtlsproxy_tls_handshake_failures_total"
 GET = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import tool
+from tests.support.tools import tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted(p for p in (ROOT / "deploy" / "k8s").rglob("*.yaml")
                    if p.name != "kustomization.yaml")
 

@@ -17,7 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import UTC, Harness, make_cert, make_sha1_cert, tamper
+from tests.support.harness import Harness
+from tests.support.pki import UTC, make_cert, make_sha1_cert, tamper
 
 FAILURES = "mtlsproxy_tls_handshake_failures_total"
 

@@ -16,7 +16,9 @@ import socket
 
 import pytest
 
-from tests.conftest import Harness, wait_for
+from tests.support.harness import Harness
+from tests.support.pki import make_cert
+from tests.support.tools import wait_for
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -292,3 +294,32 @@ def test_interim_responses_from_the_upstream_are_dropped_on_both_paths(
     for got in _twice_on_one_connection(h, interim):
         assert got.startswith(b"HTTP/1.1 200 ") and b"103" not in got, got
     assert h.upstream_requests == [0, 1]  # type: ignore[attr-defined]
+
+
+# -- the head memos through the proxy (the rest: unit/test_head_memo.py) --------------
+
+def test_identical_requests_from_two_clients_carry_each_its_own_identity(
+        proxy: Harness, parser_kind: str) -> None:
+    other = make_cert("other-client", proxy.pki.inter, dns=("other.example.test",))
+    clients = [proxy.https(), proxy.https(proxy.client_context(other, name="other"))]
+    seen: list[list[dict[str, str]]] = [[], []]
+    for _ in range(6):
+        for i, conn in enumerate(clients):  # byte-identical requests, interleaved
+            conn.request("GET", "/same")
+            r = conn.getresponse()
+            assert r.status == 200
+            seen[i].append({n: v for n, v in json.loads(r.read())["headers"]})
+    for conn in clients:
+        conn.close()
+    assert fast_exchanges(proxy) >= 10  # all but the first of each client
+    if parser_kind == "httptools":  # both clients' heads came through the memos
+        assert proxy.server is not None
+        heads = list(proxy.server.memos.upstream_heads.entries)
+        assert sum(b"/same" in key[0] for key in heads) == 2
+    for own in seen:
+        assert all(headers == own[0] for headers in own)
+    subjects = [{v for n, v in own[0].items() if "subject" in n or n == "client-cert"}
+                for own in seen]
+    assert subjects[0] and subjects[1] and subjects[0] != subjects[1]
+    assert any("good-client" in v for v in subjects[0])
+    assert any("other-client" in v for v in subjects[1])

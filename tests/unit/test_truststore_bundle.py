@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.truststore.bundle import next_change, parse_bundle
-from tests.conftest import PKI, UTC, Cert, make_cert, make_sha1_cert
+from tests.support.pki import PKI, UTC, Cert, make_cert, make_sha1_cert
 
 NOW = dt.datetime.now(UTC)
 

@@ -12,7 +12,7 @@ import yaml
 
 from mtlsproxy.config import load_config, parse_config
 from mtlsproxy.errors import ConfigError
-from tests.conftest import PKI
+from tests.support.pki import PKI
 
 
 def write(tmp: Path, data: dict[str, Any]) -> Path:
@@ -186,7 +186,7 @@ def test_logs_are_one_json_object_per_line_even_with_quotes() -> None:
 
 def test_the_example_config_is_valid_with_a_dev_pki(tmp_path: Path) -> None:
     import shutil
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     shutil.copy(root / "config" / "example.yaml", tmp_path / "example.yaml")
     assert _cli("dev-pki", str(tmp_path / "dev")).returncode == 0
     result = _cli("check-config", "--config", str(tmp_path / "example.yaml"))

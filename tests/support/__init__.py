@@ -1,0 +1,1 @@
+"""The test harness and its helpers, imported by tests as ``tests.support.<module>``."""
