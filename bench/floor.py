@@ -8,7 +8,7 @@ and nothing more: uvloop, TLS through ``ssl.MemoryBIO`` with mtlsproxy's own ser
 llhttp both ways, pooled keep-alive upstream connections. It does no routing, identity
 check, header rewriting, metrics or limits: it sends the request target upstream with a
 fixed head and answers with the upstream's body. What mtlsproxy costs above it is its own
-work per request or connection (docs/benchmarks.md, "Where the time goes, in short").
+work per request or connection (docs/performance.md, "Where the time goes").
 
 Each proxy runs alone on the proxy core, as in run.py, with the same upstream and load;
 rounds alternate between them and the table shows medians of the proxy's CPU per

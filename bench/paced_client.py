@@ -8,7 +8,7 @@ latency is measured from that scheduled instant (so a stall is not hidden by the
 waiting: no coordinated omission). Prints ``p50_ms p99_ms max_ms requests errors``.
 With ``unique``, every request carries its own ``X-Request-Id`` (as traced services'
 requests do), so no two request heads are the same bytes: mtlsproxy's head memo (see
-docs/benchmarks.md) never hits on the request side.
+docs/performance.md) never hits on the request side.
 """
 
 from __future__ import annotations

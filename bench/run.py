@@ -778,7 +778,7 @@ def main() -> int:
     ap.add_argument("--python", default=sys.executable,
                     help="the interpreter that runs mtlsproxy (default: this one); it needs "
                          "mtlsproxy installed. How it was built matters: see "
-                         "docs/benchmarks.md, 'Interpreter'")
+                         "docs/performance.md, 'What was tried'")
     args = ap.parse_args()
     missing = [t for t in ("nginx", "ab", "openssl", "pgrep") if shutil.which(t) is None]
     if missing:
