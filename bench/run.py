@@ -583,7 +583,7 @@ class Bench:
         # Swaps back to back: the next bundle is written as soon as the previous one is in
         # use, so a build runs during the whole measured window (the worst case), and the
         # window is long enough for builds to land at full load, where the low-priority
-        # build thread (background.py) gets little of the core.
+        # build thread (runtime/background.py) gets little of the core.
         seconds = 4 if self.args.quick else 12
         n = 5_000_000
         p99 = self.row("7 truststore swap, 1,000 CAs", "p99 ms during swaps",

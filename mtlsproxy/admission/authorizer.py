@@ -226,7 +226,7 @@ class AuthorizerClient:
                      route: str, listener: str, generation: int) -> Decision:
         method = req.method
         # The query is not part of the key: the same resource with other parameters is
-        # the same request to authorize (README: the cache key).
+        # the same request to authorize (docs/configuration.md: the cache key).
         path = req.target.partition(b"?")[0]
         route_key = (identity.fingerprint_sha256, route, generation)
         held = self.cache.peek(route_key)

@@ -131,7 +131,7 @@ class ListenerConfig:
     proxy_protocol: bool = False  # PROXY v1/v2 header required before TLS
     # The peers allowed to send that header (proxy_protocol.trusted_sources); None: any.
     proxy_protocol_sources: Networks | None = None
-    # What a client may say in headers and paths (issue 20; README "Security model").
+    # What a client may say in headers and paths (issue 20; docs/security.md).
     # headers_with_underscores is a top-level key, copied into every listener.
     headers_with_underscores: str = "drop"  # drop | reject | allow (Envoy's action)
     strip_headers: tuple[str, ...] = ()  # the operator's own: names, or prefixes with "*"

@@ -28,7 +28,7 @@ class UpstreamPool:
                  writes: WriteBatch | None = None, memos: HeadMemos | None = None) -> None:
         self.parser_kind = parser_kind
         self.memos = memos  # the process's head memos (http/memo.py), for response parsers
-        self.writes = writes  # given to every connection (writes.py)
+        self.writes = writes  # given to every connection (runtime/writes.py)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_upstream
         self.idle_timeout = idle_timeout

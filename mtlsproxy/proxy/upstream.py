@@ -54,10 +54,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.answered = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        # A fast exchange (http/proxy.py) takes events straight from the callbacks; when
+        # A fast exchange (proxy/session.py) takes events straight from the callbacks; when
         # it is None they queue in ``inbox`` for a task.
         self.direct: DirectHandler | None = None
-        # Sends deferred to the end of the loop's pass (writes.py) wait here, in order.
+        # Sends deferred to the end of the loop's pass (runtime/writes.py) wait here, in order.
         self._writes = writes
         self._out: list[bytes] = []
 

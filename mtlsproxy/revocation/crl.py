@@ -71,7 +71,7 @@ def _load(data: bytes) -> x509.CertificateRevocationList:
 
 def _serials(crl: x509.CertificateRevocationList) -> frozenset[int]:
     """The revoked serial numbers; a long CRL paces itself on the build
-    thread (pacing.py) every 1,024 entries."""
+    thread (runtime/pacing.py) every 1,024 entries."""
     serials = set()
     for i, revoked in enumerate(crl):
         serials.add(revoked.serial_number)

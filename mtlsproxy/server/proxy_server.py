@@ -86,7 +86,7 @@ class ProxyServer:
         self.metrics = Metrics(self.registry, multiprocess=worker is not None)
         self.cache = ValidationCache()
         # One batch for every connection of this process: a pass's sends all go after
-        # its reads (writes.py).
+        # its reads (runtime/writes.py).
         self.writes = WriteBatch()
         # The head memos of this process (http/memo.py): made here, handed down, cleared
         # by their owner.

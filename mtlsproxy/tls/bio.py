@@ -12,7 +12,7 @@ Rules of this module:
   ``handshake_expired()`` when the time is up.
 - Every call into the SSLObject is followed by ``_flush()`` so alerts, tickets and
   records reach the socket in order. Application data written with ``write`` may wait
-  in the outgoing BIO for the end of the loop's pass (``writes.py``); every later
+  in the outgoing BIO for the end of the loop's pass (``runtime/writes.py``); every later
   ``_flush`` (a close included) sends it first. One exception saves system calls: the TLS 1.3
   ticket written when the handshake ends waits in the outgoing BIO when a request came
   with the client's Finished and the handler will answer it (``response_pending``); it
@@ -115,7 +115,7 @@ class TLSConnection(asyncio.Protocol):
                  proxy_protocol: bool = False, writes: WriteBatch | None = None,
                  proxy_sources: Networks | None = None) -> None:
         self._handler_factory = handler_factory
-        # Where write() defers its send to the end of the loop's pass (writes.py); None:
+        # Where write() defers its send to the end of the loop's pass (runtime/writes.py); None:
         # send at once.
         self._writes = writes
         self.state = PROXY_HEADER if proxy_protocol else HANDSHAKING
@@ -432,7 +432,7 @@ class TLSConnection(asyncio.Protocol):
         self.transport.close()
 
     def abort(self) -> None:
-        # What this pass wrote and deferred (writes.py) still leaves first, as it would
+        # What this pass wrote and deferred (runtime/writes.py) still leaves first, as it would
         # have without the deferral: a response cut short reaches the client cut short,
         # not as nothing at all.
         self._flush()

@@ -86,7 +86,7 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
 # in an executor thread.
 FILE_THRESHOLD = 64
 # CAs per file handed to OpenSSL: about one pace of decoding, so the build can pace()
-# between files (pacing.py); each file costs a little more (memfd, open, BIO).
+# between files (runtime/pacing.py); each file costs a little more (memfd, open, BIO).
 CHUNK = 4
 
 

@@ -1,4 +1,4 @@
-"""The callback fast path (http/proxy.py) and each of its hand-offs to the general path.
+"""The callback fast path (proxy/session.py) and each of its hand-offs to the general path.
 
 A request takes the fast path when it is bodyless, its verdict is current, its route has
 no authorizer, and an idle pooled upstream connection is there: in these tests, the

@@ -1,4 +1,4 @@
-"""Sends deferred to the end of the event loop's pass (mtlsproxy/writes.py).
+"""Sends deferred to the end of the event loop's pass (mtlsproxy/runtime/writes.py).
 
 What must hold: nothing is sent during the pass that wrote it, everything is sent right
 after it (in order, on both loop kinds), one broken connection keeps no other's bytes,
@@ -118,7 +118,7 @@ def test_the_proxy_defers_the_sends_of_both_directions(proxy: Harness) -> None:
 def test_an_abort_in_the_pass_that_wrote_still_sends_what_was_written(
         loop_kind: str, pki: PKI) -> None:
     """A TLS connection that writes and aborts in the same callback (a response cut short
-    after its head: http/proxy.py's _UpstreamAfterHead) sends the bytes first, as it did
+    after its head: proxy/session.py's _UpstreamAfterHead) sends the bytes first, as it did
     when writes were not deferred: the client sees the response cut short, not nothing."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))

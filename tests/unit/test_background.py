@@ -1,4 +1,4 @@
-"""The build thread (background.py) runs below the event loop's priority."""
+"""The build thread (runtime/background.py) runs below the event loop's priority."""
 
 from __future__ import annotations
 
