@@ -108,7 +108,6 @@ class Listener(Protocol):
     memos: HeadMemos | None
     draining: bool
     loop_time: Callable[[], float]
-    fast_exchanges: int
 
     @property
     def access_log(self) -> object | None: ...  # None: no access log, no record built
@@ -390,7 +389,6 @@ class ProxySession:
         else:
             self.conn.write_and_close(data)  # with close_notify, still one system call
         self.served += 1
-        rt.fast_exchanges += 1
         self._count_fast(fast, resp.status, len(data))
         if self.conn.state is not OPEN:  # closing (not keep) or closed
             if self.state is not CLOSED:

@@ -22,7 +22,6 @@ import time
 PACE_S = 0.0005  # build time between two offers of the core (about one chunk of CAs)
 
 _local = threading.local()
-yields = 0  # sched_yield calls made, for tests (an int add under the GIL: no lock)
 
 
 def enable() -> None:
@@ -38,9 +37,7 @@ def pace() -> None:
     due = getattr(_local, "due", None)
     if due is None:
         return
-    global yields
     now = time.perf_counter()
     if now >= due:
-        yields += 1
         os.sched_yield()  # releases the GIL too (Modules/posixmodule.c)
         _local.due = time.perf_counter() + PACE_S

@@ -38,14 +38,13 @@ class Deferred(Protocol):
 class WriteBatch:
     """The connections with bytes to send at the end of this pass."""
 
-    __slots__ = ("_pending", "passes")
+    __slots__ = ("_pending",)
 
     def __init__(self) -> None:
         self._pending: list[Deferred] = []
-        self.passes = 0  # flushes run (tests hold the coalescing to it)
 
     def __repr__(self) -> str:
-        return f"<WriteBatch pending={len(self._pending)} passes={self.passes}>"
+        return f"<WriteBatch pending={len(self._pending)}>"
 
     def add(self, conn: Deferred) -> None:
         """``conn`` has bytes to send; called once per write (a repeat flushes nothing)."""
@@ -55,7 +54,6 @@ class WriteBatch:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        self.passes += 1
         for conn in pending:
             try:
                 conn.flush_deferred()

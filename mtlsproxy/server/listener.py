@@ -106,9 +106,6 @@ class ListenerRuntime:
         self.configure_ocsp()
         self.sessions: set[ProxySession] = set()
         self.draining = False
-        # Requests answered entirely from callbacks (http/proxy.py's fast path): tests hold
-        # the common case to it, since losing it costs only speed.
-        self.fast_exchanges = 0
         self._handshakes_resumed = metrics.handshakes.labels(self.name, "true")
         self._handshakes_full = metrics.handshakes.labels(self.name, "false")
         self.server: asyncio.Server | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import threading
 from collections.abc import Callable, Coroutine
@@ -24,8 +25,17 @@ class LoopThread:
         # (``unhandled``; harness_for fails the test on any).
         self.errors: list[dict[str, Any]] = []
         self.loop.set_exception_handler(self._record)
+        # Tasks started on the loop, by their coroutine's name: the proxy's fast path runs
+        # in callbacks and starts none, so tests see which path a request took here.
+        self.tasks_started: collections.Counter[str] = collections.Counter()
+        self.loop.set_task_factory(self._count_task)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+
+    def _count_task(self, loop: asyncio.AbstractEventLoop, coro: Any,
+                    **kwargs: Any) -> asyncio.Task[Any]:
+        self.tasks_started[getattr(coro, "__qualname__", "?")] += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
 
     def _record(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         self.errors.append(context)

@@ -54,14 +54,28 @@ def test_a_disposed_object_is_freed_on_the_build_thread() -> None:
     assert len(freed_on) == 1 and freed_on[0].startswith("mtlsproxy-build")
 
 
+YIELDS: list[str] = []  # one entry per sched_yield call (the thread that made it)
+
+
+@pytest.fixture(autouse=True)
+def count_yields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count pace()'s sched_yield calls: the real call, after noting it."""
+    real = os.sched_yield
+
+    def counted() -> None:
+        YIELDS.append(threading.current_thread().name)
+        real()
+    monkeypatch.setattr(os, "sched_yield", counted)
+
+
 def test_pacing_yields_only_on_the_build_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pacing, "PACE_S", 0.0)
 
     def yields_during_pace() -> tuple[bool, int]:
-        before = pacing.yields
+        before = len(YIELDS)
         for _ in range(10):
             pacing.pace()
-        return pacing.enabled(), pacing.yields - before
+        return pacing.enabled(), len(YIELDS) - before
 
     assert asyncio.run(_on_build_thread(yields_during_pace)) == (True, 10)
     assert yields_during_pace() == (False, 0)  # start-up, the CLI: no yields
@@ -75,9 +89,9 @@ def test_a_truststore_build_paces_itself_on_the_build_thread(
     tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
 
     def build() -> int:
-        before = pacing.yields
+        before = len(YIELDS)
         build_server_contexts(tls, parse_bundle(data), "public")
-        return pacing.yields - before
+        return len(YIELDS) - before
 
     # At least once per certificate analysed and once per chunk handed to OpenSSL.
     assert asyncio.run(_on_build_thread(build)) >= 72 + 72 // context.CHUNK
@@ -107,9 +121,9 @@ def test_a_long_crl_paces_its_indexing_on_the_build_thread(
     bundle = parse_bundle(pki.truststore.read_bytes())
 
     def index() -> tuple[int, int]:
-        before = pacing.yields
+        before = len(YIELDS)
         state = build_state("soft", {"inter.crl": data}, bundle)
-        return sum(len(c.revoked) for c in state.crls.values()), pacing.yields - before
+        return sum(len(c.revoked) for c in state.crls.values()), len(YIELDS) - before
 
     revoked, yields = asyncio.run(_on_build_thread(index))
     assert revoked == 3000 and yields >= 3  # every 1,024 entries
