@@ -24,7 +24,7 @@ from mtlsproxy.reasons import HANDSHAKE_FAILURE_REASONS, HEADER_DROP_REASONS
 from mtlsproxy.runtime.pacing import pace
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
 
 
@@ -70,7 +70,7 @@ class RequestCounts(Collector):
                 requests.add_metric([listener, route, str(status)], count)
         yield requests
         duration = HistogramMetricFamily(*_DURATION, labels=["listener", "route"])
-        bounds = [*(repr(float(b)) for b in _BUCKETS), "+Inf"]
+        bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
         for labels, series in self._series.items():
             cumulative, total = [], 0
             for bound, n in zip(bounds, series.buckets, strict=True):
@@ -89,14 +89,14 @@ class RequestSeries:
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
-        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum = 0.0
 
     def observe(self, status: int, duration: float) -> None:
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         # le is inclusive: a duration equal to a bound belongs to that bound's bucket.
-        self.buckets[bisect.bisect_left(_BUCKETS, duration)] += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, duration)] += 1
         self.sum += duration
 
 
@@ -185,7 +185,7 @@ class Metrics:
             self.requests = Counter(*_REQUESTS, ["listener", "route", "code"],
                                     registry=registry)
             self.request_duration = Histogram(*_DURATION, ["listener", "route"],
-                                              buckets=_BUCKETS, registry=registry)
+                                              buckets=LATENCY_BUCKETS, registry=registry)
         else:
             self.request_counts = RequestCounts()
             registry.register(self.request_counts)

@@ -102,7 +102,7 @@ class _Lib:
 LIBSSL: _Lib | None = None
 
 
-def _ctx_pointer(ctx: ssl.SSLContext) -> int:
+def ctx_pointer(ctx: ssl.SSLContext) -> int:
     """The ``SSL_CTX *`` of a context: the first field after PyObject_HEAD."""
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ptr:
@@ -112,7 +112,7 @@ def _ctx_pointer(ctx: ssl.SSLContext) -> int:
 
 def _checked_pointer(ctx: ssl.SSLContext) -> int:
     assert LIBSSL is not None
-    ptr = _ctx_pointer(ctx)
+    ptr = ctx_pointer(ctx)
     if LIBSSL.get_options(ptr) != int(ctx.options):
         raise RuntimeError("SSL_CTX pointer check failed (options differ)")
     return ptr

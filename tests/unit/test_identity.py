@@ -366,14 +366,14 @@ def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None
     samples must be exactly those of prometheus-client's Counter and Histogram."""
     from prometheus_client import Counter, Histogram
 
-    from mtlsproxy.metrics import _BUCKETS
+    from mtlsproxy.metrics import LATENCY_BUCKETS
     ours = CollectorRegistry()
     metrics = Metrics(ours)
     assert metrics.request_counts is not None and metrics.requests is None
     theirs = CollectorRegistry()
     counter = Counter("mtlsproxy_requests", "x", ["listener", "route", "code"], registry=theirs)
     hist = Histogram("mtlsproxy_request_duration_seconds", "x", ["listener", "route"],
-                     buckets=_BUCKETS, registry=theirs)
+                     buckets=LATENCY_BUCKETS, registry=theirs)
     durations = [0.0001, 0.0005, 0.00051, 0.001, 0.2, 0.5, 59.9, 60.0, 61.0, 1e9]
     for i, d in enumerate(durations):
         route, code = ("/" if i % 3 else "/api"), (200 if i % 4 else 502)
@@ -387,7 +387,7 @@ def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None
                 for m in registry.collect() for s in m.samples
                 if s.name.startswith("mtlsproxy_request") and not s.name.endswith("_created")}
     expected = samples(theirs)
-    assert samples(ours) == expected and len(expected) == 2 * 2 + 2 * (len(_BUCKETS) + 3)
+    assert samples(ours) == expected and len(expected) == 2 * 2 + 2 * (len(LATENCY_BUCKETS) + 3)
 
 
 def test_workers_count_requests_with_prometheus_clients_multiprocess_values() -> None:

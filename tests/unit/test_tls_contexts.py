@@ -143,11 +143,11 @@ def test_a_single_process_resumes_sessions_from_memory(pki: PKI) -> None:
 
 
 def test_the_session_cache_is_bounded(pki: PKI) -> None:
-    from mtlsproxy.tls.native import SSL_CTRL_SET_SESS_CACHE_SIZE, _ctx_pointer
+    from mtlsproxy.tls.native import SSL_CTRL_SET_SESS_CACHE_SIZE, ctx_pointer
     ctx = contexts(pki, "public", pki.truststore.read_bytes())
     assert native.LIBSSL is not None
     # SSL_CTX_sess_get_cache_size is SSL_CTRL_SET_SESS_CACHE_SIZE + 1.
-    assert native.LIBSSL.ctrl(_ctx_pointer(ctx), SSL_CTRL_SET_SESS_CACHE_SIZE + 1, 0,
+    assert native.LIBSSL.ctrl(ctx_pointer(ctx), SSL_CTRL_SET_SESS_CACHE_SIZE + 1, 0,
                             None) == native.SESSION_CACHE_SIZE
 
 
