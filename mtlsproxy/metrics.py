@@ -8,10 +8,20 @@ address, so cardinality stays bounded.
 from __future__ import annotations
 
 import bisect
+import platform
+import ssl
 from collections.abc import Iterator
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -238,7 +248,8 @@ class TruststoreMetrics:
             registry=registry, multiprocess_mode="livemax")
         self.cert_not_after = Gauge(
             "mtlsproxy_truststore_cert_not_after_timestamp_seconds",
-            "Expiry of each truststore CA (one series per CA).",
+            "Expiry of each usable truststore CA (one series per CA; a CA left out has a "
+            "warning instead).",
             ["listener", "subject", "fingerprint_sha256"], registry=registry,
             multiprocess_mode="livemax")
         self._info_labels: dict[str, tuple[str, ...]] = {}
@@ -316,3 +327,21 @@ class ServerMetrics:
         self.config_reloads = Counter(
             "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
             registry=registry)
+
+
+def process_metrics(registry: CollectorRegistry, version: str, multiprocess: bool) -> None:
+    """The standard process collectors and ``mtlsproxy_build_info``.
+
+    ``process_*`` (CPU seconds, resident memory, open file descriptors, start time) and
+    ``python_gc_*`` / ``python_info``: prometheus-client's own collectors, as every Python
+    exporter has them. With ``workers: N`` they are left out: each scrape is answered by
+    one worker, so its process figures would change with the worker that answered
+    (prometheus-client's multiprocess mode does not aggregate them either)."""
+    if not multiprocess:
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    build = Gauge("mtlsproxy_build_info", "The running build (value 1): mtlsproxy's version, "
+                  "the Python and OpenSSL it runs on.", ["version", "python", "openssl"],
+                  registry=registry, multiprocess_mode="livemax")
+    build.labels(version, platform.python_version(), ssl.OPENSSL_VERSION).set(1)

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
+from mtlsproxy import __version__
 from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
@@ -28,6 +29,7 @@ from mtlsproxy.metrics import (
     ServerMetrics,
     TruststoreMetrics,
     crl_stale_gauge,
+    process_metrics,
 )
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
@@ -97,6 +99,7 @@ class ProxyServer:
         self.s3_client_factory = s3_client_factory
         self.crl_stale = crl_stale_gauge(self.registry)
         self.server_cert_metrics = ServerCertMetrics(self.registry)
+        process_metrics(self.registry, __version__, multiprocess=worker is not None)
         server_metrics = ServerMetrics(self.registry)
         self.ready_gauge = server_metrics.ready
         self.ready_gauge.set(0)

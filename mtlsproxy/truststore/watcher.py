@@ -85,9 +85,11 @@ class TruststoreWatcher(Periodic):
         self.warnings = warnings
         if gen.bundle is None:
             return
-        # Every certificate of the bundle, used or not: an alert must see an expired CA too.
+        # The usable CAs only: the expiry alert is about CAs that admit clients, and one
+        # left out (expired, not a CA, a weak algorithm) would fire it for ever; its
+        # warning (mtlsproxy_truststore_warnings, /truststore, the log) says why it is out.
         cas = [(c.subject, c.fingerprint_sha256, c.cert.not_valid_after_utc.timestamp())
-               for c in gen.bundle.all_certs]
+               for c in gen.bundle.certs]
         self.metrics.publish(self.name, gen.uri, gen.version, gen.bundle.sha256, cas,
                              len(gen.bundle.certs), len(warnings), self.wall_clock())
 
