@@ -264,19 +264,35 @@ class ListenerRuntime:
         if self.access_log is None:
             return
         identity = session.verdict.identity if session.verdict is not None else None
+        conn = session.conn
+        user_agent = request_id = None
+        for name, value in req.headers:
+            if name == b"user-agent":
+                user_agent = value.decode("latin-1")
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")
+        sslobj = conn.sslobj
+        cipher = sslobj.cipher() if sslobj is not None else None
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "listener": self.name,
-            "client": session.conn.peername[0],
+            "client": conn.peername[0],
             "client_cert_subject": identity.subject if identity else None,
             "client_cert_fingerprint": identity.fingerprint_sha256 if identity else None,
             "method": req.method.decode("latin-1"),
+            "host": req.host.decode("latin-1") if req.host else None,
             "path": req.target.decode("latin-1"),
+            "protocol": "HTTP/" + req.http_version.decode("latin-1"),
             "status": status,
             "bytes": sent,
+            # Microseconds: the duration is measured with perf_counter (proxy/session.py).
             "duration_ms": round(duration * 1000, 3),
             "upstream": upstream,
-            "resumed": session.conn.session_reused,
+            "user_agent": user_agent,
+            "request_id": request_id,
+            "resumed": conn.session_reused,
+            "tls_version": sslobj.version() if sslobj is not None else None,
+            "tls_cipher": cipher[0] if cipher else None,
         }
         if self.worker is not None:
             record["worker"] = self.worker
