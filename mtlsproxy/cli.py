@@ -82,16 +82,24 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
-def _load_problems(config: Config) -> list[str]:
+def _load_problems(config: Config, report: bool = False) -> list[str]:
     """Truststores and server certificates, loaded as ``run`` would load them; each
-    problem is printed (naming its key) and returned."""
-    from mtlsproxy.server.generation import fetch_generation
+    problem is printed (naming its key) and returned. ``report``: each truststore's
+    version and warnings are printed too (a usable truststore with warnings is no
+    problem: the gateway accepts it and returns its warnings)."""
+    from mtlsproxy.server.generation import fetch_generation, truststore_report
     problems = []
     for i, lc in enumerate(config.listeners):
         try:
-            fetch_generation(lc)
+            generation, _ = fetch_generation(lc)
         except TruststoreError as exc:
             problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
+            continue
+        if report:
+            summary, warnings = truststore_report(lc.name, generation)
+            print(summary)
+            for line in warnings:
+                print(line)
     for p in problems:
         print(p, file=sys.stderr)
     return problems
@@ -101,7 +109,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 2
-    if _load_problems(config):
+    if _load_problems(config, report=True):
         return 2
     print(f"config ok: {len(config.listeners)} listener(s)")
     return 0

@@ -83,6 +83,19 @@ class Generation:
         }
 
 
+def truststore_report(listener: str, gen: Generation) -> tuple[str, list[str]]:
+    """What loading ``gen`` says to an operator: one summary line and a WARNING line per
+    warning (the gateway returns its warnings on every create and update; so do ``run``,
+    ``check-config`` and a SIGHUP reload)."""
+    if gen.bundle is None:
+        return f"listener {listener}: mutual TLS off", []
+    bundle = gen.bundle
+    summary = (f"truststore of {listener}: {gen.uri} version {gen.version or '-'} "
+               f"(generation {gen.number}): {len(bundle.certs)} usable CAs, "
+               f"{len(bundle.warnings)} warnings")
+    return summary, [f"truststore of {listener}: WARNING {w}" for w in bundle.warnings]
+
+
 def build_generation(listener: ListenerConfig, data: bytes | None,
                      now: float | None = None, version: str = "") -> Generation:
     """Parse and build everything; raises TruststoreError and leaves nothing half-built."""

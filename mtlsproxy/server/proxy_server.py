@@ -38,7 +38,12 @@ from mtlsproxy.runtime.background import run_build
 from mtlsproxy.runtime.periodic import Periodic
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.server.admin import AdminServer
-from mtlsproxy.server.generation import Generation, GenerationOwner, fetch_generation
+from mtlsproxy.server.generation import (
+    Generation,
+    GenerationOwner,
+    fetch_generation,
+    truststore_report,
+)
 from mtlsproxy.server.listener import AccessLog, ListenerRuntime, utc_now
 from mtlsproxy.server.workers import WorkerSettings
 from mtlsproxy.tls.server_certs import ServerCertWatcher
@@ -58,6 +63,14 @@ def warn_open_proxy_protocol(config: Config) -> None:
                         "PROXY header sent by any peer that reaches the port; set "
                         "proxy_protocol.trusted_sources to the load balancer's CIDRs",
                         lc.name)
+
+
+def log_truststore(listener: str, gen: Generation) -> None:
+    """The truststore's version and every warning, at start-up and at each reload."""
+    summary, warnings = truststore_report(listener, gen)
+    log.info("%s", summary)
+    for line in warnings:
+        log.warning("%s", line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +195,8 @@ class ProxyServer:
             await self.admin.start()
             log.info("admin on %s:%d", self.admin.host, self.admin.bound_port)
         warn_open_proxy_protocol(self.config)
+        for lr in self.listeners:
+            log_truststore(lr.name, lr.holder.current)
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
@@ -316,6 +331,7 @@ class ProxyServer:
             generation = generation.with_revocation(
                 lr.revocation.attach_state(generation.bundle, built.prepared))
         lr.holder.swap(generation)
+        log_truststore(lr.name, generation)
         old_watcher = self.watchers.pop(lc.name, None)
         if old_watcher is not None:
             old_watcher.stop()

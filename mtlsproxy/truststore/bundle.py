@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.identity.algorithms import algorithm_problem
@@ -147,8 +147,11 @@ def _split(data: bytes) -> tuple[list[TrustedCert], list[CertWarning]]:
         try:
             cert = x509.load_pem_x509_certificate(block)
             der = cert.public_bytes(serialization.Encoding.DER)
-        except ValueError as exc:
-            warnings.append(CertWarning(f"certificate #{i + 1}", f"not parseable: {exc}"))
+        except ValueError:
+            # In words: the library's message is a debug string (a Rust ParseError).
+            warnings.append(CertWarning(f"certificate #{i + 1}",
+                                        "not parseable: not a valid X.509 certificate "
+                                        "(truncated or corrupt base64 or DER)"))
             continue
         fp = hashlib.sha256(der).hexdigest()
         if fp in seen:
@@ -164,8 +167,8 @@ def parse_bundle(data: bytes, max_chain_length: int = 4,
     """Parse and analyse; raise TruststoreError when no CA is usable."""
     bundle = analyse(data, max_chain_length, now)
     if not bundle.certs:
-        raise TruststoreError("no usable CA in the bundle: "
-                              + "; ".join(str(w) for w in bundle.warnings[:5]))
+        reasons = "; ".join(str(w) for w in bundle.warnings[:5])
+        raise TruststoreError("no usable CA in the bundle" + (f": {reasons}" if reasons else ""))
     return bundle
 
 
@@ -218,7 +221,9 @@ def analyse(data: bytes, max_chain_length: int = 4,
         pace()
         d = _path_depth(c, frozenset(), depth, intrinsic, index)
         if d is None:
-            if intrinsic[c.fingerprint_sha256] and not c.self_signed:
+            if intrinsic[c.fingerprint_sha256] and c.self_signed:
+                warnings.append(CertWarning(c.subject, _root_problem(c.cert)))
+            elif intrinsic[c.fingerprint_sha256] and not c.self_signed:
                 if not index.get(c.cert.issuer.public_bytes()):
                     warnings.append(CertWarning(
                         c.subject, f"issuer missing from the bundle (chain incomplete): "
@@ -238,6 +243,16 @@ def analyse(data: bytes, max_chain_length: int = 4,
         by_subject.setdefault(c.cert.subject.public_bytes(), []).append(c)
     return TrustBundle(tuple(usable), hashlib.sha256(data).hexdigest(), tuple(warnings),
                        tuple(certs), {k: tuple(v) for k, v in by_subject.items()})
+
+
+def _root_problem(cert: x509.Certificate) -> str:
+    """Why a self-signed certificate is no root: its own signature does not verify."""
+    algo = cert.signature_hash_algorithm
+    name = algo.name.upper().replace("SHA", "SHA-") if algo is not None else "none"
+    if not isinstance(algo, (hashes.SHA256, hashes.SHA384, hashes.SHA512)):
+        return (f"unsupported signature algorithm {name} on a self-signed root (SHA-256 or "
+                "stronger required): not used")
+    return "self-signed, but its signature does not verify: not used"
 
 
 def _path_depth(c: TrustedCert, visiting: frozenset[str], depth: dict[str, int | None],

@@ -114,6 +114,18 @@ def make_sha1_cert(cn: str, issuer: Cert, tmp: Path, ca: bool = False) -> Cert:
     return Cert(cert, key, [issuer.cert, *issuer.chain])
 
 
+def make_sha1_root(cn: str, tmp: Path) -> x509.Certificate:
+    """A self-signed CA signed with SHA-1 (the openssl binary, as make_sha1_cert)."""
+    subprocess.run(["openssl", "req", "-x509", "-sha1", "-newkey", "ec",
+                    "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp / "sha1-root.key"), "-out", str(tmp / "sha1-root.pem"),
+                    "-subj", f"/CN={cn}", "-days", "365",
+                    "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   check=True, capture_output=True)
+    return x509.load_pem_x509_certificate((tmp / "sha1-root.pem").read_bytes())
+
+
 def tamper(cert: Cert) -> Cert:
     """Flip one byte inside the subject CN: the DER still parses, the signature fails."""
     der = bytearray(cert.der)

@@ -7,11 +7,12 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mtlsproxy.errors import TruststoreError
-from mtlsproxy.truststore.bundle import next_change, parse_bundle
-from tests.support.pki import PKI, UTC, Cert, make_cert, make_sha1_cert
+from mtlsproxy.truststore.bundle import analyse, next_change, parse_bundle
+from tests.support.pki import PKI, UTC, Cert, make_cert, make_sha1_cert, make_sha1_root
 
 NOW = dt.datetime.now(UTC)
 
@@ -199,3 +200,33 @@ def test_an_analysed_bundle_is_freed_by_reference_counting_not_by_the_cycle_coll
         assert [r() for r in refs] == [None] * len(refs)
     finally:
         gc.enable()
+
+
+def test_a_sha1_self_signed_root_is_left_out_with_a_warning_naming_it(tmp_path: Path) -> None:
+    root = make_sha1_root("SHA1 Root", tmp_path)
+    bundle = analyse(root.public_bytes(serialization.Encoding.PEM))
+    assert bundle.certs == ()
+    assert [(w.subject, w.problem) for w in bundle.warnings if "SHA-1" in w.problem] == [
+        ("CN=SHA1 Root", "unsupported signature algorithm SHA-1 on a self-signed root "
+                         "(SHA-256 or stronger required): not used")]
+
+
+def test_a_bundle_of_only_a_sha1_root_is_refused_with_its_reason(tmp_path: Path) -> None:
+    root = make_sha1_root("SHA1 Root", tmp_path)
+    with pytest.raises(TruststoreError, match=r"no usable CA in the bundle: CN=SHA1 Root: "
+                                              r"unsupported signature algorithm SHA-1"):
+        parse_bundle(root.public_bytes(serialization.Encoding.PEM))
+
+
+TRUNCATED = b"MIIBkTCB+wIJAKHBfpegPjMCMA0GCSqGSIb3DQEBCwUAMBExDzANBgNVBAMMBnRl"
+
+
+@pytest.mark.parametrize("body", [TRUNCATED, b"not base64 at all!", b""])
+def test_an_unparseable_block_is_warned_in_words_not_a_library_debug_string(
+        body: bytes) -> None:
+    pem = b"-----BEGIN CERTIFICATE-----\n" + body + b"\n-----END CERTIFICATE-----\n"
+    (warning,) = analyse(pem).warnings
+    assert warning.subject == "certificate #1"
+    assert warning.problem == ("not parseable: not a valid X.509 certificate (truncated or "
+                               "corrupt base64 or DER)")
+    assert "Error" not in warning.problem and "{" not in warning.problem
