@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,17 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line (container log pipelines parse it as is)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        # UTC with milliseconds and Z (RFC 3339), whatever the host's time zone.
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry: dict[str, object] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
@@ -49,7 +55,7 @@ class JsonFormatter(logging.Formatter):
 def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, level.upper()),
                         handlers=[handler])
     # boto3 announces where it found credentials at INFO: noise in a proxy's log.
     for noisy in ("botocore", "boto3", "urllib3"):
@@ -277,25 +283,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
             loop.close()
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid log level {value!r} (choose from {', '.join(LOG_LEVELS)})")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --log-level before or after the subcommand: the subcommands share it through a
+    # parent parser whose default does not override one given before them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=f"{', '.join(LOG_LEVELS)} (default: $MTLSPROXY_LOG_LEVEL "
+                             "or info)")
     parser = argparse.ArgumentParser(prog="mtlsproxy",
                                      description="A mutual-TLS reverse proxy sidecar.")
     parser.add_argument("--version", action="version", version=f"mtlsproxy {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("MTLSPROXY_LOG_LEVEL", "info"))
+    parser.add_argument("--log-level", type=_log_level, default=None,
+                        help=f"{', '.join(LOG_LEVELS)} (default: $MTLSPROXY_LOG_LEVEL "
+                             "or info)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run the proxy")
+    p = sub.add_parser("run", parents=[common], help="run the proxy")
     p.add_argument("--config", help="config file (default: $MTLSPROXY_CONFIG)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("check-config", help="validate a config file without serving")
+    p = sub.add_parser("check-config", parents=[common],
+                       help="validate a config file without serving")
     p.add_argument("--config", help="config file (default: $MTLSPROXY_CONFIG)")
     p.set_defaults(func=cmd_check_config)
-    p = sub.add_parser("demo", help="throw-away PKI + echo upstream + proxy, one request")
+    p = sub.add_parser("demo", parents=[common],
+                       help="throw-away PKI + echo upstream + proxy, one request")
     p.add_argument("--once", action="store_true", help="make the request and exit")
     p.add_argument("--port", type=int, default=8443, help="proxy port (0: any free port)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("truststore", help="truststore tools")
+    p = sub.add_parser("truststore", parents=[common], help="truststore tools")
     tsub = p.add_subparsers(dest="truststore_command", required=True)
-    t = tsub.add_parser("check", help="analyse a truststore (file or s3://) without serving")
+    t = tsub.add_parser("check", parents=[common],
+                        help="analyse a truststore (file or s3://) without serving")
     t.add_argument("uri", help="a path, file:// or s3://bucket/key")
     t.add_argument("--version", help="S3 VersionId (default: the newest)")
     t.add_argument("--max-chain-length", type=int, default=4)
@@ -304,14 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--crl", action="append", metavar="URI",
                    help="a CRL to report per CA (repeatable): path, s3:// or http(s)://")
     t.set_defaults(func=cmd_truststore_check)
-    p = sub.add_parser("dev-pki", help="write a development PKI to DIR")
+    p = sub.add_parser("dev-pki", parents=[common], help="write a development PKI to DIR")
     p.add_argument("directory", metavar="DIR")
     p.set_defaults(func=cmd_dev_pki)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level is None:
+        try:
+            args.log_level = _log_level(os.environ.get("MTLSPROXY_LOG_LEVEL", "info"))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"MTLSPROXY_LOG_LEVEL: {exc}")
     _setup_logging(args.log_level)
     try:
         return int(args.func(args))

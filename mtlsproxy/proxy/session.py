@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import ssl
 from collections.abc import Callable
 from time import perf_counter
@@ -60,14 +59,13 @@ from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
 from mtlsproxy.identity.headers import fold, header_block
+from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
 from mtlsproxy.proxy.upstream import UpstreamConnection
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.tls.contexts import ServerContexts
-
-log = logging.getLogger("mtlsproxy")
 
 
 class _ClientGone(Exception):
@@ -118,7 +116,9 @@ class Listener(Protocol):
     def connection_closed(self, session: ProxySession) -> None: ...
     def count_handshake(self, resumed: bool) -> None: ...
     def count_handshake_failure(self, reason: str, client: str,
-                                exc: BaseException | None) -> None: ...
+                                exc: BaseException | None,
+                                identity: ClientIdentity | None = None,
+                                detail: str | None = None) -> None: ...
     def count_request(self, route: str, status: int, duration: float) -> None: ...
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
     def access(self, session: ProxySession, req: Request, status: int, sent: int,
@@ -430,7 +430,9 @@ class ProxySession:
     def _count_refusal(self, reason: str) -> None:
         if not self._refusal_counted:
             self._refusal_counted = True
-            self.rt.count_handshake_failure(reason, self.conn.peername[0], None)
+            verdict = self.verdict
+            self.rt.count_handshake_failure(reason, self.conn.peername[0], None,
+                                            verdict.identity if verdict else None)
 
     async def run(self, fast: _Fast | None = None) -> None:
         """The general path: serve queued requests until none is left (then park in
@@ -632,12 +634,11 @@ class ProxySession:
         if refusal.scope is Scope.CLIENT:
             self._count_refusal(refusal.reason)
         elif refusal.scope is Scope.ROUTE:
-            self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None)
-            if refusal.detail:
-                identity = self.verdict.identity if self.verdict is not None else None
-                log.warning("client %s refused on route %s: no allow rule matched (%s)",
-                            identity.subject if identity else "(no certificate)", route,
-                            refusal.detail)
+            identity = self.verdict.identity if self.verdict is not None else None
+            detail = (f"route {route}: no allow rule matched ({refusal.detail})"
+                      if refusal.detail else f"route {route}")
+            self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
+                                            identity, detail)
         return self._write_error(refusal.status, refusal.reason, keep_alive=keep)
 
     async def _forward(self, req: Request, upstream: Upstream, head: bytes,

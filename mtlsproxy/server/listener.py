@@ -20,6 +20,7 @@ from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request
+from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.metrics import Metrics, RequestSeries
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
@@ -28,6 +29,7 @@ from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.server.generation import Generation, GenerationOwner
+from mtlsproxy.server.refusals import RefusalLog
 from mtlsproxy.tls.bio import TLSConnection
 
 log = logging.getLogger("mtlsproxy")
@@ -105,6 +107,7 @@ class ListenerRuntime:
             self.count_cache)
         self.configure_ocsp()
         self.sessions: set[ProxySession] = set()
+        self.refusals = RefusalLog(logging.getLogger("mtlsproxy.refusals"))
         self.draining = False
         self._handshakes_resumed = metrics.handshakes.labels(self.name, "true")
         self._handshakes_full = metrics.handshakes.labels(self.name, "false")
@@ -226,9 +229,13 @@ class ListenerRuntime:
         (self._handshakes_resumed if resumed else self._handshakes_full).inc()
 
     def count_handshake_failure(self, reason: str, client: str,
-                                exc: BaseException | None) -> None:
+                                exc: BaseException | None,
+                                identity: ClientIdentity | None = None,
+                                detail: str | None = None) -> None:
+        """A refusal: counted by reason, and logged at INFO (rate-limited, refusals.py)."""
         self.metrics.handshake_failures.labels(self.name, reason).inc()
-        if log.isEnabledFor(logging.DEBUG):
+        self.refusals.refused(self.name, reason, client, identity, detail)
+        if exc is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("client %s refused on %s: %s (%s)", client, self.name, reason, exc)
 
     def count_cache(self, hit: bool) -> None:

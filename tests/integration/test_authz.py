@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -132,9 +133,13 @@ def test_each_rule_kind_over_real_tls(harness: Harness, kind: str) -> None:
 
 def test_refusal_is_logged_with_the_rules(harness: Harness,
                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mtlsproxy.refusals")
     echo = f"http://127.0.0.1:{harness.start_echo()}"
     harness.start(harness.config(routes=[
         {"path_prefix": "/", "upstream": echo, "allow": [{"san_dns": "*.other.test"}]}]))
     assert harness.get("/")[0] == 403
-    assert any("refused on route /" in r.getMessage() and "san_dns=*.other.test"
-               in r.getMessage() for r in caplog.records)
+    (record,) = [r for r in caplog.records if r.getMessage() == "client refused"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["reason"] == "unauthorized" and fields["listener"] == "public"
+    assert "route /" in fields["detail"] and "san_dns=*.other.test" in fields["detail"]
+    assert "CN=good-client" in fields["subject"]
