@@ -199,7 +199,7 @@ def _read_mutual_tls(r: Reader, raw: Any, mpath: str) -> MutualTLSConfig:
     mdata = r.mapping(raw, mpath,
                       ("truststore_uri", "truststore_version", "refresh_interval",
                        "max_chain_length", "forward_client_cert", "revocation",
-                       "client_intermediates"))
+                       "client_intermediates", "send_ca_names"))
     uri = r.get(mdata, "truststore_uri", mpath, str, "")
     if uri.startswith("s3://"):
         try:
@@ -228,6 +228,7 @@ def _read_mutual_tls(r: Reader, raw: Any, mpath: str) -> MutualTLSConfig:
         client_intermediates=r.get(
             mdata, "client_intermediates", mpath, str, "ignore",
             lambda v: None if v in CLIENT_INTERMEDIATES else "must be ignore or use"),
+        send_ca_names=r.get(mdata, "send_ca_names", mpath, bool, True),
     )
 
 

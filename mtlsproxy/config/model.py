@@ -58,6 +58,10 @@ class MutualTLSConfig:
     # "ignore": only truststore CAs build a client's chain (the model: a client is issued
     # by a CA of the truststore); "use": intermediates the client sends count too.
     client_intermediates: str = "ignore"
+    # The truststore's CA names in the CertificateRequest (nginx sends those of
+    # ssl_client_certificate): a client with several certificates picks one they issued.
+    # False for very large bundles (every handshake carries every name).
+    send_ca_names: bool = True
 
     @property
     def enabled(self) -> bool:

@@ -106,7 +106,8 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
         except TruststoreError as exc:
             raise TruststoreError(f"{listener.mutual_tls.truststore_uri}: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
-    contexts = build_server_contexts(listener.tls, bundle, listener.name)
+    contexts = build_server_contexts(listener.tls, bundle, listener.name,
+                                     listener.mutual_tls.send_ca_names)
     return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
                       time.time() if now is None else now, version)
 
@@ -202,7 +203,7 @@ class GenerationOwner:
         async with self.lock:
             current = self.current
             contexts = await run_build(build_server_contexts, self.config.tls, current.bundle,
-                                       self.name)
+                                       self.name, self.config.mutual_tls.send_ca_names)
             # The replaced contexts hold the truststore's X509_STORE: freed off the loop.
             dispose(self.holder.swap(dataclasses.replace(
                 current, number=next_generation_number(), contexts=contexts)))

@@ -269,9 +269,9 @@ class ProxyServer:
         for i, (lr, lc) in enumerate(zip(self.listeners, new.listeners, strict=True)):
             old = lr.config
             if (old.mutual_tls.truststore_uri, old.mutual_tls.truststore_version, old.tls,
-                    old.mutual_tls.max_chain_length) == (
+                    old.mutual_tls.max_chain_length, old.mutual_tls.send_ca_names) == (
                     lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version, lc.tls,
-                    lc.mutual_tls.max_chain_length):
+                    lc.mutual_tls.max_chain_length, lc.mutual_tls.send_ca_names):
                 continue
             source = (make_source(lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version,
                                   self.s3_client_factory) if lc.mutual_tls.enabled else None)

@@ -57,7 +57,8 @@ def _names(cert_file: str) -> list[str]:
     return names
 
 
-def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
+def _new_context(tls: TLSConfig, bundle: TrustBundle | None,
+                 send_ca_names: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if tls.security_policy == "TLS_1_3"
                            else ssl.TLSVersion.TLSv1_2)
@@ -76,6 +77,8 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None) -> ssl.SSLContext:
         except ssl.SSLError as exc:
             raise TruststoreError(f"OpenSSL refused the truststore: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
+        if send_ca_names:
+            native.add_ca_names(ctx, (c.der for c in bundle.certs))
     return ctx
 
 
@@ -113,7 +116,7 @@ def _load_cas(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
 
 
 def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
-                          listener: str = "") -> ServerContexts:
+                          listener: str = "", send_ca_names: bool = True) -> ServerContexts:
     """One context per server certificate; raises TruststoreError on unusable input.
 
     With workers, every context of one (listener, truststore) gets the same ticket keys in
@@ -124,7 +127,7 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
     label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
     for i, cert in enumerate(tls.certificates):
-        ctx = _new_context(tls, bundle)
+        ctx = _new_context(tls, bundle, send_ca_names)
         if not native.apply(ctx, label):
             native.keep_sessions(ctx, label)
         try:

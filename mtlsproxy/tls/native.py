@@ -48,17 +48,23 @@ that what reaches below ``ssl`` can be audited in one file.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import hashlib
 import logging
 import os
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+from mtlsproxy.runtime.pacing import pace
 
 log = logging.getLogger("mtlsproxy.tls")
 
@@ -97,6 +103,24 @@ class _Lib:
         self.set_suites = lib.SSL_CTX_set_ciphersuites
         self.set_suites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self.set_suites.restype = ctypes.c_int
+        # The CA names of a CertificateRequest (nginx's ssl_client_certificate sends them):
+        # each CA's DER parsed by libcrypto, its subject copied into the context's list.
+        self.d2i_x509 = lib.d2i_X509
+        self.d2i_x509.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p),
+                                  ctypes.c_long]
+        self.d2i_x509.restype = ctypes.c_void_p
+        self.x509_free = lib.X509_free
+        self.x509_free.argtypes = [ctypes.c_void_p]
+        self.x509_free.restype = None
+        self.add_client_ca = lib.SSL_CTX_add_client_CA
+        self.add_client_ca.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.add_client_ca.restype = ctypes.c_int
+        self.get_client_ca_list = lib.SSL_CTX_get_client_CA_list
+        self.get_client_ca_list.argtypes = [ctypes.c_void_p]
+        self.get_client_ca_list.restype = ctypes.c_void_p
+        self.sk_num = lib.OPENSSL_sk_num
+        self.sk_num.argtypes = [ctypes.c_void_p]
+        self.sk_num.restype = ctypes.c_int
 
 
 LIBSSL: _Lib | None = None
@@ -345,6 +369,48 @@ def _suites_check() -> None:
         raise RuntimeError(f"the server's order did not decide (negotiated {cipher})")
 
 
+def _add_ca_names(ctx: ssl.SSLContext, ders: Iterable[bytes]) -> int:
+    """Add each CA's subject to ``ctx``'s CertificateRequest; the number of names now."""
+    assert LIBSSL is not None
+    ptr = _checked_pointer(ctx)
+    for der in ders:
+        pace()
+        cursor = ctypes.c_char_p(der)
+        x509 = LIBSSL.d2i_x509(None, ctypes.byref(cursor), len(der))
+        if not x509:
+            raise RuntimeError("d2i_X509 refused a CA certificate")
+        try:
+            if LIBSSL.add_client_ca(ptr, x509) != 1:
+                raise RuntimeError("SSL_CTX_add_client_CA returned an error")
+        finally:
+            LIBSSL.x509_free(x509)
+    names = LIBSSL.get_client_ca_list(ptr)
+    return LIBSSL.sk_num(names) if names else 0
+
+
+def _ca_names_check() -> None:
+    """A throw-away CA's name goes in, and the context's list holds exactly it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mtlsproxy self-test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if _add_ca_names(ctx, [cert.public_bytes(serialization.Encoding.DER)]) != 1:
+        raise RuntimeError("the CA name did not reach the context's list")
+
+
+def add_ca_names(ctx: ssl.SSLContext, ders: Iterable[bytes]) -> bool:
+    """Send these CAs' names in ``ctx``'s CertificateRequest (Python's ``ssl`` cannot), so
+    that a client with several certificates picks one they issued; False, sending none,
+    when the self-test failed."""
+    if not CA_NAMES.passed():
+        return False
+    _add_ca_names(ctx, ders)
+    return True
+
+
 TICKET_KEYS = SelfCheck(
     _resumption_check, "shared TLS ticket keys disabled (self-test failed: %s); each "
     "worker keeps its own keys, so resumption across workers is lost")
@@ -353,6 +419,8 @@ SESSION_CACHE = SelfCheck(
     "resume from stateless tickets instead")
 SUITES = SelfCheck(_suites_check, "TLS 1.3 cipher suites in OpenSSL's order (self-test "
                  "failed: %s): AES-256-GCM-SHA384 first")
+CA_NAMES = SelfCheck(_ca_names_check, "no CA names in the CertificateRequest (self-test "
+                     "failed: %s): clients choose their certificate without them")
 
 
 def status() -> tuple[bool | None, str]:
