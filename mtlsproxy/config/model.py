@@ -40,6 +40,9 @@ class RevocationConfig:
     crl_uris: tuple[str, ...] = ()
     mode: str = "soft"  # soft: allow and count when a CRL is missing or stale; hard: refuse
     ocsp: bool = False
+    # When a newer CRL is fetched: at this fraction of a CRL's validity window
+    # (thisUpdate to nextUpdate), and never later than nextUpdate - refresh_interval.
+    refresh_fraction: float = 0.8
 
 
 CLIENT_INTERMEDIATES = ("ignore", "use")

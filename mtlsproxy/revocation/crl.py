@@ -27,6 +27,7 @@ from mtlsproxy.truststore.bundle import TrustBundle
 class LoadedCRL:
     uri: str
     issuer: str  # RFC 4514, for logs and the stale metric
+    this_update: dt.datetime
     next_update: dt.datetime | None
     revoked: frozenset[int]
 
@@ -112,5 +113,6 @@ def build_state(mode: str, crls: dict[str, bytes | None],
             missing = True
             continue
         loaded[crl.issuer.public_bytes()] = LoadedCRL(
-            uri, crl.issuer.rfc4514_string(), crl.next_update_utc, _serials(crl))
+            uri, crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc,
+            _serials(crl))
     return RevocationState(mode, loaded, tuple(problems), missing)

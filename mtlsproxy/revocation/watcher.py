@@ -27,6 +27,11 @@ from mtlsproxy.truststore.sources import Source, make_source
 
 log = logging.getLogger("mtlsproxy.revocation")
 
+# Seconds between fetches while a CRL is due or stale: short, since hard mode refuses
+# clients until a fresh CRL arrives, and capped so a dead publisher is not hammered.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
 
 class Installed(Protocol):
     """A generation as this module sees it."""
@@ -60,6 +65,7 @@ class RevocationWatcher(Periodic):
         self.versions: dict[str, str | None] = {u: None for u in cfg.crl_uris}
         self.stale_gauge = stale_gauge
         self._stale: frozenset[str] = frozenset()
+        self._retry = RETRY_FIRST  # the next backoff while a CRL is due (next_wait)
 
     def __repr__(self) -> str:
         return f"<RevocationWatcher {self.name} crls={len(self.sources)} mode={self.mode}>"
@@ -113,16 +119,36 @@ class RevocationWatcher(Periodic):
         return stale
 
     def next_wait(self) -> float:
-        """Seconds to the next refresh: the interval, or sooner when a CRL's nextUpdate
-        comes first (re-fetch as soon as the issuer publishes the next one)."""
-        wait = self.owner.config.mutual_tls.refresh_interval
+        """Seconds to the next fetch. A newer CRL is wanted ahead of its nextUpdate: at
+        ``refresh_fraction`` of its validity window, and never later than nextUpdate minus
+        the refresh interval, so a publisher a little late never leaves a hard-mode listener
+        with a stale CRL. Once a CRL is due (or stale, or missing), fetches retry with a
+        short backoff (RETRY_FIRST doubling up to RETRY_MAX, never over the interval)
+        instead of waiting a whole interval; a newer CRL resets it."""
+        mtls = self.owner.config.mutual_tls
+        interval = mtls.refresh_interval
+        fraction = mtls.revocation.refresh_fraction
+        wait = interval
+        due = False
         state = self.owner.current.revocation
         if state is not None:
             now = self.clock()
+            if state.missing:
+                due = True
             for crl in state.crls.values():
-                if crl.next_update is not None and crl.next_update > now:
-                    wait = min(wait, max(1.0, (crl.next_update - now).total_seconds()))
-        return wait
+                if crl.next_update is None:
+                    continue
+                ahead = crl.this_update + (crl.next_update - crl.this_update) * fraction
+                when = min(ahead, crl.next_update - dt.timedelta(seconds=interval))
+                if when > now:
+                    wait = min(wait, (when - now).total_seconds())
+                else:
+                    due = True
+        if not due:
+            self._retry = RETRY_FIRST
+            return max(wait, RETRY_FIRST)
+        retry, self._retry = self._retry, min(self._retry * 2, RETRY_MAX, interval)
+        return max(min(wait, retry), 0.1)
 
     async def refresh(self) -> None:
         loop = asyncio.get_running_loop()

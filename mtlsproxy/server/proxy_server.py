@@ -65,6 +65,11 @@ def warn_open_proxy_protocol(config: Config) -> None:
                         lc.name)
 
 
+def _hard_crl_missing(lr: ListenerRuntime) -> bool:
+    state = lr.holder.current.revocation
+    return state is not None and state.mode == "hard" and state.missing
+
+
 def log_truststore(listener: str, gen: Generation) -> None:
     """The truststore's version and every warning, at start-up and at each reload."""
     summary, warnings = truststore_report(listener, gen)
@@ -172,8 +177,11 @@ class ProxyServer:
         return f"<ProxyServer listeners={names} ready={self.is_ready()}>"
 
     def is_ready(self) -> bool:
+        """Bound, serving, not draining, and no hard-mode listener without one of its CRLs
+        (it would refuse every client: a load balancer should send them elsewhere)."""
         return self.started and not self.draining and all(
-            lr.server is not None and lr.server.is_serving() for lr in self.listeners)
+            lr.server is not None and lr.server.is_serving() and not _hard_crl_missing(lr)
+            for lr in self.listeners)
 
     def describe_truststores(self) -> dict[str, Any]:
         out = {}

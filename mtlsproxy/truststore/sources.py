@@ -103,11 +103,17 @@ class S3Source:
 
 
 class HttpSource:
-    """An http(s):// URL (CRL distribution points); version = SHA-256 of the body."""
+    """An http(s):// URL (CRL distribution points); version = SHA-256 of the body.
+
+    Conditional: once a body is held, the next fetch sends its ``ETag`` as
+    ``If-None-Match`` and its ``Last-Modified`` as ``If-Modified-Since`` (RFC 9110 section
+    13.1), and a ``304 Not Modified`` costs no download."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.uri = url
         self.timeout = timeout
+        self._validators: dict[str, str] = {}  # request headers for the body held
+        self._held: str | None = None  # the version those validators describe
 
     def __repr__(self) -> str:
         return f"<HttpSource {self.uri}>"
@@ -115,12 +121,23 @@ class HttpSource:
     def check(self, current: str | None) -> Fetched | None:
         import urllib.error
         import urllib.request
+        headers = self._validators if current is not None and current == self._held else {}
+        request = urllib.request.Request(self.uri, headers=headers)
         try:
-            with urllib.request.urlopen(self.uri, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 data = resp.read(16 * 1024 * 1024)
+                etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 304 and headers:
+                return None
+            raise TruststoreError(f"{self.uri}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TruststoreError(f"{self.uri}: {exc}") from None
         version = hashlib.sha256(data).hexdigest()
+        self._validators = {name: value for name, value in (("If-None-Match", etag),
+                                                           ("If-Modified-Since", modified))
+                            if value}
+        self._held = version
         return None if version == current else Fetched(data, version)
 
 
