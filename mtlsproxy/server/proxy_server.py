@@ -147,7 +147,7 @@ class ProxyServer:
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(config.admin.host, config.admin.port,
-                                     self._exposition_registry(), self.is_ready,
+                                     self._exposition_registry(), self._probe_ready,
                                      self.describe_truststores,
                                      reuse_port=worker is not None)
         self.started = False
@@ -182,6 +182,13 @@ class ProxyServer:
         return self.started and not self.draining and all(
             lr.server is not None and lr.server.is_serving() and not _hard_crl_missing(lr)
             for lr in self.listeners)
+
+    def _probe_ready(self) -> bool:
+        """/readyz: the live answer, also kept in ``mtlsproxy_ready`` (readiness can change
+        between start and drain: a hard-mode CRL that arrives or goes missing)."""
+        ready = self.is_ready()
+        self.ready_gauge.set(1 if ready else 0)
+        return ready
 
     def describe_truststores(self) -> dict[str, Any]:
         out = {}

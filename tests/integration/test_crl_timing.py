@@ -181,8 +181,10 @@ def test_readyz_says_not_ready_while_a_hard_mode_crl_is_missing(
         "truststore_uri": str(harness.pki.truststore), "refresh_interval": 3600,
         "revocation": {"crl_uris": [url], "mode": "hard"}}))
     assert readyz(harness) == 503
+    assert harness.metric("mtlsproxy_ready") == 0
     assert reason(harness) == "revocation_unavailable"
     now = dt.datetime.now(UTC)
     state["body"] = crl(harness.pki.inter, now, now + dt.timedelta(days=1))
     wait_for(lambda: readyz(harness) == 200, timeout=10)  # retried within seconds
+    assert harness.metric("mtlsproxy_ready") == 1
     assert reason(harness) is None
