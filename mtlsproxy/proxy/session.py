@@ -122,7 +122,8 @@ class Listener(Protocol):
     def count_request(self, route: str, status: int, duration: float) -> None: ...
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
     def access(self, session: ProxySession, req: Request, status: int, sent: int,
-               duration: float, upstream: str) -> None: ...
+               duration: float, upstream: str, upstream_status: int | None = None,
+               upstream_duration: float | None = None) -> None: ...
 
 
 class SessionState(enum.Enum):
@@ -423,7 +424,9 @@ class ProxySession:
         duration = perf_counter() - fast.start
         rt.count_request(fast.route_name, status, duration)
         if rt.access_log is not None:
-            rt.access(self, fast.req, status, sent, duration, fast.upstream.key)
+            # From the forward to the end of the answer: the upstream's time (499: none).
+            rt.access(self, fast.req, status, sent, duration, fast.upstream.key,
+                      None if status == 499 else status, None if status == 499 else duration)
 
     # -- the request loop ---------------------------------------------------------------
 
@@ -546,10 +549,14 @@ class ProxySession:
         status = 0
         sent = 0
         upstream_key = "-" if fast is None else fast.upstream.key
+        upstream_status: int | None = None
+        up_start = start
+        up_end: float | None = None
         keep = False
         try:
             if fast is not None:
                 status, sent, keep = await self._forward(req, fast.upstream, fast.head, fast)
+                upstream_status, up_end = status, perf_counter()
                 return keep
             assert self.verdict is not None
             self._screen(req)  # 400 (RemoteProtocolError below) for a path or header refused
@@ -580,12 +587,15 @@ class ProxySession:
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
                 frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
+            up_start = perf_counter()
             status, sent, keep = await self._forward(req, route.upstream, head)
+            upstream_status, up_end = status, perf_counter()
             return keep
         except _UpstreamAfterHead as exc:
             # The response head went out: closing is the only honest signal left.
             rt.count_upstream_error(upstream_key, exc.kind)
-            status = exc.status_hint
+            status = upstream_status = exc.status_hint
+            up_end = perf_counter()
             self.conn.abort()
             return False
         except UpstreamError as exc:
@@ -610,7 +620,9 @@ class ProxySession:
             if status == 0:
                 status = 499  # nginx's code for "client closed the request"
             rt.count_request(route_name, status, duration)
-            rt.access(self, req, status, sent, duration, upstream_key)
+            if rt.access_log is not None:
+                rt.access(self, req, status, sent, duration, upstream_key, upstream_status,
+                          None if up_end is None else up_end - up_start)
 
     def _screen(self, req: Request) -> None:
         """Normalise the target in place (routing, rules, the authorizer, the upstream and

@@ -267,7 +267,8 @@ class ListenerRuntime:
         hist.observe(duration)
 
     def access(self, session: ProxySession, req: Request, status: int, sent: int,
-               duration: float, upstream: str) -> None:
+               duration: float, upstream: str, upstream_status: int | None = None,
+               upstream_duration: float | None = None) -> None:
         if self.access_log is None:
             return
         identity = session.verdict.identity if session.verdict is not None else None
@@ -295,6 +296,11 @@ class ListenerRuntime:
             # Microseconds: the duration is measured with perf_counter (proxy/session.py).
             "duration_ms": round(duration * 1000, 3),
             "upstream": upstream,
+            # What the upstream answered and how long it took (nginx's $upstream_status,
+            # $upstream_response_time); null when the proxy answered itself.
+            "upstream_status": upstream_status,
+            "upstream_duration_ms": (None if upstream_duration is None
+                                     else round(upstream_duration * 1000, 3)),
             "user_agent": user_agent,
             "request_id": request_id,
             "resumed": conn.session_reused,

@@ -801,6 +801,19 @@ def test_access_log_names_the_request_and_its_tls(proxy: Harness) -> None:
         "api.example.test", "probe/1.0", "req-42")
     assert record["protocol"] == "HTTP/1.1"
     assert record["tls_version"] == "TLSv1.3" and record["tls_cipher"].startswith("TLS_")
+    assert record["upstream_status"] == 200
+    assert 0 <= record["upstream_duration_ms"] <= record["duration_ms"]
+
+
+def test_access_log_has_no_upstream_status_when_the_proxy_answered(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(routes=[{"path_prefix": "/only",
+                              "upstream": f"http://127.0.0.1:{h.start_echo()}"}]))
+    assert h.get("/elsewhere")[0] == 404
+    wait_for(lambda: bool(h.access_lines))
+    record = json.loads(h.access_lines[-1])
+    assert (record["status"], record["upstream_status"], record["upstream_duration_ms"]) == (
+        404, None, None)
 
 
 def test_access_log_durations_have_sub_millisecond_resolution(proxy: Harness) -> None:
