@@ -12,6 +12,7 @@ from mtlsproxy.dev.pki import DevPKI, write_dev_pki
 from tests.support.harness import Harness
 from tests.support.loops import LoopThread
 from tests.support.pki import PKI, make_pki
+from tests.support.tools import require_tool
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +87,9 @@ def upstream() -> Iterator[tuple[LoopThread, int]]:
     yield loop, int(echo.sockets[0].getsockname()[1])
     loop.call(echo.close)
     loop.stop()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.needs_tool(name, package)``: see tests/support/tools.require_tool."""
+    for mark in item.iter_markers("needs_tool"):
+        require_tool(*mark.args)

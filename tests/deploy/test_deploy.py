@@ -211,12 +211,14 @@ def test_every_sample_config_keeps_the_admin_port_on_loopback_or_off(sample: Pat
 PROM = ROOT / "deploy" / "prometheus"
 
 
+@pytest.mark.needs_tool("promtool", "prometheus")
 def test_alert_rules_pass_promtool_check() -> None:
     out = subprocess.run(["promtool", "check", "rules", "mtlsproxy-rules.yml"], cwd=PROM,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.needs_tool("promtool", "prometheus")
 def test_every_alert_has_a_passing_promtool_unit_test() -> None:
     out = subprocess.run(["promtool", "test", "rules", "mtlsproxy-rules.test.yml"], cwd=PROM,
                          capture_output=True, text=True, timeout=120)

@@ -3,15 +3,13 @@ client sees them: ``openssl s_client`` prints the names the server sent."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
 from tests.support.harness import Harness
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
-                                   reason="openssl not installed (apt-get install openssl)")
+needs_openssl = pytest.mark.needs_tool("openssl", "openssl")
 
 
 def acceptable_names(h: Harness) -> str:

@@ -8,7 +8,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -120,9 +119,8 @@ def client_ctx(devpki: DevPKI) -> ssl.SSLContext:
 
 # -- real clients ---------------------------------------------------------------------
 
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
-                                   reason="openssl not installed")
+needs_curl = pytest.mark.needs_tool("curl", "curl")
+needs_openssl = pytest.mark.needs_tool("openssl", "openssl")
 
 
 @needs_curl

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.tools import require_tool
+
 UTC = dt.UTC
 
 
@@ -98,6 +100,7 @@ def make_cert(cn: str, issuer: Cert | None = None, *, key: Any = None, ca: bool 
 
 def make_sha1_cert(cn: str, issuer: Cert, tmp: Path, ca: bool = False) -> Cert:
     """cryptography refuses to sign with SHA-1; the openssl binary still does."""
+    require_tool("openssl", "openssl")
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -116,6 +119,7 @@ def make_sha1_cert(cn: str, issuer: Cert, tmp: Path, ca: bool = False) -> Cert:
 
 def make_sha1_root(cn: str, tmp: Path) -> x509.Certificate:
     """A self-signed CA signed with SHA-1 (the openssl binary, as make_sha1_cert)."""
+    require_tool("openssl", "openssl")
     subprocess.run(["openssl", "req", "-x509", "-sha1", "-newkey", "ec",
                     "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", str(tmp / "sha1-root.key"), "-out", str(tmp / "sha1-root.pem"),

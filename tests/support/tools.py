@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+
+
+def require_tool(name: str, package: str) -> None:
+    """A system tool the test runs: skip with the package to install when it is missing,
+    except under ``CI=true``, where a missing tool is a failure (CI installs them all)."""
+    if shutil.which(name) is not None:
+        return
+    message = f"{name} is not installed: apt-get install -y {package}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def tool(name: str) -> str:
