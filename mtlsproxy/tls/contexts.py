@@ -11,6 +11,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import weakref
@@ -24,6 +25,8 @@ from mtlsproxy.errors import TruststoreError
 from mtlsproxy.runtime.pacing import pace
 from mtlsproxy.tls import native
 from mtlsproxy.truststore.bundle import TrustBundle
+
+log = logging.getLogger("mtlsproxy.tls")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,23 @@ def _load_cas(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
         os.close(fd)
 
 
+# The CA names travel in one list with a two-byte length (RFC 8446 section 4.2.4; RFC 5246
+# section 7.4.4): past it OpenSSL fails every handshake with an internal error. Some room is
+# left for the rest of the CertificateRequest.
+CA_NAMES_LIMIT = 65535 - 2048
+
+
+def _ca_names_fit(bundle: TrustBundle) -> bool:
+    size = sum(2 + len(c.cert.subject.public_bytes()) for c in bundle.certs)
+    if size <= CA_NAMES_LIMIT:
+        return True
+    log.warning("the names of the truststore's %d CAs take %d bytes, more than a "
+                "CertificateRequest carries (%d): none are sent; set "
+                "mutual_tls.send_ca_names: false to say so", len(bundle.certs), size,
+                CA_NAMES_LIMIT)
+    return False
+
+
 def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
                           listener: str = "", send_ca_names: bool = True) -> ServerContexts:
     """One context per server certificate; raises TruststoreError on unusable input.
@@ -125,6 +145,7 @@ def build_server_contexts(tls: TLSConfig, bundle: TrustBundle | None,
     process keeps its sessions in memory instead (stateful TLS 1.3 tickets: no session
     serialised into tickets, none parsed back on resumption)."""
     contexts: list[tuple[ssl.SSLContext, list[str]]] = []
+    send_ca_names = send_ca_names and bundle is not None and _ca_names_fit(bundle)
     label = f"{listener}|{bundle.sha256 if bundle is not None else '-'}"
     for i, cert in enumerate(tls.certificates):
         ctx = _new_context(tls, bundle, send_ca_names)

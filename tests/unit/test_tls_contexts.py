@@ -3,11 +3,16 @@ real in-memory TLS 1.3 handshakes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import ssl
 from collections.abc import Iterator
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mtlsproxy.config import CertificateConfig, TLSConfig
 from mtlsproxy.tls import native
@@ -221,3 +226,29 @@ def test_contexts_with_sni_selection_are_freed_by_reference_counting(pki: PKI) -
         assert [r() for r in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_ca_names_that_do_not_fit_a_certificate_request_are_not_sent(
+        pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
+    # Sent anyway, OpenSSL failed every handshake with an internal error: a large bundle
+    # must still admit its clients, without names, and say so.
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    extra = []
+    for i in range(600):
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "O" * 60),
+                          x509.NameAttribute(NameOID.COMMON_NAME,
+                                             f"Issuing CA {i:04d} " + "x" * 40)])
+        extra.append(x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(key.public_key()).serial_number(i + 1).not_valid_before(now)
+                     .not_valid_after(now + dt.timedelta(days=2))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                     .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    bundle = parse_bundle(pki.truststore.read_bytes() + b"".join(extra))
+    assert len(bundle.certs) == 602
+    tls = TLSConfig("TLS_1_2", (CertificateConfig(pki.server_cert, pki.server_key),))
+    with caplog.at_level(logging.WARNING, "mtlsproxy.tls"):
+        ctx = build_server_contexts(tls, bundle, "public").default
+    conn = native.connect_in_memory(ctx, client(pki), None)
+    assert conn.version() is not None  # the handshake completed
+    assert any("none are sent" in r.getMessage() for r in caplog.records)
