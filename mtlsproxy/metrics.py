@@ -187,7 +187,8 @@ class Metrics:
         self.handshake_failures = Counter(
             "mtlsproxy_tls_handshake_failures",
             "Client connections refused, in the TLS handshake or by the proxy's certificate "
-            "policy after it, by reason.", ["listener", "reason"], registry=registry)
+            "policy after it, by reason (domain: a listener's domain, empty without domains).",
+            ["listener", "domain", "reason"], registry=registry)
         self.request_counts: RequestCounts | None = None
         self.requests: Counter | None = None
         self.request_duration: Histogram | None = None
@@ -212,13 +213,14 @@ class Metrics:
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
 
-    def declare_listener(self, listener: str) -> None:
+    def declare_listener(self, listener: str, domains: tuple[str, ...] = ("",)) -> None:
         """Create the listener's series at zero, so rates exist before the first event."""
         self.connections_active.labels(listener)
         for resumed in ("true", "false"):
             self.handshakes.labels(listener, resumed)
-        for reason in HANDSHAKE_FAILURE_REASONS:
-            self.handshake_failures.labels(listener, reason)
+        for domain in domains:
+            for reason in HANDSHAKE_FAILURE_REASONS:
+                self.handshake_failures.labels(listener, domain, reason)
         for result in ("hit", "miss"):
             self.cert_cache.labels(result)
         for reason in HEADER_DROP_REASONS:
@@ -226,49 +228,55 @@ class Metrics:
 
 
 class TruststoreMetrics:
-    """The truststore collectors (issue #3's public names), one instance per registry."""
+    """The truststore collectors (issue #3's public names), one instance per registry.
+
+    Every series carries ``domain``: the listener's domain whose truststore it is, empty
+    for a listener without domains (an empty label is no label to Prometheus, so the
+    queries written before domains existed still select the same series)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reloads = Counter(
             "mtlsproxy_truststore_reloads", "Truststore refreshes by result: applied, "
-            "unchanged, failed.", ["listener", "result"], registry=registry)
+            "unchanged, failed.", ["listener", "domain", "result"], registry=registry)
         self.info = Gauge(
             "mtlsproxy_truststore_info", "The truststore in use (value 1).",
-            ["listener", "uri", "version", "sha256"], registry=registry,
+            ["listener", "domain", "uri", "version", "sha256"], registry=registry,
             multiprocess_mode="livemax")
         self.certificates = Gauge(
             "mtlsproxy_truststore_certificates", "Usable CA certificates in the truststore.",
-            ["listener"], registry=registry, multiprocess_mode="livemax")
+            ["listener", "domain"], registry=registry, multiprocess_mode="livemax")
         self.warnings = Gauge(
             "mtlsproxy_truststore_warnings", "Warnings of the truststore in use, re-evaluated "
-            "on every refresh.", ["listener"], registry=registry, multiprocess_mode="livemax")
+            "on every refresh.", ["listener", "domain"], registry=registry,
+            multiprocess_mode="livemax")
         self.last_success = Gauge(
             "mtlsproxy_truststore_last_success_timestamp_seconds",
-            "When the truststore source was last checked successfully.", ["listener"],
+            "When the truststore source was last checked successfully.", ["listener", "domain"],
             registry=registry, multiprocess_mode="livemax")
         self.cert_not_after = Gauge(
             "mtlsproxy_truststore_cert_not_after_timestamp_seconds",
             "Expiry of each usable truststore CA (one series per CA; a CA left out has a "
             "warning instead).",
-            ["listener", "subject", "fingerprint_sha256"], registry=registry,
+            ["listener", "domain", "subject", "fingerprint_sha256"], registry=registry,
             multiprocess_mode="livemax")
-        self._info_labels: dict[str, tuple[str, ...]] = {}
-        self._cert_labels: dict[str, dict[tuple[str, str, str], float]] = {}
+        self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._cert_labels: dict[tuple[str, str], dict[tuple[str, str, str, str], float]] = {}
 
-    def declare_listener(self, listener: str) -> None:
+    def declare_listener(self, listener: str, domain: str = "") -> None:
         for result in ("applied", "unchanged", "failed"):
-            self.reloads.labels(listener, result)
+            self.reloads.labels(listener, domain, result)
 
     def publish(self, listener: str, uri: str, version: str, sha256: str,
                 cas: list[tuple[str, str, float]], usable: int, warnings: int,
-                now: float) -> None:
+                now: float, domain: str = "") -> None:
         """Replace the listener's series with those of the truststore now in use.
 
         Only what changed is touched: a refresh that keeps most CAs (the usual update, or
         the daily re-analysis of the same bytes) costs a dict comparison, not the label
         handling of every CA."""
-        labels = (listener, uri, version, sha256)
-        old = self._info_labels.get(listener)
+        key = (listener, domain)
+        labels = (listener, domain, uri, version, sha256)
+        old = self._info_labels.get(key)
         if old != labels:
             if old is not None:
                 # With workers the sample lives on in the worker's file after remove():
@@ -276,9 +284,9 @@ class TruststoreMetrics:
                 self.info.labels(*old).set(0)
                 self.info.remove(*old)
             self.info.labels(*labels).set(1)
-            self._info_labels[listener] = labels
-        before = self._cert_labels.get(listener, {})
-        after = {(listener, subject, fingerprint): not_after
+            self._info_labels[key] = labels
+        before = self._cert_labels.get(key, {})
+        after = {(listener, domain, subject, fingerprint): not_after
                  for subject, fingerprint, not_after in cas}
         for cert_labels in before.keys() - after.keys():
             pace()
@@ -289,10 +297,10 @@ class TruststoreMetrics:
             if before.get(cert_labels) != not_after:
                 pace()
                 self.cert_not_after.labels(*cert_labels).set(not_after)
-        self._cert_labels[listener] = after
-        self.certificates.labels(listener).set(usable)
-        self.warnings.labels(listener).set(warnings)
-        self.last_success.labels(listener).set(now)
+        self._cert_labels[key] = after
+        self.certificates.labels(listener, domain).set(usable)
+        self.warnings.labels(listener, domain).set(warnings)
+        self.last_success.labels(listener, domain).set(now)
 
 
 class ServerCertMetrics:
@@ -301,17 +309,19 @@ class ServerCertMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reloads = Counter("mtlsproxy_server_cert_reloads",
                                "Server certificate reloads by result: applied, failed.",
-                               ["listener", "result"], registry=registry)
+                               ["listener", "domain", "result"], registry=registry)
         self.not_after = Gauge("mtlsproxy_server_cert_not_after_timestamp_seconds",
-                               "The earliest expiry among a listener's server certificates.",
-                               ["listener"], registry=registry, multiprocess_mode="livemin")
+                               "The earliest expiry among a listener's (or domain's) server "
+                               "certificates.",
+                               ["listener", "domain"], registry=registry,
+                               multiprocess_mode="livemin")
 
 
 def crl_stale_gauge(registry: CollectorRegistry) -> Gauge:
     """1 per (listener, issuer) whose CRL is past its nextUpdate (revocation/watcher.py)."""
     return Gauge("mtlsproxy_crl_stale",
                  "1 when a CRL in use is past its nextUpdate (soft mode admits anyway).",
-                 ["listener", "issuer"], registry=registry,
+                 ["listener", "domain", "issuer"], registry=registry,
                  multiprocess_mode="livemax")
 
 

@@ -12,6 +12,7 @@ from mtlsproxy.config.model import (
     AuthorizerConfig,
     CertificateConfig,
     Config,
+    DomainConfig,
     LimitsConfig,
     ListenerConfig,
     MutualTLSConfig,
@@ -27,7 +28,7 @@ from mtlsproxy.errors import ConfigError
 
 __all__ = [
     "CLIENT_INTERMEDIATES", "FORWARD_FAMILIES",
-    "AdminConfig", "AuthorizerConfig", "CertificateConfig", "Config", "ConfigError",
+    "AdminConfig", "AuthorizerConfig", "CertificateConfig", "Config", "ConfigError", "DomainConfig",
     "LimitsConfig", "ListenerConfig", "MutualTLSConfig", "Networks", "RevocationConfig",
     "RouteConfig", "TLSConfig", "TimeoutsConfig", "Upstream", "admin_is_loopback",
     "cpu_count", "load_config", "parse_address", "parse_config", "parse_s3_uri",

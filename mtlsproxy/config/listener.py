@@ -14,6 +14,7 @@ from mtlsproxy.config.model import (
     SECURITY_POLICIES,
     AuthorizerConfig,
     CertificateConfig,
+    DomainConfig,
     LimitsConfig,
     ListenerConfig,
     MutualTLSConfig,
@@ -138,8 +139,9 @@ def _read_proxy_protocol(r: Reader, raw: Any, path: str) -> tuple[bool, Networks
 def read_listener(r: Reader, raw: Any, path: str, names: set[str],
                    underscores: str = "drop") -> ListenerConfig | None:
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
-                                 "timeouts", "limits", "proxy_protocol", "strip_headers",
-                                 "forwarded_headers", "merge_slashes", "escaped_slashes"))
+                                 "domains", "timeouts", "limits", "proxy_protocol",
+                                 "strip_headers", "forwarded_headers", "merge_slashes",
+                                 "escaped_slashes"))
     if not data:
         r.problem(path, "must be a non-empty mapping")
         return None
@@ -155,12 +157,19 @@ def read_listener(r: Reader, raw: Any, path: str, names: set[str],
             host, port = parse_address(str(data["address"]))
         except ValueError as exc:
             r.problem(f"{path}.address", str(exc))
-    if "tls" not in data:
-        r.problem(f"{path}.tls", "required: every listener terminates TLS")
-    # In the order of the problems they report: the file's order.
-    tls = _read_tls(r, data.get("tls"), f"{path}.tls")
-    mutual_tls = _read_mutual_tls(r, data.get("mutual_tls"), f"{path}.mutual_tls")
-    routes = _read_routes(r, data, path)
+    domains: tuple[DomainConfig, ...] = ()
+    if "domains" in data:
+        domains = _read_domains(r, data, path)
+        tls, mutual_tls, routes = (domains[0].tls, domains[0].mutual_tls,
+                                   domains[0].routes) if domains else (
+            TLSConfig("TLS_1_2", ()), MutualTLSConfig(), ())
+    else:
+        if "tls" not in data:
+            r.problem(f"{path}.tls", "required: every listener terminates TLS")
+        # In the order of the problems they report: the file's order.
+        tls = _read_tls(r, data.get("tls"), f"{path}.tls")
+        mutual_tls = _read_mutual_tls(r, data.get("mutual_tls"), f"{path}.mutual_tls")
+        routes = _read_routes(r, data, path)
     timeouts = _read_timeouts(r, data.get("timeouts"), f"{path}.timeouts")
     limits = _read_limits(r, data.get("limits"), f"{path}.limits")
     proxy_protocol, proxy_sources = _read_proxy_protocol(r, data.get("proxy_protocol"),
@@ -175,16 +184,65 @@ def read_listener(r: Reader, raw: Any, path: str, names: set[str],
                                                   "append", one_of(FORWARDED_MODES)),
                           merge_slashes=r.get(data, "merge_slashes", path, bool, True),
                           escaped_slashes=r.get(data, "escaped_slashes", path, str, "reject",
-                                                one_of(ESCAPED_SLASH_ACTIONS)))
+                                                one_of(ESCAPED_SLASH_ACTIONS)),
+                          domains=domains)
 
 
-def _read_tls(r: Reader, raw: Any, tpath: str) -> TLSConfig:
+# An SNI name of a domain: a DNS name (RFC 6066 section 3: no IP literal, no trailing
+# dot), or "*." and one, the wildcard of one label as in a certificate (RFC 6125 6.4.3).
+_DOMAIN_NAME = re.compile(r"^(?:\*\.)?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+                          r"(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*$")
+
+
+def _read_domains(r: Reader, data: dict[str, Any], path: str) -> tuple[DomainConfig, ...]:
+    """``listeners[].domains``: each with its names, certificates, security policy,
+    truststore and routes; the first is the default (a name that matches none)."""
+    for key in ("tls", "mutual_tls", "routes"):
+        if key in data:
+            r.problem(f"{path}.{key}", "not allowed beside domains: each domain has its "
+                                       "own certificates, security_policy, mutual_tls "
+                                       "and routes")
+    raw_domains = r.get(data, "domains", path, list, [])
+    if not raw_domains:
+        r.problem(f"{path}.domains", "must list at least one domain")
+    seen: dict[str, int] = {}
+    domains: list[DomainConfig] = []
+    for i, raw in enumerate(raw_domains):
+        dpath = f"{path}.domains[{i}]"
+        ddata = r.mapping(raw, dpath, ("names", "certificates", "security_policy",
+                                       "reload_interval", "mutual_tls", "routes"))
+        names: list[str] = []
+        raw_names = r.get(ddata, "names", dpath, list, [])
+        if not raw_names:
+            r.problem(f"{dpath}.names", "must list at least one SNI name")
+        for j, raw_name in enumerate(raw_names):
+            where = f"{dpath}.names[{j}]"
+            name = raw_name.lower() if isinstance(raw_name, str) else ""
+            if not _DOMAIN_NAME.match(name):
+                r.problem(where, f"must be a host name or *.name, got {raw_name!r}")
+                continue
+            if name in seen:
+                r.problem(where, f"duplicate name {name!r} (also in domains[{seen[name]}])")
+                continue
+            seen[name] = i
+            names.append(name)
+        label = names[0] if names else f"domains[{i}]"
+        tls = _read_tls(r, {k: ddata[k] for k in ("certificates", "security_policy",
+                                                  "reload_interval") if k in ddata}, dpath,
+                        required=True)
+        mutual_tls = _read_mutual_tls(r, ddata.get("mutual_tls"), f"{dpath}.mutual_tls")
+        routes = _read_routes(r, ddata, dpath, label)
+        domains.append(DomainConfig(tuple(names) or (label,), tls, mutual_tls, routes))
+    return tuple(domains)
+
+
+def _read_tls(r: Reader, raw: Any, tpath: str, required: bool = False) -> TLSConfig:
     tdata = r.mapping(raw, tpath, ("security_policy", "certificates", "reload_interval"))
     policy = r.get(tdata, "security_policy", tpath, str, "TLS_1_2",
                    one_of(SECURITY_POLICIES))
     certs: list[CertificateConfig] = []
     raw_certs = r.get(tdata, "certificates", tpath, list, [])
-    if tdata and not raw_certs:
+    if (tdata or required) and not raw_certs:
         r.problem(f"{tpath}.certificates", "at least one server certificate is required")
     for i, item in enumerate(raw_certs):
         cpath = f"{tpath}.certificates[{i}]"
@@ -255,21 +313,22 @@ def _read_revocation(r: Reader, raw: Any, rpath: str) -> RevocationConfig:
               lambda v: None if 0 < v <= 1 else "must be greater than 0 and at most 1"))
 
 
-def _read_routes(r: Reader, data: dict[str, Any], path: str) -> tuple[RouteConfig, ...]:
+def _read_routes(r: Reader, data: dict[str, Any], path: str,
+                 domain: str = "") -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     raw_routes = r.get(data, "routes", path, list, [])
     if not raw_routes:
         r.problem(f"{path}.routes", "at least one route is required")
     seen: set[tuple[str | None, str]] = set()
     for i, item in enumerate(raw_routes):
-        route = _read_route(r, item, f"{path}.routes[{i}]", seen)
+        route = _read_route(r, item, f"{path}.routes[{i}]", seen, domain)
         if route is not None:
             routes.append(route)
     return tuple(routes)
 
 
 def _read_route(r: Reader, item: Any, rpath: str,
-                seen: set[tuple[str | None, str]]) -> RouteConfig:
+                seen: set[tuple[str | None, str]], domain: str = "") -> RouteConfig:
     rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix",
                                     "allow", "authorizer"))
     prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
@@ -311,6 +370,7 @@ def _read_route(r: Reader, item: Any, rpath: str,
         strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
         allow=allow,
         authorizer=authorizer,
+        domain=domain,
     )
 
 

@@ -7,7 +7,7 @@ them and never sees YAML.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -100,11 +100,15 @@ class RouteConfig:
     strip_prefix: bool = False
     allow: tuple[Rule, ...] | None = None  # None: every validated client
     authorizer: AuthorizerConfig | None = None
+    # The label of the listener's domain the route belongs to ("" without domains): two
+    # domains' "/" routes are two series.
+    domain: str = ""
     # The route's label in metrics and logs: a field, read on every request.
     name: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "name", f"{self.host or ''}{self.path_prefix}")  # frozen
+        object.__setattr__(self, "name",  # frozen: set once
+                           f"{self.host or self.domain}{self.path_prefix}")
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,29 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class DomainConfig:
+    """One custom domain of a listener (the gateway's model: each domain name has its own
+    certificate, security policy, truststore and base path mappings). The SNI name of a
+    handshake chooses it; ``names`` holds exact names and ``*.`` wildcards (one label)."""
+
+    names: tuple[str, ...]
+    tls: TLSConfig
+    mutual_tls: MutualTLSConfig
+    routes: tuple[RouteConfig, ...]
+
+    @property
+    def label(self) -> str:
+        """The ``domain`` label of metrics and the field of /truststore: the first name."""
+        return self.names[0]
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     host: str
     port: int
+    # With ``domains`` these three are the first (default) domain's; each domain is seen
+    # by the rest of the code as a listener of its own (``domain_views``).
     tls: TLSConfig
     mutual_tls: MutualTLSConfig
     routes: tuple[RouteConfig, ...]
@@ -145,6 +168,34 @@ class ListenerConfig:
     forwarded_headers: str = "append"  # append | replace (X-Forwarded-For, Forwarded)
     merge_slashes: bool = True
     escaped_slashes: str = "reject"  # reject | keep | unescape (%2F, %5C, \\, %00)
+    # listeners[].domains; () when the listener-level tls/mutual_tls/routes are its one
+    # domain (the config of before domains existed).
+    domains: tuple[DomainConfig, ...] = ()
+    # In a domain view: the domain's label ("" for a listener without domains) and the key
+    # path of its keys in the file ("domains[1]."), for errors.
+    domain: str = ""
+    key_prefix: str = ""
+
+    @property
+    def label(self) -> str:
+        """How logs name this listener, or this domain of it: ``public/api.example.com``."""
+        return f"{self.name}/{self.domain}" if self.domain else self.name
+
+    def domain_views(self) -> tuple[ListenerConfig, ...]:
+        """One listener-shaped config per domain, first the default: each domain's
+        truststore, certificates and routes are built and watched as a listener's are."""
+        if not self.domains:
+            return (self,)
+        return tuple(replace(self, tls=d.tls, mutual_tls=d.mutual_tls, routes=d.routes,
+                             domains=(), domain=d.label, key_prefix=f"domains[{i}].")
+                     for i, d in enumerate(self.domains))
+
+    def key(self, key: str) -> str:
+        """The file's key path of a key of this (domain) view: ``tls.certificates[0]`` is
+        ``domains[1].certificates[0]`` in a domain (its certificates are not under tls)."""
+        if not self.key_prefix:
+            return key
+        return self.key_prefix + (key[4:] if key.startswith("tls.") else key)
 
 
 @dataclass(frozen=True)

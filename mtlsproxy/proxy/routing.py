@@ -50,6 +50,36 @@ def _after_segments(path: bytes, count: int) -> bytes:
     return b"/"
 
 
+class DomainNames:
+    """Which of a listener's domains a name (an SNI name, a Host) belongs to; pure.
+
+    An exact name before a wildcard; ``*.example.com`` matches one label, as in a
+    certificate (RFC 6125 section 6.4.3): ``a.example.com``, not ``example.com`` nor
+    ``a.b.example.com``. Names arrive lower-case without a trailing dot (tls/client_hello.py,
+    ``route_host``)."""
+
+    __slots__ = ("_exact", "_wildcard")
+
+    def __init__(self, domains: tuple[tuple[str, ...], ...]) -> None:
+        self._exact: dict[str, int] = {}
+        self._wildcard: dict[str, int] = {}
+        for index, names in enumerate(domains):
+            for name in names:
+                if name.startswith("*."):
+                    self._wildcard.setdefault(name[2:], index)
+                else:
+                    self._exact.setdefault(name, index)
+
+    def index(self, name: str | None) -> int | None:
+        """The domain's index, or None when no domain names it."""
+        if not name or not (self._exact or self._wildcard):
+            return None
+        index = self._exact.get(name)
+        if index is None and "." in name:
+            index = self._wildcard.get(name.split(".", 1)[1])
+        return index
+
+
 class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         # Host-specific routes before every host-agnostic one; longest prefix first within.

@@ -94,15 +94,27 @@ class Snapshot(Installed, Protocol):
     def contexts(self) -> ServerContexts: ...
 
 
+class Domain(Protocol):
+    """The listener's domain a connection's SNI name chose (server/listener.py): its
+    generation, routes and admission step."""
+
+    index: int
+    router: Router
+    admission: Admission
+
+    @property
+    def label(self) -> str: ...  # "" for a listener without domains
+    def generation(self) -> Snapshot: ...
+
+
 class Listener(Protocol):
     """What a session reads from its listener and reports to it (server/listener.py)."""
 
     name: str
     config: ListenerConfig  # timeouts, limits, path settings: read per use (reloads)
     parser_kind: str
-    router: Router
     header_rules: HeaderRules
-    admission: Admission
+    has_domains: bool  # more than one: a request's Host is checked against its SNI's
     pool: UpstreamPool
     memos: HeadMemos | None
     draining: bool
@@ -112,13 +124,15 @@ class Listener(Protocol):
     def access_log(self) -> object | None: ...  # None: no access log, no record built
 
     def generation(self) -> Snapshot: ...
+    def domain_for(self, server_name: str | None) -> Domain: ...
+    def misdirected(self, domain: int, host: bytes) -> bool: ...
     def connection_opened(self, session: ProxySession) -> None: ...
     def connection_closed(self, session: ProxySession) -> None: ...
     def count_handshake(self, resumed: bool) -> None: ...
     def count_handshake_failure(self, reason: str, client: str,
                                 exc: BaseException | None,
                                 identity: ClientIdentity | None = None,
-                                detail: str | None = None) -> None: ...
+                                detail: str | None = None, domain: str = "") -> None: ...
     def count_request(self, route: str, status: int, duration: float) -> None: ...
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
     def access(self, session: ProxySession, req: Request, status: int, sent: int,
@@ -167,13 +181,15 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 class ProxySession:
     # One per connection: slots make it smaller (no __dict__).
-    __slots__ = ("rt", "conn", "generation", "verdict", "parser", "inbox", "task", "fast",
+    __slots__ = ("rt", "conn", "domain", "generation", "verdict", "parser", "inbox", "task", "fast",
                  "state", "served", "deadline", "waiting_on", "_head_bytes_seen",
                  "_refusal_counted", "_parse_failed", "__weakref__")
 
     def __init__(self, rt: Listener, conn: TLSConnection) -> None:
         self.rt = rt
         self.conn = conn
+        # The default domain until the ClientHello's SNI name chooses one (``context``).
+        self.domain = rt.domain_for(None)
         self.generation = rt.generation()  # one snapshot for the connection's life
         self.verdict: Verdict | None = None
         self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes,
@@ -203,15 +219,19 @@ class ProxySession:
 
     # -- TLSHandler ---------------------------------------------------------------------
 
-    def context(self) -> ssl.SSLContext:
-        return self.generation.contexts.default
+    def context(self, server_name: str | None) -> ssl.SSLContext:
+        """The context of the domain ``server_name`` chooses, from that domain's current
+        generation: the snapshot this connection keeps."""
+        domain = self.domain = self.rt.domain_for(server_name)
+        self.generation = generation = domain.generation()
+        return generation.contexts.default
 
     def handshake_done(self, conn: TLSConnection) -> None:
         rt = self.rt
         resumed = conn.session_reused
         rt.count_handshake(resumed)
         gen = self.generation
-        admission = rt.admission
+        admission = self.domain.admission
         self.verdict = verdict = admission.handshake(
             gen, conn.peer_certificate_der() if gen.bundle is not None else None,
             None if resumed else conn.verified_chain_der)
@@ -228,7 +248,8 @@ class ProxySession:
         return self.fast is not None or self.task is not None
 
     def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None:
-        self.rt.count_handshake_failure(reason, conn.peername[0], exc)
+        self.rt.count_handshake_failure(reason, conn.peername[0], exc,
+                                        domain=self.domain.label)
 
     def plaintext_received(self, data: bytes) -> None:
         if self._parse_failed:
@@ -329,13 +350,16 @@ class ProxySession:
                 self._screen(req)
             except RemoteProtocolError:
                 return False  # the general path answers 400
-        match = rt.router.match(req.host, req.target)
+        domain = self.domain
+        if rt.has_domains and rt.misdirected(domain.index, req.host):
+            return False  # the general path answers 421
+        match = domain.router.match(req.host, req.target)
         if match is None:
             return False
         route, target = match
         # The same decision as the general path's; a refusal (its answer, its count, its
         # log line) and anything that needs an await belong to the general path.
-        self.verdict, outcome = rt.admission.admit_now(self.verdict, route)
+        self.verdict, outcome = domain.admission.admit_now(self.verdict, route)
         if outcome is not ADMITTED:
             return False
         verdict = self.verdict
@@ -435,7 +459,8 @@ class ProxySession:
             self._refusal_counted = True
             verdict = self.verdict
             self.rt.count_handshake_failure(reason, self.conn.peername[0], None,
-                                            verdict.identity if verdict else None)
+                                            verdict.identity if verdict else None,
+                                            domain=self.domain.label)
 
     async def run(self, fast: _Fast | None = None) -> None:
         """The general path: serve queued requests until none is left (then park in
@@ -560,9 +585,17 @@ class ProxySession:
                 return keep
             assert self.verdict is not None
             self._screen(req)  # 400 (RemoteProtocolError below) for a path or header refused
-            match = rt.router.match(req.host, req.target)
+            domain = self.domain
+            if rt.has_domains and rt.misdirected(domain.index, req.host):
+                # The Host names another domain of this listener than the SNI name chose:
+                # its truststore never judged this client (RFC 9110 section 15.5.20).
+                status = 421
+                keep = req.keep_alive and not req.has_body and not rt.draining
+                sent = self._write_error(421, "misdirected_request", keep_alive=keep)
+                return keep
+            match = domain.router.match(req.host, req.target)
             route = match[0] if match is not None else None
-            self.verdict, outcome = await rt.admission.admit(self.verdict, route, req)
+            self.verdict, outcome = await domain.admission.admit(self.verdict, route, req)
             verdict = self.verdict
             keep = req.keep_alive and not req.has_body and not rt.draining
             if isinstance(outcome, Refusal):
@@ -650,7 +683,7 @@ class ProxySession:
             detail = (f"route {route}: no allow rule matched ({refusal.detail})"
                       if refusal.detail else f"route {route}")
             self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
-                                            identity, detail)
+                                            identity, detail, self.domain.label)
         return self._write_error(refusal.status, refusal.reason, keep_alive=keep)
 
     async def _forward(self, req: Request, upstream: Upstream, head: bytes,

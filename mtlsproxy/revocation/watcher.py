@@ -56,7 +56,8 @@ class RevocationWatcher(Periodic):
     def __init__(self, owner: Owner, stale_gauge: Gauge,
                  clock: Callable[[], dt.datetime]) -> None:
         self.owner = owner
-        self.name = owner.config.name
+        self.name = owner.config.label  # logs: the listener, or listener/domain
+        self.labels = (owner.config.name, owner.config.domain)  # metrics
         self.clock = clock
         cfg = owner.config.mutual_tls.revocation
         self.mode = cfg.mode
@@ -113,7 +114,7 @@ class RevocationWatcher(Periodic):
         now = self.clock()
         stale = frozenset(c.issuer for c in state.stale(now))
         for crl in state.crls.values():
-            self.stale_gauge.labels(self.name, crl.issuer).set(1 if crl.issuer in stale
+            self.stale_gauge.labels(*self.labels, crl.issuer).set(1 if crl.issuer in stale
                                                                   else 0)
         self._stale = stale
         return stale

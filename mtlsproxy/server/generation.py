@@ -154,7 +154,8 @@ class GenerationOwner:
 
     @property
     def name(self) -> str:
-        return self.config.name
+        """The listener, or ``listener/domain`` for a domain's owner (logs)."""
+        return self.config.label
 
     @property
     def current(self) -> Generation:

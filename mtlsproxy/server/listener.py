@@ -23,12 +23,12 @@ from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.metrics import Metrics, RequestSeries
 from mtlsproxy.proxy.pool import UpstreamPool
-from mtlsproxy.proxy.routing import Router
+from mtlsproxy.proxy.routing import DomainNames, Router, route_host
 from mtlsproxy.proxy.session import ProxySession
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
-from mtlsproxy.server.generation import Generation, GenerationOwner
+from mtlsproxy.server.generation import Generation, GenerationOwner, TruststoreHolder
 from mtlsproxy.server.refusals import RefusalLog
 from mtlsproxy.tls.bio import TLSConnection
 
@@ -75,8 +75,46 @@ class _Refuse(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
+class DomainRuntime:
+    """One domain of a listener (``listeners[].domains[]``, or the listener itself without
+    them): its generation's owner, its routes and its admission step. A connection keeps
+    the domain its SNI name chose for its whole life."""
+
+    __slots__ = ("index", "config", "owner", "holder", "router", "admission")
+
+    def __init__(self, index: int, owner: GenerationOwner, admission: Admission) -> None:
+        self.index = index  # in listeners[].domains; 0 is the default
+        self.config = owner.config  # the domain's view (ListenerConfig.domain_views)
+        self.owner = owner  # the one writer of the domain's generation
+        self.holder = owner.holder  # read: holder.current
+        self.router = Router(owner.config.routes)
+        self.admission = admission
+
+    @property
+    def label(self) -> str:
+        return self.config.domain
+
+    def generation(self) -> Generation:
+        return self.holder.current
+
+    def apply(self, config: ListenerConfig) -> None:
+        """A reload's new view of this domain: its routes and admission settings."""
+        self.config = self.owner.config = config
+        self.router = Router(config.routes)
+        admission = self.admission
+        admission.mutual_tls = config.mutual_tls
+        wanted = config.mutual_tls.revocation.ocsp
+        if wanted and admission.ocsp is None:
+            admission.ocsp = OcspClient(post)
+        elif not wanted:
+            admission.ocsp = None
+
+    def __repr__(self) -> str:
+        return f"<DomainRuntime {self.config.label} {self.holder!r}>"
+
+
 class ListenerRuntime:
-    def __init__(self, config: ListenerConfig, owner: GenerationOwner, metrics: Metrics,
+    def __init__(self, config: ListenerConfig, owners: list[GenerationOwner], metrics: Metrics,
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
                  clock: Callable[[], dt.datetime] = utc_now,
                  access_log: AccessLog | None = None, worker: int | None = None,
@@ -86,26 +124,29 @@ class ListenerRuntime:
         self.writes = writes  # client connections' sends deferred to the pass's end
         self.worker = worker  # index among ``workers: N``; None when there is one process
         self.name = config.name
-        self.owner = owner  # the one writer of the generation
-        self.holder = owner.holder  # read: holder.current
         self.metrics = metrics
         self.pool = pool
         self.cache = cache
         self.parser_kind = parser_kind
         self.clock = clock
         self.access_log = access_log
-        self.router = Router(config.routes)
         self._headers_dropped = metrics.headers_dropped
         self.header_rules = self.make_header_rules(config)
         self._cache_hits = metrics.cert_cache.labels("hit")
         self._cache_misses = metrics.cert_cache.labels("miss")
-        # Who may pass: the one decision every protocol asks (admission/admit.py).
-        self.admission = Admission(
-            self.name, owner.holder, cache, clock, config.mutual_tls,
-            AuthorizerClient(
-                lambda route, result: metrics.authorizer_requests.labels(route, result).inc()),
-            self.count_cache)
-        self.configure_ocsp()
+        authorizer = AuthorizerClient(
+            lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
+        # Who may pass: the one decision every protocol asks (admission/admit.py), one per
+        # domain (its truststore, its CRLs); the authorizer client and its cache are shared.
+        self.domains = [
+            DomainRuntime(i, owner, Admission(owner.config.label, owner.holder, cache, clock,
+                                              owner.config.mutual_tls, authorizer,
+                                              self.count_cache))
+            for i, owner in enumerate(owners)]
+        for domain in self.domains:
+            domain.apply(domain.config)
+        self.domain_names = DomainNames(tuple(d.names for d in config.domains))
+        self.has_domains = len(config.domains) > 1
         self.sessions: set[ProxySession] = set()
         self.refusals = RefusalLog(logging.getLogger("mtlsproxy.refusals"))
         self.draining = False
@@ -118,7 +159,7 @@ class ListenerRuntime:
         self._series: dict[str, RequestSeries] = {}  # by route (RequestCounts' series)
         self._durations: dict[str, Any] = {}
         self._active = metrics.connections_active.labels(self.name)
-        metrics.declare_listener(self.name)
+        metrics.declare_listener(self.name, tuple(d.label for d in self.domains))
 
     def make_header_rules(self, config: ListenerConfig) -> HeaderRules:
         """The header rules of ``config`` (a reload builds new ones, then swaps them in)."""
@@ -128,6 +169,23 @@ class ListenerRuntime:
                            config.forwarded_headers,
                            lambda reason: dropped.labels(name, reason).inc())
 
+    # The default (first) domain's parts: all there is for a listener without domains.
+    @property
+    def owner(self) -> GenerationOwner:
+        return self.domains[0].owner
+
+    @property
+    def holder(self) -> TruststoreHolder:
+        return self.domains[0].holder
+
+    @property
+    def admission(self) -> Admission:
+        return self.domains[0].admission
+
+    @property
+    def router(self) -> Router:
+        return self.domains[0].router
+
     @property
     def revocation(self) -> RevocationWatcher | None:
         return self.owner.revocation
@@ -136,15 +194,26 @@ class ListenerRuntime:
         """The generation new connections take (one snapshot each)."""
         return self.holder.current
 
-    def configure_ocsp(self) -> None:
-        """The admission step's settings from ``config`` (start-up and every reload)."""
-        admission = self.admission
-        admission.mutual_tls = self.config.mutual_tls
-        wanted = self.config.mutual_tls.revocation.ocsp
-        if wanted and admission.ocsp is None:
-            admission.ocsp = OcspClient(post)
-        elif not wanted:
-            admission.ocsp = None
+    def domain_for(self, server_name: str | None) -> DomainRuntime:
+        """The domain a handshake's SNI name chooses: the default (first) one when the
+        name is absent or names no domain (nginx's default_server)."""
+        index = self.domain_names.index(server_name)
+        return self.domains[index or 0]
+
+    def misdirected(self, domain: int, host: bytes) -> bool:
+        """A request on a connection of the domain of index ``domain`` whose Host names
+        another domain of this listener: 421 (RFC 9110 section 15.5.20), never that
+        domain's routes."""
+        index = self.domain_names.index(route_host(host)) if host else None
+        return index is not None and index != domain
+
+    def apply_config(self, config: ListenerConfig) -> None:
+        """A reload's config (the number of domains unchanged: ``_not_live`` checks)."""
+        self.config = config
+        for domain, view in zip(self.domains, config.domain_views(), strict=True):
+            domain.apply(view)
+        self.domain_names = DomainNames(tuple(d.names for d in config.domains))
+        self.header_rules = self.make_header_rules(config)
 
     def __repr__(self) -> str:
         return (f"<ListenerRuntime {self.name} {self.config.host}:{self.config.port} "
@@ -231,10 +300,10 @@ class ListenerRuntime:
     def count_handshake_failure(self, reason: str, client: str,
                                 exc: BaseException | None,
                                 identity: ClientIdentity | None = None,
-                                detail: str | None = None) -> None:
+                                detail: str | None = None, domain: str = "") -> None:
         """A refusal: counted by reason, and logged at INFO (rate-limited, refusals.py)."""
-        self.metrics.handshake_failures.labels(self.name, reason).inc()
-        self.refusals.refused(self.name, reason, client, identity, detail)
+        self.metrics.handshake_failures.labels(self.name, domain, reason).inc()
+        self.refusals.refused(self.name, reason, client, identity, detail, domain)
         if exc is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("client %s refused on %s: %s (%s)", client, self.name, reason, exc)
 

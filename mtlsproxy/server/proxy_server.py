@@ -32,7 +32,6 @@ from mtlsproxy.metrics import (
     process_metrics,
 )
 from mtlsproxy.proxy.pool import UpstreamPool
-from mtlsproxy.proxy.routing import Router
 from mtlsproxy.revocation.watcher import Prepared, RevocationWatcher
 from mtlsproxy.runtime.background import run_build
 from mtlsproxy.runtime.periodic import Periodic
@@ -44,7 +43,7 @@ from mtlsproxy.server.generation import (
     fetch_generation,
     truststore_report,
 )
-from mtlsproxy.server.listener import AccessLog, ListenerRuntime, utc_now
+from mtlsproxy.server.listener import AccessLog, DomainRuntime, ListenerRuntime, utc_now
 from mtlsproxy.server.workers import WorkerSettings
 from mtlsproxy.tls.server_certs import ServerCertWatcher
 from mtlsproxy.truststore.sources import default_s3_client, make_source
@@ -66,8 +65,11 @@ def warn_open_proxy_protocol(config: Config) -> None:
 
 
 def _hard_crl_missing(lr: ListenerRuntime) -> bool:
-    state = lr.holder.current.revocation
-    return state is not None and state.mode == "hard" and state.missing
+    for domain in lr.domains:
+        state = domain.holder.current.revocation
+        if state is not None and state.mode == "hard" and state.missing:
+            return True
+    return False
 
 
 def log_truststore(listener: str, gen: Generation) -> None:
@@ -125,25 +127,33 @@ class ProxyServer:
         self.config_reloads = server_metrics.config_reloads
         self.clock = clock
         self.listeners: list[ListenerRuntime] = []
-        self.watchers: dict[str, TruststoreWatcher] = {}
+        # By (listener, domain): one per truststore (a listener's domains have their own).
+        self.watchers: dict[tuple[str, str], TruststoreWatcher] = {}
         for i, lc in enumerate(config.listeners):
-            mtls = lc.mutual_tls
-            source = (make_source(mtls.truststore_uri, mtls.truststore_version,
-                                  s3_client_factory) if mtls.enabled else None)
-            try:
-                generation, data = fetch_generation(lc, source)
-            except TruststoreError as exc:
-                raise TruststoreError(str(exc), f"listeners[{i}].{exc.key or 'tls'}") from exc
-            runtime = ListenerRuntime(lc, GenerationOwner(lc, generation), self.metrics, self.pool,
+            owners: list[GenerationOwner] = []
+            sources: list[tuple[Any, bytes | None]] = []
+            for view in lc.domain_views():
+                mtls = view.mutual_tls
+                source = (make_source(mtls.truststore_uri, mtls.truststore_version,
+                                      s3_client_factory) if mtls.enabled else None)
+                try:
+                    generation, data = fetch_generation(view, source)
+                except TruststoreError as exc:
+                    raise TruststoreError(
+                        str(exc), f"listeners[{i}].{view.key(exc.key or 'tls')}") from exc
+                owners.append(GenerationOwner(view, generation))
+                sources.append((source, data))
+            runtime = ListenerRuntime(lc, owners, self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log,
                                       worker=None if worker is None else worker.index,
                                       writes=self.writes, memos=self.memos)
-            self._setup_revocation(runtime)
-            self.cert_watchers.append(ServerCertWatcher(runtime.owner, self.server_cert_metrics))
+            for owner, (source, data) in zip(owners, sources, strict=True):
+                self._setup_revocation(owner)
+                self.cert_watchers.append(ServerCertWatcher(owner, self.server_cert_metrics))
+                if source is not None and data is not None:
+                    self.watchers[lc.name, owner.config.domain] = TruststoreWatcher(
+                        owner, source, self.truststore_metrics, data, clock)
             self.listeners.append(runtime)
-            if source is not None and data is not None:
-                self.watchers[lc.name] = TruststoreWatcher(runtime.owner, source,
-                                                           self.truststore_metrics, data, clock)
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(config.admin.host, config.admin.port,
@@ -164,13 +174,13 @@ class ProxyServer:
             registry, self.worker.metrics_dir)
         return registry
 
-    def _setup_revocation(self, runtime: ListenerRuntime) -> None:
+    def _setup_revocation(self, owner: GenerationOwner) -> None:
         """Fetch the CRLs (blocking: start-up and reload only) and attach them."""
-        if not runtime.config.mutual_tls.revocation.crl_uris:
+        if not owner.config.mutual_tls.revocation.crl_uris:
             return
-        watcher = RevocationWatcher(runtime.owner, self.crl_stale, self.clock)
+        watcher = RevocationWatcher(owner, self.crl_stale, self.clock)
         watcher.fetch_all()
-        runtime.owner.attach_revocation(watcher)
+        owner.attach_revocation(watcher)
 
     def __repr__(self) -> str:
         names = [lr.name for lr in self.listeners]
@@ -191,13 +201,21 @@ class ProxyServer:
         return ready
 
     def describe_truststores(self) -> dict[str, Any]:
-        out = {}
+        """/truststore: by listener; a listener with domains lists each under
+        ``domains``, by its label (the first of its names), the default first."""
+        out: dict[str, Any] = {}
         for lr in self.listeners:
-            entry = lr.holder.current.describe()
-            watcher = self.watchers.get(lr.name)
-            if watcher is not None:
-                entry.update(watcher.describe())
-            out[lr.name] = entry
+            entries = {}
+            for domain in lr.domains:
+                entry = domain.holder.current.describe()
+                watcher = self.watchers.get((lr.name, domain.label))
+                if watcher is not None:
+                    entry.update(watcher.describe())
+                entries[domain.label] = entry
+            if lr.config.domains:
+                out[lr.name] = {"domains": entries}
+            else:
+                out[lr.name] = entries[""]
         return out
 
     def listener(self, name: str) -> ListenerRuntime:
@@ -211,7 +229,8 @@ class ProxyServer:
             log.info("admin on %s:%d", self.admin.host, self.admin.bound_port)
         warn_open_proxy_protocol(self.config)
         for lr in self.listeners:
-            log_truststore(lr.name, lr.holder.current)
+            for domain in lr.domains:
+                log_truststore(domain.config.label, domain.holder.current)
         for lr in self.listeners:
             await lr.start()
             log.info("listener %s on %s:%d", lr.name, lr.config.host, lr.bound_port)
@@ -223,7 +242,8 @@ class ProxyServer:
     def _periodics(self) -> list[Periodic]:
         """Every refresh loop: truststores, CRLs (these change on reload), server certs."""
         return [*self.watchers.values(),
-                *(lr.revocation for lr in self.listeners if lr.revocation is not None),
+                *(d.owner.revocation for lr in self.listeners for d in lr.domains
+                  if d.owner.revocation is not None),
                 *self.cert_watchers]
 
     # -- SIGHUP: re-read the config file --------------------------------------------------
@@ -244,6 +264,12 @@ class ProxyServer:
             problems.append("parser: cannot change without a restart")
         if self.config.workers != new.workers:
             problems.append("workers: cannot change without a restart")
+        for i, (old_lc, new_lc) in enumerate(
+                zip(self.config.listeners, new.listeners, strict=False)):
+            if [d.label for d in old_lc.domain_views()] != [
+                    d.label for d in new_lc.domain_views()]:
+                problems.append(f"listeners[{i}].domains: domains cannot be added, removed "
+                                "or renamed (their first names) without a restart")
         return problems
 
     async def reload_from_file(self) -> list[str]:
@@ -274,86 +300,92 @@ class ProxyServer:
         # a watcher's change waits, then builds from what the reload installed.
         async with contextlib.AsyncExitStack() as held:
             for lr in self.listeners:
-                await held.enter_async_context(lr.owner.lock)
+                for domain in lr.domains:
+                    await held.enter_async_context(domain.owner.lock)
             return await self._reload_held(new)
 
     async def _reload_held(self, new: Config) -> list[str]:
         problems: list[str] = []
         # Build every new truststore generation first; apply nothing unless all succeed.
-        built: dict[str, _Built] = {}
+        built: dict[tuple[str, str], _Built] = {}
         for i, (lr, lc) in enumerate(zip(self.listeners, new.listeners, strict=True)):
-            old = lr.config
-            if (old.mutual_tls.truststore_uri, old.mutual_tls.truststore_version, old.tls,
-                    old.mutual_tls.max_chain_length, old.mutual_tls.send_ca_names) == (
-                    lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version, lc.tls,
-                    lc.mutual_tls.max_chain_length, lc.mutual_tls.send_ca_names):
-                continue
-            source = (make_source(lc.mutual_tls.truststore_uri, lc.mutual_tls.truststore_version,
-                                  self.s3_client_factory) if lc.mutual_tls.enabled else None)
-            try:
-                generation, data = await run_build(fetch_generation, lc, source)
-            except TruststoreError as exc:
-                problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
-                continue
-            prepared = None
-            if lr.revocation is not None and old.mutual_tls.revocation == lc.mutual_tls.revocation:
-                # The CRLs the listener keeps, verified against the new bundle on the build
-                # thread too (a long CRL would stall the loop: docs/performance.md).
-                prepared = await run_build(lr.revocation.prepare, generation.bundle)
-            built[lc.name] = _Built(generation, data, source, prepared)
+            for domain, view in zip(lr.domains, lc.domain_views(), strict=True):
+                old = domain.config
+                if (old.mutual_tls.truststore_uri, old.mutual_tls.truststore_version, old.tls,
+                        old.mutual_tls.max_chain_length, old.mutual_tls.send_ca_names) == (
+                        view.mutual_tls.truststore_uri, view.mutual_tls.truststore_version,
+                        view.tls, view.mutual_tls.max_chain_length,
+                        view.mutual_tls.send_ca_names):
+                    continue
+                mtls = view.mutual_tls
+                source = (make_source(mtls.truststore_uri, mtls.truststore_version,
+                                      self.s3_client_factory) if mtls.enabled else None)
+                try:
+                    generation, data = await run_build(fetch_generation, view, source)
+                except TruststoreError as exc:
+                    problems.append(f"listeners[{i}].{view.key(exc.key or 'tls')}: {exc}")
+                    continue
+                prepared = None
+                revocation = domain.owner.revocation
+                if revocation is not None and old.mutual_tls.revocation == mtls.revocation:
+                    # The CRLs the domain keeps, verified against the new bundle on the
+                    # build thread too (a long CRL would stall the loop: performance.md).
+                    prepared = await run_build(revocation.prepare, generation.bundle)
+                built[lc.name, view.domain] = _Built(generation, data, source, prepared)
         if problems:
             return self._reload_failed(problems)
         for lr, lc in zip(self.listeners, new.listeners, strict=True):
-            self._apply(lr, lc, built.get(lc.name))
+            olds = [d.config for d in lr.domains]
+            lr.apply_config(lc)
+            for domain, old in zip(lr.domains, olds, strict=True):
+                self._apply(domain, old, built.get((lc.name, domain.label)))
         self.config = new
         warn_open_proxy_protocol(new)
         self.config_reloads.labels("applied").inc()
         log.info("config reloaded from %s", new.source)
         return []
 
-    def _apply(self, lr: ListenerRuntime, lc: ListenerConfig, built: _Built | None) -> None:
-        old_revocation = lr.config.mutual_tls.revocation
-        old_intermediates = lr.config.mutual_tls.client_intermediates
-        lr.config = lc
-        lr.owner.config = lc
-        lr.router = Router(lc.routes)
-        lr.header_rules = lr.make_header_rules(lc)
-        lr.configure_ocsp()
+    def _apply(self, domain: DomainRuntime, old: ListenerConfig, built: _Built | None) -> None:
+        """A domain's new truststore, CRLs and policy (its config is applied already)."""
+        lc, owner, holder = domain.config, domain.owner, domain.holder
+        old_revocation = old.mutual_tls.revocation
+        old_intermediates = old.mutual_tls.client_intermediates
         if old_revocation != lc.mutual_tls.revocation:
-            if lr.revocation is not None:
-                lr.revocation.stop()
+            if owner.revocation is not None:
+                owner.revocation.stop()
             watcher = None
             if lc.mutual_tls.revocation.crl_uris:
-                watcher = RevocationWatcher(lr.owner, self.crl_stale, self.clock)
+                watcher = RevocationWatcher(owner, self.crl_stale, self.clock)
                 if self.started:
                     watcher.start()
                     asyncio.get_running_loop().create_task(watcher.refresh())
             if watcher is None:
-                lr.owner.attach_revocation(None)  # no CRLs: verdicts decided again without
+                owner.attach_revocation(None)  # no CRLs: verdicts decided again without
             else:
-                lr.owner.revocation = watcher  # its first refresh installs its CRLs
+                owner.revocation = watcher  # its first refresh installs its CRLs
         if built is None:
             if (old_revocation == lc.mutual_tls.revocation
                     and old_intermediates != lc.mutual_tls.client_intermediates):
                 # Verdicts are cached per generation number: a new one decides them all
                 # again under the new mode; the contexts (and session tickets) are kept.
-                lr.holder.swap(lr.holder.current.renumbered())
+                holder.swap(holder.current.renumbered())
             return
         generation, data, source = built.generation, built.data, built.source
-        if lr.revocation is not None:
+        if owner.revocation is not None:
             # A new watcher (the revocation config changed) has fetched nothing yet: its
             # state is empty and cheap; a kept one takes what the build thread prepared.
             generation = generation.with_revocation(
-                lr.revocation.attach_state(generation.bundle, built.prepared))
-        lr.holder.swap(generation)
-        log_truststore(lr.name, generation)
-        old_watcher = self.watchers.pop(lc.name, None)
+                owner.revocation.attach_state(generation.bundle, built.prepared))
+        holder.swap(generation)
+        log_truststore(lc.label, generation)
+        key = (lc.name, lc.domain)
+        old_watcher = self.watchers.pop(key, None)
         if old_watcher is not None:
             old_watcher.stop()
         if source is not None and data is not None:
-            truststore_watcher = TruststoreWatcher(lr.owner, source, self.truststore_metrics,
+            truststore_watcher = TruststoreWatcher(owner, source, self.truststore_metrics,
                                                    data, self.clock)
-            self.watchers[lc.name] = truststore_watcher
+            self.watchers[key] = truststore_watcher
             if self.started:
                 truststore_watcher.start()
 

@@ -1,10 +1,11 @@
 """Refusals in the log: one INFO line each, rate-limited per reason.
 
 Rules of this module:
-- A line says what an operator needs to find the client: the listener, the reason (the
-  metric's label), the client address, and when a certificate was presented its subject,
-  issuer, serial and SHA-256 fingerprint. The message is fixed text; the details are
-  fields of the JSON line (cli.py's formatter writes a record's ``fields``).
+- A line says what an operator needs to find the client: the listener (and its domain
+  when it has domains), the reason (the metric's label), the client address, and when a
+  certificate was presented its subject, issuer, serial and SHA-256 fingerprint. The
+  message is fixed text; the details are fields of the JSON line (cli.py's formatter
+  writes a record's ``fields``).
 - At most ``burst`` lines per reason in each ``window`` seconds: a flood of garbage
   handshakes must not flood the log. What was left out is counted, and said in one line
   when the reason is next logged after its window.
@@ -33,7 +34,8 @@ class RefusalLog:
         self._windows: dict[str, list[float]] = {}
 
     def refused(self, listener: str, reason: str, client: str,
-                identity: ClientIdentity | None = None, detail: str | None = None) -> None:
+                identity: ClientIdentity | None = None, detail: str | None = None,
+                domain: str = "") -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         now = self.clock()
@@ -50,6 +52,8 @@ class RefusalLog:
         state[1] += 1
         fields: dict[str, object] = {"event": "refused", "listener": listener,
                                      "reason": reason, "client": client}
+        if domain:
+            fields["domain"] = domain
         if identity is not None:
             fields.update(subject=identity.subject, issuer=identity.issuer,
                           serial=identity.serial_hex,

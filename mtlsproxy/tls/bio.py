@@ -6,7 +6,9 @@ connection (hot-swappable truststore), uvloop's ``start_tls`` loses ClientHellos
 (docs/architecture.md, "What Python's ssl does and does not do").
 
 Rules of this module:
-- The context is taken once, in ``connection_made``, from ``handler.context()``.
+- The context is taken once, when the ClientHello has arrived, from
+  ``handler.context(server_name)`` (tls/client_hello.py): the SNI name chooses the
+  listener's domain before OpenSSL reads a byte.
 - The handshake's time limit is the handler's to keep (the proxy checks it on its
   listener's ticker, a float per connection instead of a timer handle); it calls
   ``handshake_expired()`` when the time is up.
@@ -18,8 +20,8 @@ Rules of this module:
   with the client's Finished and the handler will answer it (``response_pending``); it
   then leaves with the response, in the same write. A last response and close_notify
   also leave in one write (``write_and_close``).
-- States move HANDSHAKING -> OPEN -> CLOSING -> CLOSED (or HANDSHAKING -> CLOSED); any
-  other transition is a bug and raises.
+- States move [PROXY_HEADER ->] HELLO -> HANDSHAKING -> OPEN -> CLOSING -> CLOSED (or to
+  CLOSED from any of them); any other transition is a bug and raises.
 - The handler sees plaintext only; it never touches the transport.
 
 Over ~400 lines on purpose: the TLS connection's states, its reads, writes, handshake
@@ -38,6 +40,7 @@ from mtlsproxy.config.model import Networks
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls import native, proxy_protocol
+from mtlsproxy.tls.client_hello import read_hello
 from mtlsproxy.tls.failures import classify
 from mtlsproxy.tls.proxy_protocol import trusted_source
 
@@ -64,6 +67,7 @@ class _Linger:
 
 class TLSState(enum.Enum):
     PROXY_HEADER = "proxy_header"  # waiting for a PROXY protocol header (when enabled)
+    HELLO = "client_hello"  # buffering the ClientHello to read its SNI name
     HANDSHAKING = "handshaking"
     OPEN = "open"
     CLOSING = "closing"
@@ -79,12 +83,13 @@ class TLSState(enum.Enum):
 # such reads were a visible share of a keep-alive request's instructions
 # (bench/instructions.py).
 # Python 3.12 dropped that ``__getattr__``.
-PROXY_HEADER, HANDSHAKING, OPEN, CLOSING, CLOSED = (
-    TLSState.PROXY_HEADER, TLSState.HANDSHAKING, TLSState.OPEN, TLSState.CLOSING,
-    TLSState.CLOSED)
+PROXY_HEADER, HELLO, HANDSHAKING, OPEN, CLOSING, CLOSED = (
+    TLSState.PROXY_HEADER, TLSState.HELLO, TLSState.HANDSHAKING, TLSState.OPEN,
+    TLSState.CLOSING, TLSState.CLOSED)
 
 _ALLOWED = {
-    TLSState.PROXY_HEADER: {TLSState.HANDSHAKING, TLSState.CLOSED},
+    TLSState.PROXY_HEADER: {TLSState.HELLO, TLSState.CLOSED},
+    TLSState.HELLO: {TLSState.HANDSHAKING, TLSState.CLOSED},
     TLSState.HANDSHAKING: {TLSState.OPEN, TLSState.CLOSING, TLSState.CLOSED},
     TLSState.OPEN: {TLSState.CLOSING, TLSState.CLOSED},
     TLSState.CLOSING: {TLSState.CLOSED},
@@ -95,7 +100,7 @@ _ALLOWED = {
 class TLSHandler(Protocol):
     """What a TLS connection reports to the layer above it."""
 
-    def context(self) -> ssl.SSLContext: ...
+    def context(self, server_name: str | None) -> ssl.SSLContext: ...
     def handshake_done(self, conn: TLSConnection) -> None: ...
     def handshake_failed(self, conn: TLSConnection, reason: str, exc: BaseException) -> None: ...
     def plaintext_received(self, data: bytes) -> None: ...
@@ -107,6 +112,7 @@ class TLSHandler(Protocol):
 class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
+                 "_hello_buf", "server_name",
                  "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
                  "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",
                  "__weakref__")
@@ -118,8 +124,10 @@ class TLSConnection(asyncio.Protocol):
         # Where write() defers its send to the end of the loop's pass (runtime/writes.py); None:
         # send at once.
         self._writes = writes
-        self.state = PROXY_HEADER if proxy_protocol else HANDSHAKING
+        self.state = PROXY_HEADER if proxy_protocol else HELLO
         self._proxy_buf = b""
+        self._hello_buf = b""  # the ClientHello so far (HELLO)
+        self.server_name: str | None = None  # its SNI name, lower-case, once read
         # The socket peers allowed to send the PROXY header; None: any (read only when
         # a header is expected).
         self._proxy_sources = proxy_sources
@@ -143,8 +151,9 @@ class TLSConnection(asyncio.Protocol):
 
     @property
     def in_handshake(self) -> bool:
-        """Not yet through the handshake (or the PROXY header before it)."""
-        return self.state is HANDSHAKING or self.state is PROXY_HEADER
+        """Not yet through the handshake (or the PROXY header or ClientHello before it)."""
+        state = self.state
+        return state is HANDSHAKING or state is HELLO or state is PROXY_HEADER
 
     def _set_state(self, new: TLSState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -166,13 +175,14 @@ class TLSConnection(asyncio.Protocol):
             self._fail_handshake(RemoteProtocolError(
                 f"PROXY protocol from an untrusted source {self.peername[0]}"), "protocol")
             return
-        self.sslobj = self.handler.context().wrap_bio(self._incoming, self._outgoing,
-                                                      server_side=True)
-        self._tls = native.core(self.sslobj)
 
     def data_received(self, data: bytes) -> None:
         if self.state is PROXY_HEADER:
             data = self._proxy_header(data)
+            if not data:
+                return
+        if self.state is HELLO:
+            data = self._client_hello(data)
             if not data:
                 return
         state = self.state
@@ -208,7 +218,7 @@ class TLSConnection(asyncio.Protocol):
         was = self.state
         if was is not CLOSED:
             self.state = CLOSED
-        if was in (HANDSHAKING, PROXY_HEADER) and self.handler is not None:
+        if was in (HANDSHAKING, HELLO, PROXY_HEADER) and self.handler is not None:
             self.handler.handshake_failed(
                 self, "client_closed", exc or ConnectionResetError("closed in handshake"))
         self._wake_drain(exc)
@@ -243,8 +253,25 @@ class TLSConnection(asyncio.Protocol):
         self._proxy_buf = b""
         if client is not None:
             self.peername = client  # logs, X-Forwarded-For and limits see the real client
-        self._set_state(HANDSHAKING)
+        self._set_state(HELLO)
         return buf[consumed:]
+
+    def _client_hello(self, data: bytes) -> bytes:
+        """Buffer until the ClientHello is whole, then take the context its SNI name
+        chooses; returns every byte buffered (for OpenSSL) once it has, else b""."""
+        buf = self._hello_buf + data
+        hello = read_hello(buf)
+        if hello is None:
+            self._hello_buf = buf
+            return b""
+        self._hello_buf = b""
+        self.server_name = hello.server_name
+        assert self.handler is not None
+        self.sslobj = self.handler.context(hello.server_name).wrap_bio(
+            self._incoming, self._outgoing, server_side=True)
+        self._tls = native.core(self.sslobj)
+        self._set_state(HANDSHAKING)
+        return buf
 
     # -- handshake ----------------------------------------------------------------------
 

@@ -51,13 +51,14 @@ def earliest_not_after(config: ListenerConfig) -> float:
 class ServerCertWatcher(Periodic):
     def __init__(self, owner: Owner, metrics: ServerCertMetrics) -> None:
         self.owner = owner
-        self.name = owner.config.name
+        self.name = owner.config.label  # logs: the listener, or listener/domain
+        self.labels = (owner.config.name, owner.config.domain)  # metrics
         self.metrics = metrics
         self.digest = files_digest(owner.config)
         self._failed_digest: str | None = None
-        metrics.reloads.labels(self.name, "applied")
-        metrics.reloads.labels(self.name, "failed")
-        metrics.not_after.labels(self.name).set(earliest_not_after(owner.config))
+        metrics.reloads.labels(*self.labels, "applied")
+        metrics.reloads.labels(*self.labels, "failed")
+        metrics.not_after.labels(*self.labels).set(earliest_not_after(owner.config))
 
     def __repr__(self) -> str:
         return f"<ServerCertWatcher {self.name} digest={self.digest[:12]}>"
@@ -81,13 +82,13 @@ class ServerCertWatcher(Periodic):
         except (TruststoreError, ValueError, OSError) as exc:
             return self._failed(str(exc), digest)
         self.digest = digest
-        self.metrics.reloads.labels(self.name, "applied").inc()
-        self.metrics.not_after.labels(self.name).set(not_after)
+        self.metrics.reloads.labels(*self.labels, "applied").inc()
+        self.metrics.not_after.labels(*self.labels).set(not_after)
         log.info("server certificates of %s reloaded", self.name)
         return "applied"
 
     def _failed(self, message: str, digest: str | None) -> str:
-        self.metrics.reloads.labels(self.name, "failed").inc()
+        self.metrics.reloads.labels(*self.labels, "failed").inc()
         if digest is None or digest != self._failed_digest:
             log.warning("server certificates of %s not reloaded, the old ones keep serving: "
                         "%s", self.name, message)

@@ -56,7 +56,8 @@ class TruststoreWatcher(Periodic):
                  data: bytes, clock: Callable[[], dt.datetime],
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.owner = owner
-        self.name = owner.config.name
+        self.name = owner.config.label  # logs: the listener, or listener/domain
+        self.labels = (owner.config.name, owner.config.domain)  # metrics
         self.clock = clock  # the policy's clock: expiry warnings
         self.source = source
         self.metrics = metrics
@@ -66,7 +67,7 @@ class TruststoreWatcher(Periodic):
         self.warnings: tuple[CertWarning, ...] = ()
         self.last_error: str | None = None
         self.last_checked_at: float | None = None
-        metrics.declare_listener(self.name)
+        metrics.declare_listener(*self.labels)
         self._publish(owner.current, self._bundle_warnings(owner.current))
         self._next_change = self._change_after(owner.current)
 
@@ -90,8 +91,9 @@ class TruststoreWatcher(Periodic):
         # warning (mtlsproxy_truststore_warnings, /truststore, the log) says why it is out.
         cas = [(c.subject, c.fingerprint_sha256, c.cert.not_valid_after_utc.timestamp())
                for c in gen.bundle.certs]
-        self.metrics.publish(self.name, gen.uri, gen.version, gen.bundle.sha256, cas,
-                             len(gen.bundle.certs), len(warnings), self.wall_clock())
+        self.metrics.publish(self.labels[0], gen.uri, gen.version, gen.bundle.sha256, cas,
+                             len(gen.bundle.certs), len(warnings), self.wall_clock(),
+                             self.labels[1])
 
     def next_wait(self) -> float:
         return self.owner.config.mutual_tls.refresh_interval
@@ -112,7 +114,7 @@ class TruststoreWatcher(Periodic):
                     await run_build(self._publish, self.owner.current, bundle.warnings)
                     self._next_change = await run_build(next_change, bundle, now)
                 else:
-                    self.metrics.last_success.labels(self.name).set(self.wall_clock())
+                    self.metrics.last_success.labels(*self.labels).set(self.wall_clock())
                 result = "unchanged"
             else:
                 gen = await self.owner.truststore_changed(fetched.data, fetched.version)
@@ -132,7 +134,7 @@ class TruststoreWatcher(Periodic):
                             self.name, self.owner.current.number, message)
             self.last_error = message
         self.last_checked_at = self.wall_clock()
-        self.metrics.reloads.labels(self.name, result).inc()
+        self.metrics.reloads.labels(*self.labels, result).inc()
         return result
 
     def describe(self) -> dict[str, Any]:

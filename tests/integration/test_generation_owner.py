@@ -49,7 +49,7 @@ def test_a_server_certificate_reload_never_undoes_a_truststore_swap(harness: Har
                         eku=[ExtendedKeyUsageOID.SERVER_AUTH], dns=("localhost",))
     key.write_bytes(renewed.key_pem())
     cert.write_bytes(renewed.cert_pem() + harness.pki.inter.cert_pem())
-    truststore_watcher = server.watchers["public"]
+    truststore_watcher = server.watchers["public", ""]
     cert_watcher = server.cert_watchers[0]
     checked = threading.Event()
     source = truststore_watcher.source

@@ -126,7 +126,7 @@ def test_an_abort_in_the_pass_that_wrote_still_sends_what_was_written(
         def __init__(self, conn: TLSConnection) -> None:
             self.conn = conn
 
-        def context(self) -> ssl.SSLContext:
+        def context(self, server_name: str | None) -> ssl.SSLContext:
             return server_ctx
 
         def handshake_done(self, conn: TLSConnection) -> None:

@@ -114,7 +114,11 @@ class Harness:
         return self.server.admin.bound_port
 
     def metric(self, name: str, **labels: str) -> float:
+        """A sample's value (0 when absent). ``domain`` left out means ``domain=""``, as in
+        PromQL, where an empty label is no label: a listener without domains."""
         value = self.registry.get_sample_value(name, labels)
+        if value is None and "listener" in labels and "domain" not in labels:
+            value = self.registry.get_sample_value(name, {**labels, "domain": ""})
         return 0.0 if value is None else value
 
     def client_context(self, cert: Cert | None = None, *, with_cert: bool = True,

@@ -295,12 +295,14 @@ def test_metric_names_are_the_public_ones() -> None:
         assert name in names, name
     labels = {tuple(sorted(s.labels)) for m in registry.collect() for s in m.samples
               if s.name == "mtlsproxy_tls_handshake_failures_total"}
-    assert labels == {("listener", "reason")}
+    # domain: "" for a listener without domains (no label at all to Prometheus).
+    assert labels == {("domain", "listener", "reason")}
     for reason in ("no_client_certificate", "untrusted", "expired", "not_yet_valid",
                    "bad_signature", "weak_algorithm", "chain_too_long",
                    "unsupported_purpose", "protocol", "timeout", "other"):
         assert registry.get_sample_value("mtlsproxy_tls_handshake_failures_total",
-                                         {"listener": "public", "reason": reason}) == 0
+                                         {"listener": "public", "domain": "",
+                                          "reason": reason}) == 0
 
 
 def test_readyz_is_503_until_started_and_while_draining() -> None:

@@ -43,9 +43,9 @@ def test_a_ca_kept_across_a_refresh_keeps_its_series_untouched() -> None:
     registry = CollectorRegistry()
     m = TruststoreMetrics(registry)
     publish(m, "v1", A, B)
-    kept = m.cert_not_after.labels("public", A[0], A[1])
+    kept = m.cert_not_after.labels("public", "", A[0], A[1])
     publish(m, "v2", A, C)
-    assert m.cert_not_after.labels("public", A[0], A[1]) is kept  # not removed and re-made
+    assert m.cert_not_after.labels("public", "", A[0], A[1]) is kept  # not removed and re-made
     assert series(registry)[(A[0], A[1])] == A[2]
 
 
@@ -61,7 +61,7 @@ def test_removed_series_read_nan_before_removal_so_worker_files_do_not_read_1970
     registry = CollectorRegistry()
     m = TruststoreMetrics(registry)
     publish(m, "v1", A)
-    child = m.cert_not_after.labels("public", A[0], A[1])
+    child = m.cert_not_after.labels("public", "", A[0], A[1])
     publish(m, "v2", B)
     assert math.isnan(child._value.get())
     assert (A[0], A[1]) not in series(registry)
