@@ -112,7 +112,7 @@ class TLSHandler(Protocol):
 class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
-                 "_hello_buf", "server_name",
+                 "_hello_buf", "_hello_need", "server_name",
                  "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
                  "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",
                  "__weakref__")
@@ -127,6 +127,7 @@ class TLSConnection(asyncio.Protocol):
         self.state = PROXY_HEADER if proxy_protocol else HELLO
         self._proxy_buf = b""
         self._hello_buf = b""  # the ClientHello so far (HELLO)
+        self._hello_need = 0  # bytes that must have arrived before it is read again
         self.server_name: str | None = None  # its SNI name, lower-case, once read
         # The socket peers allowed to send the PROXY header; None: any (read only when
         # a header is expected).
@@ -260,9 +261,12 @@ class TLSConnection(asyncio.Protocol):
         """Buffer until the ClientHello is whole, then take the context its SNI name
         chooses; returns every byte buffered (for OpenSSL) once it has, else b""."""
         buf = self._hello_buf + data
-        hello = read_hello(buf)
-        if hello is None:
+        if len(buf) < self._hello_need:
             self._hello_buf = buf
+            return b""
+        hello = read_hello(buf)
+        if isinstance(hello, int):
+            self._hello_buf, self._hello_need = buf, hello
             return b""
         self._hello_buf = b""
         self.server_name = hello.server_name

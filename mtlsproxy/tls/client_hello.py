@@ -12,7 +12,9 @@ Rules of this module:
   malformed or oversized hello) gives ``Hello(None)`` and the bytes go to OpenSSL as they
   came, under the default domain: OpenSSL answers a malformed hello with its own alert.
 - Bounded: at most ``MAX_HELLO`` bytes are buffered (RFC 8446 allows a ClientHello over
-  several records; a real one, post-quantum key shares included, is a few KB).
+  several records; a real one, post-quantum key shares included, is a few KB), and a hello
+  that arrives a byte at a time is not parsed again for each byte: ``read_hello`` says how
+  many bytes must have arrived before it can tell more.
 """
 
 from __future__ import annotations
@@ -55,24 +57,26 @@ def _handshake_bytes(buf: bytes) -> bytes | None:
     return bytes(out)
 
 
-def read_hello(buf: bytes) -> Hello | None:
-    """The hello's SNI from the bytes received so far; None: more bytes are needed."""
+def read_hello(buf: bytes) -> Hello | int:
+    """The hello's SNI from the bytes received so far, or the number of bytes (in all)
+    that must have arrived before it is worth calling again."""
     if len(buf) > MAX_HELLO:
         return NO_NAME
     if len(buf) < 5:
-        return None
+        return 5 if not buf or buf[0] == _HANDSHAKE else NO_NAME
     data = _handshake_bytes(buf)
     if data is None:
         return NO_NAME
     if len(data) < 4:
-        return None
+        return len(buf) + 4 - len(data)
     if data[0] != _CLIENT_HELLO:
         return NO_NAME
     length = int.from_bytes(data[1:4], "big")
     if length > MAX_HELLO:
         return NO_NAME
     if len(data) < 4 + length:
-        return None  # more records to come
+        # At least the missing handshake bytes must come (more with record headers).
+        return len(buf) + 4 + length - len(data)
     try:
         return Hello(_server_name(data[4:4 + length]))
     except (IndexError, ValueError):
