@@ -95,17 +95,18 @@ def _load_problems(config: Config, report: bool = False) -> list[str]:
     problem: the gateway accepts it and returns its warnings)."""
     from mtlsproxy.server.generation import fetch_generation, truststore_report
     problems = []
-    for i, lc in enumerate(config.listeners):
-        try:
-            generation, _ = fetch_generation(lc)
-        except TruststoreError as exc:
-            problems.append(f"listeners[{i}].{exc.key or 'tls'}: {exc}")
-            continue
-        if report:
-            summary, warnings = truststore_report(lc.name, generation)
-            print(summary)
-            for line in warnings:
-                print(line)
+    for i, listener in enumerate(config.listeners):
+        for lc in listener.domain_views():  # each domain's truststore and certificates
+            try:
+                generation, _ = fetch_generation(lc)
+            except TruststoreError as exc:
+                problems.append(f"listeners[{i}].{lc.key(exc.key or 'tls')}: {exc}")
+                continue
+            if report:
+                summary, warnings = truststore_report(lc.label, generation)
+                print(summary)
+                for line in warnings:
+                    print(line)
     for p in problems:
         print(p, file=sys.stderr)
     return problems
@@ -181,27 +182,66 @@ _INTERMEDIATES_LINE = {
 
 
 def cmd_truststore_check(args: argparse.Namespace) -> int:
-    """One line per certificate, then one WARNING line per problem; 0 usable, 1 not."""
+    """One line per certificate, then one WARNING line per problem; 0 usable, 1 not.
+    With ``--config`` instead of a URI: every truststore of the config (each listener's,
+    each domain's), with the settings the config gives it."""
+    if args.uri is not None:
+        if args.config or args.listener or args.domain:
+            print("error: give a truststore URI or --config, not both", file=sys.stderr)
+            return 2
+        return _check_truststore(args.uri, args.version or "", args.max_chain_length,
+                                 args.client_intermediates, args.crl or [])
+    if not _config_path(args):
+        print("error: give a truststore URI, or --config (or $MTLSPROXY_CONFIG)",
+              file=sys.stderr)
+        return 2
+    config = _load(args)
+    if config is None:
+        return 2
+    checked, worst = 0, 0
+    for listener in config.listeners:
+        if args.listener and listener.name != args.listener:
+            continue
+        for lc in listener.domain_views():
+            if args.domain and lc.domain != args.domain.lower():
+                continue
+            checked += 1
+            mtls = lc.mutual_tls
+            print(f"## {lc.label}")
+            if not mtls.enabled:
+                print("mutual TLS off: no truststore")
+                continue
+            worst = max(worst, _check_truststore(
+                mtls.truststore_uri, mtls.truststore_version, mtls.max_chain_length,
+                mtls.client_intermediates, list(mtls.revocation.crl_uris)))
+    if not checked:
+        print("error: no listener or domain of the config matches", file=sys.stderr)
+        return 2
+    return worst
+
+
+def _check_truststore(uri: str, version: str, max_chain_length: int,
+                      client_intermediates: str, crl_uris: list[str]) -> int:
     from mtlsproxy.truststore.bundle import analyse
     from mtlsproxy.truststore.sources import make_source
     try:
-        fetched = make_source(args.uri, args.version or "").check(None)
+        fetched = make_source(uri, version).check(None)
     except (TruststoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     assert fetched is not None
-    bundle = analyse(fetched.data, args.max_chain_length)
+    bundle = analyse(fetched.data, max_chain_length)
     usable = {c.fingerprint_sha256 for c in bundle.certs}
-    print(f"# {args.uri} version={fetched.version} certificates={len(bundle.all_certs)} "
+    print(f"# {uri} version={fetched.version} certificates={len(bundle.all_certs)} "
           f"usable={len(usable)} warnings={len(bundle.warnings)}")
-    print(_INTERMEDIATES_LINE[args.client_intermediates])
-    crls = _crl_report(args.crl or [], bundle)
+    print(_INTERMEDIATES_LINE[client_intermediates])
+    crls = _crl_report(crl_uris, bundle)
     for c in bundle.all_certs:
         d = c.describe()
         mark = "" if c.fingerprint_sha256 in usable else "  (not used)"
         print(f"{d['subject']}  issuer={d['issuer']}  not_after={d['not_after']}  "
               f"sha256={d['fingerprint_sha256']}{mark}")
-        if args.crl:
+        if crl_uris:
             crl = crls.crls.get(c.cert.subject.public_bytes())
             print(f"  CRL: {crl.uri} next_update={crl.next_update} revoked={len(crl.revoked)}"
                   if crl else "  CRL: none covers this CA")
@@ -324,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="truststore_command", required=True)
     t = tsub.add_parser("check", parents=[common],
                         help="analyse a truststore (file or s3://) without serving")
-    t.add_argument("uri", help="a path, file:// or s3://bucket/key")
+    t.add_argument("uri", nargs="?",
+                   help="a path, file:// or s3://bucket/key (or --config: every truststore "
+                        "of a config file)")
+    t.add_argument("--config", help="check the truststores of this config file")
+    t.add_argument("--listener", help="with --config: only this listener's")
+    t.add_argument("--domain", help="with --config: only this domain's (its first name)")
     t.add_argument("--version", help="S3 VersionId (default: the newest)")
     t.add_argument("--max-chain-length", type=int, default=4)
     t.add_argument("--client-intermediates", choices=CLIENT_INTERMEDIATES, default="ignore",

@@ -377,3 +377,54 @@ def test_a_client_hello_arriving_in_pieces_still_chooses_its_domain(
                 assert data
                 incoming.write(data)
     assert received.startswith(b"HTTP/1.1 200 "), received[:100]
+
+
+# -- check-config and truststore check --------------------------------------------------------
+
+def _config_file(harness: Harness, d: Domains, tmp: Path) -> Path:
+    listener = {"name": "public", "address": "127.0.0.1:0", "domains": [
+        _domain(d, "a", ["a.test"], d.a_truststore, "http://127.0.0.1:8080"),
+        _domain(d, "b", ["b.test"], d.b_truststore, "http://127.0.0.1:8080")]}
+    path = tmp / "domains.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump({"listeners": [listener]}))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+    return subprocess.run([sys.executable, "-m", "mtlsproxy", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_config_reports_each_domains_truststore(harness: Harness, domains: Domains,
+                                                       tmp_path: Path) -> None:
+    out = _cli("check-config", "--config", str(_config_file(harness, domains, tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert "truststore of public/a.test: " in out.stdout
+    assert "truststore of public/b.test: " in out.stdout
+    assert "truststore of public/b.test: WARNING CN=domain b root" in out.stdout  # expiring
+
+
+def test_check_config_names_the_key_path_of_a_domains_bad_truststore(
+        harness: Harness, domains: Domains, tmp_path: Path) -> None:
+    domains.b_truststore.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                     b"-----END CERTIFICATE-----\n")
+    out = _cli("check-config", "--config", str(_config_file(harness, domains, tmp_path)))
+    assert out.returncode == 2
+    assert "listeners[0].domains[1].mutual_tls.truststore_uri: " in out.stderr, out.stderr
+
+
+def test_truststore_check_with_a_config_checks_each_domain(harness: Harness,
+                                                            domains: Domains,
+                                                            tmp_path: Path) -> None:
+    config = str(_config_file(harness, domains, tmp_path))
+    out = _cli("truststore", "check", "--config", config)
+    assert out.returncode == 0, out.stderr
+    assert "## public/a.test" in out.stdout and "## public/b.test" in out.stdout
+    out = _cli("truststore", "check", "--config", config, "--domain", "B.test")
+    assert out.returncode == 0, out.stderr
+    assert "## public/b.test" in out.stdout and "public/a.test" not in out.stdout
+    assert "CN=domain b root" in out.stdout
+    out = _cli("truststore", "check", "--config", config, "--domain", "c.test")
+    assert out.returncode == 2 and "no listener or domain" in out.stderr
