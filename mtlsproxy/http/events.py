@@ -27,6 +27,9 @@ class Request:
     # seen before, byte for byte, whose derived heads are worth memoising too (wire.py).
     # Empty otherwise, so that traffic that never repeats pays nothing more there.
     raw: bytes = b""
+    # The X-Request-Id the proxy generated and forwarded (http/wire.py), when the client
+    # sent none; b"" otherwise.
+    request_id: bytes = b""
 
     @property
     def has_body(self) -> bool:

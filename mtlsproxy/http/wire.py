@@ -7,6 +7,7 @@ events, so what reaches the upstream is always one unambiguous message.
 from __future__ import annotations
 
 import json
+import os
 
 from mtlsproxy.http.header_rules import (
     DEFAULT_RULES,
@@ -53,6 +54,9 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 # every head is built: the functions stay pure either way.
 
 
+_REQUEST_ID_LINE = b"\nx-request-id: "
+
+
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_block: bytes, rules: HeaderRules = DEFAULT_RULES,
                           replaced: frozenset[bytes] = _NO_NAMES,
@@ -61,7 +65,23 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     operator's headers removed (``rules``: the listener's, see http/header_rules.py),
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
     see ``identity.headers.header_block``), framing rewritten. ``replaced``: folded names
-    that ``cert_block`` sets (the authorizer's headers), so a client's are dropped."""
+    that ``cert_block`` sets (the authorizer's headers), so a client's are dropped.
+
+    A request without an X-Request-Id gets one, forwarded and kept in ``req.request_id``
+    for the access log: 32 hex digits of randomness, nginx's ``$request_id`` (Envoy
+    generates one too, a UUID). It is added after the head is built (and memoised), so
+    heads that repeat still do."""
+    head = _upstream_head(req, target, client_ip, cert_block, rules, replaced, memos)
+    if _REQUEST_ID_LINE in head:  # names are lower-case here; values hold no newline
+        return head
+    request_id = os.urandom(16).hex().encode()
+    req.request_id = request_id
+    return b"".join((head[:-2], b"x-request-id: ", request_id, b"\r\n\r\n"))
+
+
+def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: bytes,
+                   rules: HeaderRules, replaced: frozenset[bytes],
+                   memos: HeadMemos | None) -> bytes:
     raw = req.raw if memos is not None else b""
     if raw:
         assert memos is not None

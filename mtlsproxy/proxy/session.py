@@ -183,7 +183,7 @@ class ProxySession:
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("rt", "conn", "domain", "generation", "verdict", "parser", "inbox", "task", "fast",
                  "state", "served", "deadline", "waiting_on", "_head_bytes_seen",
-                 "_refusal_counted", "_parse_failed", "__weakref__")
+                 "_refusal_counted", "_parse_failed", "received", "__weakref__")
 
     def __init__(self, rt: Listener, conn: TLSConnection) -> None:
         self.rt = rt
@@ -207,6 +207,7 @@ class ProxySession:
         self._head_bytes_seen = False
         self._refusal_counted = False
         self._parse_failed = False
+        self.received = 0  # plaintext bytes read from the client not yet logged
         rt.connection_opened(self)
 
     def __repr__(self) -> str:
@@ -251,7 +252,13 @@ class ProxySession:
         self.rt.count_handshake_failure(reason, conn.peername[0], exc,
                                         domain=self.domain.label)
 
+    def take_received(self) -> int:
+        """The bytes read since the last call (the access log's ``bytes_received``)."""
+        received, self.received = self.received, 0
+        return received
+
     def plaintext_received(self, data: bytes) -> None:
+        self.received += len(data)
         if self._parse_failed:
             return
         try:

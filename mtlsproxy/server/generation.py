@@ -106,7 +106,9 @@ def build_generation(listener: ListenerConfig, data: bytes | None,
         except TruststoreError as exc:
             raise TruststoreError(f"{listener.mutual_tls.truststore_uri}: {exc}",
                                   key="mutual_tls.truststore_uri") from exc
-    contexts = build_server_contexts(listener.tls, bundle, listener.name,
+    # Labelled listener/domain: session tickets and cached sessions never cross domains
+    # (tls/native.py derives the ticket keys and the session id context from the label).
+    contexts = build_server_contexts(listener.tls, bundle, listener.label,
                                      listener.mutual_tls.send_ca_names)
     return Generation(next(_generations), listener.mutual_tls.truststore_uri, bundle, contexts,
                       time.time() if now is None else now, version)

@@ -348,6 +348,8 @@ class ListenerRuntime:
                 user_agent = value.decode("latin-1")
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")
+        if req.request_id:  # none came (or it was dropped): the one the proxy forwarded
+            request_id = req.request_id.decode("ascii")
         sslobj = conn.sslobj
         cipher = sslobj.cipher() if sslobj is not None else None
         record = {
@@ -375,6 +377,11 @@ class ListenerRuntime:
             "resumed": conn.session_reused,
             "tls_version": sslobj.version() if sslobj is not None else None,
             "tls_cipher": cipher[0] if cipher else None,
+            "sni": conn.server_name,
+            # Bytes read from the client since the previous request's line (head and
+            # body: nginx's $request_length); pipelined requests that arrived in one read
+            # are counted with the first.
+            "bytes_received": session.take_received(),
         }
         if self.worker is not None:
             record["worker"] = self.worker

@@ -805,6 +805,39 @@ def test_access_log_names_the_request_and_its_tls(proxy: Harness) -> None:
     assert 0 <= record["upstream_duration_ms"] <= record["duration_ms"]
 
 
+def test_a_request_without_x_request_id_gets_one_forwarded_and_logged(proxy: Harness) -> None:
+    """nginx's $request_id (32 hex digits), forwarded as Envoy forwards its own: the
+    upstream's log line and the proxy's share it."""
+    body = proxy.echo_json("/traced")
+    (forwarded,) = [v for n, v in body["headers"] if n == "x-request-id"]
+    assert len(forwarded) == 32 and int(forwarded, 16) >= 0
+    wait_for(lambda: bool(proxy.access_lines))
+    assert json.loads(proxy.access_lines[-1])["request_id"] == forwarded
+    again = proxy.echo_json("/traced")
+    assert [v for n, v in again["headers"] if n == "x-request-id"] != [forwarded]
+
+
+def test_a_client_x_request_id_is_forwarded_unchanged_and_alone(proxy: Harness) -> None:
+    body = proxy.echo_json("/traced", headers={"X-Request-Id": "client-7"})
+    assert [v for n, v in body["headers"] if n == "x-request-id"] == ["client-7"]
+
+
+def test_access_log_has_the_sni_name_and_the_bytes_received(proxy: Harness) -> None:
+    payload = b"x" * 1000
+    conn = proxy.https()
+    conn.request("POST", "/upload", body=payload)
+    conn.getresponse().read()
+    conn.request("GET", "/small")
+    conn.getresponse().read()
+    conn.close()
+    wait_for(lambda: len(proxy.access_lines) >= 2)
+    first, second = (json.loads(line) for line in proxy.access_lines[-2:])
+    assert first["sni"] == "localhost"
+    # The head and the body the client sent: more than the body, less than twice it.
+    assert 1000 < first["bytes_received"] < 1400, first
+    assert 30 < second["bytes_received"] < 300, second
+
+
 def test_access_log_has_no_upstream_status_when_the_proxy_answered(unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(routes=[{"path_prefix": "/only",
