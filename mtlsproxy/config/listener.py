@@ -291,7 +291,8 @@ def _read_mutual_tls(r: Reader, raw: Any, mpath: str) -> MutualTLSConfig:
 
 
 def _read_revocation(r: Reader, raw: Any, rpath: str) -> RevocationConfig:
-    rv = r.mapping(raw, rpath, ("crl_uris", "mode", "ocsp", "refresh_fraction"))
+    rv = r.mapping(raw, rpath, ("crl_uris", "mode", "ocsp", "refresh_fraction",
+                                "first_fetch_timeout"))
     crl_uris: list[str] = []
     for i, cu in enumerate(r.get(rv, "crl_uris", rpath, list, [])):
         if not isinstance(cu, str) or not cu:
@@ -310,7 +311,8 @@ def _read_revocation(r: Reader, raw: Any, rpath: str) -> RevocationConfig:
               lambda v: None if v in ("soft", "hard") else "must be soft or hard"),
         r.get(rv, "ocsp", rpath, bool, False),
         r.get(rv, "refresh_fraction", rpath, float, 0.8,
-              lambda v: None if 0 < v <= 1 else "must be greater than 0 and at most 1"))
+              lambda v: None if 0 < v <= 1 else "must be greater than 0 and at most 1"),
+        r.get(rv, "first_fetch_timeout", rpath, float, 10.0, positive))
 
 
 def _read_routes(r: Reader, data: dict[str, Any], path: str,

@@ -43,6 +43,9 @@ class RevocationConfig:
     # When a newer CRL is fetched: at this fraction of a CRL's validity window
     # (thisUpdate to nextUpdate), and never later than nextUpdate - refresh_interval.
     refresh_fraction: float = 0.8
+    # Start-up waits at most this long for the first CRL fetch, then serves without the
+    # CRLs still missing (hard mode: refused, /readyz not ready) while the fetch goes on.
+    first_fetch_timeout: float = 10.0
 
 
 CLIENT_INTERMEDIATES = ("ignore", "use")

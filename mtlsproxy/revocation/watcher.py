@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,12 +68,41 @@ class RevocationWatcher(Periodic):
         self.stale_gauge = stale_gauge
         self._stale: frozenset[str] = frozenset()
         self._retry = RETRY_FIRST  # the next backoff while a CRL is due (next_wait)
+        # One fetch at a time: the first one may outlive start-up's bounded wait
+        # (``fetch_first``) while the refresh loop already runs.
+        self._fetching = threading.Lock()
+        # Guards ``data`` and ``_unattached`` between a fetch and a state's snapshot
+        # (held for a dict copy, never across a download).
+        self._data_lock = threading.Lock()
+        self._unattached = False  # a fetch stored CRLs no revocation state holds yet
 
     def __repr__(self) -> str:
         return f"<RevocationWatcher {self.name} crls={len(self.sources)} mode={self.mode}>"
 
+    def fetch_first(self, wait: float) -> bool:
+        """Start-up: fetch every CRL, waiting at most ``wait`` seconds (a slow CRL server
+        must not hold start-up, nor the event loop, for its timeouts). True when all came
+        in time; else the fetch goes on in the background, the refresh loop attaches what
+        it brings, and meanwhile a missing CRL counts as missing (hard mode: refused, and
+        /readyz says not ready)."""
+        thread = threading.Thread(target=self.fetch_all, name=f"crl-first-{self.name}",
+                                  daemon=True)
+        thread.start()
+        thread.join(wait)
+        if thread.is_alive():
+            log.warning("CRLs of %s not fetched within %.1fs: starting without them, the "
+                        "fetch goes on (%s mode: %s)", self.name, wait, self.mode,
+                        "clients refused and /readyz not ready until they arrive"
+                        if self.mode == "hard" else "clients admitted and counted")
+            return False
+        return True
+
     def fetch_all(self) -> bool:
         """Blocking: fetch every CRL that changed; True when any did."""
+        with self._fetching:
+            return self._fetch_all()
+
+    def _fetch_all(self) -> bool:
         changed = False
         for uri, source in self.sources.items():
             try:
@@ -84,14 +114,17 @@ class RevocationWatcher(Periodic):
                     self.versions[uri] = ""  # tried once; keep data None (missing)
                 continue
             if fetched is not None:
-                self.data[uri], self.versions[uri] = fetched.data, fetched.version
-                changed = True
+                with self._data_lock:
+                    self.data[uri], self.versions[uri] = fetched.data, fetched.version
+                    self._unattached = changed = True
         return changed
 
     def prepare(self, bundle: TrustBundle | None) -> Prepared:
         """Blocking (the build thread): the current CRLs verified against ``bundle``.
         Their problems are logged here, where they are found."""
-        data = dict(self.data)
+        with self._data_lock:
+            data = dict(self.data)
+            self._unattached = False
         state = build_state(self.mode, data, bundle)
         for problem in state.problems:
             log.warning("revocation of %s: %s", self.name, problem)
@@ -154,6 +187,9 @@ class RevocationWatcher(Periodic):
     async def refresh(self) -> None:
         loop = asyncio.get_running_loop()
         changed = await loop.run_in_executor(None, self.fetch_all)
+        # Also CRLs a fetch stored without a state built from them (the first fetch that
+        # outlived start-up's wait ends inside a later fetch's conditional GET).
+        changed = changed or self._unattached
         current = self.owner.current.revocation
         if current is not None and not changed:
             # Only the clock moved: a CRL past its nextUpdate changes decisions (hard mode).

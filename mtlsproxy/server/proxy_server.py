@@ -179,7 +179,7 @@ class ProxyServer:
         if not owner.config.mutual_tls.revocation.crl_uris:
             return
         watcher = RevocationWatcher(owner, self.crl_stale, self.clock)
-        watcher.fetch_all()
+        watcher.fetch_first(owner.config.mutual_tls.revocation.first_fetch_timeout)
         owner.attach_revocation(watcher)
 
     def __repr__(self) -> str:

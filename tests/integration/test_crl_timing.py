@@ -120,6 +120,9 @@ def etag_server() -> Iterator[tuple[str, dict[str, Any]]]:
             etag = '"' + hashlib.sha256(state["body"]).hexdigest()[:16] + '"'
             conditional = self.headers.get("If-None-Match")
             state["hits"].append(conditional)
+            gate = state.get("gate")
+            if gate is not None:  # a slow distribution point: answers once released
+                gate.wait(30)
             if conditional == etag:
                 self.send_response(304)
                 self.send_header("ETag", etag)
@@ -188,3 +191,47 @@ def test_readyz_says_not_ready_while_a_hard_mode_crl_is_missing(
     wait_for(lambda: readyz(harness) == 200, timeout=10)  # retried within seconds
     assert harness.metric("mtlsproxy_ready") == 1
     assert reason(harness) is None
+
+
+def test_a_slow_first_crl_fetch_holds_start_up_only_for_first_fetch_timeout(
+        harness: Harness, etag_server: tuple[str, dict[str, Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up waits a bounded time, then serves (hard mode: refusing, not ready); the
+    fetch goes on and its CRL is attached when it lands, with no second download."""
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    url, state = etag_server
+    now = dt.datetime.now(UTC)
+    state["body"] = crl(harness.pki.inter, now, now + dt.timedelta(days=1))
+    gate = state["gate"] = threading.Event()
+    try:
+        harness.start(harness.config(mutual_tls={
+            "truststore_uri": str(harness.pki.truststore), "refresh_interval": 3600,
+            "revocation": {"crl_uris": [url], "mode": "hard",
+                           "first_fetch_timeout": 0.2}}))
+        assert not gate.is_set()  # serving while the distribution point still holds on
+        assert readyz(harness) == 503
+        assert reason(harness) == "revocation_unavailable"
+        gate.set()
+        wait_for(lambda: readyz(harness) == 200, timeout=10)
+        assert reason(harness) is None
+        # The first GET delivered it: any later one was conditional on its ETag.
+        assert state["hits"][0] is None and None not in state["hits"][1:], state["hits"]
+    finally:
+        gate.set()
+
+
+def test_first_fetch_timeout_must_be_positive(tmp_path: Path) -> None:
+    from mtlsproxy.config import ConfigError, parse_config
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    raw = {"listeners": [{"name": "l", "address": "127.0.0.1:0",
+                          "tls": {"certificates": [{"cert_file": str(pem),
+                                                    "key_file": str(pem)}]},
+                          "mutual_tls": {"truststore_uri": str(pem), "revocation": {
+                              "crl_uris": [str(pem)], "first_fetch_timeout": 0}},
+                          "routes": [{"path_prefix": "/", "upstream": "http://127.0.0.1:1"}]}]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, tmp_path)
+    assert ("listeners[0].mutual_tls.revocation.first_fetch_timeout: must be greater than 0"
+            in info.value.problems)
