@@ -82,6 +82,9 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None,
                                   key="mutual_tls.truststore_uri") from exc
         if send_ca_names:
             native.add_ca_names(ctx, (c.der for c in bundle.certs))
+        # Only the signature schemes the policy accepts: an Ed25519 or P-521 client (TLS
+        # 1.3) is refused in the handshake, not by a 403 after it.
+        native.restrict_client_sigalgs(ctx)
     return ctx
 
 

@@ -71,6 +71,17 @@ log = logging.getLogger("mtlsproxy.tls")
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59  # OpenSSL include/openssl/ssl.h
 KEY_LENGTH = 80  # name 16 + HMAC 32 + AES 32 (OpenSSL's TLSEXT_KEYNAME_LENGTH etc.)
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42  # SSL_CTX_sess_set_cache_size, include/openssl/ssl.h
+# SSL_CTX_set1_client_sigalgs_list: the signature_algorithms of a CertificateRequest.
+SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
+# What the model's policy accepts (identity/algorithms.py: RSA >= 2048, ECDSA P-256/P-384,
+# SHA-256 or stronger), as OpenSSL names them. In TLS 1.3 an ECDSA scheme names its curve
+# (RFC 8446 section 4.2.3): without ecdsa_secp521r1_sha512 and ed25519/ed448, a P-521 or
+# Ed25519 client finds no scheme for its key and sends no certificate, so it is refused in
+# the handshake. TLS 1.2's ECDSA schemes name no curve: a P-521 client there is refused
+# by the policy after the handshake (403 weak_algorithm), as before.
+CLIENT_SIGALGS = (b"ECDSA+SHA256:ECDSA+SHA384:rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:"
+                  b"rsa_pss_rsae_sha512:rsa_pss_pss_sha256:rsa_pss_pss_sha384:"
+                  b"rsa_pss_pss_sha512:RSA+SHA256:RSA+SHA384:RSA+SHA512")
 # Sessions kept per context (a listener's truststore generation). OpenSSL's default,
 # 20,480, could hold hundreds of MiB of client chains; a sidecar's clients are few. Each
 # resumption adds the session of its new ticket, so about two entries per returning client.
@@ -219,6 +230,21 @@ def prefer_tls13_suites(ctx: ssl.SSLContext) -> bool:
     if not SUITES.passed():
         return False
     _prefer_suites(ctx)
+    return True
+
+
+def restrict_client_sigalgs(ctx: ssl.SSLContext) -> bool:
+    """Ask clients only for signatures the policy accepts (``CLIENT_SIGALGS``); False,
+    leaving OpenSSL's list (the policy still refuses after the handshake), when the
+    pointer check fails or OpenSSL refuses the list."""
+    if not SUITES.passed():  # the same pointer and library checks
+        return False
+    assert LIBSSL is not None
+    buf = ctypes.create_string_buffer(CLIENT_SIGALGS)
+    if LIBSSL.ctrl(_checked_pointer(ctx), SSL_CTRL_SET_CLIENT_SIGALGS_LIST, 0, buf) != 1:
+        log.warning("OpenSSL refused the client signature algorithms list: clients are "
+                    "asked for any, and the policy refuses after the handshake")
+        return False
     return True
 
 

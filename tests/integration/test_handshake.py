@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.support.harness import Harness
-from tests.support.pki import UTC, make_cert, make_sha1_cert, tamper
+from tests.support.pki import UTC, Cert, make_cert, make_sha1_cert, tamper
 
 FAILURES = "mtlsproxy_tls_handshake_failures_total"
 
@@ -111,16 +111,47 @@ def test_missing_client_certificate_on_tls12_fails_the_handshake(harness: Harnes
     assert wait_metric(harness, "no_client_certificate") == 1
 
 
-@pytest.mark.parametrize("case", ["p521", "ed25519"])
-def test_key_outside_policy_gets_403_weak_algorithm(harness: Harness, case: str) -> None:
+def _outside_policy(harness: Harness, case: str) -> Cert:
     key = (ec.generate_private_key(ec.SECP521R1()) if case == "p521"
            else ed25519.Ed25519PrivateKey.generate())
-    cert = make_cert(f"{case}-client", harness.pki.inter, key=key)
+    return make_cert(f"{case}-client", harness.pki.inter, key=key)
+
+
+@pytest.mark.parametrize("case", ["p521", "ed25519"])
+def test_key_outside_policy_is_refused_in_the_tls13_handshake(harness: Harness,
+                                                               case: str) -> None:
+    """The CertificateRequest lists only the schemes the policy accepts (TLS 1.3 schemes
+    name their curve): such a client has no scheme for its key and sends no certificate,
+    so the handshake fails; its TLS library cannot say why, so the reason is
+    no_client_certificate."""
     harness.start()
-    status, _, body = harness.get("/", ctx=harness.client_context(cert, name=case))
+    ctx = harness.client_context(_outside_policy(harness, case), name=case)
+    result = outcome(harness, ctx)
+    assert result.startswith("alert:") and "certificate required" in result.lower(), result
+    assert wait_metric(harness, "no_client_certificate") == 1
+
+
+def test_a_p521_key_on_tls12_is_refused_by_the_policy_with_403_weak_algorithm(
+        harness: Harness) -> None:
+    """TLS 1.2's ECDSA schemes name no curve: the handshake succeeds, the policy refuses."""
+    harness.start()
+    ctx = harness.client_context(_outside_policy(harness, "p521"), name="p521",
+                                 maximum_version=ssl.TLSVersion.TLSv1_2)
+    status, _, body = harness.get("/", ctx=ctx)
     assert status == 403
     assert json.loads(body) == {"message": "Forbidden", "reason": "weak_algorithm"}
     assert wait_metric(harness, "weak_algorithm") == 1
+
+
+def test_policy_keys_still_pass_with_the_restricted_signature_schemes(
+        harness: Harness) -> None:
+    harness.start()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        for key in (ec.generate_private_key(ec.SECP384R1()),
+                    rsa.generate_private_key(public_exponent=65537, key_size=2048)):
+            cert = make_cert("policy-client", harness.pki.inter, key=key)
+            ctx = harness.client_context(cert, name="policy", maximum_version=version)
+            assert harness.get("/", ctx=ctx)[0] == 200, (version, key)
 
 
 def use_client_intermediates(h: Harness) -> None:
