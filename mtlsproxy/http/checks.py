@@ -237,7 +237,9 @@ def make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
             raise RemoteProtocolError("invalid request target")
     if hosts > 1 or (version == b"1.1" and not hosts):
         raise RemoteProtocolError("a HTTP/1.1 request needs exactly one Host header")
-    if hosts and host not in _GOOD_HOSTS:
+    # The absolute form's authority counts as a Host even when none came (HTTP/1.0): it is
+    # the Host forwarded, and routes and domains are chosen by it.
+    if (hosts or host) and host not in _GOOD_HOSTS:
         _check_host(host)
     if te and version == b"1.0":
         # RFC 9112 section 6.1: its framing is faulty (nginx: 400).

@@ -72,8 +72,8 @@ class DomainNames:
 
     def index(self, name: str | None) -> int | None:
         """The domain's index, or None when no domain names it."""
-        if not name or not (self._exact or self._wildcard):
-            return None
+        if not name or not (self._exact or self._wildcard) or name[0] == "." or ".." in name:
+            return None  # an empty label matches no name (RFC 6125 section 6.4.3)
         index = self._exact.get(name)
         if index is None and "." in name:
             index = self._wildcard.get(name.split(".", 1)[1])

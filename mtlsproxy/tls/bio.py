@@ -126,7 +126,7 @@ class TLSConnection(asyncio.Protocol):
         self._writes = writes
         self.state = PROXY_HEADER if proxy_protocol else HELLO
         self._proxy_buf = b""
-        self._hello_buf = b""  # the ClientHello so far (HELLO)
+        self._hello_buf = bytearray()  # the ClientHello so far (HELLO)
         self._hello_need = 0  # bytes that must have arrived before it is read again
         self.server_name: str | None = None  # its SNI name, lower-case, once read
         # The socket peers allowed to send the PROXY header; None: any (read only when
@@ -260,15 +260,17 @@ class TLSConnection(asyncio.Protocol):
     def _client_hello(self, data: bytes) -> bytes:
         """Buffer until the ClientHello is whole, then take the context its SNI name
         chooses; returns every byte buffered (for OpenSSL) once it has, else b""."""
-        buf = self._hello_buf + data
-        if len(buf) < self._hello_need:
-            self._hello_buf = buf
+        # A bytearray: a hello that arrives in many small reads is appended to, not copied
+        # again for each (quadratic in its size).
+        self._hello_buf += data
+        if len(self._hello_buf) < self._hello_need:
             return b""
+        buf = bytes(self._hello_buf)
         hello = read_hello(buf)
         if isinstance(hello, int):
-            self._hello_buf, self._hello_need = buf, hello
+            self._hello_need = hello
             return b""
-        self._hello_buf = b""
+        self._hello_buf = bytearray()
         self.server_name = hello.server_name
         assert self.handler is not None
         self.sslobj = self.handler.context(hello.server_name).wrap_bio(

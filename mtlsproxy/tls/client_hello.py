@@ -11,8 +11,10 @@ Rules of this module:
 - It only chooses; it never refuses. Anything it cannot read (not a handshake record, a
   malformed or oversized hello) gives ``Hello(None)`` and the bytes go to OpenSSL as they
   came, under the default domain: OpenSSL answers a malformed hello with its own alert.
-- Bounded: at most ``MAX_HELLO`` bytes are buffered (RFC 8446 allows a ClientHello over
-  several records; a real one, post-quantum key shares included, is a few KB), and a hello
+- Bounded: at most ``MAX_HELLO`` bytes and ``MAX_RECORDS`` records are buffered (RFC 8446
+  allows a ClientHello over several records; a real one, post-quantum key shares included,
+  is a few KB in one or two), a hello that another kind of record interrupts is given up
+  at once, and a hello
   that arrives a byte at a time is not parsed again for each byte: ``read_hello`` says how
   many bytes must have arrived before it can tell more.
 """
@@ -38,23 +40,30 @@ class Hello:
 NO_NAME = Hello(None)
 
 
-def _handshake_bytes(buf: bytes) -> bytes | None:
-    """The handshake bytes of the leading handshake records of ``buf``; None when a record
-    of another type (or a malformed header) comes first: nothing to read."""
+# Records a hello may span before it is given up on: RFC 8446 lets a sender split it into
+# 1-byte records, but no client does, and each record costs a step of every parse.
+MAX_RECORDS = 64
+
+
+def _handshake_bytes(buf: bytes) -> tuple[bytes, bool] | None:
+    """(the handshake bytes of the leading handshake records of ``buf``, whether they are
+    all there will be: a record of another type follows); None when such a record (or a
+    malformed header, or too many records) comes first: nothing to read."""
     out = bytearray()
-    pos = 0
+    pos = records = 0
     while pos + 5 <= len(buf):
         if buf[pos] != _HANDSHAKE or buf[pos + 1] != 3:
-            return None if pos == 0 else bytes(out)
+            return None if pos == 0 else (bytes(out), True)
+        records += 1
         length = int.from_bytes(buf[pos + 3:pos + 5], "big")
-        if length == 0 or length > 16384 + 2048:
+        if length == 0 or length > 16384 + 2048 or records > MAX_RECORDS:
             return None
         if pos + 5 + length > len(buf):
             out += buf[pos + 5:]  # a partial record: what arrived so far
             break
         out += buf[pos + 5:pos + 5 + length]
         pos += 5 + length
-    return bytes(out)
+    return bytes(out), False
 
 
 def read_hello(buf: bytes) -> Hello | int:
@@ -64,17 +73,20 @@ def read_hello(buf: bytes) -> Hello | int:
         return NO_NAME
     if len(buf) < 5:
         return 5 if not buf or buf[0] == _HANDSHAKE else NO_NAME
-    data = _handshake_bytes(buf)
-    if data is None:
+    read = _handshake_bytes(buf)
+    if read is None:
         return NO_NAME
+    data, final = read
     if len(data) < 4:
-        return len(buf) + 4 - len(data)
+        return NO_NAME if final else len(buf) + 4 - len(data)
     if data[0] != _CLIENT_HELLO:
         return NO_NAME
     length = int.from_bytes(data[1:4], "big")
     if length > MAX_HELLO:
         return NO_NAME
     if len(data) < 4 + length:
+        if final:  # another kind of record came first: the hello can never be whole
+            return NO_NAME
         # At least the missing handshake bytes must come (more with record headers).
         return len(buf) + 4 + length - len(data)
     try:

@@ -40,6 +40,8 @@ class ServerContexts:
         if not server_name:
             return None
         name = server_name.lower().rstrip(".")
+        if name[:1] == "." or ".." in name:
+            return None  # an empty label matches no name (RFC 6125 section 6.4.3)
         ctx = self.exact.get(name)
         if ctx is None and "." in name:
             ctx = self.wildcard.get(name.split(".", 1)[1])

@@ -574,6 +574,20 @@ def test_host_spellings_that_parsers_read_as_another_host_get_400(
     assert out.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 403 ")), (host, out[:100])
 
 
+@pytest.mark.parametrize("authority", [b"admin.example.test..", b".admin.example.test",
+                                       b"admin..example.test", b":443"])
+def test_an_http10_absolute_form_authority_is_checked_like_a_host_without_one(
+        unstarted: Harness, authority: bytes) -> None:
+    """HTTP/1.0 may come without a Host: the authority is then the Host forwarded, and it
+    gets the Host's checks (an attacker's run found ``admin.example.test..`` forwarded)."""
+    h = unstarted
+    h.start(h.config())
+    out = h.raw(b"GET https://" + authority + b"/ HTTP/1.0\r\n\r\n")
+    # The proxy's own 400 (its JSON reason), not the upstream's answer to that Host.
+    assert out.startswith(b"HTTP/1.1 400 ") and b'"reason":"bad_request"' in out, (
+        authority, out[:200])
+
+
 def test_case_and_leading_slashes_meet_the_rules_of_the_route_they_spell(
         unstarted: Harness, wsgi: WSGIUpstream) -> None:
     h = unstarted

@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from mtlsproxy.proxy.routing import DomainNames
-from mtlsproxy.tls.client_hello import MAX_HELLO, NO_NAME, Hello, read_hello
+from mtlsproxy.tls.client_hello import MAX_HELLO, MAX_RECORDS, NO_NAME, Hello, read_hello
 
 
 def client_hello(server_name: str | None) -> bytes:
@@ -54,7 +54,7 @@ def test_a_partial_hello_asks_for_more_bytes_until_it_is_whole() -> None:
 
 def test_a_hello_sent_a_byte_at_a_time_is_parsed_a_few_times_not_once_per_byte() -> None:
     """Every call copies what arrived: once per byte, a 64 KiB hello would cost 2 GB."""
-    hello = refragment(client_hello("a.test"), 1)  # the smallest records there are
+    hello = refragment(client_hello("a.test"), 16)  # small records: many headers
     calls, need = 0, 0
     for end in range(1, len(hello) + 1):
         if end < need:
@@ -70,10 +70,32 @@ def test_a_hello_sent_a_byte_at_a_time_is_parsed_a_few_times_not_once_per_byte()
 
 def test_a_hello_split_over_several_records_is_read() -> None:
     hello = client_hello("b.test")
-    for size in (1, 7, 100):
+    for size in (16, 100, 1000):
         records = refragment(hello, size)
         assert read_hello(records) == Hello("b.test"), size
         assert isinstance(read_hello(records[:-1]), int)
+
+
+def test_a_hello_in_more_records_than_any_client_sends_is_given_up() -> None:
+    hello = client_hello("b.test")
+    assert len(hello) - 5 > MAX_RECORDS  # in 1-byte records: more than MAX_RECORDS
+    assert read_hello(refragment(hello, 1)) == NO_NAME
+    assert read_hello(refragment(hello, 1)[:6 * (MAX_RECORDS + 1)]) == NO_NAME
+
+
+def test_a_hello_that_another_record_interrupts_is_given_up_at_once() -> None:
+    """It can never be whole: waiting for more bytes only invites a byte-at-a-time flood
+    of re-parses (found by an attacker's run)."""
+    whole = client_hello("b.test")
+    hello = refragment(whole, 16)
+    short = refragment(whole[:-10], 16)  # whole records, a message 10 bytes short
+    application_data = b"\x17\x03\x03\x00\x01x"
+    assert isinstance(read_hello(short), int)
+    assert read_hello(short + application_data) == NO_NAME
+    # Inside the message's own header: a 2-byte record, then another kind.
+    assert read_hello(b"\x16\x03\x01\x00\x02\x01\x00" + application_data) == NO_NAME
+    # A whole hello followed by other records is still read.
+    assert read_hello(hello + application_data) == Hello("b.test")
 
 
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x00",
@@ -125,9 +147,24 @@ def test_a_wildcard_covers_one_label_only() -> None:
     assert names.index("x.a.test") == 0
 
 
+def test_a_name_with_an_empty_label_matches_no_wildcard() -> None:
+    names = DomainNames((("a.test",), ("*.b.test",)))
+    for name in (".b.test", "x..b.test", "..b.test"):
+        assert names.index(name) is None, name
+
+
 def test_no_name_and_unknown_names_have_no_domain() -> None:
     names = DomainNames((("a.test",),))
     assert names.index(None) is None
     assert names.index("") is None
     assert names.index("c.test") is None
     assert DomainNames(()).index("a.test") is None
+
+
+def test_a_server_certificate_wildcard_needs_a_non_empty_label() -> None:
+    from mtlsproxy.tls.contexts import ServerContexts
+    default, star = (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) for _ in range(2))
+    contexts = ServerContexts(default, {}, {"b.test": star})
+    assert contexts.select("x.b.test") is star
+    for name in (".b.test", "x..b.test"):
+        assert contexts.select(name) is None, name
