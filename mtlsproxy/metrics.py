@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mtlsproxy.reasons import HANDSHAKE_FAILURE_REASONS, HEADER_DROP_REASONS
+from mtlsproxy.reasons import H2_ERROR_KINDS, HANDSHAKE_FAILURE_REASONS, HEADER_DROP_REASONS
 from mtlsproxy.runtime.pacing import pace
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
@@ -41,6 +41,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _REQUESTS = ("mtlsproxy_requests", "HTTP requests answered, by status code.")
 _DURATION = ("mtlsproxy_request_duration_seconds",
              "Time from a request head to the end of its response.")
+# protocol: http1, or h2 (an HTTP/2 stream is a request).
+_REQUEST_LABELS = ["listener", "route", "protocol", "code"]
+_DURATION_LABELS = ["listener", "route", "protocol"]
 
 
 class RequestCounts(Collector):
@@ -56,30 +59,32 @@ class RequestCounts(Collector):
     """
 
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str], RequestSeries] = {}
+        self._series: dict[tuple[str, str, str], RequestSeries] = {}
 
-    def series(self, listener: str, route: str) -> RequestSeries:
-        """The counts of one (listener, route), created on first use: callers keep it,
-        so a request costs no label lookup."""
-        series = self._series.get((listener, route))
+    def series(self, listener: str, route: str, protocol: str = "http1") -> RequestSeries:
+        """The counts of one (listener, route, protocol), created on first use: callers
+        keep it, so a request costs no label lookup."""
+        key = (listener, route, protocol)
+        series = self._series.get(key)
         if series is None:
-            series = self._series[(listener, route)] = RequestSeries()
+            series = self._series[key] = RequestSeries()
         return series
 
-    def observe(self, listener: str, route: str, status: int, duration: float) -> None:
-        self.series(listener, route).observe(status, duration)
+    def observe(self, listener: str, route: str, status: int, duration: float,
+                protocol: str = "http1") -> None:
+        self.series(listener, route, protocol).observe(status, duration)
 
     def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(*_REQUESTS, labels=["listener", "route", "code"]),
-                HistogramMetricFamily(*_DURATION, labels=["listener", "route"])]
+        return [CounterMetricFamily(*_REQUESTS, labels=_REQUEST_LABELS),
+                HistogramMetricFamily(*_DURATION, labels=_DURATION_LABELS)]
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(*_REQUESTS, labels=["listener", "route", "code"])
-        for (listener, route), series in self._series.items():
+        requests = CounterMetricFamily(*_REQUESTS, labels=_REQUEST_LABELS)
+        for (listener, route, protocol), series in self._series.items():
             for status, count in series.codes.items():
-                requests.add_metric([listener, route, str(status)], count)
+                requests.add_metric([listener, route, protocol, str(status)], count)
         yield requests
-        duration = HistogramMetricFamily(*_DURATION, labels=["listener", "route"])
+        duration = HistogramMetricFamily(*_DURATION, labels=_DURATION_LABELS)
         bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
         for labels, series in self._series.items():
             cumulative, total = [], 0
@@ -193,9 +198,8 @@ class Metrics:
         self.requests: Counter | None = None
         self.request_duration: Histogram | None = None
         if multiprocess:
-            self.requests = Counter(*_REQUESTS, ["listener", "route", "code"],
-                                    registry=registry)
-            self.request_duration = Histogram(*_DURATION, ["listener", "route"],
+            self.requests = Counter(*_REQUESTS, _REQUEST_LABELS, registry=registry)
+            self.request_duration = Histogram(*_DURATION, _DURATION_LABELS,
                                               buckets=LATENCY_BUCKETS, registry=registry)
         else:
             self.request_counts = RequestCounts()
@@ -209,6 +213,18 @@ class Metrics:
             "(a certificate-identity header in any spelling), strip_headers (the listener's "
             "list), override (a header that rewrites the path or method).",
             ["listener", "reason"], registry=registry)
+        self.h2_streams_active: Gauge | LocalFamily
+        streams = ("mtlsproxy_h2_streams_active", "Open HTTP/2 streams from clients.",
+                   ["listener"])
+        if multiprocess:
+            self.h2_streams_active = Gauge(*streams, registry=registry,
+                                           multiprocess_mode="livesum")
+        else:
+            self.h2_streams_active = LocalFamily(*streams, "gauge", registry)
+        self.h2_protocol_errors = Counter(
+            "mtlsproxy_h2_protocol_errors", "HTTP/2 client connections ended by GOAWAY for "
+            "abuse or a protocol error, by kind: rapid_reset, flood, header_size, "
+            "protocol.", ["listener", "kind"], registry=registry)
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
@@ -225,6 +241,9 @@ class Metrics:
             self.cert_cache.labels(result)
         for reason in HEADER_DROP_REASONS:
             self.headers_dropped.labels(listener, reason)
+        self.h2_streams_active.labels(listener)
+        for kind in H2_ERROR_KINDS:
+            self.h2_protocol_errors.labels(listener, kind)
 
 
 class TruststoreMetrics:

@@ -19,3 +19,10 @@ HANDSHAKE_FAILURE_REASONS = (
 # mtlsproxy_headers_dropped_total{reason}: a header name with "_", a forged identity header,
 # a listener's strip_headers entry, a header that rewrites the path or method.
 HEADER_DROP_REASONS = ("underscore", "identity", "strip_headers", "override")
+
+# mtlsproxy_h2_protocol_errors_total{kind}: why an HTTP/2 client connection got a GOAWAY.
+# rapid_reset: streams reset by the client before their answer (CVE-2023-44487); flood:
+# SETTINGS, PING or CONTINUATION frames past their limits (CVE-2019-9512/9515,
+# CVE-2024-27316 class); header_size: a header block over limits.max_header_bytes (HPACK
+# bombs included: the decoded size counts); protocol: any other protocol error.
+H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "protocol")

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mtlsproxy.config.model import (
+    ALPN_PROTOCOLS,
     CLIENT_INTERMEDIATES,
     FORWARD_FAMILIES,
     FORWARDED_MODES,
@@ -210,7 +211,7 @@ def _read_domains(r: Reader, data: dict[str, Any], path: str) -> tuple[DomainCon
     for i, raw in enumerate(raw_domains):
         dpath = f"{path}.domains[{i}]"
         ddata = r.mapping(raw, dpath, ("names", "certificates", "security_policy",
-                                       "reload_interval", "mutual_tls", "routes"))
+                                       "reload_interval", "alpn", "mutual_tls", "routes"))
         names: list[str] = []
         raw_names = r.get(ddata, "names", dpath, list, [])
         if not raw_names:
@@ -228,16 +229,33 @@ def _read_domains(r: Reader, data: dict[str, Any], path: str) -> tuple[DomainCon
             names.append(name)
         label = names[0] if names else f"domains[{i}]"
         tls = _read_tls(r, {k: ddata[k] for k in ("certificates", "security_policy",
-                                                  "reload_interval") if k in ddata}, dpath,
-                        required=True)
+                                                  "reload_interval", "alpn") if k in ddata},
+                        dpath, required=True)
         mutual_tls = _read_mutual_tls(r, ddata.get("mutual_tls"), f"{dpath}.mutual_tls")
         routes = _read_routes(r, ddata, dpath, label)
         domains.append(DomainConfig(tuple(names) or (label,), tls, mutual_tls, routes))
     return tuple(domains)
 
 
+def _read_alpn(r: Reader, data: dict[str, Any], path: str) -> tuple[str, ...]:
+    raw = r.get(data, "alpn", path, list, list(ALPN_PROTOCOLS))
+    if not raw:
+        r.problem(f"{path}.alpn", "must list at least one protocol")
+    protocols: list[str] = []
+    for i, item in enumerate(raw):
+        if item not in ALPN_PROTOCOLS:
+            r.problem(f"{path}.alpn[{i}]", f"must be one of {', '.join(ALPN_PROTOCOLS)}, "
+                                           f"got {item!r}")
+        elif item in protocols:
+            r.problem(f"{path}.alpn[{i}]", f"{item} listed twice")
+        else:
+            protocols.append(item)
+    return tuple(protocols) or ALPN_PROTOCOLS
+
+
 def _read_tls(r: Reader, raw: Any, tpath: str, required: bool = False) -> TLSConfig:
-    tdata = r.mapping(raw, tpath, ("security_policy", "certificates", "reload_interval"))
+    tdata = r.mapping(raw, tpath, ("security_policy", "certificates", "reload_interval",
+                                   "alpn"))
     policy = r.get(tdata, "security_policy", tpath, str, "TLS_1_2",
                    one_of(SECURITY_POLICIES))
     certs: list[CertificateConfig] = []
@@ -250,7 +268,8 @@ def _read_tls(r: Reader, raw: Any, tpath: str, required: bool = False) -> TLSCon
         certs.append(CertificateConfig(r.file(cdata, "cert_file", cpath),
                                        r.file(cdata, "key_file", cpath)))
     return TLSConfig(policy, tuple(certs),
-                     r.get(tdata, "reload_interval", tpath, float, 30.0, positive))
+                     r.get(tdata, "reload_interval", tpath, float, 30.0, positive),
+                     _read_alpn(r, tdata, tpath))
 
 
 def _read_mutual_tls(r: Reader, raw: Any, mpath: str) -> MutualTLSConfig:
@@ -393,4 +412,8 @@ def _read_limits(r: Reader, raw: Any, lpath: str) -> LimitsConfig:
                                else "must be between 1024 and 1048576"),
         max_connections=r.get(lm, "max_connections", lpath, int, dl.max_connections,
                               positive),
+        max_concurrent_streams=r.get(lm, "max_concurrent_streams", lpath, int,
+                                     dl.max_concurrent_streams,
+                                     lambda v: None if 1 <= v <= 10000
+                                     else "must be between 1 and 10000"),
     )

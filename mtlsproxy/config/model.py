@@ -17,6 +17,7 @@ from mtlsproxy.config.rules import Rule
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
+ALPN_PROTOCOLS = ("h2", "http/1.1")
 FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
 UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
 FORWARDED_MODES = ("append", "replace")
@@ -33,6 +34,9 @@ class TLSConfig:
     security_policy: str
     certificates: tuple[CertificateConfig, ...]
     reload_interval: float = 30.0  # seconds between server certificate file checks
+    # ALPN offered, in the server's order of preference (RFC 7301): h2 first, as nginx
+    # with "http2 on" and Envoy; a client that offers neither gets no ALPN (HTTP/1.1).
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,9 @@ class LimitsConfig:
     # Envoy's max_request_headers_kb defaults to 60; nginx's large buffers to 4 x 8k.
     max_header_bytes: int = 32768
     max_connections: int = 10000
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 section 6.5.2): nginx's
+    # http2_max_concurrent_streams default (Envoy's is 2^31 - 1).
+    max_concurrent_streams: int = 100
 
 
 @dataclass(frozen=True)

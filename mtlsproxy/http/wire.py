@@ -204,6 +204,31 @@ def client_response_head(req: Request, resp: Response, draining: bool,
     return made
 
 
+def h2_response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
+    """An upstream's HTTP/1.1 response head as an HTTP/2 header list: ``:status`` first,
+    names lower-case, and no connection-specific field (RFC 9113 section 8.2.2: those
+    of ``HOP_BY_HOP``, and those the upstream's Connection names); a chunked body's
+    length is the DATA frames'."""
+    drop = HOP_BY_HOP
+    if resp.connection and not resp.connection <= HOP_BY_HOP:
+        drop = drop | resp.connection
+    if resp.chunked:
+        drop = drop | _CONTENT_LENGTH
+    headers = [(b":status", b"%d" % resp.status)]
+    headers.extend((name.lower(), value) for name, value in resp.headers
+                   if name.lower() not in drop)
+    return headers
+
+
+def h2_error_response(status: int, reason: str,
+                      message: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """``error_response`` for an HTTP/2 stream: (header list, body)."""
+    body = json.dumps({"message": message or REASONS.get(status, "Error"), "reason": reason},
+                      separators=(",", ":")).encode()
+    return [(b":status", b"%d" % status), (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body))], body
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 

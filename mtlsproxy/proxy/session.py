@@ -40,7 +40,7 @@ import enum
 import ssl
 from collections.abc import Callable
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from mtlsproxy.admission.admit import (
     ADMITTED,
@@ -107,6 +107,20 @@ class Domain(Protocol):
     def generation(self) -> Snapshot: ...
 
 
+class Connection(Protocol):
+    """What a listener keeps of a client connection, whichever its protocol: its deadline
+    (fired by the listener's ticker), drain, and what the access log reads."""
+
+    conn: TLSConnection
+    deadline: float
+
+    @property
+    def verdict(self) -> Verdict | None: ...
+    def on_tick(self, now: float) -> None: ...
+    def on_drain(self) -> None: ...
+    def take_received(self) -> int: ...
+
+
 class Listener(Protocol):
     """What a session reads from its listener and reports to it (server/listener.py)."""
 
@@ -126,16 +140,21 @@ class Listener(Protocol):
     def generation(self) -> Snapshot: ...
     def domain_for(self, server_name: str | None) -> Domain: ...
     def misdirected(self, domain: int, host: bytes) -> bool: ...
-    def connection_opened(self, session: ProxySession) -> None: ...
-    def connection_closed(self, session: ProxySession) -> None: ...
+    def connection_opened(self, session: Connection) -> None: ...
+    def connection_closed(self, session: Connection) -> None: ...
+    def start_h2(self, conn: TLSConnection, domain: Domain, generation: Snapshot,
+                 verdict: Verdict, refusal_counted: bool) -> None: ...
+    def h2_streams_gauge(self) -> Any: ...
+    def count_h2_error(self, kind: str) -> None: ...
     def count_handshake(self, resumed: bool) -> None: ...
     def count_handshake_failure(self, reason: str, client: str,
                                 exc: BaseException | None,
                                 identity: ClientIdentity | None = None,
                                 detail: str | None = None, domain: str = "") -> None: ...
-    def count_request(self, route: str, status: int, duration: float) -> None: ...
+    def count_request(self, route: str, status: int, duration: float,
+                      protocol: str = "http1") -> None: ...
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
-    def access(self, session: ProxySession, req: Request, status: int, sent: int,
+    def access(self, session: Connection, req: Request, status: int, sent: int,
                duration: float, upstream: str, upstream_status: int | None = None,
                upstream_duration: float | None = None) -> None: ...
 
@@ -177,6 +196,24 @@ class SessionStateError(RuntimeError):
 
 _PARK = object()  # _next_request: nothing queued; return to callback mode
 _NO_NAMES: frozenset[bytes] = frozenset()
+
+
+def screen(rt: Listener, req: Request) -> None:
+    """Normalise the target in place (routing, rules, the authorizer, the upstream and the
+    access log all see the normalised one) and refuse what the header rules refuse.
+    Raises normalize.PathError or UnderscoreRejected (400). Every protocol calls it, on
+    every path, before any route is looked up."""
+    target = req.target
+    # The usual target has none of these (C-level searches): nothing to normalise.
+    if (b"%" in target or b"/." in target or b"//" in target or b"\\" in target
+            or b"#" in target):
+        config = rt.config
+        req.target = normalize_target(target, config.merge_slashes, config.escaped_slashes)
+    rules = rt.header_rules
+    if rules.rejects_underscores:
+        name = rules.underscore_header(req.headers)
+        if name is not None:
+            raise UnderscoreRejected(f"header name with an underscore: {name[:40]!r}")
 
 
 class ProxySession:
@@ -241,6 +278,15 @@ class ProxySession:
             reason = verdict.reason_at(now)
             assert reason is not None  # admits() is reason_at() is None
             self._count_refusal(reason)
+        sslobj = conn.sslobj
+        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+            # HTTP/2 (RFC 9113 section 3.2): the connection's streams are served by an
+            # H2Session with this verdict; this session's part ends here.
+            self._enter(CLOSED)
+            self.deadline = 0.0
+            rt.connection_closed(self)
+            rt.start_h2(conn, self.domain, self.generation, verdict, self._refusal_counted)
+            return
         self._park()
 
     def response_pending(self) -> bool:
@@ -665,21 +711,7 @@ class ProxySession:
                           None if up_end is None else up_end - up_start)
 
     def _screen(self, req: Request) -> None:
-        """Normalise the target in place (routing, rules, the authorizer, the upstream and
-        the access log all see the normalised one) and refuse what the header rules
-        refuse. Raises normalize.PathError or UnderscoreRejected (400). Called on both paths."""
-        target = req.target
-        # The usual target has none of these (C-level searches): nothing to normalise.
-        if (b"%" in target or b"/." in target or b"//" in target or b"\\" in target
-                or b"#" in target):
-            config = self.rt.config
-            req.target = normalize_target(target, config.merge_slashes,
-                                          config.escaped_slashes)
-        rules = self.rt.header_rules
-        if rules.rejects_underscores:
-            name = rules.underscore_header(req.headers)
-            if name is not None:
-                raise UnderscoreRejected(f"header name with an underscore: {name[:40]!r}")
+        screen(self.rt, req)
 
     def _refuse(self, refusal: Refusal, route: str, keep: bool) -> int:
         """Answer and count a refusal of the admission step; the bytes sent."""

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from mtlsproxy.admission.admit import Admission
 from mtlsproxy.admission.authorizer import AuthorizerClient
-from mtlsproxy.admission.cache import ValidationCache
+from mtlsproxy.admission.cache import ValidationCache, Verdict
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
@@ -22,9 +22,10 @@ from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.metrics import Metrics, RequestSeries
+from mtlsproxy.proxy.h2session import H2Session
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import DomainNames, Router, route_host
-from mtlsproxy.proxy.session import ProxySession
+from mtlsproxy.proxy.session import Connection, Domain, ProxySession, Snapshot
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
@@ -147,7 +148,7 @@ class ListenerRuntime:
             domain.apply(domain.config)
         self.domain_names = DomainNames(tuple(d.names for d in config.domains))
         self.has_domains = len(config.domains) > 1
-        self.sessions: set[ProxySession] = set()
+        self.sessions: set[Connection] = set()  # HTTP/1.1 sessions and HTTP/2 ones
         self.refusals = RefusalLog(logging.getLogger("mtlsproxy.refusals"))
         self.draining = False
         self._handshakes_resumed = metrics.handshakes.labels(self.name, "true")
@@ -155,10 +156,12 @@ class ListenerRuntime:
         self.server: asyncio.Server | None = None
         self.loop_time: Callable[[], float] = time.monotonic
         self._ticker: asyncio.Task[None] | None = None
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._series: dict[str, RequestSeries] = {}  # by route (RequestCounts' series)
-        self._durations: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        # By (route, protocol): RequestCounts' series.
+        self._series: dict[tuple[str, str], RequestSeries] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
         self._active = metrics.connections_active.labels(self.name)
+        self._h2_streams = metrics.h2_streams_active.labels(self.name)
         metrics.declare_listener(self.name, tuple(d.label for d in self.domains))
 
     def make_header_rules(self, config: ListenerConfig) -> HeaderRules:
@@ -282,14 +285,25 @@ class ListenerRuntime:
 
     # -- session bookkeeping ----------------------------------------------------------------
 
-    def connection_opened(self, session: ProxySession) -> None:
+    def connection_opened(self, session: Connection) -> None:
         self.sessions.add(session)
         self._active.inc()
 
-    def connection_closed(self, session: ProxySession) -> None:
+    def connection_closed(self, session: Connection) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             self._active.dec()
+
+    def start_h2(self, conn: TLSConnection, domain: Domain, generation: Snapshot,
+                 verdict: Verdict, refusal_counted: bool) -> None:
+        """ALPN chose h2: the connection's handler becomes an H2Session."""
+        conn.handler = H2Session(self, conn, domain, generation, verdict, refusal_counted)
+
+    def h2_streams_gauge(self) -> Any:
+        return self._h2_streams
+
+    def count_h2_error(self, kind: str) -> None:
+        self.metrics.h2_protocol_errors.labels(self.name, kind).inc()
 
     # -- counting -----------------------------------------------------------------------
 
@@ -313,29 +327,31 @@ class ListenerRuntime:
     def count_upstream_error(self, upstream: str, kind: str) -> None:
         self.metrics.upstream_errors.labels(upstream, kind).inc()
 
-    def count_request(self, route: str, status: int, duration: float) -> None:
+    def count_request(self, route: str, status: int, duration: float,
+                      protocol: str = "http1") -> None:
         counts = self.metrics.request_counts
         if counts is not None:
-            series = self._series.get(route)
+            series = self._series.get((route, protocol))
             if series is None:
-                series = self._series[route] = counts.series(self.name, route)
+                series = self._series[route, protocol] = counts.series(self.name, route,
+                                                                       protocol)
             series.observe(status, duration)
             return
-        key = (route, status)
+        key = (route, protocol, status)
         counter = self._requests.get(key)
         if counter is None:
             assert self.metrics.requests is not None
             counter = self._requests[key] = self.metrics.requests.labels(
-                self.name, route, str(status))
+                self.name, route, protocol, str(status))
         counter.inc()
-        hist = self._durations.get(route)
+        hist = self._durations.get((route, protocol))
         if hist is None:
             assert self.metrics.request_duration is not None
-            hist = self._durations[route] = self.metrics.request_duration.labels(
-                self.name, route)
+            hist = self._durations[route, protocol] = self.metrics.request_duration.labels(
+                self.name, route, protocol)
         hist.observe(duration)
 
-    def access(self, session: ProxySession, req: Request, status: int, sent: int,
+    def access(self, session: Connection, req: Request, status: int, sent: int,
                duration: float, upstream: str, upstream_status: int | None = None,
                upstream_duration: float | None = None) -> None:
         if self.access_log is None:

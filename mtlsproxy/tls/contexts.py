@@ -67,7 +67,7 @@ def _new_context(tls: TLSConfig, bundle: TrustBundle | None,
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if tls.security_policy == "TLS_1_3"
                            else ssl.TLSVersion.TLSv1_2)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(tls.alpn))
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     native.prefer_tls13_suites(ctx)  # AES-128-GCM first (see native.TLS13_SUITES)
     # One TLS 1.3 ticket per handshake, not OpenSSL's default two: a client resumes with

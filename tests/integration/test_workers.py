@@ -197,14 +197,14 @@ def test_admin_metrics_add_up_every_workers_requests(devpki: DevPKI, workers: Wo
         assert one_request(workers.port, ctx)[0] == 200
     text = workers.metrics()
     assert metric(text, "mtlsproxy_requests_total", listener="public", route="/",
-                  code="200") == 30
+                  protocol="http1", code="200") == 30
     assert metric(text, "mtlsproxy_tls_handshakes_total", listener="public",
                   resumed="false") == 30
     assert metric(text, "mtlsproxy_ready") == 1  # livemin: every worker is ready
     assert metric(text, "mtlsproxy_truststore_certificates", domain="", listener="public") == 2
     # Whichever worker answers the scrape, the sums are the same.
     assert all(metric(workers.metrics(), "mtlsproxy_requests_total", listener="public",
-                      route="/", code="200") == 30 for _ in range(6))
+                      route="/", protocol="http1", code="200") == 30 for _ in range(6))
 
 
 def test_tls_sessions_resume_on_whichever_worker_takes_the_connection(

@@ -113,13 +113,22 @@ class Harness:
         assert self.server is not None and self.server.admin is not None
         return self.server.admin.bound_port
 
+    # Labels a test may leave out, and the value they then mean: ``domain=""`` (as in
+    # PromQL, where an empty label is no label: a listener without domains) and
+    # ``protocol="http1"`` (a request over HTTP/1.1).
+    DEFAULT_LABELS = {"domain": "", "protocol": "http1"}
+
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value (0 when absent). ``domain`` left out means ``domain=""``, as in
-        PromQL, where an empty label is no label: a listener without domains."""
-        value = self.registry.get_sample_value(name, labels)
-        if value is None and "listener" in labels and "domain" not in labels:
-            value = self.registry.get_sample_value(name, {**labels, "domain": ""})
-        return 0.0 if value is None else value
+        """A sample's value (0 when absent); see ``DEFAULT_LABELS``."""
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name != name:
+                    continue
+                extra = sample.labels.keys() - labels.keys()
+                if all(sample.labels.get(k) == v for k, v in labels.items()) and all(
+                        self.DEFAULT_LABELS.get(k, None) == sample.labels[k] for k in extra):
+                    return float(sample.value)
+        return 0.0
 
     def client_context(self, cert: Cert | None = None, *, with_cert: bool = True,
                        name: str = "client", **kw: Any) -> ssl.SSLContext:

@@ -373,15 +373,17 @@ def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None
     metrics = Metrics(ours)
     assert metrics.request_counts is not None and metrics.requests is None
     theirs = CollectorRegistry()
-    counter = Counter("mtlsproxy_requests", "x", ["listener", "route", "code"], registry=theirs)
-    hist = Histogram("mtlsproxy_request_duration_seconds", "x", ["listener", "route"],
-                     buckets=LATENCY_BUCKETS, registry=theirs)
+    counter = Counter("mtlsproxy_requests", "x", ["listener", "route", "protocol", "code"],
+                      registry=theirs)
+    hist = Histogram("mtlsproxy_request_duration_seconds", "x",
+                     ["listener", "route", "protocol"], buckets=LATENCY_BUCKETS,
+                     registry=theirs)
     durations = [0.0001, 0.0005, 0.00051, 0.001, 0.2, 0.5, 59.9, 60.0, 61.0, 1e9]
     for i, d in enumerate(durations):
         route, code = ("/" if i % 3 else "/api"), (200 if i % 4 else 502)
         metrics.request_counts.observe("public", route, code, d)
-        counter.labels("public", route, str(code)).inc()
-        hist.labels("public", route).observe(d)
+        counter.labels("public", route, "http1", str(code)).inc()
+        hist.labels("public", route, "http1").observe(d)
 
     def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]],
                                                      float]:

@@ -1,0 +1,69 @@
+"""An HTTP/2 request's header list as the proxy's ``Request``; pure (no sockets).
+
+Rules of this module:
+- An HTTP/2 stream becomes exactly the request an HTTP/1.1 client would have sent, and
+  then goes through ``checks.make_request``: the same Host, method, header-name and value
+  checks, the same limits, the same refusals (CONNECT and upgrades: 501). Nothing about a
+  request is decided here that HTTP/1.1 decides elsewhere.
+- ``:authority`` is the Host (RFC 9113 section 8.3.1); a ``host`` field that differs from
+  it makes the request malformed (400): routes, domains and rules must see one host.
+- Cookie fields split across several lines are joined with "; " before they go to an
+  HTTP/1.1 upstream (RFC 9113 section 8.2.3).
+- h2 itself has already refused what RFC 9113 calls malformed (upper-case names,
+  connection-specific fields, pseudo-fields out of place, a ``te`` other than
+  "trailers"): it validates inbound headers.
+"""
+
+from __future__ import annotations
+
+from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http.checks import make_request
+from mtlsproxy.http.events import Request
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def request_from_h2(headers: Headers, end_stream: bool) -> Request:
+    """The ``Request`` of a stream's HEADERS; raises RemoteProtocolError (its status hint
+    is the answer: 400, or 501 for CONNECT)."""
+    method = path = authority = None
+    host: bytes | None = None
+    cookies: list[bytes] = []
+    regular: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":protocol":  # RFC 8441 extended CONNECT (WebSocket over h2)
+                raise RemoteProtocolError("extended CONNECT is not supported", 501)
+            elif name != b":scheme":
+                raise RemoteProtocolError("unknown pseudo-header field")
+        elif name == b"cookie":
+            cookies.append(value)
+        elif name == b"host":
+            if host is not None:
+                raise RemoteProtocolError("more than one Host field")
+            host = value
+        else:
+            regular.append((name, value))
+    if method == b"CONNECT":
+        raise RemoteProtocolError("CONNECT is not supported", 501)
+    if method is None or path is None:
+        raise RemoteProtocolError("a request needs :method and :path")
+    if authority is not None and host is not None and authority != host:
+        raise RemoteProtocolError(":authority and Host differ")
+    named = authority if authority is not None else host
+    if not named:
+        raise RemoteProtocolError("a request needs :authority or Host")
+    if cookies:
+        regular.append((b"cookie", b"; ".join(cookies)))
+    req = make_request(method, path, b"1.1", [(b"host", named), *regular])
+    if not end_stream and req.content_length is None:
+        # A body of unknown length: chunked to an HTTP/1.1 upstream.
+        req.chunked = True
+    req.http_version = b"2"
+    return req

@@ -1,0 +1,592 @@
+"""One HTTP/2 client connection (RFC 9113): streams in, requests to HTTP/1.1 upstreams out.
+
+Rules of this module:
+- h2 (the sans-IO HTTP/2 state machine, as h11 is for HTTP/1.1) parses and frames; this
+  class moves bytes between it, the TLS connection and the upstream connections. It
+  decides nothing about who may pass: each stream is a ``Request``
+  (http/h2_request.py) that goes through ``screen``, the domain check, routing and the
+  domain's ``Admission.admit`` like an HTTP/1.1 request, and its upstream head is built
+  by ``wire.upstream_request_head`` with the same header rules and certificate headers.
+- Back-pressure both ways. A request body is acknowledged (WINDOW_UPDATE) only once it
+  is written upstream, so a client has at most one window in flight per stream. A
+  response body is sent only as far as the client's windows allow, and while it waits
+  the upstream is not read further (its inbox pauses its socket). When the TLS
+  connection's write buffer is full, reading from the client pauses too, so a client
+  that sends PINGs or SETTINGS without reading the answers fills nothing.
+- Abuse ends the connection with GOAWAY and a count by kind
+  (``mtlsproxy_h2_protocol_errors_total``): streams reset by the client before their
+  answer (rapid reset, CVE-2023-44487: Envoy's premature-reset rule), PING and SETTINGS
+  floods, CONTINUATION floods (h2 refuses more than 64 CONTINUATION frames) and header
+  blocks over ``limits.max_header_bytes`` (HPACK bombs included: the decoded size counts).
+- Every stream ends with an answer or a reset; the connection ends with GOAWAY when the
+  listener drains, on a protocol error, or idle for ``timeouts.idle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack.exceptions
+
+from mtlsproxy.admission.admit import Refusal, Scope
+from mtlsproxy.config import Upstream
+from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
+from mtlsproxy.http import wire
+from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
+from mtlsproxy.http.h2_request import request_from_h2
+from mtlsproxy.identity.headers import fold, header_block
+from mtlsproxy.proxy.inbox import Inbox
+from mtlsproxy.proxy.session import screen
+from mtlsproxy.proxy.upstream import UpstreamConnection
+from mtlsproxy.tls.bio import CLOSED as TLS_CLOSED
+from mtlsproxy.tls.bio import TLSConnection
+
+if TYPE_CHECKING:
+    from mtlsproxy.admission.cache import Verdict
+    from mtlsproxy.proxy.session import Domain, Listener, Snapshot
+
+log = logging.getLogger("mtlsproxy.h2")
+
+# Rapid reset (CVE-2023-44487): Envoy's rule, overload_manager's
+# premature_reset_total_stream_count (500) and its 50 % ratio, with nginx's lower count.
+PREMATURE_RESET_MIN_STREAMS = 100
+# Control frames a client may send per second before it is a flood (nginx and Envoy bound
+# them similarly: Envoy's max_inbound_priority_frames_per_stream and PING limits).
+CONTROL_FRAMES_PER_SECOND = 100
+# Bytes of HTTP/2 output waiting in the TLS connection before reading from the client
+# pauses (the TLS transport's own high-water mark pauses it too).
+_SEND_CHUNK = 16384
+_NO_NAMES: frozenset[bytes] = frozenset()
+
+
+class _Stream:
+    __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset")
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        # The request body's events; flow control, not the socket, bounds it.
+        self.inbox: Inbox[Event] = Inbox(_nothing, _nothing)
+        self.task: asyncio.Task[None] | None = None
+        self.window = asyncio.Event()  # set when the client's window for it may have grown
+        self.answered = False  # the response has ended (a reset after it is no abuse)
+        self.received = 0  # request bytes (headers' block not counted: HPACK)
+        self.reset = False  # the client reset it
+
+
+def _nothing() -> None:
+    pass
+
+
+class _StreamGone(Exception):
+    """The client reset the stream, or the connection ended, while it was being served."""
+
+
+class H2Session:
+    """The TLS handler of a connection whose ALPN chose h2 (after the handshake, which
+    ``ProxySession`` ran: its verdict, domain and generation come with it)."""
+
+    def __init__(self, rt: Listener, conn: TLSConnection, domain: Domain,
+                 generation: Snapshot, verdict: Verdict | None,
+                 refusal_counted: bool) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.domain = domain
+        self.generation = generation
+        self.verdict = verdict
+        self._refusal_counted = refusal_counted
+        limits = rt.config.limits
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=True,
+                                           normalize_inbound_headers=True)
+        self.h2 = h2.connection.H2Connection(config)
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+        })
+        # hpack bounds the decoded header list (an HPACK bomb's real size) by this.
+        self.h2.decoder.max_header_list_size = limits.max_header_bytes
+        self.h2.initiate_connection()
+        self.streams: dict[int, _Stream] = {}
+        self.streams_total = 0
+        self.premature_resets = 0
+        self._control = 0  # PING and SETTINGS frames in the current second
+        self._control_window = 0.0
+        self._closing = False
+        self._received = 0  # the stream being logged's (take_received)
+        self._streams_active = rt.h2_streams_gauge()
+        self.deadline = rt.loop_time() + rt.config.timeouts.idle
+        rt.connection_opened(self)
+        self._flush()
+
+    def __repr__(self) -> str:
+        return f"<H2Session {self.rt.name} {self.conn!r} streams={len(self.streams)}>"
+
+    # -- what TLSConnection and the listener call -------------------------------------
+
+    def context(self, server_name: str | None) -> ssl.SSLContext:  # pragma: no cover
+        raise RuntimeError("the handshake is over")
+
+    def handshake_done(self, conn: TLSConnection) -> None:  # pragma: no cover - never
+        raise RuntimeError("the handshake is over")
+
+    def handshake_failed(self, conn: TLSConnection, reason: str,
+                         exc: BaseException) -> None:  # pragma: no cover - never
+        raise RuntimeError("the handshake is over")
+
+    def response_pending(self) -> bool:
+        return bool(self.streams)
+
+    def take_received(self) -> int:
+        """The access log's ``bytes_received``: the logged stream's body bytes."""
+        return self._received
+
+    def plaintext_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except hpack.exceptions.OversizedHeaderListError as exc:
+            self._abort("header_size", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, exc)
+            return
+        except h2.exceptions.DenialOfServiceError as exc:
+            # h2 raises it for an oversized (decoded) header block, and for floods.
+            kind = "header_size" if "header" in str(exc).lower() else "flood"
+            self._abort(kind, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, exc)
+            return
+        except h2.exceptions.ProtocolError as exc:
+            kind = "flood" if "continuation" in str(exc).lower() else "protocol"
+            self._abort(kind, h2.errors.ErrorCodes.PROTOCOL_ERROR, exc)
+            return
+        for event in events:
+            self._event(event)
+            if self._closing:
+                return
+        self._flush()
+
+    def eof_received(self) -> None:
+        self._end_streams()
+        self.conn.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closing = True
+        self._end_streams()
+        self.deadline = 0.0
+        self.rt.connection_closed(self)
+
+    def on_tick(self, now: float) -> None:
+        if self.deadline and now >= self.deadline and not self.streams:
+            self.deadline = 0.0
+            self._goaway(h2.errors.ErrorCodes.NO_ERROR)  # idle: quietly, like nginx
+
+    def on_drain(self) -> None:
+        """GOAWAY: no new streams; the open ones finish, then the connection closes."""
+        if not self._closing:
+            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+            self._flush()
+            if not self.streams:
+                self._closing = True
+                self.conn.close()
+
+    # -- events -----------------------------------------------------------------------
+
+    def _event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and event.data:
+                stream.received += len(event.data)
+                stream.inbox.put([Data(event.data)])
+            # Acknowledged once written upstream (_pump); a stream already answered or
+            # reset gives its bytes back at once, so the connection window stays open.
+            if stream is None or stream.answered:
+                self._ack(event.stream_id, event.flow_controlled_length)
+            elif not event.data:
+                self._ack(event.stream_id, event.flow_controlled_length)  # padding only
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.inbox.put([EndOfMessage()])
+        elif isinstance(event, h2.events.TrailersReceived):
+            pass  # an HTTP/1.1 upstream takes none from a proxy (the last chunk only)
+        elif isinstance(event, h2.events.StreamReset):
+            self._client_reset(event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self.streams.values():
+                    stream.window.set()
+            else:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.window.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._control_frame()
+            for stream in self.streams.values():
+                stream.window.set()  # INITIAL_WINDOW_SIZE may have grown
+        elif isinstance(event, h2.events.PingReceived):
+            self._control_frame()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._closing = True
+            self._end_streams()
+            self._flush()
+            self.conn.close()
+
+    def _control_frame(self) -> None:
+        now = self.rt.loop_time()
+        if now - self._control_window >= 1.0:
+            self._control_window, self._control = now, 0
+        self._control += 1
+        if self._control > CONTROL_FRAMES_PER_SECOND:
+            self._abort("flood", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                        RemoteProtocolError("PING or SETTINGS flood"))
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.rt.draining:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = _Stream(stream_id)
+        self.streams[stream_id] = stream
+        self.streams_total += 1
+        self._streams_active.inc()
+        self.deadline = 0.0
+        ended = event.stream_ended is not None
+        if ended:
+            stream.inbox.put([EndOfMessage()])
+        stream.task = asyncio.get_running_loop().create_task(
+            self._serve(stream, event.headers or [], ended))
+
+    def _client_reset(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.reset = True
+        if not stream.answered:
+            self.premature_resets += 1
+            if (self.premature_resets >= PREMATURE_RESET_MIN_STREAMS
+                    and self.premature_resets * 2 >= self.streams_total):
+                self._abort("rapid_reset", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                            RemoteProtocolError("streams reset before their answer"))
+                return
+        stream.inbox.fail(_StreamGone())
+        stream.window.set()
+        if stream.task is not None:
+            stream.task.cancel()
+
+    def _ack(self, stream_id: int, size: int) -> None:
+        if size and not self._closing:
+            try:
+                self.h2.acknowledge_received_data(size, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass  # the stream is gone: h2 already counted the connection's share
+
+    # -- one stream -----------------------------------------------------------------------
+
+    async def _serve(self, stream: _Stream, headers: list[tuple[bytes, bytes]],
+                     ended: bool) -> None:
+        rt = self.rt
+        start = perf_counter()
+        status = 0
+        sent = 0
+        route_name = ""
+        upstream_key = "-"
+        upstream_status: int | None = None
+        up_start = start
+        up_end: float | None = None
+        req: Request | None = None
+        try:
+            try:
+                req = request_from_h2(headers, ended)
+                screen(rt, req)
+            except RemoteProtocolError as exc:
+                status = exc.status_hint
+                sent = self._respond_error(stream, status, exc.reason)
+                return
+            domain = self.domain
+            if rt.has_domains and rt.misdirected(domain.index, req.host):
+                status = 421
+                sent = self._respond_error(stream, 421, "misdirected_request")
+                return
+            match = domain.router.match(req.host, req.target)
+            route = match[0] if match is not None else None
+            assert self.verdict is not None
+            self.verdict, outcome = await domain.admission.admit(self.verdict, route, req)
+            if isinstance(outcome, Refusal):
+                if route is not None:
+                    route_name = route.name
+                status = outcome.status
+                sent = self._refuse(stream, outcome, route_name)
+                return
+            if match is None:
+                status = 404
+                sent = self._respond_error(stream, 404, "no_route")
+                return
+            route, target = match
+            route_name = route.name
+            extra = outcome.headers
+            upstream_key = route.upstream.key
+            block = (self.verdict.header_block + header_block(extra) if extra
+                     else self.verdict.header_block)
+            head = wire.upstream_request_head(
+                req, target, self.conn.peername[0], block, rt.header_rules,
+                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
+            up_start = perf_counter()
+            status, sent = await self._forward(stream, req, route.upstream, head)
+            upstream_status, up_end = status, perf_counter()
+        except UpstreamError as exc:
+            rt.count_upstream_error(upstream_key, exc.kind)
+            up_end = perf_counter()
+            if exc.status_hint and not stream.answered and sent == 0 and status == 0:
+                status = exc.status_hint
+                reason = "upstream_timeout" if status == 504 else "upstream_unavailable"
+                sent = self._respond_error(stream, status, reason)
+            else:
+                self._reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except (_StreamGone, asyncio.CancelledError, ConnectionClosed):
+            status = status or 499  # nginx's code for "client closed the request"
+        finally:
+            duration = perf_counter() - start
+            self._stream_done(stream)
+            if status == 0:
+                status = 499
+            rt.count_request(route_name, status, duration, "h2")
+            if rt.access_log is not None and req is not None:
+                self._received = stream.received
+                rt.access(self, req, status, sent, duration, upstream_key, upstream_status,
+                          None if up_end is None else up_end - up_start)
+
+    def _refuse(self, stream: _Stream, refusal: Refusal, route: str) -> int:
+        identity = self.verdict.identity if self.verdict is not None else None
+        if refusal.scope is Scope.CLIENT:
+            if not self._refusal_counted:
+                self._refusal_counted = True
+                self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
+                                                identity, domain=self.domain.label)
+        elif refusal.scope is Scope.ROUTE:
+            detail = (f"route {route}: no allow rule matched ({refusal.detail})"
+                      if refusal.detail else f"route {route}")
+            self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
+                                            identity, detail, self.domain.label)
+        sent = self._respond_error(stream, refusal.status, refusal.reason)
+        if refusal.scope is Scope.CLIENT:
+            self.on_drain()  # the certificate is refused: no more streams on it
+        return sent
+
+    async def _forward(self, stream: _Stream, req: Request, upstream: Upstream,
+                       head: bytes) -> tuple[int, int]:
+        rt = self.rt
+        timeouts = rt.config.timeouts
+        up, _ = await rt.pool.acquire(upstream, timeouts.upstream_connect)
+        up.expect(req.method)
+        up.write(head)
+        pump: asyncio.Task[None] | None = None
+        if req.has_body:
+            pump = asyncio.get_running_loop().create_task(self._pump(stream, req, up))
+        try:
+            resp = await self._response_head(up, pump, timeouts.upstream_read)
+            status, sent = await self._stream_response(stream, req, resp, up)
+        except BaseException:
+            up.close()
+            if pump is not None:
+                pump.cancel()
+            raise
+        body_done = pump is None or (pump.done() and not pump.cancelled()
+                                     and pump.exception() is None)
+        if pump is not None and not pump.done():
+            pump.cancel()
+        rt.pool.release(up, resp.keep_alive and body_done)
+        return status, sent
+
+    async def _pump(self, stream: _Stream, req: Request, up: UpstreamConnection) -> None:
+        """Request body -> upstream; each piece acknowledged to the client once written."""
+        idle = self.rt.config.timeouts.idle
+        while True:
+            ev = stream.inbox.get_nowait()
+            if ev is None:
+                async with asyncio.timeout(idle):
+                    ev = await stream.inbox.get()
+            if isinstance(ev, Data):
+                up.write(wire.frame(ev.data, req.chunked))
+                if up.write_paused:
+                    async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
+                        await up.drain()
+                self._ack(stream.id, len(ev.data))
+                self._flush()
+            elif isinstance(ev, EndOfMessage):
+                if req.chunked:
+                    up.write(wire.LAST_CHUNK)
+                return
+
+    async def _response_head(self, up: UpstreamConnection, pump: asyncio.Task[None] | None,
+                             read_timeout: float) -> Response:
+        async def head() -> Response:
+            while True:
+                ev = await up.inbox.get()
+                if isinstance(ev, Response):
+                    return ev
+                if isinstance(ev, Data | EndOfMessage):
+                    raise UpstreamError("upstream sent body data before a head", "protocol")
+
+        task = asyncio.get_running_loop().create_task(head())
+        try:
+            if pump is not None:
+                done, _ = await asyncio.wait({task, pump},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if task in done:
+                    return task.result()
+                pump.result()  # raises if the client's body failed
+            async with asyncio.timeout(read_timeout):
+                return await task
+        except TimeoutError:
+            raise UpstreamError("upstream read timed out", "timeout", 504) from None
+        except ConnectionClosed:
+            raise UpstreamError("upstream closed before responding", "reset") from None
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _stream_response(self, stream: _Stream, req: Request, resp: Response,
+                               up: UpstreamConnection) -> tuple[int, int]:
+        bodyless = req.method == b"HEAD" or resp.status in (204, 304)
+        first = up.inbox.get_nowait()
+        whole = bodyless or isinstance(first, EndOfMessage)
+        self.h2.send_headers(stream.id, wire.h2_response_headers(resp), end_stream=whole)
+        self._flush()
+        sent = 0
+        if whole:
+            stream.answered = True
+            return resp.status, sent
+        read_timeout = self.rt.config.timeouts.upstream_read
+        ev: Event | None = first
+        while True:
+            if ev is None:
+                try:
+                    async with asyncio.timeout(read_timeout):
+                        ev = await up.inbox.get()
+                except TimeoutError:
+                    raise UpstreamError("upstream read timed out", "timeout", 0) from None
+                except ConnectionClosed:
+                    raise UpstreamError("upstream closed mid-response", "reset", 0) from None
+            if isinstance(ev, Data):
+                await self._send_data(stream, ev.data)
+                sent += len(ev.data)
+            elif isinstance(ev, EndOfMessage):
+                self.h2.end_stream(stream.id)
+                stream.answered = True
+                self._flush()
+                return resp.status, sent
+            ev = None
+
+    async def _send_data(self, stream: _Stream, data: bytes) -> None:
+        """As much as the client's windows allow, waiting for WINDOW_UPDATEs for the rest;
+        and no faster than the TLS connection drains."""
+        view = memoryview(data)
+        while view:
+            if stream.reset or self._closing:
+                raise _StreamGone()
+            window = min(self.h2.local_flow_control_window(stream.id),
+                         self.h2.max_outbound_frame_size, _SEND_CHUNK)
+            if window <= 0:
+                stream.window.clear()
+                async with asyncio.timeout(self.rt.config.timeouts.idle):
+                    await stream.window.wait()
+                continue
+            self.h2.send_data(stream.id, bytes(view[:window]))
+            view = view[window:]
+            self._flush()
+            if self.conn.write_paused:
+                try:
+                    await self.conn.drain()
+                except ConnectionResetError:
+                    raise _StreamGone() from None
+
+    def _respond_error(self, stream: _Stream, status: int, reason: str) -> int:
+        if stream.reset or self._closing:
+            return 0
+        headers, body = wire.h2_error_response(status, reason)
+        try:
+            self.h2.send_headers(stream.id, headers)
+            self.h2.send_data(stream.id, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            return 0  # the stream closed meanwhile
+        stream.answered = True
+        self._flush()
+        return len(body)
+
+    def _reset(self, stream: _Stream, code: h2.errors.ErrorCodes) -> None:
+        if not stream.reset and not self._closing:
+            try:
+                self.h2.reset_stream(stream.id, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            stream.answered = True
+            self._flush()
+
+    def _stream_done(self, stream: _Stream) -> None:
+        if self.streams.pop(stream.id, None) is not None:
+            self._streams_active.dec()
+        if not stream.answered and not stream.reset and not self._closing:
+            self._reset(stream, h2.errors.ErrorCodes.CANCEL)
+        if not self.streams:
+            if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED and \
+                    not self._closing:
+                self._closing = True  # GOAWAY sent (drain, a refused certificate)
+                self.conn.close()
+            else:
+                self.deadline = self.rt.loop_time() + self.rt.config.timeouts.idle
+
+    # -- the connection -----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.conn.state is not TLS_CLOSED:
+            self.conn.write(data)
+            if self.conn.write_paused:
+                self.conn.pause_reading()  # resumed by the TLS transport's drain (below)
+                asyncio.get_running_loop().create_task(self._resume_after_drain())
+
+    async def _resume_after_drain(self) -> None:
+        try:
+            await self.conn.drain()
+        except ConnectionResetError:
+            return
+        self.conn.resume_reading()
+
+    def _abort(self, kind: str, code: h2.errors.ErrorCodes, exc: BaseException) -> None:
+        """GOAWAY with ``code``, count ``kind``, close."""
+        if self._closing:
+            return
+        self.rt.count_h2_error(kind)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("h2 connection from %s ended (%s): %s", self.conn.peername[0], kind,
+                      exc)
+        self._goaway(code)
+
+    def _goaway(self, code: h2.errors.ErrorCodes) -> None:
+        self._closing = True
+        try:
+            self.h2.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        data = self.h2.data_to_send()
+        self._end_streams()
+        if self.conn.state is not TLS_CLOSED:
+            self.conn.write_and_close(data)
+
+    def _end_streams(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.reset = True
+            stream.inbox.fail(_StreamGone())
+            stream.window.set()
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()

@@ -1,0 +1,292 @@
+"""HTTP/2 from clients (issue 23, item 1): ALPN h2, every stream through the same
+screening, routing, admission and certificate headers as an HTTP/1.1 request, flow
+control both ways, and the known HTTP/2 attacks ended and counted. Real clients: curl and
+the h2 state machine over real TLS sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.support.h2client import H2Client, H2Response
+from tests.support.harness import Harness
+from tests.support.tools import require_tool, wait_for
+
+_OPEN: list[H2Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Any:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def client(h: Harness, **kw: Any) -> H2Client:
+    c = H2Client(h.port, h.client_context(**kw))
+    _OPEN.append(c)
+    return c
+
+
+def echoed(r: H2Response) -> dict[str, Any]:
+    assert r.status == 200, (r.status, r.body[:200])
+    doc: dict[str, Any] = json.loads(r.body)
+    doc["headers"] = {n: v for n, v in doc["headers"]}
+    return doc
+
+
+def test_curl_negotiates_h2_by_alpn_and_gets_the_certificate_headers(
+        harness: Harness) -> None:
+    require_tool("curl", "curl")
+    harness.start()
+    c, k = harness.pki.client_files()
+    out = subprocess.run(
+        ["curl", "-s", "--http2", "-w", "\\n%{http_version}", "--cacert",
+         str(harness.pki.directory / "root.pem"), "--cert", str(c), "--key", str(k),
+         f"https://localhost:{harness.port}/via/curl?q=1"],
+        capture_output=True, text=True, timeout=30)
+    body, _, version = out.stdout.rpartition("\n")
+    assert version == "2", out
+    doc = json.loads(body)
+    headers = {n: v for n, v in doc["headers"]}
+    assert doc["path"] == "/via/curl?q=1"
+    assert "CN=good-client" in headers["x-client-cert-subject"]
+    assert headers["host"] == f"localhost:{harness.port}"
+
+
+def test_alpn_http11_only_keeps_curl_on_http11(harness: Harness) -> None:
+    require_tool("curl", "curl")
+    tls = harness.config()["listeners"][0]["tls"]
+    harness.start(harness.config(tls={**tls, "alpn": ["http/1.1"]}))
+    c, k = harness.pki.client_files()
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "--http2", "-w", "%{http_version}", "--cacert",
+         str(harness.pki.directory / "root.pem"), "--cert", str(c), "--key", str(k),
+         f"https://localhost:{harness.port}/"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "1.1", out
+
+
+def test_an_h2_request_is_forwarded_with_its_identity_and_counted_as_h2(
+        harness: Harness) -> None:
+    harness.start()
+    h2c = client(harness)
+    doc = echoed(h2c.get("/a/b?c=d", headers=[("x-custom", "1"), ("cookie", "a=1"),
+                                               ("cookie", "b=2")]))
+    assert doc["method"] == "GET" and doc["path"] == "/a/b?c=d"
+    assert doc["headers"]["x-custom"] == "1"
+    assert doc["headers"]["cookie"] == "a=1; b=2"  # RFC 9113 section 8.2.3
+    assert doc["headers"]["x-forwarded-proto"] == "https"
+    assert "CN=good-client" in doc["headers"]["x-client-cert-subject"]
+    h2c.close()
+    wait_for(lambda: harness.metric("mtlsproxy_requests_total", listener="public",
+                                    route="/", protocol="h2", code="200") == 1)
+
+
+@pytest.mark.parametrize("name", ["x-forwarded-client-cert", "client-cert",
+                                  "x-client-cert-subject", "x-client-cert-fingerprint"])
+def test_forged_identity_headers_never_reach_the_upstream_over_h2(harness: Harness,
+                                                                   name: str) -> None:
+    harness.start()
+    doc = echoed(client(harness).get("/", headers=[(name, "forged")]))
+    assert "forged" not in json.dumps(doc["headers"])
+
+
+def test_paths_are_normalised_and_routes_rules_apply_over_h2(unstarted: Harness) -> None:
+    h = unstarted
+    up = f"http://127.0.0.1:{h.start_echo()}"
+    nobody = "0" * 64
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": up},
+                             {"path_prefix": "/admin", "upstream": up,
+                              "allow": [{"fingerprint_sha256": nobody}]}]))
+    c = client(h)
+    for path in ("/admin", "/x/../admin/", "/ADMIN", "//admin", "/admin;x"):
+        r = c.get(path)
+        assert r.status == 403 and json.loads(r.body)["reason"] == "unauthorized", path
+    assert c.get("/%2e%2e/admin").status == 400  # climbs above the root
+    assert echoed(c.get("/a/./b//c"))["path"] == "/a/b/c"
+
+
+def test_a_request_body_goes_up_and_a_large_response_comes_back_with_flow_control(
+        harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    body = bytes(range(256)) * 4096  # 1 MiB: many windows of 64 KiB
+    doc = echoed(c.response(c.request("/upload", method="POST", body=body)))
+    assert doc["body_bytes"] == len(body)
+    assert doc["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_several_streams_at_once_on_one_connection(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    ids = [c.request(f"/s/{i}") for i in range(20)]
+    paths = [echoed(c.response(i))["path"] for i in ids]
+    assert paths == [f"/s/{i}" for i in range(20)]
+
+
+def test_the_server_advertises_max_concurrent_streams(unstarted: Harness) -> None:
+    h = unstarted
+    limits = {"max_concurrent_streams": 7}
+    h.start(h.config(limits=limits))
+    c = client(h)
+    c.get("/")
+    assert c.remote_settings.get(3) == 7  # SETTINGS_MAX_CONCURRENT_STREAMS
+
+
+def test_no_route_and_a_host_of_another_form_are_answered_on_the_stream(
+        unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(routes=[{"path_prefix": "/only",
+                              "upstream": f"http://127.0.0.1:{h.start_echo()}"}]))
+    c = client(h)
+    r = c.get("/elsewhere")
+    assert r.status == 404 and json.loads(r.body)["reason"] == "no_route"
+    r = c.get("/only", authority="x@evil.test")
+    assert r.status == 400
+    assert c.get("/only").status == 200  # the connection carries on
+    # A Host that differs from :authority is malformed (RFC 9113 section 8.3.1): h2
+    # ends the connection (PROTOCOL_ERROR); nothing reaches the upstream.
+    other = client(h)
+    r = other.get("/only", headers=[("host", "other.test")])
+    assert r.status in (0, 400) and (r.status == 400 or other.goaway is not None)
+
+
+def test_upgrade_and_connect_are_refused_over_h2(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    stream_id = c.h2.get_next_available_stream_id()
+    c.responses[stream_id] = H2Response()
+    c.h2.send_headers(stream_id, [(b":method", b"CONNECT"), (b":authority", b"a.test:443")])
+    c.flush()
+    r = c.response(stream_id)
+    assert r.status == 501 and json.loads(r.body)["reason"] == "bad_request"
+
+
+def test_the_access_log_says_http2(harness: Harness) -> None:
+    harness.start()
+    client(harness).get("/logged")
+    wait_for(lambda: bool(harness.access_lines))
+    record = json.loads(harness.access_lines[-1])
+    assert record["protocol"] == "HTTP/2" and record["status"] == 200
+    assert record["path"] == "/logged"
+
+
+def test_a_refused_certificate_gets_403_on_its_stream_then_goaway(
+        harness: Harness) -> None:
+    from tests.support.pki import make_cert
+    harness.start(harness.config(routes=[{"path_prefix": "/", "upstream":
+                  f"http://127.0.0.1:{harness.start_echo()}"}]))
+    import datetime as dt
+    # Valid at the handshake, expired by the clock the policy reads at the request.
+    cert = make_cert("soon-expired", harness.pki.inter,
+                     not_after=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    c = H2Client(harness.port, harness.client_context(cert, name="soon"))
+    _OPEN.append(c)
+    harness.clock.advance(dt.timedelta(hours=2))
+    r = c.get("/")
+    assert r.status == 403 and json.loads(r.body)["reason"] == "expired"
+    c.until_closed()
+    assert c.goaway is not None
+
+
+# -- attacks --------------------------------------------------------------------------------
+
+def errors(h: Harness, kind: str) -> float:
+    return h.metric("mtlsproxy_h2_protocol_errors_total", listener="public", kind=kind)
+
+
+def test_rapid_reset_ends_the_connection_and_is_counted(harness: Harness) -> None:
+    """CVE-2023-44487: open a stream, reset it at once, repeat."""
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    for _ in range(300):
+        if c.closed or c.goaway is not None:
+            break
+        stream_id = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"https"),
+                                      (b":authority", b"localhost"), (b":path", b"/")],
+                          end_stream=True)
+        c.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        try:
+            c.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert errors(harness, "rapid_reset") == 1
+
+
+def test_a_ping_flood_ends_the_connection_and_is_counted(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    for i in range(500):
+        c.h2.ping(i.to_bytes(8, "big"))
+    try:
+        c.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert c.goaway is not None
+    assert errors(harness, "flood") == 1
+
+
+def test_a_continuation_flood_ends_the_connection_and_is_counted(harness: Harness) -> None:
+    """CVE-2024-27316 class: a HEADERS frame followed by CONTINUATION frames that never
+    end the block."""
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+    harness.start()
+    c = client(harness)
+    c.flush()
+    headers = HeadersFrame(1)
+    headers.data = c.h2.encoder.encode([(b":method", b"GET"), (b":scheme", b"https"),
+                                        (b":authority", b"localhost"), (b":path", b"/")])
+    frames = headers.serialize()
+    for _ in range(200):
+        cont = ContinuationFrame(1)
+        cont.data = b"\x00" * 16
+        frames += cont.serialize()
+    try:
+        c.sock.sendall(frames)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert errors(harness, "flood") == 1
+
+
+def test_an_oversized_header_block_ends_in_goaway_and_is_counted(unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(limits={"max_header_bytes": 4096}))
+    c = client(h)
+    c.request("/", headers=[("x-big", "a" * 8000)])
+    c.until_closed()
+    assert c.goaway is not None
+    assert errors(h, "header_size") == 1
+
+
+def test_an_hpack_bomb_is_bounded_by_its_decoded_size(unstarted: Harness) -> None:
+    """One large header in the dynamic table, referenced many times: a few bytes on the
+    wire, megabytes decoded."""
+    h = unstarted
+    h.start(h.config(limits={"max_header_bytes": 8192}))
+    c = client(h)
+    big = [("x-bomb", "b" * 3000)]
+    c.get("/", headers=big)  # the header enters the dynamic table
+    c.request("/", headers=big * 100)  # each further copy is one byte on the wire
+    c.until_closed()
+    assert errors(h, "header_size") == 1
+
+
+def test_drain_sends_goaway(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    assert c.get("/").status == 200
+    assert harness.server is not None
+    harness.loop.call(lambda: [lr.begin_drain() for lr in harness.server.listeners])  # type: ignore[union-attr]
+    c.until_closed()
+    assert c.goaway is not None
