@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from typing import Any
@@ -13,6 +14,7 @@ from mtlsproxy.config.model import (
     FORWARD_FAMILIES,
     FORWARDED_MODES,
     SECURITY_POLICIES,
+    UPSTREAM_PROTOCOLS,
     AuthorizerConfig,
     CertificateConfig,
     DomainConfig,
@@ -350,8 +352,8 @@ def _read_routes(r: Reader, data: dict[str, Any], path: str,
 
 def _read_route(r: Reader, item: Any, rpath: str,
                 seen: set[tuple[str | None, str]], domain: str = "") -> RouteConfig:
-    rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "host", "strip_prefix",
-                                    "allow", "authorizer"))
+    rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "upstream_protocol", "host",
+                                    "strip_prefix", "allow", "authorizer"))
     prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
     rhost = r.get(rdata, "host", rpath, str, "", _check_route_host) or None
     if rhost:
@@ -368,6 +370,10 @@ def _read_route(r: Reader, item: Any, rpath: str,
             upstream = parse_upstream(str(rdata["upstream"]))
         except ValueError as exc:
             r.problem(f"{rpath}.upstream", str(exc))
+    protocol = r.get(rdata, "upstream_protocol", rpath, str, "http1",
+                     one_of(UPSTREAM_PROTOCOLS))
+    if protocol != "http1":
+        upstream = dataclasses.replace(upstream, protocol=protocol)
     allow: tuple[Rule, ...] | None = None
     if "allow" in rdata:
         raw_rules = r.get(rdata, "allow", rpath, list, [])

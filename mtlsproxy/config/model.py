@@ -84,12 +84,18 @@ class MutualTLSConfig:
         return Path(urlsplit(uri).path) if uri.startswith("file://") else Path(uri)
 
 
+UPSTREAM_PROTOCOLS = ("http1", "h2")
+
+
 @dataclass(frozen=True)
 class Upstream:
     scheme: str
     host: str
     port: int
     base_path: str
+    # routes[].upstream_protocol: http1, or h2 (prior knowledge, "h2c", as gRPC servers
+    # listen: RFC 9113 section 3.3).
+    protocol: str = "http1"
     # The label used in metrics and logs, ``host:port`` (``[::1]:port`` for an IPv6 host,
     # as in a URL and nginx's $upstream_addr): a field, read on every request.
     key: str = field(init=False, compare=False, repr=False)

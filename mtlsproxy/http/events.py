@@ -62,7 +62,8 @@ class Data:
 
 @dataclass(slots=True)
 class EndOfMessage:
-    pass
+    # An HTTP/2 upstream's trailers (gRPC's grpc-status); HTTP/1.1 ones are not kept.
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 END = EndOfMessage()

@@ -220,6 +220,62 @@ def h2_response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+# gRPC status codes for the answers the proxy gives itself (grpc/doc/statuscodes.md and
+# http-grpc-status-mapping.md): a gRPC client reads grpc-status, not the HTTP status.
+GRPC_UNAUTHENTICATED = 16
+_GRPC_CODES = {
+    400: 13,  # INTERNAL (the mapping's answer to a 400)
+    403: 7,  # PERMISSION_DENIED: rules or the authorizer refused this call
+    404: 12,  # UNIMPLEMENTED: no route, as for a method the server does not have
+    408: 4,  # DEADLINE_EXCEEDED
+    421: 14,  # UNAVAILABLE: to be retried on another connection
+    431: 8,  # RESOURCE_EXHAUSTED
+    501: 12,  # UNIMPLEMENTED
+    502: 14,  # UNAVAILABLE: upstream unreachable
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED: upstream timeout, or grpc-timeout passed
+}
+
+
+def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A gRPC request: content-type application/grpc, +proto, +json... (gRPC over HTTP/2)."""
+    return any(name == b"content-type" and value.lower().startswith(b"application/grpc")
+               for name, value in headers)
+
+
+def grpc_error_response(status: int, reason: str, code: int | None = None
+                        ) -> list[tuple[bytes, bytes]]:
+    """The proxy's own answer to a gRPC request, in trailers-only form: HTTP 200 with
+    grpc-status and grpc-message (the reason) in the one header block."""
+    grpc = code if code is not None else _GRPC_CODES.get(status, 2)  # 2: UNKNOWN
+    return [(b":status", b"200"), (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % grpc), (b"grpc-message", reason.encode())]
+
+
+_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6,
+                       b"n": 1e-9}
+
+
+def grpc_timeout(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """The grpc-timeout header in seconds ("100m": 100 ms; PROTOCOL-HTTP2.md: at most 8
+    digits and a unit), or None when absent or malformed."""
+    for name, value in headers:
+        if name == b"grpc-timeout":
+            unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
+            digits = value[:-1]
+            if unit is None or not digits.isdigit() or len(digits) > 8:
+                return None
+            return int(digits) * unit
+    return None
+
+
+def h2_trailers(trailers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """An upstream's trailer fields for an HTTP/2 client: no pseudo-field and no
+    connection-specific field (RFC 9113 section 8.1)."""
+    return [(name, value) for name, value in trailers
+            if name[:1] != b":" and name.lower() not in HOP_BY_HOP]
+
+
 def h2_error_response(status: int, reason: str,
                       message: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """``error_response`` for an HTTP/2 stream: (header list, body)."""

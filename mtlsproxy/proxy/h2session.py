@@ -47,7 +47,7 @@ from mtlsproxy.http.h2_request import request_from_h2
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.session import screen
-from mtlsproxy.proxy.upstream import UpstreamConnection
+from mtlsproxy.proxy.upstream import Exchange
 from mtlsproxy.tls.bio import CLOSED as TLS_CLOSED
 from mtlsproxy.tls.bio import TLSConnection
 
@@ -70,7 +70,8 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 
 class _Stream:
-    __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset")
+    __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset", "grpc",
+                 "grpc_status")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
@@ -81,6 +82,8 @@ class _Stream:
         self.answered = False  # the response has ended (a reset after it is no abuse)
         self.received = 0  # request bytes (headers' block not counted: HPACK)
         self.reset = False  # the client reset it
+        self.grpc = False  # a gRPC call: the proxy's own answers are gRPC errors
+        self.grpc_status: str | None = None  # what the call ended with (the access log)
 
 
 def _nothing() -> None:
@@ -304,6 +307,7 @@ class H2Session:
         up_start = start
         up_end: float | None = None
         req: Request | None = None
+        stream.grpc = wire.is_grpc(headers)
         try:
             try:
                 req = request_from_h2(headers, ended)
@@ -341,7 +345,14 @@ class H2Session:
                 req, target, self.conn.peername[0], block, rt.header_rules,
                 frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
             up_start = perf_counter()
-            status, sent = await self._forward(stream, req, route.upstream, head)
+            deadline = wire.grpc_timeout(headers) if stream.grpc else None
+            try:
+                # grpc-timeout is the call's deadline (PROTOCOL-HTTP2.md): past it the
+                # proxy ends the call with DEADLINE_EXCEEDED, as the client will.
+                async with asyncio.timeout(deadline):
+                    status, sent = await self._forward(stream, req, route.upstream, head)
+            except TimeoutError:
+                raise UpstreamError("grpc-timeout passed", "timeout", 504) from None
             upstream_status, up_end = status, perf_counter()
         except UpstreamError as exc:
             rt.count_upstream_error(upstream_key, exc.kind)
@@ -350,6 +361,11 @@ class H2Session:
                 status = exc.status_hint
                 reason = "upstream_timeout" if status == 504 else "upstream_unavailable"
                 sent = self._respond_error(stream, status, reason)
+            elif stream.grpc and not stream.answered and not stream.reset:
+                # Mid-call: end it with a status of its own in trailers, not a bare reset.
+                code = 4 if exc.status_hint == 504 else 14
+                self._send_trailers(stream, [(b"grpc-status", b"%d" % code),
+                                             (b"grpc-message", exc.kind.encode())])
             else:
                 self._reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
         except (_StreamGone, asyncio.CancelledError, ConnectionClosed):
@@ -363,7 +379,8 @@ class H2Session:
             if rt.access_log is not None and req is not None:
                 self._received = stream.received
                 rt.access(self, req, status, sent, duration, upstream_key, upstream_status,
-                          None if up_end is None else up_end - up_start)
+                          None if up_end is None else up_end - up_start,
+                          stream.grpc_status if stream.grpc else None)
 
     def _refuse(self, stream: _Stream, refusal: Refusal, route: str) -> int:
         identity = self.verdict.identity if self.verdict is not None else None
@@ -372,15 +389,17 @@ class H2Session:
                 self._refusal_counted = True
                 self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
                                                 identity, domain=self.domain.label)
+            # The certificate itself: UNAUTHENTICATED, not PERMISSION_DENIED.
+            sent = self._respond_error(stream, refusal.status, refusal.reason,
+                                       wire.GRPC_UNAUTHENTICATED)
+            self.on_drain()  # the certificate is refused: no more streams on it
+            return sent
         elif refusal.scope is Scope.ROUTE:
             detail = (f"route {route}: no allow rule matched ({refusal.detail})"
                       if refusal.detail else f"route {route}")
             self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
                                             identity, detail, self.domain.label)
-        sent = self._respond_error(stream, refusal.status, refusal.reason)
-        if refusal.scope is Scope.CLIENT:
-            self.on_drain()  # the certificate is refused: no more streams on it
-        return sent
+        return self._respond_error(stream, refusal.status, refusal.reason)
 
     async def _forward(self, stream: _Stream, req: Request, upstream: Upstream,
                        head: bytes) -> tuple[int, int]:
@@ -388,7 +407,7 @@ class H2Session:
         timeouts = rt.config.timeouts
         up, _ = await rt.pool.acquire(upstream, timeouts.upstream_connect)
         up.expect(req.method)
-        up.write(head)
+        up.send_head(head, not req.has_body)
         pump: asyncio.Task[None] | None = None
         if req.has_body:
             pump = asyncio.get_running_loop().create_task(self._pump(stream, req, up))
@@ -407,7 +426,7 @@ class H2Session:
         rt.pool.release(up, resp.keep_alive and body_done)
         return status, sent
 
-    async def _pump(self, stream: _Stream, req: Request, up: UpstreamConnection) -> None:
+    async def _pump(self, stream: _Stream, req: Request, up: Exchange) -> None:
         """Request body -> upstream; each piece acknowledged to the client once written."""
         idle = self.rt.config.timeouts.idle
         while True:
@@ -416,18 +435,17 @@ class H2Session:
                 async with asyncio.timeout(idle):
                     ev = await stream.inbox.get()
             if isinstance(ev, Data):
-                up.write(wire.frame(ev.data, req.chunked))
+                up.send_body(ev.data, req.chunked)
                 if up.write_paused:
                     async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
                         await up.drain()
                 self._ack(stream.id, len(ev.data))
                 self._flush()
             elif isinstance(ev, EndOfMessage):
-                if req.chunked:
-                    up.write(wire.LAST_CHUNK)
+                up.end_body(req.chunked)
                 return
 
-    async def _response_head(self, up: UpstreamConnection, pump: asyncio.Task[None] | None,
+    async def _response_head(self, up: Exchange, pump: asyncio.Task[None] | None,
                              read_timeout: float) -> Response:
         async def head() -> Response:
             while True:
@@ -456,12 +474,15 @@ class H2Session:
                 task.cancel()
 
     async def _stream_response(self, stream: _Stream, req: Request, resp: Response,
-                               up: UpstreamConnection) -> tuple[int, int]:
+                               up: Exchange) -> tuple[int, int]:
         bodyless = req.method == b"HEAD" or resp.status in (204, 304)
         first = up.inbox.get_nowait()
         whole = bodyless or isinstance(first, EndOfMessage)
         self.h2.send_headers(stream.id, wire.h2_response_headers(resp), end_stream=whole)
         self._flush()
+        for name, value in resp.headers:  # a trailers-only answer carries it here
+            if name == b"grpc-status":
+                stream.grpc_status = value.decode("latin-1")
         sent = 0
         if whole:
             stream.answered = True
@@ -481,9 +502,12 @@ class H2Session:
                 await self._send_data(stream, ev.data)
                 sent += len(ev.data)
             elif isinstance(ev, EndOfMessage):
-                self.h2.end_stream(stream.id)
-                stream.answered = True
-                self._flush()
+                if ev.trailers:  # an HTTP/2 upstream's (gRPC's grpc-status)
+                    self._send_trailers(stream, wire.h2_trailers(ev.trailers))
+                else:
+                    self.h2.end_stream(stream.id)
+                    stream.answered = True
+                    self._flush()
                 return resp.status, sent
             ev = None
 
@@ -510,18 +534,38 @@ class H2Session:
                 except ConnectionResetError:
                     raise _StreamGone() from None
 
-    def _respond_error(self, stream: _Stream, status: int, reason: str) -> int:
+    def _respond_error(self, stream: _Stream, status: int, reason: str,
+                       grpc_code: int | None = None) -> int:
+        """The proxy's own answer: a small JSON body, or for a gRPC call the gRPC error
+        (trailers-only, grpc-status from the HTTP status unless ``grpc_code``)."""
         if stream.reset or self._closing:
             return 0
-        headers, body = wire.h2_error_response(status, reason)
         try:
-            self.h2.send_headers(stream.id, headers)
-            self.h2.send_data(stream.id, body, end_stream=True)
+            if stream.grpc:
+                headers = wire.grpc_error_response(status, reason, grpc_code)
+                stream.grpc_status = headers[2][1].decode()
+                self.h2.send_headers(stream.id, headers, end_stream=True)
+                body = b""
+            else:
+                headers, body = wire.h2_error_response(status, reason)
+                self.h2.send_headers(stream.id, headers)
+                self.h2.send_data(stream.id, body, end_stream=True)
         except h2.exceptions.ProtocolError:
             return 0  # the stream closed meanwhile
         stream.answered = True
         self._flush()
         return len(body)
+
+    def _send_trailers(self, stream: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
+        for name, value in trailers:
+            if name == b"grpc-status":
+                stream.grpc_status = value.decode("latin-1")
+        try:
+            self.h2.send_headers(stream.id, trailers, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            return
+        stream.answered = True
+        self._flush()
 
     def _reset(self, stream: _Stream, code: h2.errors.ErrorCodes) -> None:
         if not stream.reset and not self._closing:

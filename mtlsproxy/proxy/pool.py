@@ -17,7 +17,8 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import UpstreamError
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import response_parser
-from mtlsproxy.proxy.upstream import ACTIVE, IDLE, UpstreamConnection
+from mtlsproxy.proxy.h2upstream import H2UpstreamPool, H2UpstreamStream
+from mtlsproxy.proxy.upstream import ACTIVE, IDLE, Exchange, UpstreamConnection
 from mtlsproxy.runtime.writes import WriteBatch
 
 
@@ -35,6 +36,7 @@ class UpstreamPool:
         self.clock = clock
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.opened = 0
+        self.h2 = H2UpstreamPool()  # upstream_protocol: h2
 
     def __repr__(self) -> str:
         idle = {k: len(v) for k, v in self._idle.items() if v}
@@ -53,8 +55,13 @@ class UpstreamPool:
         return None
 
     async def acquire(self, upstream: Upstream,
-                      connect_timeout: float | None = None) -> tuple[UpstreamConnection, bool]:
-        """(connection, reused)."""
+                      connect_timeout: float | None = None) -> tuple[Exchange, bool]:
+        """(connection, reused): an HTTP/1.1 connection of its own, or a stream on a
+        shared HTTP/2 connection (``upstream_protocol: h2``; never "reused": a failed
+        stream is not retried)."""
+        if upstream.protocol == "h2":
+            return await self.h2.acquire(upstream, connect_timeout or self.connect_timeout), \
+                False
         conn = self.take_idle(upstream.key)
         if conn is not None:
             return conn, True
@@ -78,7 +85,11 @@ class UpstreamPool:
         proto.set_state(ACTIVE)
         return proto
 
-    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+    def release(self, conn: Exchange, reusable: bool) -> None:
+        if isinstance(conn, H2UpstreamStream):
+            self.h2.release(conn, reusable)
+            return
+        assert isinstance(conn, UpstreamConnection)
         conn.requests += 1
         if not reusable or conn.state is not ACTIVE or conn.inbox.events:
             conn.close()
@@ -94,6 +105,7 @@ class UpstreamPool:
         idle.append(conn)
 
     def close_all(self) -> None:
+        self.h2.close_all()
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()

@@ -63,7 +63,7 @@ from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
-from mtlsproxy.proxy.upstream import UpstreamConnection
+from mtlsproxy.proxy.upstream import Exchange, UpstreamConnection
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.tls.contexts import ServerContexts
 
@@ -156,7 +156,8 @@ class Listener(Protocol):
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
     def access(self, session: Connection, req: Request, status: int, sent: int,
                duration: float, upstream: str, upstream_status: int | None = None,
-               upstream_duration: float | None = None) -> None: ...
+               upstream_duration: float | None = None,
+               grpc_status: str | None = None) -> None: ...
 
 
 class SessionState(enum.Enum):
@@ -410,6 +411,8 @@ class ProxySession:
         if match is None:
             return False
         route, target = match
+        if route.upstream.protocol != "http1":
+            return False  # an HTTP/2 upstream: a stream, not a pooled connection
         # The same decision as the general path's; a refusal (its answer, its count, its
         # log line) and anything that needs an await belong to the general path.
         self.verdict, outcome = domain.admission.admit_now(self.verdict, route)
@@ -734,12 +737,13 @@ class ProxySession:
         if req.expect_continue and req.has_body:
             self.conn.write(wire.CONTINUE)
         for attempt in (0, 1):
+            up: Exchange
             if fast is not None and attempt == 0:
                 up, reused = fast.up, True
             else:
                 up, reused = await rt.pool.acquire(upstream, timeouts.upstream_connect)
                 up.expect(req.method)
-                up.write(head)
+                up.send_head(head, not req.has_body)
             pump: asyncio.Task[None] | None = None
             if req.has_body:
                 pump = asyncio.get_running_loop().create_task(self._pump_body(req, up))
@@ -761,7 +765,7 @@ class ProxySession:
             return await self._stream_response(req, resp, up, pump)
         raise AssertionError("unreachable")
 
-    async def _pump_body(self, req: Request, up: UpstreamConnection) -> None:
+    async def _pump_body(self, req: Request, up: Exchange) -> None:
         """Client body -> upstream, re-framed, with back-pressure both ways."""
         idle = self.rt.config.timeouts.idle
         while True:
@@ -775,7 +779,7 @@ class ProxySession:
                     # TimeoutErrors into an upstream timeout (504), and this is the client's.
                     raise _BodyTimeout() from None
             if isinstance(ev, Data):
-                up.write(wire.frame(ev.data, req.chunked))
+                up.send_body(ev.data, req.chunked)
                 if up.write_paused:
                     try:
                         async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
@@ -783,13 +787,12 @@ class ProxySession:
                     except TimeoutError:
                         raise UpstreamError("upstream write timed out", "timeout", 504) from None
             elif isinstance(ev, EndOfMessage):
-                if req.chunked:
-                    up.write(wire.LAST_CHUNK)
+                up.end_body(req.chunked)
                 return
             else:
                 raise RemoteProtocolError("unexpected message data")
 
-    async def _response_head(self, up: UpstreamConnection, pump: asyncio.Task[None] | None,
+    async def _response_head(self, up: Exchange, pump: asyncio.Task[None] | None,
                              read_timeout: float) -> Response:
         async def head(timeout: float | None) -> Response:
             while True:
@@ -821,7 +824,7 @@ class ProxySession:
         except TimeoutError:
             raise UpstreamError("upstream read timed out", "timeout", 504) from None
 
-    async def _stream_response(self, req: Request, resp: Response, up: UpstreamConnection,
+    async def _stream_response(self, req: Request, resp: Response, up: Exchange,
                                pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
         rt = self.rt
         head, rechunk, keep = wire.client_response_head(req, resp, rt.draining, rt.memos)

@@ -8,8 +8,26 @@ from typing import Protocol, cast
 
 from mtlsproxy.errors import ConnectionClosed, ProtocolError, UpstreamError
 from mtlsproxy.http.parser import Event, ResponseParser
+from mtlsproxy.http.wire import LAST_CHUNK, chunk
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.runtime.writes import WriteBatch
+
+
+class Exchange(Protocol):
+    """One request/response with an upstream, whatever its protocol: an HTTP/1.1
+    ``UpstreamConnection`` or an HTTP/2 stream (proxy/h2upstream.py)."""
+
+    key: str
+    inbox: Inbox[Event]
+
+    @property
+    def write_paused(self) -> bool: ...
+    def expect(self, method: bytes) -> None: ...
+    def send_head(self, head: bytes, end_stream: bool = False) -> None: ...
+    def send_body(self, data: bytes, chunked: bool = False) -> None: ...
+    def end_body(self, chunked: bool = False) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class DirectHandler(Protocol):
@@ -153,6 +171,16 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._out:
             self._writes.add(self)
         self._out.append(data)
+
+    def send_head(self, head: bytes, end_stream: bool = False) -> None:
+        self.write(head)
+
+    def send_body(self, data: bytes, chunked: bool = False) -> None:
+        self.write(chunk(data) if chunked else data)
+
+    def end_body(self, chunked: bool = False) -> None:
+        if chunked:
+            self.write(LAST_CHUNK)
 
     def flush_deferred(self) -> None:
         out, self._out = self._out, []

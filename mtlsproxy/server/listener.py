@@ -353,7 +353,8 @@ class ListenerRuntime:
 
     def access(self, session: Connection, req: Request, status: int, sent: int,
                duration: float, upstream: str, upstream_status: int | None = None,
-               upstream_duration: float | None = None) -> None:
+               upstream_duration: float | None = None,
+               grpc_status: str | None = None) -> None:
         if self.access_log is None:
             return
         identity = session.verdict.identity if session.verdict is not None else None
@@ -399,6 +400,8 @@ class ListenerRuntime:
             # are counted with the first.
             "bytes_received": session.take_received(),
         }
+        if grpc_status is not None:
+            record["grpc_status"] = grpc_status  # a gRPC call's, from its trailers
         if self.worker is not None:
             record["worker"] = self.worker
         self.access_log.write(record)

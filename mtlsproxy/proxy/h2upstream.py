@@ -1,0 +1,415 @@
+"""HTTP/2 to upstreams (``routes[].upstream_protocol: h2``): shared connections, one
+stream per request; prior knowledge over plain TCP ("h2c", RFC 9113 section 3.3), which is
+how gRPC servers listen.
+
+Rules of this module:
+- An ``H2UpstreamStream`` offers the forwarding code the interface of an HTTP/1.1
+  ``UpstreamConnection`` (``send_head``, ``send_body``, ``end_body``, ``inbox`` of
+  ``Response``/``Data``/``EndOfMessage``), so both client protocols forward to either
+  upstream protocol with the same code. The request head it is given is the one
+  ``wire.upstream_request_head`` built (the same header rules and certificate headers as
+  for HTTP/1.1); it is turned into an HTTP/2 header list, never re-decided.
+- A connection carries streams up to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS; the
+  pool opens another beside it when all are full, and never reuses one after a GOAWAY or
+  close to stream ID exhaustion (RFC 9113 section 5.1.1).
+- Back-pressure: response DATA is acknowledged (WINDOW_UPDATE) while the stream's inbox
+  is not paused, so an upstream can be ahead of a slow client by one window at most;
+  request DATA is sent only as the upstream's windows allow (``drain`` waits for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from mtlsproxy.config import Upstream
+from mtlsproxy.errors import ConnectionClosed, UpstreamError
+from mtlsproxy.http.events import Data, EndOfMessage, Event, Response
+from mtlsproxy.proxy.inbox import Inbox
+
+# Fields a request head carries that HTTP/2 forbids or expresses otherwise (RFC 9113
+# section 8.2.2); Host becomes :authority.
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                                  b"transfer-encoding", b"upgrade", b"te", b"host"})
+# Stream IDs are 31 bits and never reused: a connection this close to the end takes no
+# new stream (a new connection does).
+_LAST_STREAM_ID = 2**31 - 1 - 2 * 1000
+
+
+def h2_request_headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 header list of an HTTP/1.1 request head the proxy built itself
+    (``wire.upstream_request_head``: lower-case names, no line folding, one Host)."""
+    lines = head.split(b"\r\n")
+    method, target, _ = lines[0].split(b" ", 2)
+    fields: list[tuple[bytes, bytes]] = []
+    authority = b""
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        name, value = name.lower(), value.strip()
+        if name == b"host":
+            authority = value
+        elif name not in _CONNECTION_SPECIFIC:
+            fields.append((name, value))
+    # gRPC servers require "te: trailers" (the gRPC HTTP/2 protocol): the proxy takes
+    # trailers from an HTTP/2 upstream and passes them to HTTP/2 clients.
+    return [(b":method", method), (b":scheme", b"http"), (b":authority", authority),
+            (b":path", target), (b"te", b"trailers"), *fields]
+
+
+class H2UpstreamStream:
+    """One request/response on a shared ``H2UpstreamConnection``."""
+
+    def __init__(self, conn: H2UpstreamConnection, key: str) -> None:
+        self.conn = conn
+        self.key = key
+        self.stream_id = 0  # assigned by send_head
+        self.inbox: Inbox[Event] = Inbox(self._pause, self._resume)
+        self._paused = False
+        self._unacked = 0
+        self._window = asyncio.Event()
+        self.ended = False  # the response ended (or the stream was reset)
+        self.direct = None  # never a fast exchange (proxy/session.py checks the protocol)
+
+    def __repr__(self) -> str:
+        return f"<H2UpstreamStream {self.key} stream={self.stream_id}>"
+
+    # -- what the forwarding code calls (as on an HTTP/1.1 UpstreamConnection) -----------
+
+    def expect(self, method: bytes) -> None:
+        pass  # HTTP/2 frames say where a response ends
+
+    def send_head(self, head: bytes, end_stream: bool = False) -> None:
+        self.stream_id = self.conn.open_stream(self, h2_request_headers(head), end_stream)
+
+    def send_body(self, data: bytes, chunked: bool = False) -> None:
+        self.conn.send_data(self, data)
+
+    def end_body(self, chunked: bool = False) -> None:
+        self.conn.end_stream(self)
+
+    @property
+    def write_paused(self) -> bool:
+        return self.conn.write_paused or self.conn.pending_data(self)
+
+    async def drain(self) -> None:
+        """Until the connection's buffered output for this stream has gone out (the
+        upstream's windows allowed it) and the socket is writable."""
+        while self.conn.pending_data(self) and not self.ended:
+            self._window.clear()
+            await self._window.wait()
+        await self.conn.drain()
+
+    def close(self) -> None:
+        """The exchange is abandoned: reset the stream if it is still open."""
+        if not self.ended:
+            self.ended = True
+            self.conn.reset(self)
+
+    # -- what the connection calls --------------------------------------------------------
+
+    def window_opened(self) -> None:
+        self._window.set()
+
+    def data_received(self, data: bytes, size: int) -> None:
+        self.inbox.put([Data(data)])
+        if self._paused:
+            self._unacked += size
+        else:
+            self.conn.ack(self, size)
+
+    def _pause(self) -> None:
+        self._paused = True
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._unacked:
+            size, self._unacked = self._unacked, 0
+            self.conn.ack(self, size)
+
+    def failed(self, exc: BaseException) -> None:
+        self.ended = True
+        self.inbox.fail(exc)
+        self._window.set()
+
+
+class H2UpstreamConnection(asyncio.Protocol):
+    def __init__(self, key: str, on_lost: Callable[[H2UpstreamConnection], None]) -> None:
+        self.key = key
+        self._on_lost = on_lost
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_inbound_headers=True))
+        self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            # Windows as large as a response a slow client makes the proxy hold: the
+            # default 64 KiB per stream (RFC 9113 section 6.9.2).
+        })
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2UpstreamStream] = {}
+        self.closed = False
+        self.goaway = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # Request bytes waiting for the upstream's flow-control windows, by stream.
+        self._pending: dict[int, bytearray] = {}
+        self._end_after: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"<H2UpstreamConnection {self.key} streams={len(self.streams)}>"
+
+    @property
+    def usable(self) -> bool:
+        """May take one more stream now."""
+        return (not self.closed and not self.goaway
+                and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+                and (self.h2.highest_outbound_stream_id or 0) < _LAST_STREAM_ID)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail_all(UpstreamError(f"upstream HTTP/2 protocol error: {exc}",
+                                         "protocol"))
+            self._close()
+            return
+        for event in events:
+            self._event(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail_all(ConnectionClosed("upstream closed the connection"))
+        self._wake_drain()
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+
+    # -- events -------------------------------------------------------------------------
+
+    def _event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.inbox.put([_response(event.headers or [])])
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and event.data:
+                stream.data_received(event.data, event.flow_controlled_length)
+            elif event.flow_controlled_length:
+                self._ack_id(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.ended = True
+                stream.inbox.put([EndOfMessage(tuple(event.headers or ()))])
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.ended = True
+                stream.inbox.put([EndOfMessage()])
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            self._pending.pop(event.stream_id, None)
+            if stream is not None:
+                stream.failed(UpstreamError(
+                    f"upstream reset the stream ({event.error_code!s})", "reset"))
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._send_pending()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = True
+            last = event.last_stream_id or 0
+            for stream_id in [i for i in self.streams if i > last]:
+                # Never processed by the upstream (RFC 9113 section 6.8): safe to retry,
+                # but a body may have gone; reported as a reset.
+                self.streams.pop(stream_id).failed(ConnectionClosed("upstream GOAWAY"))
+            if not self.streams:
+                self._close()
+
+    # -- what streams call ----------------------------------------------------------------
+
+    def open_stream(self, stream: H2UpstreamStream, headers: list[tuple[bytes, bytes]],
+                    end_stream: bool) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        self.streams[stream_id] = stream
+        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        if end_stream:
+            self._end_after.discard(stream_id)
+        self._flush()
+        return stream_id
+
+    def send_data(self, stream: H2UpstreamStream, data: bytes) -> None:
+        self._pending.setdefault(stream.stream_id, bytearray()).extend(data)
+        self._send_pending()
+
+    def end_stream(self, stream: H2UpstreamStream) -> None:
+        self._end_after.add(stream.stream_id)
+        self._send_pending()
+
+    def pending_data(self, stream: H2UpstreamStream) -> bool:
+        return bool(self._pending.get(stream.stream_id))
+
+    def ack(self, stream: H2UpstreamStream, size: int) -> None:
+        self._ack_id(stream.stream_id, size)
+        self._flush()
+
+    def reset(self, stream: H2UpstreamStream) -> None:
+        self._pending.pop(stream.stream_id, None)
+        self._end_after.discard(stream.stream_id)
+        if self.streams.pop(stream.stream_id, None) is not None and not self.closed:
+            try:
+                self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+        if self.goaway and not self.streams:
+            self._close()
+
+    async def drain(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _ack_id(self, stream_id: int, size: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def _send_pending(self) -> None:
+        for stream_id in list(self._pending.keys() | self._end_after):
+            buf = self._pending.get(stream_id)
+            while buf:
+                try:
+                    window = min(self.h2.local_flow_control_window(stream_id),
+                                 self.h2.max_outbound_frame_size)
+                except h2.exceptions.StreamClosedError:
+                    buf.clear()
+                    break
+                if window <= 0:
+                    break
+                self.h2.send_data(stream_id, bytes(buf[:window]))
+                del buf[:window]
+            if not buf:
+                self._pending.pop(stream_id, None)
+                if stream_id in self._end_after:
+                    self._end_after.discard(stream_id)
+                    try:
+                        self.h2.end_stream(stream_id)
+                    except h2.exceptions.ProtocolError:
+                        pass
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.window_opened()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams, self.streams = self.streams, {}
+        self._pending.clear()
+        for stream in streams.values():
+            stream.failed(exc)
+
+    def _wake_drain(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _response(headers: list[tuple[bytes, bytes]]) -> Response:
+    status = 0
+    fields: list[tuple[bytes, bytes]] = []
+    length: int | None = None
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            fields.append((name, value))
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+    # No Content-Length: the body ends with the stream, so an HTTP/1.1 client gets it
+    # chunked (``chunked`` is how the framing code reads "delimited by its end").
+    return Response(status, b"", b"2", fields, True, length is None, length)
+
+
+class H2UpstreamPool:
+    """Shared HTTP/2 connections per upstream; see the rules at the top."""
+
+    def __init__(self) -> None:
+        self._conns: dict[str, list[H2UpstreamConnection]] = {}
+        self.opened = 0
+
+    def __repr__(self) -> str:
+        return f"<H2UpstreamPool {({k: len(v) for k, v in self._conns.items()})}>"
+
+    async def acquire(self, upstream: Upstream, timeout: float) -> H2UpstreamStream:
+        key = upstream.key
+        for conn in self._conns.get(key, ()):
+            if conn.usable:
+                return H2UpstreamStream(conn, key)
+        conn = await self._connect(upstream, timeout)
+        self._conns.setdefault(key, []).append(conn)
+        return H2UpstreamStream(conn, key)
+
+    async def _connect(self, upstream: Upstream, timeout: float) -> H2UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        key = upstream.key
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: H2UpstreamConnection(key, self._lost), upstream.host,
+                    upstream.port)
+        except TimeoutError:
+            raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
+        except OSError as exc:
+            raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
+                                "connect_refused", 502) from None
+        self.opened += 1
+        return proto
+
+    def _lost(self, conn: H2UpstreamConnection) -> None:
+        conns = self._conns.get(conn.key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+
+    def release(self, stream: H2UpstreamStream, reusable: bool) -> None:
+        """The exchange is over: an unfinished stream is reset; the connection stays."""
+        if not stream.ended or not reusable:
+            stream.close()
+
+    def close_all(self) -> None:
+        for conns in self._conns.values():
+            for conn in list(conns):
+                conn._close()
