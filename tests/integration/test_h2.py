@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.h2client import H2Client, H2Response
 from tests.support.harness import Harness
-from tests.support.tools import require_tool, wait_for
+from tests.support.tools import require_file, require_tool, wait_for
 
 _OPEN: list[H2Client] = []
 
@@ -290,3 +290,29 @@ def test_drain_sends_goaway(harness: Harness) -> None:
     harness.loop.call(lambda: [lr.begin_drain() for lr in harness.server.listeners])  # type: ignore[union-attr]
     c.until_closed()
     assert c.goaway is not None
+
+
+def test_h2load_many_streams_on_few_connections(harness: Harness, tmp_path: Any) -> None:
+    """A real HTTP/2 load generator (nghttp2's h2load) with its client certificate given
+    by bench/mtls_preload.c: 2,000 requests, 10 streams at a time on each of 4
+    connections, all answered."""
+    import shutil
+    from pathlib import Path
+    require_tool("h2load", "nghttp2-client")
+    require_tool("gcc", "gcc")
+    require_file("/usr/include/openssl/ssl.h", "libssl-dev")
+    shim = tmp_path / "mtls_preload.so"
+    source = Path(__file__).resolve().parents[2] / "bench" / "mtls_preload.c"
+    subprocess.run([shutil.which("gcc") or "gcc", "-O2", "-shared", "-fPIC", "-o", str(shim),
+                    str(source), "-ldl", "-lssl"], check=True, timeout=60)
+    harness.start()
+    c, k = harness.pki.client_files()
+    out = subprocess.run(
+        ["h2load", "-n", "2000", "-c", "4", "-m", "10", f"https://127.0.0.1:{harness.port}/"],
+        capture_output=True, text=True, timeout=120,
+        env={"LD_PRELOAD": str(shim), "MTLS_CERT": str(c), "MTLS_KEY": str(k),
+             "PATH": "/usr/bin:/bin"})
+    assert "2000 succeeded" in out.stdout and "2000 2xx" in out.stdout, out.stdout
+    assert "Application protocol: h2" in out.stdout, out.stdout
+    assert harness.metric("mtlsproxy_requests_total", listener="public", route="/",
+                          protocol="h2", code="200") == 2000

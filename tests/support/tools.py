@@ -25,6 +25,16 @@ def require_tool(name: str, package: str) -> None:
     pytest.skip(message)
 
 
+def require_file(path: str, package: str) -> None:
+    """A file a system package installs (headers): as ``require_tool``."""
+    if Path(path).exists():
+        return
+    message = f"{path} is missing: apt-get install -y {package}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def tool(name: str) -> str:
     """A console script of the test extras: beside this interpreter first (a fresh pyenv or
     venv may not have it on PATH yet), else from PATH."""
