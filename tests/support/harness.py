@@ -38,6 +38,8 @@ class Harness:
         self.access_lines: list[str] = []
         self.servers: list[asyncio.Server] = []  # extra upstreams the tests start
         self.default_parser = "httptools"
+        # How ``get`` talks to the proxy: "http1", or "h2" (tests parametrised over both).
+        self.protocol = "http1"
         self.config_file = tmp / "proxy.yaml"
 
     def start_echo(self) -> int:
@@ -150,6 +152,8 @@ class Harness:
 
     def get(self, path: str = "/", ctx: ssl.SSLContext | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        if self.protocol == "h2":
+            return self.h2_request("GET", path, list((headers or {}).items()), ctx)
         conn = self.https(ctx)
         try:
             conn.request("GET", path, headers=headers or {})
@@ -157,6 +161,26 @@ class Harness:
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:
             conn.close()
+
+    def h2_request(self, method: str, target: str, headers: list[tuple[str, str]],
+                   ctx: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request over HTTP/2 (ALPN h2), as ``get`` makes over HTTP/1.1: a Host
+        among ``headers`` becomes :authority; names go lower-case, as HTTP/2 requires.
+        (0, {}, b"") when the proxy ended the connection instead of answering."""
+        from tests.support.h2client import H2Client
+        authority = f"localhost:{self.port}"  # what http.client sends as Host
+        fields = []
+        for name, value in headers:
+            if name.lower() == "host":
+                authority = value
+            else:
+                fields.append((name.lower(), value))
+        client = H2Client(self.port, ctx or self.client_context())
+        try:
+            r = client.get(target, method=method, authority=authority, headers=fields)
+        finally:
+            client.close()
+        return r.status, {n.decode(): v.decode("latin-1") for n, v in r.headers}, r.body
 
     def echo_json(self, path: str = "/", **kw: Any) -> dict[str, Any]:
         status, _, body = self.get(path, **kw)
