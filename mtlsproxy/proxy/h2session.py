@@ -625,7 +625,11 @@ class H2Session:
         data = self.h2.data_to_send()
         self._end_streams()
         if self.conn.state is not TLS_CLOSED:
-            self.conn.write_and_close(data)
+            # Lingering (TLSConnection.close): an abusive client is still sending, and a
+            # close with its bytes unread would reset the connection before it reads the
+            # GOAWAY that says why.
+            self.conn.write(data)
+            self.conn.close(linger=True)
 
     def _end_streams(self) -> None:
         for stream in list(self.streams.values()):

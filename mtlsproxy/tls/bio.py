@@ -52,6 +52,9 @@ _READ_SIZE = 16 * 1024
 # nginx's lingering_time and lingering_timeout defaults (see TLSConnection.close).
 LINGERING_TIME = 30.0
 LINGERING_TIMEOUT = 5.0
+# After a handshake alert: long enough for the client's bytes in flight to arrive, short
+# enough that refused connections do not pile up.
+ALERT_LINGER = 1.0
 
 
 class _Linger:
@@ -303,8 +306,25 @@ class TLSConnection(asyncio.Protocol):
         self._set_state(CLOSED)
         if self.handler is not None:
             self.handler.handshake_failed(self, reason or classify(exc), exc)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # A TLS 1.3 client sends its first request (an HTTP/2 preface) right after its
+        # Finished, before it reads the alert the server answers that Finished with: a
+        # close with those bytes unread would reset the connection and the client would
+        # see "connection reset", not the alert. So only the sending side is shut; what
+        # still comes is dropped for ALERT_LINGER seconds at most (see ``close``).
+        try:
+            transport.write_eof()
+        except OSError:
+            transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._linger = _Linger(loop.time() + ALERT_LINGER,
+                               loop.call_later(ALERT_LINGER, self._linger_check))
 
     def handshake_expired(self) -> None:
         """The handler's time limit for the handshake passed: count it and cut off."""

@@ -41,12 +41,16 @@ class H2Client:
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.remote_settings: dict[int, int] = {}
         self.closed = False
+        self.closed_for_writes = False
         self.flush()
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
-        if data:
-            self.sock.sendall(data)
+        if data and not self.closed:
+            try:
+                self.sock.sendall(data)
+            except OSError:  # the server closed (after a GOAWAY, usually): reads tell
+                self.closed_for_writes = True
 
     def close(self) -> None:
         self.sock.close()
