@@ -191,7 +191,10 @@ class HeadBytes:
             raise RemoteProtocolError(str(exc), self._status) from None
 
 
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 3986 allows no byte over 0x7e in a URI (they are percent-encoded): llhttp and h11
+# refuse them, and so must the parsers that come through here (HTTP/2's :path), or one
+# protocol would forward what the others refuse.
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
 
 # A Host value: a name, an IPv4 address or a bracketed IPv6 literal, and an optional port.
 # nginx's rules (ngx_http_validate_host): no path separators, no spaces or control bytes,

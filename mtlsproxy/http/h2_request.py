@@ -9,6 +9,8 @@ Rules of this module:
   it makes the request malformed (400): routes, domains and rules must see one host.
 - Cookie fields split across several lines are joined with "; " before they go to an
   HTTP/1.1 upstream (RFC 9113 section 8.2.3).
+- The body must add up to the Content-Length: here when HEADERS end the stream, in
+  the session (``H2Session._pump``) when DATA does; h2 checks only DATA frames.
 - h2 itself has already refused what RFC 9113 calls malformed (upper-case names,
   connection-specific fields, pseudo-fields out of place, a ``te`` other than
   "trailers"): it validates inbound headers.
@@ -62,6 +64,11 @@ def request_from_h2(headers: Headers, end_stream: bool) -> Request:
     if cookies:
         regular.append((b"cookie", b"; ".join(cookies)))
     req = make_request(method, path, b"1.1", [(b"host", named), *regular])
+    if end_stream and req.content_length:
+        # RFC 9113 section 8.1.1: a Content-Length that the DATA frames do not add up to
+        # makes the request malformed. Forwarded, it would announce a body the upstream
+        # then reads from the next request on its connection (smuggling).
+        raise RemoteProtocolError("Content-Length with no body")
     if not end_stream and req.content_length is None:
         # A body of unknown length: chunked to an HTTP/1.1 upstream.
         req.chunked = True

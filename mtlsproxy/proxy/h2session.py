@@ -16,8 +16,10 @@ Rules of this module:
 - Abuse ends the connection with GOAWAY and a count by kind
   (``mtlsproxy_h2_protocol_errors_total``): streams reset by the client before their
   answer (rapid reset, CVE-2023-44487: Envoy's premature-reset rule), PING and SETTINGS
-  floods, CONTINUATION floods (h2 refuses more than 64 CONTINUATION frames) and header
-  blocks over ``limits.max_header_bytes`` (HPACK bombs included: the decoded size counts).
+  floods, CONTINUATION floods (h2 refuses more than 64 CONTINUATION frames), header
+  blocks over ``limits.max_header_bytes`` (HPACK bombs included: the decoded size counts),
+  and what ``FrameGuard`` (http/h2_frames.py) reads in frame headers before h2 buffers
+  them: oversized frames, empty-frame, PRIORITY and WINDOW_UPDATE floods.
 - Every stream ends with an answer or a reset; the connection ends with GOAWAY when the
   listener drains, on a protocol error, or idle for ``timeouts.idle``.
 """
@@ -43,6 +45,7 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
+from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard
 from mtlsproxy.http.h2_request import request_from_h2
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.proxy.inbox import Inbox
@@ -71,7 +74,7 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 class _Stream:
     __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset", "grpc",
-                 "grpc_status")
+                 "grpc_status", "malformed")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
@@ -84,6 +87,7 @@ class _Stream:
         self.reset = False  # the client reset it
         self.grpc = False  # a gRPC call: the proxy's own answers are gRPC errors
         self.grpc_status: str | None = None  # what the call ended with (the access log)
+        self.malformed = False  # its body did not match its Content-Length (reset)
 
 
 def _nothing() -> None:
@@ -119,6 +123,7 @@ class H2Session:
         # hpack bounds the decoded header list (an HPACK bomb's real size) by this.
         self.h2.decoder.max_header_list_size = limits.max_header_bytes
         self.h2.initiate_connection()
+        self.guard = FrameGuard(self.h2.max_inbound_frame_size)
         self.streams: dict[int, _Stream] = {}
         self.streams_total = 0
         self.premature_resets = 0
@@ -155,6 +160,13 @@ class H2Session:
 
     def plaintext_received(self, data: bytes) -> None:
         if self._closing:
+            return
+        try:
+            self.guard.feed(data)
+        except FrameAbuse as exc:
+            self._abort(exc.kind, h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+                        if exc.kind == "frame_size" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                        exc)
             return
         try:
             events = self.h2.receive_data(data)
@@ -268,6 +280,14 @@ class H2Session:
             stream.inbox.put([EndOfMessage()])
         stream.task = asyncio.get_running_loop().create_task(
             self._serve(stream, event.headers or [], ended))
+        stream.task.add_done_callback(lambda _task: self._task_done(stream))
+
+    def _task_done(self, stream: _Stream) -> None:
+        # A task cancelled before it started (the client reset the stream at once, the
+        # connection ended) never ran _serve's finally: the stream must not stay counted
+        # as open, or the gauge leaks and the connection never goes idle.
+        if stream.id in self.streams:
+            self._stream_done(stream)
 
     def _client_reset(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -369,7 +389,8 @@ class H2Session:
             else:
                 self._reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
         except (_StreamGone, asyncio.CancelledError, ConnectionClosed):
-            status = status or 499  # nginx's code for "client closed the request"
+            # 499: nginx's code for "client closed the request".
+            status = 400 if stream.malformed else status or 499
         finally:
             duration = perf_counter() - start
             self._stream_done(stream)
@@ -405,6 +426,11 @@ class H2Session:
                        head: bytes) -> tuple[int, int]:
         rt = self.rt
         timeouts = rt.config.timeouts
+        if req.expect_continue and req.has_body:
+            # Admitted: the proxy answers Expect itself, as over HTTP/1.1 (and nginx); the
+            # upstream gets no Expect (wire.upstream_request_head). RFC 9110 section 10.1.1.
+            self.h2.send_headers(stream.id, [(b":status", b"100")])
+            self._flush()
         up, _ = await rt.pool.acquire(upstream, timeouts.upstream_connect)
         up.expect(req.method)
         up.send_head(head, not req.has_body)
@@ -417,6 +443,8 @@ class H2Session:
         except BaseException:
             up.close()
             if pump is not None:
+                if pump.done() and not pump.cancelled():
+                    pump.exception()  # seen: its failure is the one being raised, or moot
                 pump.cancel()
             raise
         body_done = pump is None or (pump.done() and not pump.cancelled()
@@ -427,14 +455,24 @@ class H2Session:
         return status, sent
 
     async def _pump(self, stream: _Stream, req: Request, up: Exchange) -> None:
-        """Request body -> upstream; each piece acknowledged to the client once written."""
+        """Request body -> upstream; each piece acknowledged to the client once written.
+
+        A body that does not add up to its Content-Length is malformed (RFC 9113 section
+        8.1.1): the stream is reset and the upstream connection, which now waits for
+        bytes that will not come, is closed by ``_forward`` (never pooled). h2 checks
+        DATA frames against Content-Length, but not a body that trailers end."""
         idle = self.rt.config.timeouts.idle
+        length = req.content_length
+        written = 0
         while True:
             ev = stream.inbox.get_nowait()
             if ev is None:
                 async with asyncio.timeout(idle):
                     ev = await stream.inbox.get()
             if isinstance(ev, Data):
+                written += len(ev.data)
+                if length is not None and written > length:
+                    self._malformed(stream)
                 up.send_body(ev.data, req.chunked)
                 if up.write_paused:
                     async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
@@ -442,8 +480,18 @@ class H2Session:
                 self._ack(stream.id, len(ev.data))
                 self._flush()
             elif isinstance(ev, EndOfMessage):
+                if length is not None and written != length:
+                    self._malformed(stream)
                 up.end_body(req.chunked)
                 return
+
+    def _malformed(self, stream: _Stream) -> None:
+        stream.malformed = True
+        self._reset(stream, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        stream.reset = True
+        if stream.task is not None:
+            stream.task.cancel()  # it may be waiting for the upstream's answer
+        raise _StreamGone()
 
     async def _response_head(self, up: Exchange, pump: asyncio.Task[None] | None,
                              read_timeout: float) -> Response:
@@ -526,6 +574,7 @@ class H2Session:
                     await stream.window.wait()
                 continue
             self.h2.send_data(stream.id, bytes(view[:window]))
+            self.guard.data_frames_sent += 1
             view = view[window:]
             self._flush()
             if self.conn.write_paused:
@@ -550,6 +599,7 @@ class H2Session:
                 headers, body = wire.h2_error_response(status, reason)
                 self.h2.send_headers(stream.id, headers)
                 self.h2.send_data(stream.id, body, end_stream=True)
+                self.guard.data_frames_sent += 1
         except h2.exceptions.ProtocolError:
             return 0  # the stream closed meanwhile
         stream.answered = True

@@ -316,3 +316,186 @@ def test_h2load_many_streams_on_few_connections(harness: Harness, tmp_path: Any)
     assert "Application protocol: h2" in out.stdout, out.stdout
     assert harness.metric("mtlsproxy_requests_total", listener="public", route="/",
                           protocol="h2", code="200") == 2000
+
+
+# -- what an attacker's run found (request smuggling, leaks, buffering) ------------------
+
+class RecordingUpstream:
+    """An HTTP/1.1 upstream that keeps every byte each connection sent it and answers a
+    head once its Content-Length body has come (so a short body leaves it waiting)."""
+
+    def __init__(self, h: Harness) -> None:
+        self.connections: list[bytearray] = []
+        self.port = h.serve(self.handle)
+
+    async def handle(self, reader: Any, writer: Any) -> None:
+        seen = bytearray()
+        self.connections.append(seen)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen += head
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    seen += await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except Exception:  # noqa: BLE001 - the connection ended: keep what came
+            seen += reader._buffer  # noqa: SLF001 - bytes read but not consumed
+        finally:
+            writer.close()
+
+
+def proxied_to(h: Harness, up: RecordingUpstream) -> None:
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:{up.port}"}]))
+
+
+def requests_seen(up: RecordingUpstream) -> list[bytes]:
+    """Each request line the upstream read, connection by connection."""
+    return [line for conn in up.connections for line in bytes(conn).split(b"\r\n")
+            if line.startswith((b"GET ", b"POST "))]
+
+
+def test_a_content_length_with_no_body_is_a_400_that_never_reaches_the_upstream(
+        unstarted: Harness) -> None:
+    up = RecordingUpstream(unstarted)
+    proxied_to(unstarted, up)
+    c = client(unstarted)
+    r = c.get("/smuggle", method="POST", headers=[("content-length", "40")])
+    assert r.status == 400
+    assert c.get("/next").status == 200
+    assert requests_seen(up) == [b"GET /next HTTP/1.1"]
+
+
+def test_a_body_shorter_than_its_content_length_ended_by_trailers_is_reset(
+        unstarted: Harness) -> None:
+    """h2 checks DATA frames against Content-Length but not a body that trailers end:
+    forwarded, the upstream would read the next request as the rest of this body."""
+    import h2.errors
+    up = RecordingUpstream(unstarted)
+    proxied_to(unstarted, up)
+    c = client(unstarted)
+    sid = c.request("/smuggle", method="POST",
+                    headers=[("content-length", "40")], body=b"short", end=False)
+    c.h2.send_headers(sid, [(b"x-trailer", b"1")], end_stream=True)
+    c.flush()
+    assert c.response(sid).reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert c.get("/next").status == 200
+    # The upstream connection that waited for the rest of the body was closed, not
+    # reused: /next arrived as a request of its own, at the start of a connection.
+    assert any(bytes(conn).startswith(b"GET /next HTTP/1.1") for conn in up.connections)
+    assert not any(b"GET /next" in bytes(conn) and not bytes(conn).startswith(b"GET /next")
+                   for conn in up.connections)
+    assert unstarted.metric("mtlsproxy_requests_total", listener="public", route="/",
+                            code="400", protocol="h2") == 1
+
+
+def test_a_body_longer_than_its_content_length_never_reaches_the_upstream_whole(
+        unstarted: Harness) -> None:
+    up = RecordingUpstream(unstarted)
+    proxied_to(unstarted, up)
+    c = client(unstarted)
+    sid = c.request("/smuggle", method="POST", headers=[("content-length", "5")],
+                    body=b"12345GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    r = c.response(sid)
+    assert r.status == 0 and (r.reset is not None or c.goaway is not None or c.closed)
+    assert b"GET /x" not in b"".join(bytes(conn) for conn in up.connections)
+
+
+def test_streams_reset_before_their_task_runs_are_not_left_open(harness: Harness) -> None:
+    """HEADERS and RST_STREAM in one read: the stream's task is cancelled before it
+    starts; the stream must still be closed and the gauge come back to zero."""
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    for _ in range(10):
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+                                (b":authority", b"localhost"), (b":path", b"/")],
+                          end_stream=True)
+        c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    c.flush()
+    assert c.get("/").status == 200  # everything before it has been read
+    wait_for(lambda: harness.metric("mtlsproxy_h2_streams_active", listener="public") == 0)
+    assert harness.metric("mtlsproxy_h2_streams_active", listener="public") == 0
+
+
+def frame_header(length: int, kind: int, flags: int = 0, stream_id: int = 0) -> bytes:
+    return length.to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big")
+
+
+def test_a_frame_over_max_frame_size_is_refused_before_its_payload_is_buffered(
+        harness: Harness) -> None:
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    # A DATA frame header announcing 16 MiB - 1 and a few bytes of it: h2 alone would
+    # wait for (and keep) the whole payload before checking its length.
+    c.sock.sendall(frame_header(0xFFFFFF, 0x0, 0, 1) + b"x" * 1000)
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    assert errors(harness, "frame_size") == 1
+
+
+def test_a_frame_header_split_across_reads_is_still_read(harness: Harness) -> None:
+    import time
+    harness.start()
+    c = client(harness)
+    c.flush()
+    ping = frame_header(8, 0x6) + b"12345678"
+    for i in range(len(ping)):
+        c.sock.sendall(ping[i:i + 1])
+        time.sleep(0.002)
+    assert c.get("/").status == 200
+    assert errors(harness, "frame_size") == 0 and errors(harness, "flood") == 0
+
+
+@pytest.mark.parametrize("frames", [
+    pytest.param([frame_header(0, 0x0, 0, 1)] * 3, id="empty-data"),
+    pytest.param([frame_header(5, 0x2, 0, 3) + b"\x00\x00\x00\x00\x10"] * 300,
+                 id="priority"),
+    pytest.param([frame_header(4, 0x8) + (1).to_bytes(4, "big")] * 50,
+                 id="window-update"),
+])
+def test_frames_that_carry_nothing_end_the_connection_as_a_flood(
+        harness: Harness, frames: list[bytes]) -> None:
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    c.request("/", method="POST", end=False)  # stream 1 open, for the empty DATA frames
+    try:
+        c.sock.sendall(b"".join(frames))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert errors(harness, "flood") == 1
+
+
+def test_a_path_with_bytes_over_0x7e_is_refused_as_over_http11(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    assert c.get("/caf\xe9").status == 400
+    assert c.get("/ok").status == 200
+
+
+def test_expect_100_continue_is_answered_by_the_proxy_over_h2(harness: Harness) -> None:
+    import h2.events
+    harness.start()
+    c = client(harness)
+    sid = c.request("/upload", method="POST",
+                    headers=[("content-length", "5"), ("expect", "100-continue")], end=False)
+    informational = []
+    while not informational and not c.closed:
+        informational = [ev for ev in c.receive()
+                         if isinstance(ev, h2.events.InformationalResponseReceived)]
+    assert dict(informational[0].headers)[b":status"] == b"100"
+    c.send_body(sid, b"hello")
+    doc = echoed(c.response(sid))
+    assert doc["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert "expect" not in doc["headers"]
