@@ -213,3 +213,33 @@ def test_an_http11_client_on_an_h2_route_is_translated(
     assert r.status == 200 and r.getheader("content-type") == "application/grpc"
     assert body == b"\x00\x00\x00\x00\x05olleh"
     assert "CN=good-client" in rec.metadata[0]["x-client-cert-subject"]
+
+
+def test_a_100_mb_server_stream_passes_with_bounded_proxy_memory(
+        devpki: Any, grpc_server: tuple[int, Recorder], tmp_path: Any) -> None:
+    """The proxy as its own process, so its peak RSS is its own: 100 MB of messages
+    relayed as they come, never held (flow control both ways)."""
+    from tests.support.proxyproc import start_proxy, stop_proxy
+    port, _ = grpc_server
+    pp = start_proxy(devpki, port, tmp_path, routes=[{
+        "path_prefix": "/", "upstream": f"http://127.0.0.1:{port}",
+        "upstream_protocol": "h2"}])
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=devpki.root_cert.read_bytes(),
+            private_key=devpki.client_key.read_bytes(),
+            certificate_chain=devpki.client_cert.read_bytes())
+        before = pp.rss_hwm_kib()
+        with grpc.secure_channel(f"localhost:{pp.port}", creds,
+                                 options=[("grpc.enable_http_proxy", 0)]) as ch:
+            count, size = 1600, 65536  # 100 MiB (104.9 MB)
+            received = 0
+            for message in ch.unary_stream(f"/{SERVICE}/ServerStream")(
+                    b"%d,%d" % (count, size), timeout=300):
+                received += len(message)
+        assert received == count * size
+        growth_mib = (pp.rss_hwm_kib() - before) / 1024
+        # A proxy that held the stream would grow by 100 MiB.
+        assert growth_mib < 32, f"proxy peak RSS grew by {growth_mib:.1f} MiB"
+    finally:
+        stop_proxy(pp)

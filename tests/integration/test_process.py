@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,68 +25,9 @@ import yaml
 from mtlsproxy.dev.pki import DevPKI, make_leaf
 from tests.support.loops import LoopThread, start_slow_upstream
 from tests.support.pki import make_cert
+from tests.support.proxyproc import ProxyProcess, start_proxy, stop_proxy
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ProxyProcess:
-    def __init__(self, proc: subprocess.Popen[str], port: int, admin: int) -> None:
-        self.proc, self.port, self.admin = proc, port, admin
-
-    def admin_get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def rss_hwm_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
-
-
-
-def start_proxy(devpki: DevPKI, upstream_port: int, tmp: Path,
-                routes: list[dict[str, object]] | None = None, **top: object) -> ProxyProcess:
-    port, admin = free_port(), free_port()
-    config = {
-        "listeners": [{
-            "name": "public", "address": f"127.0.0.1:{port}",
-            "tls": {"certificates": [{"cert_file": str(devpki.server_cert),
-                                      "key_file": str(devpki.server_key)}]},
-            "mutual_tls": {"truststore_uri": str(devpki.truststore)},
-            "routes": routes or [{"path_prefix": "/",
-                                  "upstream": f"http://127.0.0.1:{upstream_port}"}],
-        }],
-        "admin": {"address": f"127.0.0.1:{admin}"},
-        **top,
-    }
-    path = tmp / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "mtlsproxy", "run", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pp = ProxyProcess(proc, port, admin)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"proxy exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if pp.admin_get("/readyz")[0] == 200:
-                return pp
-        except OSError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("proxy did not become ready")
 
 
 @pytest.fixture
@@ -95,20 +35,7 @@ def proxy_proc(devpki: DevPKI, upstream: tuple[LoopThread, int],
                tmp_path: Path) -> Iterator[ProxyProcess]:
     pp = start_proxy(devpki, upstream[1], tmp_path)
     yield pp
-    if pp.proc.poll() is None:
-        pp.proc.send_signal(signal.SIGTERM)
-        try:
-            pp.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pp.proc.kill()
-            pp.proc.wait()
-    err = pp.proc.stderr.read() if pp.proc.stderr else ""
-    for stream in (pp.proc.stdout, pp.proc.stderr):
-        if stream:
-            stream.close()
-    # Whatever the test did, nothing escaped to the process's event loop or crashed.
-    for sign in ("Traceback", "never retrieved", "Exception in callback"):
-        assert sign not in err, err[-3000:]
+    stop_proxy(pp)
 
 
 def client_ctx(devpki: DevPKI) -> ssl.SSLContext:
