@@ -58,7 +58,7 @@ def serve(port_file: Path) -> None:
 async def drive(args: argparse.Namespace) -> dict[str, float]:
     pki = Path(args.pki)
     creds = grpc.ssl_channel_credentials(
-        root_certificates=(pki / "root.pem").read_bytes(),
+        root_certificates=(pki / "root-ca.pem").read_bytes(),
         private_key=(pki / "client.key").read_bytes(),
         certificate_chain=(pki / "client.pem").read_bytes())
     options = [("grpc.enable_http_proxy", 0), ("grpc.ssl_target_name_override", "localhost")]
@@ -99,7 +99,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("serve", "unary", "stream"))
     ap.add_argument("target", help="PORT_FILE for serve; host:port of the proxy otherwise")
-    ap.add_argument("pki", nargs="?", help="a dev PKI directory (root.pem, client.pem/.key)")
+    ap.add_argument("pki", nargs="?", help="a dev PKI directory (root-ca.pem, client.pem/.key)")
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--inflight", type=int, default=32)
     ap.add_argument("--messages", type=int, default=1000)

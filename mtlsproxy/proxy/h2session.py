@@ -366,13 +366,17 @@ class H2Session:
                 frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
             up_start = perf_counter()
             deadline = wire.grpc_timeout(headers) if stream.grpc else None
-            try:
-                # grpc-timeout is the call's deadline (PROTOCOL-HTTP2.md): past it the
-                # proxy ends the call with DEADLINE_EXCEEDED, as the client will.
-                async with asyncio.timeout(deadline):
-                    status, sent = await self._forward(stream, req, route.upstream, head)
-            except TimeoutError:
-                raise UpstreamError("grpc-timeout passed", "timeout", 504) from None
+            if deadline is None:
+                status, sent = await self._forward(stream, req, route.upstream, head)
+            else:
+                try:
+                    # grpc-timeout is the call's deadline (PROTOCOL-HTTP2.md): past it
+                    # the proxy ends the call with DEADLINE_EXCEEDED, as the client will.
+                    async with asyncio.timeout(deadline):
+                        status, sent = await self._forward(stream, req, route.upstream,
+                                                           head)
+                except TimeoutError:
+                    raise UpstreamError("grpc-timeout passed", "timeout", 504) from None
             upstream_status, up_end = status, perf_counter()
         except UpstreamError as exc:
             rt.count_upstream_error(upstream_key, exc.kind)
@@ -503,6 +507,14 @@ class H2Session:
                 if isinstance(ev, Data | EndOfMessage):
                     raise UpstreamError("upstream sent body data before a head", "protocol")
 
+        if pump is None:  # no body to watch beside the answer: no task of its own
+            try:
+                async with asyncio.timeout(read_timeout):
+                    return await head()
+            except TimeoutError:
+                raise UpstreamError("upstream read timed out", "timeout", 504) from None
+            except ConnectionClosed:
+                raise UpstreamError("upstream closed before responding", "reset") from None
         task = asyncio.get_running_loop().create_task(head())
         try:
             if pump is not None:

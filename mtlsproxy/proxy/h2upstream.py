@@ -33,6 +33,7 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, UpstreamError
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Response
 from mtlsproxy.proxy.inbox import Inbox
+from mtlsproxy.runtime.writes import WriteBatch
 
 # Fields a request head carries that HTTP/2 forbids or expresses otherwise (RFC 9113
 # section 8.2.2); Host becomes :authority.
@@ -142,9 +143,14 @@ class H2UpstreamStream:
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    def __init__(self, key: str, on_lost: Callable[[H2UpstreamConnection], None]) -> None:
+    def __init__(self, key: str, on_lost: Callable[[H2UpstreamConnection], None],
+                 writes: WriteBatch | None = None) -> None:
         self.key = key
         self._on_lost = on_lost
+        # Frames wait for the end of the loop's pass (runtime/writes.py): a request's
+        # HEADERS, DATA and END_STREAM, and many streams' frames, leave in one send.
+        self._writes = writes
+        self._deferred = False
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding=None, validate_inbound_headers=True))
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -327,6 +333,15 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._flush()
 
     def _flush(self) -> None:
+        if self._writes is not None:
+            if not self._deferred:
+                self._deferred = True
+                self._writes.add(self)
+            return
+        self.flush_deferred()
+
+    def flush_deferred(self) -> None:
+        self._deferred = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -345,6 +360,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None:
+            self.flush_deferred()  # a RST_STREAM or GOAWAY still waiting goes first
             self.transport.close()
 
 
@@ -367,9 +383,10 @@ def _response(headers: list[tuple[bytes, bytes]]) -> Response:
 class H2UpstreamPool:
     """Shared HTTP/2 connections per upstream; see the rules at the top."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes: WriteBatch | None = None) -> None:
         self._conns: dict[str, list[H2UpstreamConnection]] = {}
         self.opened = 0
+        self.writes = writes
 
     def __repr__(self) -> str:
         return f"<H2UpstreamPool {({k: len(v) for k, v in self._conns.items()})}>"
@@ -389,7 +406,7 @@ class H2UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
-                    lambda: H2UpstreamConnection(key, self._lost), upstream.host,
+                    lambda: H2UpstreamConnection(key, self._lost, self.writes), upstream.host,
                     upstream.port)
         except TimeoutError:
             raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None

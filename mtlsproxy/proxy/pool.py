@@ -36,7 +36,7 @@ class UpstreamPool:
         self.clock = clock
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.opened = 0
-        self.h2 = H2UpstreamPool()  # upstream_protocol: h2
+        self.h2 = H2UpstreamPool(writes)  # upstream_protocol: h2
 
     def __repr__(self) -> str:
         idle = {k: len(v) for k, v in self._idle.items() if v}
