@@ -24,7 +24,7 @@ HEADER_DROP_REASONS = ("underscore", "identity", "strip_headers", "override")
 # rapid_reset: streams reset by the client before their answer (CVE-2023-44487); flood:
 # SETTINGS, PING, CONTINUATION, PRIORITY, WINDOW_UPDATE or empty frames past their limits
 # (CVE-2019-9512/9513/9515/9518, CVE-2024-27316 class); header_size: a header block over
-# limits.max_header_bytes (HPACK bombs included: the decoded size counts); frame_size: a
-# frame header announcing more than SETTINGS_MAX_FRAME_SIZE; protocol: any other protocol
-# error.
+# 4 x limits.max_header_bytes decoded (HPACK bombs; under that, 431 on the stream);
+# frame_size: a frame header announcing more than SETTINGS_MAX_FRAME_SIZE; protocol: any
+# other protocol error.
 H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "frame_size", "protocol")

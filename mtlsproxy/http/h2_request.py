@@ -9,6 +9,10 @@ Rules of this module:
   it makes the request malformed (400): routes, domains and rules must see one host.
 - Cookie fields split across several lines are joined with "; " before they go to an
   HTTP/1.1 upstream (RFC 9113 section 8.2.3).
+- A header list over ``limits.max_header_bytes`` (decoded, RFC 9113 section 6.5.2's
+  size) is answered 431 on its stream, as HTTP/1.1 answers 431; the connection goes on.
+  HPACK decoding itself stops at a hard ceiling above it (H2Session), where the only
+  answer is GOAWAY (the decoder's state is lost, section 4.3).
 - The body must add up to the Content-Length: here when HEADERS end the stream, in
   the session (``H2Session._pump``) when DATA does; h2 checks only DATA frames.
 - h2 itself has already refused what RFC 9113 calls malformed (upper-case names,
@@ -25,9 +29,18 @@ from mtlsproxy.http.events import Request
 Headers = list[tuple[bytes, bytes]]
 
 
-def request_from_h2(headers: Headers, end_stream: bool) -> Request:
+def header_list_size(headers: Headers) -> int:
+    """RFC 9113 section 6.5.2's size of a header list: each field's name and value
+    (decoded) plus 32."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
+def request_from_h2(headers: Headers, end_stream: bool,
+                    max_header_bytes: int | None = None) -> Request:
     """The ``Request`` of a stream's HEADERS; raises RemoteProtocolError (its status hint
-    is the answer: 400, or 501 for CONNECT)."""
+    is the answer: 400, 431 over ``max_header_bytes``, or 501 for CONNECT)."""
+    if max_header_bytes is not None and header_list_size(headers) > max_header_bytes:
+        raise RemoteProtocolError("request header block too large", 431)
     method = path = authority = None
     host: bytes | None = None
     cookies: list[bytes] = []

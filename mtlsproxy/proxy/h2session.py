@@ -17,7 +17,8 @@ Rules of this module:
   (``mtlsproxy_h2_protocol_errors_total``): streams reset by the client before their
   answer (rapid reset, CVE-2023-44487: Envoy's premature-reset rule), PING and SETTINGS
   floods, CONTINUATION floods (h2 refuses more than 64 CONTINUATION frames), header
-  blocks over ``limits.max_header_bytes`` (HPACK bombs included: the decoded size counts),
+  blocks over 4 x ``limits.max_header_bytes`` decoded (HPACK bombs; a smaller excess is
+  a 431 on its stream),
   and what ``FrameGuard`` (http/h2_frames.py) reads in frame headers before h2 buffers
   them: oversized frames, empty-frame, PRIORITY and WINDOW_UPDATE floods.
 - Every stream ends with an answer or a reset; the connection ends with GOAWAY when the
@@ -66,6 +67,9 @@ PREMATURE_RESET_MIN_STREAMS = 100
 # Control frames a client may send per second before it is a flood (nginx and Envoy bound
 # them similarly: Envoy's max_inbound_priority_frames_per_stream and PING limits).
 CONTROL_FRAMES_PER_SECOND = 100
+# The decoded header list hpack stops at, in units of limits.max_header_bytes (a client
+# that ignores SETTINGS_MAX_HEADER_LIST_SIZE by this much is no mistaken client).
+HEADER_CEILING_FACTOR = 4
 # Bytes of HTTP/2 output waiting in the TLS connection before reading from the client
 # pauses (the TLS transport's own high-water mark pauses it too).
 _SEND_CHUNK = 16384
@@ -120,8 +124,13 @@ class H2Session:
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         })
-        # hpack bounds the decoded header list (an HPACK bomb's real size) by this.
-        self.h2.decoder.max_header_list_size = limits.max_header_bytes
+        # hpack bounds the decoded header list (an HPACK bomb's real size) by a hard
+        # ceiling: past it the decoder's state is lost and only GOAWAY is left (RFC 9113
+        # section 4.3). Below it, a list over max_header_bytes is a 431 on its stream
+        # (request_from_h2), as over HTTP/1.1.
+        # (h2 would lower it to the advertised size on the client's SETTINGS ACK if the
+        # setting changed then; it is in place from the start, so the ACK changes nothing.)
+        self.h2.decoder.max_header_list_size = HEADER_CEILING_FACTOR * limits.max_header_bytes
         self.h2.initiate_connection()
         self.guard = FrameGuard(self.h2.max_inbound_frame_size)
         self.streams: dict[int, _Stream] = {}
@@ -330,7 +339,7 @@ class H2Session:
         stream.grpc = wire.is_grpc(headers)
         try:
             try:
-                req = request_from_h2(headers, ended)
+                req = request_from_h2(headers, ended, rt.config.limits.max_header_bytes)
                 screen(rt, req)
             except RemoteProtocolError as exc:
                 status = exc.status_hint

@@ -259,11 +259,26 @@ def test_a_continuation_flood_ends_the_connection_and_is_counted(harness: Harnes
     assert errors(harness, "flood") == 1
 
 
-def test_an_oversized_header_block_ends_in_goaway_and_is_counted(unstarted: Harness) -> None:
+def test_a_header_list_over_the_limit_gets_431_and_the_connection_goes_on(
+        unstarted: Harness) -> None:
     h = unstarted
     h.start(h.config(limits={"max_header_bytes": 4096}))
     c = client(h)
-    c.request("/", headers=[("x-big", "a" * 8000)])
+    # After the client has acknowledged the server's SETTINGS (sent with its first
+    # read), when h2 would lower the decoder's bound to the advertised size.
+    assert c.get("/").status == 200
+    r = c.get("/", headers=[("x-big", "a" * 8000)])
+    assert r.status == 431
+    assert c.get("/").status == 200
+    assert errors(h, "header_size") == 0
+
+
+def test_a_header_list_far_over_the_limit_ends_in_goaway_and_is_counted(
+        unstarted: Harness) -> None:
+    h = unstarted
+    h.start(h.config(limits={"max_header_bytes": 4096}))
+    c = client(h)
+    c.request("/", headers=[("x-big", "a" * 20000)])
     c.until_closed()
     assert c.goaway is not None
     assert errors(h, "header_size") == 1
@@ -499,3 +514,17 @@ def test_expect_100_continue_is_answered_by_the_proxy_over_h2(harness: Harness) 
     doc = echoed(c.response(sid))
     assert doc["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
     assert "expect" not in doc["headers"]
+
+
+def test_a_route_removed_by_reload_is_gone_for_the_next_stream_of_an_open_connection(
+        unstarted: Harness) -> None:
+    h = unstarted
+    h.start_echo()
+    routes = [{"path_prefix": "/keep", "upstream": f"http://127.0.0.1:{h.echo_port}"},
+              {"path_prefix": "/gone", "upstream": f"http://127.0.0.1:{h.echo_port}"}]
+    h.start(h.config(routes=routes))
+    c = client(h)
+    assert c.get("/gone").status == 200
+    assert h.reload(h.config(routes=routes[:1])) == []
+    assert c.get("/gone").status == 404
+    assert c.get("/keep").status == 200 and c.goaway is None
