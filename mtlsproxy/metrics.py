@@ -30,7 +30,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mtlsproxy.reasons import H2_ERROR_KINDS, HANDSHAKE_FAILURE_REASONS, HEADER_DROP_REASONS
+from mtlsproxy.reasons import (
+    H2_ERROR_KINDS,
+    HANDSHAKE_FAILURE_REASONS,
+    HEADER_DROP_REASONS,
+    TUNNEL_KINDS,
+)
 from mtlsproxy.runtime.pacing import pace
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
@@ -224,7 +229,15 @@ class Metrics:
         self.h2_protocol_errors = Counter(
             "mtlsproxy_h2_protocol_errors", "HTTP/2 client connections ended by GOAWAY for "
             "abuse or a protocol error, by kind: rapid_reset, flood, header_size, "
-            "protocol.", ["listener", "kind"], registry=registry)
+            "frame_size, protocol.", ["listener", "kind"], registry=registry)
+        self.tunnels_active: Gauge | LocalFamily
+        tunnels = ("mtlsproxy_tunnels_active", "Open tunnels (a WebSocket after its 101, a "
+                   "TCP-mode connection), by kind.", ["listener", "kind"])
+        if multiprocess:
+            self.tunnels_active = Gauge(*tunnels, registry=registry,
+                                        multiprocess_mode="livesum")
+        else:
+            self.tunnels_active = LocalFamily(*tunnels, "gauge", registry)
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
@@ -242,6 +255,8 @@ class Metrics:
         for reason in HEADER_DROP_REASONS:
             self.headers_dropped.labels(listener, reason)
         self.h2_streams_active.labels(listener)
+        for kind in TUNNEL_KINDS:
+            self.tunnels_active.labels(listener, kind)
         for kind in H2_ERROR_KINDS:
             self.h2_protocol_errors.labels(listener, kind)
 

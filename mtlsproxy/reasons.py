@@ -28,3 +28,7 @@ HEADER_DROP_REASONS = ("underscore", "identity", "strip_headers", "override")
 # frame_size: a frame header announcing more than SETTINGS_MAX_FRAME_SIZE; protocol: any
 # other protocol error.
 H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "frame_size", "protocol")
+
+# mtlsproxy_tunnels_active{kind}: websocket (an HTTP/1.1 Upgrade after its 101), tcp (a
+# TCP-mode listener's connection).
+TUNNEL_KINDS = ("websocket", "tcp")

@@ -336,6 +336,12 @@ def _read_revocation(r: Reader, raw: Any, rpath: str) -> RevocationConfig:
         r.get(rv, "first_fetch_timeout", rpath, float, 10.0, positive))
 
 
+# Protocols an HTTP/1.1 Upgrade may switch a route's connection to. Not h2c: over TLS,
+# HTTP/2 is chosen by ALPN (RFC 9113 section 3.2), and an h2c upgrade forwarded to an
+# upstream would let a client past the proxy's per-request rules (h2c smuggling).
+UPGRADES = frozenset({"websocket"})
+
+
 def _read_routes(r: Reader, data: dict[str, Any], path: str,
                  domain: str = "") -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
@@ -353,7 +359,7 @@ def _read_routes(r: Reader, data: dict[str, Any], path: str,
 def _read_route(r: Reader, item: Any, rpath: str,
                 seen: set[tuple[str | None, str]], domain: str = "") -> RouteConfig:
     rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "upstream_protocol", "host",
-                                    "strip_prefix", "allow", "authorizer"))
+                                    "strip_prefix", "allow", "authorizer", "upgrades"))
     prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
     rhost = r.get(rdata, "host", rpath, str, "", _check_route_host) or None
     if rhost:
@@ -390,6 +396,18 @@ def _read_route(r: Reader, item: Any, rpath: str,
     authorizer = None
     if "authorizer" in rdata:
         authorizer = _read_authorizer(r, rdata["authorizer"], f"{rpath}.authorizer")
+    upgrades: set[bytes] = set()
+    # Default: WebSocket on HTTP/1.1 upstreams; nothing on HTTP/2 ones (no tunnel there).
+    default = ["websocket"] if protocol == "http1" else []
+    for j, name in enumerate(r.get(rdata, "upgrades", rpath, list, default)):
+        if not isinstance(name, str) or name.lower() not in UPGRADES:
+            r.problem(f"{rpath}.upgrades[{j}]",
+                      f"must be one of {', '.join(sorted(UPGRADES))}, got {name!r}")
+            continue
+        upgrades.add(name.lower().encode())
+    if upgrades and protocol != "http1":
+        r.problem(f"{rpath}.upgrades", "upgrades are tunnelled to HTTP/1.1 upstreams only "
+                                       f"(upstream_protocol is {protocol})")
     return RouteConfig(
         path_prefix=prefix if prefix == "/" else prefix.rstrip("/"),
         upstream=upstream,
@@ -397,6 +415,7 @@ def _read_route(r: Reader, item: Any, rpath: str,
         strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
         allow=allow,
         authorizer=authorizer,
+        upgrades=frozenset(upgrades),
         domain=domain,
     )
 

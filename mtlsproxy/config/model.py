@@ -113,6 +113,9 @@ class RouteConfig:
     strip_prefix: bool = False
     allow: tuple[Rule, ...] | None = None  # None: every validated client
     authorizer: AuthorizerConfig | None = None
+    # HTTP/1.1 upgrades tunnelled to the upstream (RFC 9110 section 7.8), lower-case
+    # protocol names; () refuses every upgrade (501).
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})
     # The label of the listener's domain the route belongs to ("" without domains): two
     # domains' "/" routes are two series.
     domain: str = ""

@@ -223,8 +223,9 @@ def make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
     """``validated``: the parser already refused bad header names and values, and
     control bytes and spaces in the target (llhttp, strict)."""
     connection, te, cl, hosts, host, expect = _scan(headers)
-    if method == b"CONNECT" or b"upgrade" in connection:
-        raise RemoteProtocolError("protocol upgrade and CONNECT are not supported", 501)
+    if method == b"CONNECT":
+        raise RemoteProtocolError("CONNECT is not supported", 501)
+    upgrade = _upgrade(headers) if b"upgrade" in connection else b""
     if method not in METHODS:
         raise RemoteProtocolError("unknown method", 501)
     if version not in _VERSIONS:
@@ -249,8 +250,30 @@ def make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
         raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
     chunked, length = _framing(te, cl, True) if te or cl else (False, None)
     keep = b"close" not in connection and (version == b"1.1" or b"keep-alive" in connection)
+    if upgrade:
+        if chunked or length:
+            # What follows the head would be body or tunnel, depending on the upstream's
+            # answer: the upstream and the proxy could read it differently (smuggling).
+            raise RemoteProtocolError("an upgrade request with a body")
+        keep = False  # after it, the connection is the tunnel's or ends
     return Request(method, target, version, headers, keep, chunked, length, expect,
-                   connection, host)
+                   connection, host, upgrade=upgrade)
+
+
+def _upgrade(headers: Headers) -> bytes:
+    """The first protocol an Upgrade header offers (RFC 9110 section 7.8: "name/version",
+    in order of preference), lower-case and without its version; b"" when there is none.
+    llhttp takes a request as an upgrade when Connection names "upgrade" and an Upgrade
+    header is present; both parsers stop there."""
+    for name, value in headers:
+        if name == b"upgrade":
+            first = value.split(b",", 1)[0].strip()
+            protocol = first.split(b"/", 1)[0].strip().lower()
+            if protocol:
+                if not TOKEN.match(protocol):
+                    raise RemoteProtocolError("invalid Upgrade header")
+                return protocol
+    return b""
 
 
 # An absolute-form target's authority: a name of RFC 3986's unreserved bytes (not its

@@ -30,6 +30,10 @@ class Request:
     # The X-Request-Id the proxy generated and forwarded (http/wire.py), when the client
     # sent none; b"" otherwise.
     request_id: bytes = b""
+    # The protocol an HTTP/1.1 Upgrade asks for (RFC 9110 section 7.8), lower-case, without
+    # a version ("websocket"); b"" when the request asks for none. The parser reads no
+    # further bytes after such a request (they belong to the protocol switched to).
+    upgrade: bytes = b""
 
     @property
     def has_body(self) -> bool:
@@ -73,6 +77,10 @@ Event = Request | Response | Informational | Data | EndOfMessage
 class RequestParser(Protocol):
     def feed(self, data: bytes) -> list[Event]: ...
     def close(self) -> None: ...
+    def take_held(self) -> bytes:
+        """After an upgrade request: the bytes received after its head, which were not
+        parsed (the tunnel's first bytes)."""
+        ...
 
 
 class ResponseParser(Protocol):

@@ -106,6 +106,9 @@ class H11RequestParser:
         self._chunks: _ChunkLines | None = None
         self._keep_alive = False  # the current request's
         self._closing = False  # a request that closes the connection has ended
+        self._upgrade = False  # the current request asks for an upgrade
+        # After an upgrade request, the bytes that follow, unparsed (as llhttp stops).
+        self._held: bytearray | None = None
 
     def close(self) -> None:
         """Nothing to release: h11's connection holds no reference back to this object."""
@@ -141,7 +144,16 @@ class H11RequestParser:
             if data:  # (receive_data(b"") means EOF to h11)
                 self._conn.receive_data(data)
 
+    def take_held(self) -> bytes:
+        held = bytes(self._held or b"")
+        if self._held is not None:
+            self._held.clear()
+        return held
+
     def feed(self, data: bytes) -> list[Event]:
+        if self._held is not None:
+            self._held += data
+            return []
         if self._closing:
             self._after_close(data)
             return []
@@ -173,6 +185,10 @@ class H11RequestParser:
                     raise RemoteProtocolError("request header block too large", 431)
                 request = make_request(ev.method, ev.target, ev.http_version, headers)
                 self._keep_alive = request.keep_alive
+                # llhttp's rule for an upgrade request (checks._upgrade), whether or not
+                # the seam takes up the protocol: nothing after it is parsed.
+                self._upgrade = b"upgrade" in request.connection and any(
+                    n == b"upgrade" for n, _ in headers)
                 events.append(request)
                 if request.chunked:
                     self._chunks = _ChunkLines()
@@ -183,6 +199,9 @@ class H11RequestParser:
                 events.append(END)
                 self._in_body = False
                 self._chunks = None
+                if self._upgrade:
+                    self._held = bytearray(self._conn.trailing_data[0])
+                    break
                 if not self._keep_alive:
                     self._closing = True
                     self._after_close(bytes(self._conn.trailing_data[0]))

@@ -129,6 +129,9 @@ class HttptoolsRequestParser(_LlhttpHead):
             max_header_bytes)
         self._misses = 0  # look-ups in a row that missed (see MISS_STREAK)
         self._keep = True  # the current request's keep_alive
+        # After an upgrade request llhttp parses nothing more: the bytes that follow are
+        # the tunnel's, held unparsed (None: no upgrade yet).
+        self._held: bytearray | None = None
 
     # llhttp callbacks
     def on_url(self, url: bytes) -> None:
@@ -159,7 +162,16 @@ class HttptoolsRequestParser(_LlhttpHead):
         ``feed`` must not be called afterwards."""
         vars(self).pop("_parser", None)
 
+    def take_held(self) -> bytes:
+        held = bytes(self._held or b"")
+        if self._held is not None:
+            self._held.clear()
+        return held
+
     def feed(self, data: bytes) -> list[Event]:
+        if self._held is not None:
+            self._held += data
+            return []
         # "The head memo" above: a read where llhttp stands between messages may be one.
         memoisable = False
         misses = self._misses
@@ -181,10 +193,14 @@ class HttptoolsRequestParser(_LlhttpHead):
         self._bound = (self._raw_size if head_in_progress else 0) + len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade/CONNECT: the proxy does not tunnel; refuse rather than forward bytes
-            # that llhttp stopped parsing.
-            raise RemoteProtocolError("protocol upgrade is not supported", 501) from None
+        except httptools.HttpParserUpgrade as exc:
+            # An upgrade request (CONNECT never gets here: make_request refuses it): llhttp
+            # stops after its head; what follows is held for the tunnel, never parsed.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._held = bytearray(data[offset:])
+            for ev in self._events:
+                if type(ev) is Request and not ev.upgrade:
+                    ev.keep_alive = False  # llhttp's reading of an Upgrade the seam ignores
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, RemoteProtocolError):

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http.checks import BAD_VALUE, TOKEN
 from mtlsproxy.http.header_rules import (
     DEFAULT_RULES,
     DROP,
@@ -308,3 +311,43 @@ def error_response(status: int, reason: str, keep_alive: bool = False,
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
     return head.encode() + body
+
+
+# -- upgrades (proxy/tunnel.py) ---------------------------------------------------------------
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [\t !-~\x80-\xff]*)?")
+
+
+def upgrade_request_head(head: bytes, protocol: bytes) -> bytes:
+    """An upgrade request's head for the upstream: the head ``upstream_request_head``
+    built (which drops Connection and Upgrade, hop-by-hop) with the one protocol the route
+    allows asked for again."""
+    return b"".join((head[:-2], b"connection: upgrade\r\nupgrade: ", protocol, b"\r\n\r\n"))
+
+
+def switching_response(head: bytes, protocol: bytes) -> bytes | None:
+    """The client's 101 head when the upstream's answer ``head`` (up to its blank line) is
+    a 101 to ``protocol``; None when it is another status (an ordinary response). A 101
+    that is malformed or switches to another protocol raises RemoteProtocolError (502)."""
+    lines = head[:-4].split(b"\r\n")
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
+        raise RemoteProtocolError("malformed status line", 502)
+    if status.group(1) != b"101":
+        return None
+    out = [b"HTTP/1.1 101 Switching Protocols"]
+    upgrade = b""
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or not TOKEN.match(name) or BAD_VALUE.search(value):
+            raise RemoteProtocolError("malformed header in a 101 response", 502)
+        name = name.lower()
+        if name == b"upgrade":
+            upgrade = value
+        elif name not in HOP_BY_HOP:
+            out.append(name + b": " + value)
+    if upgrade.split(b"/", 1)[0].strip().lower() != protocol:
+        raise RemoteProtocolError("a 101 to another protocol than the one asked for", 502)
+    out += [b"connection: upgrade", b"upgrade: " + upgrade, b"", b""]
+    return b"\r\n".join(out)

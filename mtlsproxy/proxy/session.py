@@ -51,18 +51,28 @@ from mtlsproxy.admission.admit import (
     Scope,
 )
 from mtlsproxy.admission.cache import Verdict
-from mtlsproxy.config import ListenerConfig, Upstream
+from mtlsproxy.config import ListenerConfig, RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
 from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
-from mtlsproxy.http.parser import Data, EndOfMessage, Event, Request, Response, request_parser
+from mtlsproxy.http.parser import (
+    Data,
+    EndOfMessage,
+    Event,
+    Request,
+    Response,
+    request_parser,
+    response_parser,
+)
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import Router
+from mtlsproxy.proxy.tunnel import Tunnel, open_upgrade
+from mtlsproxy.proxy.upstream import ACTIVE as UP_ACTIVE
 from mtlsproxy.proxy.upstream import Exchange, UpstreamConnection
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.tls.contexts import ServerContexts
@@ -145,6 +155,7 @@ class Listener(Protocol):
     def start_h2(self, conn: TLSConnection, domain: Domain, generation: Snapshot,
                  verdict: Verdict, refusal_counted: bool) -> None: ...
     def h2_streams_gauge(self) -> Any: ...
+    def tunnels_gauge(self, kind: str) -> Any: ...
     def count_h2_error(self, kind: str) -> None: ...
     def count_handshake(self, resumed: bool) -> None: ...
     def count_handshake_failure(self, reason: str, client: str,
@@ -167,6 +178,7 @@ class SessionState(enum.Enum):
     PARKED = "parked"  # between requests in callback mode: no task, a ticker deadline
     FAST = "fast"  # a fast exchange is in flight (callbacks only)
     TASK = "task"  # the general path's task serves the connection
+    TUNNEL = "tunnel"  # an upgrade switched: the connection is a Tunnel's (proxy/tunnel.py)
     CLOSING = "closing"  # the session closed the connection; connection_lost follows
     CLOSED = "closed"  # connection_lost: nothing more happens
 
@@ -178,14 +190,15 @@ class SessionState(enum.Enum):
 # The members as module globals: ``SessionState.X`` goes through EnumType.__getattr__ in
 # Python 3.11, far slower than a global, and the fast path reads them per request.
 _S = SessionState
-HANDSHAKE, PARKED, FAST, TASK, CLOSING, CLOSED = (
-    _S.HANDSHAKE, _S.PARKED, _S.FAST, _S.TASK, _S.CLOSING, _S.CLOSED)
+HANDSHAKE, PARKED, FAST, TASK, TUNNEL, CLOSING, CLOSED = (
+    _S.HANDSHAKE, _S.PARKED, _S.FAST, _S.TASK, _S.TUNNEL, _S.CLOSING, _S.CLOSED)
 TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     HANDSHAKE: frozenset({PARKED, TASK, CLOSING, CLOSED}),
     PARKED: frozenset({FAST, TASK, CLOSING, CLOSED}),
     FAST: frozenset({PARKED, TASK, CLOSING, CLOSED}),
     # TASK -> TASK: the task ended with requests queued meanwhile; a new one takes them.
-    TASK: frozenset({PARKED, TASK, CLOSING, CLOSED}),
+    TASK: frozenset({PARKED, TASK, TUNNEL, CLOSING, CLOSED}),
+    TUNNEL: frozenset({CLOSED}),
     CLOSING: frozenset({CLOSED}),
     CLOSED: frozenset(),
 }
@@ -393,7 +406,7 @@ class ProxySession:
     def _try_fast(self, req: Request) -> bool:
         """Forward ``req`` from this callback if nothing in it needs the general path."""
         rt = self.rt
-        if self.verdict is None or rt.draining:
+        if self.verdict is None or rt.draining or req.upgrade:
             return False
         target = req.target
         # _screen's own test, inline: the usual request has nothing to normalise or refuse
@@ -549,7 +562,14 @@ class ProxySession:
             pass
         finally:
             self.task = None
-            if park and self.conn.state is OPEN:
+            if self.state is TUNNEL:
+                # The connection is the tunnel's now (it is its handler): this session
+                # only leaves the listener's books.
+                self._enter(CLOSED)
+                self.deadline = 0.0
+                self.parser.close()
+                self.rt.connection_closed(self)
+            elif park and self.conn.state is OPEN:
                 self._park()
             else:
                 if self.state is not CLOSED:
@@ -667,6 +687,17 @@ class ProxySession:
                 return keep
             route, target = match
             route_name = route.name
+            upgrade = req.upgrade
+            if upgrade and (upgrade == b"h2c" or req.http_version != b"1.1"):
+                # Not a tunnel: HTTP/2 over TLS is chosen by ALPN (RFC 9113 section 3.2),
+                # and an HTTP/1.0 Upgrade is to be ignored (RFC 9110 section 7.8). The
+                # request is served as it is; the connection ends after it (the parser
+                # read nothing past it).
+                upgrade = b""
+            elif upgrade and (upgrade not in route.upgrades or req.method != b"GET"):
+                status = 501
+                sent = self._write_error(501, "upgrade_not_allowed")
+                return False
             extra = outcome.headers if isinstance(outcome, Admitted) else ()
             upstream_key = route.upstream.key
             block = verdict.header_block + header_block(extra) if extra \
@@ -677,6 +708,10 @@ class ProxySession:
                 req, target, self.conn.peername[0], block, rt.header_rules,
                 frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
             up_start = perf_counter()
+            if upgrade:
+                status, sent = await self._upgrade(req, route, head, start)
+                upstream_status, up_end = status, perf_counter()
+                return False
             status, sent, keep = await self._forward(req, route.upstream, head)
             upstream_status, up_end = status, perf_counter()
             return keep
@@ -708,8 +743,10 @@ class ProxySession:
             duration = perf_counter() - start
             if status == 0:
                 status = 499  # nginx's code for "client closed the request"
-            rt.count_request(route_name, status, duration)
-            if rt.access_log is not None:
+            tunnelled = self.state is TUNNEL  # counted and logged by the tunnel at its end
+            if not tunnelled:
+                rt.count_request(route_name, status, duration)
+            if rt.access_log is not None and not tunnelled:
                 rt.access(self, req, status, sent, duration, upstream_key, upstream_status,
                           None if up_end is None else up_end - up_start)
 
@@ -764,6 +801,46 @@ class ProxySession:
                 raise UpstreamError("upstream closed before responding", "reset") from None
             return await self._stream_response(req, resp, up, pump)
         raise AssertionError("unreachable")
+
+    async def _upgrade(self, req: Request, route: RouteConfig, head: bytes,
+                       start: float) -> tuple[int, int]:
+        """Ask the upstream for the upgrade; on its 101, the connection becomes a
+        ``Tunnel``; any other answer is forwarded as a response. (status, bytes sent)."""
+        rt = self.rt
+        timeouts = rt.config.timeouts
+        protocol = req.upgrade
+        try:
+            opened = await open_upgrade(route.upstream,
+                                        wire.upgrade_request_head(head, protocol),
+                                        timeouts.upstream_connect, timeouts.upstream_read)
+        except ConnectionClosed:
+            raise UpstreamError("upstream closed before responding", "reset") from None
+        try:
+            switched = wire.switching_response(opened.head, protocol)
+        except RemoteProtocolError as exc:
+            opened.transport.close()
+            raise UpstreamError(str(exc), "protocol") from None
+        if switched is None:
+            # Not switched: an ordinary answer, read by an ordinary upstream connection.
+            up = UpstreamConnection(route.upstream.key,
+                                    response_parser(rt.parser_kind, rt.memos), rt.pool.writes)
+            opened.transport.set_protocol(up)
+            up.connection_made(opened.transport)
+            up.set_state(UP_ACTIVE)
+            up.expect(req.method)
+            up.data_received(opened.head + opened.rest)
+            if opened.eof:
+                up.eof_received()
+            resp = await self._response_head(up, None, timeouts.upstream_read)
+            status, sent, _ = await self._stream_response(req, resp, up, None)
+            return status, sent
+        assert self.verdict is not None
+        self._enter(TUNNEL)
+        self.conn.write(switched)
+        tunnel = Tunnel(rt, self.conn, opened.transport, protocol.decode(), self.verdict,
+                        self.domain.admission, route, req, route.upstream.key, start)
+        tunnel.start(self.parser.take_held(), opened.rest, opened.eof)
+        return 101, len(switched)
 
     async def _pump_body(self, req: Request, up: Exchange) -> None:
         """Client body -> upstream, re-framed, with back-pressure both ways."""

@@ -299,6 +299,9 @@ class ListenerRuntime:
         """ALPN chose h2: the connection's handler becomes an H2Session."""
         conn.handler = H2Session(self, conn, domain, generation, verdict, refusal_counted)
 
+    def tunnels_gauge(self, kind: str) -> Any:
+        return self.metrics.tunnels_active.labels(self.name, kind)
+
     def h2_streams_gauge(self) -> Any:
         return self._h2_streams
 

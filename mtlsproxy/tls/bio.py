@@ -118,7 +118,7 @@ class TLSConnection(asyncio.Protocol):
                  "_hello_buf", "_hello_need", "server_name",
                  "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
                  "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",
-                 "__weakref__")
+                 "write_shut", "__weakref__")
 
     def __init__(self, handler_factory: Callable[[TLSConnection], TLSHandler],
                  proxy_protocol: bool = False, writes: WriteBatch | None = None,
@@ -149,6 +149,7 @@ class TLSConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._linger: _Linger | None = None  # closing, the client still sending (close)
+        self.write_shut = False  # shutdown_write: close_notify sent, still reading
 
     def __repr__(self) -> str:
         return f"<TLSConnection {self.state.value} peer={self.peername[0]}:{self.peername[1]}>"
@@ -209,9 +210,9 @@ class TLSConnection(asyncio.Protocol):
         self._incoming.write_eof()
         if self.in_handshake:
             self._fail_handshake(ssl.SSLEOFError("EOF during handshake"))
-        elif self.state is OPEN:
+        elif self.state is OPEN or self.write_shut:
             self._read_plaintext()
-            if self.handler is not None and self.state is OPEN:
+            if self.handler is not None and (self.state is OPEN or self.write_shut):
                 self.handler.eof_received()
         return False
 
@@ -367,7 +368,7 @@ class TLSConnection(asyncio.Protocol):
                 self._flush()
         else:
             self._flush()
-        if eof and self.state is OPEN:
+        if eof and (self.state is OPEN or self.write_shut):
             self.handler.eof_received()
 
     def _flush(self) -> None:
@@ -397,6 +398,20 @@ class TLSConnection(asyncio.Protocol):
                 self._writes.add(self)
 
     def flush_deferred(self) -> None:
+        self._flush()
+
+    def shutdown_write(self) -> None:
+        """Half-close (a tunnel whose upstream finished): close_notify goes out, the
+        client's bytes and its own end still reach the handler (``write_shut``)."""
+        if self.state is not OPEN:
+            return
+        self.write_shut = True
+        self._set_state(CLOSING)
+        if self.sslobj is not None:
+            try:
+                self.sslobj.unwrap()
+            except (ssl.SSLError, ValueError):
+                pass  # want-read: the client's close_notify has not come (it may not)
         self._flush()
 
     def write_and_close(self, data: bytes) -> None:

@@ -552,10 +552,33 @@ def test_oversized_headers_get_431(unstarted: Harness) -> None:
     assert out.startswith(b"HTTP/1.1 431 "), out[:80]
 
 
-def test_upgrade_requests_get_501(proxy: Harness) -> None:
+def test_an_upgrade_the_upstream_does_not_take_is_an_ordinary_answer_then_close(
+        proxy: Harness) -> None:
+    """The echo upstream answers 200, not 101: forwarded as a response, and the connection
+    ends there (nothing after an upgrade request is parsed as HTTP)."""
     out = proxy.raw(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-                    b"Upgrade: websocket\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 501 "), out[:80]
+                    b"Upgrade: websocket\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:80]
+    assert b"connection: close" in out.lower()
+    assert out.count(b"HTTP/1.1 ") == 1 and b"/second" not in out
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"foo", b"websocket/13, h2c"])
+def test_upgrades_a_route_does_not_tunnel_are_refused_or_ignored(proxy: Harness,
+                                                                 upgrade: bytes) -> None:
+    out = proxy.raw(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nUpgrade: " + upgrade
+                    + b"\r\n\r\n")
+    if upgrade == b"h2c":
+        # h2c: served as a plain request (RFC 9110 section 7.8 lets a server ignore
+        # Upgrade); nothing of the upgrade reaches the upstream.
+        assert out.startswith(b"HTTP/1.1 200 "), out[:80]
+        lowered = out.lower()
+        assert b"http2-settings" not in lowered and b'"upgrade"' not in lowered
+    elif upgrade == b"foo":
+        assert out.startswith(b"HTTP/1.1 501 ") and b"upgrade_not_allowed" in out, out[:200]
+    else:  # websocket first: tried upstream, which answers 200 (no switch)
+        assert out.startswith(b"HTTP/1.1 200 "), out[:80]
 
 
 def test_http10_keep_alive_clients_get_several_responses_on_one_connection(

@@ -35,6 +35,26 @@ def feed_all(parser_kind: str, data: bytes, split: int | None = None) -> list[Ev
     return events
 
 
+@pytest.mark.parametrize("split", [None, 1, 9])
+def test_an_upgrade_request_stops_the_parser_and_holds_what_follows(
+        parser_kind: str, split: int | None) -> None:
+    p = request_parser(parser_kind, 32768)
+    head = (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n"
+            b"Upgrade: websocket, h2c\r\n\r\n")
+    after = b"\x81\x05hello" + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    data = head + after
+    events: list[Event] = []
+    step = split or len(data)
+    for i in range(0, len(data), step):
+        events += p.feed(data[i:i + step])
+    assert [type(e) for e in events] == [Request, EndOfMessage]
+    req = events[0]
+    assert isinstance(req, Request)
+    assert req.upgrade == b"websocket" and not req.keep_alive
+    assert p.take_held() == after and p.take_held() == b""
+    assert p.feed(b"more") == [] and p.take_held() == b"more"
+
+
 def test_a_simple_request_parses_to_head_and_end(parser_kind: str) -> None:
     events = feed_all(parser_kind, b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-Y:  z \r\n\r\n")
     assert len(events) == 2
@@ -129,6 +149,14 @@ CORPUS = {
     "unknown_method": b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n",
     "connect": b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
     "upgrade": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    # After an upgrade request nothing is parsed: a request smuggled behind it never is.
+    "websocket_then_more": b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                           b"Upgrade: WebSocket/13\r\nSec-WebSocket-Key: x\r\n\r\n"
+                           b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    "upgrade_with_body": b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+    "upgrade_http10": b"GET / HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\nGET /smuggled HTTP/1.0\r\n\r\n",
     "chunk_bad_size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                       b"zz\r\nabc\r\n0\r\n\r\n",
     "chunk_bare_lf": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -219,7 +247,8 @@ def test_smuggling_vectors_are_rejected(name: str, parser_kind: str) -> None:
 
 
 @pytest.mark.parametrize("name, status", [("oversized", 431), ("te_gzip", 501),
-                                          ("http2_version", 505), ("upgrade", 501)])
+                                          ("http2_version", 505), ("connect", 501),
+                                          ("upgrade_with_body", 400)])
 def test_rejections_carry_the_status_to_answer(name: str, status: int,
                                                parser_kind: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:

@@ -1,0 +1,185 @@
+"""WebSocket through the proxy (issue 24, item 1): a real client (the ``websockets``
+library, with its client certificate) and a real echo server behind a route, on both
+event loops and both parsers. The upgrade request is admitted, stripped and given the
+certificate headers like any request; after the upstream's 101 the proxy relays bytes
+both ways until either side closes, the idle timeout passes, or admission says no."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.harness import Harness
+from tests.support.pki import make_cert
+from tests.support.tools import wait_for
+
+websockets = pytest.importorskip("websockets")
+from websockets.asyncio.server import ServerConnection, serve  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+
+async def echo(ws: ServerConnection) -> None:
+    """Echoes messages; "headers?" answers with the upgrade request's headers."""
+    async for message in ws:
+        if message == "headers?":
+            assert ws.request is not None
+            await ws.send(json.dumps({k.lower(): v for k, v in ws.request.headers.raw_items()}))
+        else:
+            await ws.send(message)
+
+
+@pytest.fixture
+def ws_upstream(unstarted: Harness) -> Iterator[int]:
+    async def start() -> Any:
+        return await serve(echo, "127.0.0.1", 0, max_size=None, ping_interval=None)
+    server = unstarted.loop.run(start())
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+        unstarted.loop.run(stop())
+
+
+def start(h: Harness, port: int, **route: Any) -> None:
+    listener = route.pop("listener", {})
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:{port}",
+                              **route}], **listener))
+
+
+def client(h: Harness, ctx: ssl.SSLContext | None = None, **kw: Any) -> Any:
+    return connect(f"wss://localhost:{h.port}/chat?room=1", ssl=ctx or h.client_context(),
+                   max_size=None, open_timeout=10, close_timeout=2, **kw)
+
+
+def tunnels(h: Harness) -> float:
+    return h.metric("mtlsproxy_tunnels_active", listener="public", kind="websocket")
+
+
+def test_messages_go_both_ways_with_the_certificate_headers_and_no_forged_ones(
+        unstarted: Harness, ws_upstream: int) -> None:
+    start(unstarted, ws_upstream)
+    with client(unstarted, additional_headers={"X-Client-Cert-Subject": "CN=forged",
+                                               "X-Forwarded-Client-Cert": "By=x"}) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        ws.send(b"\x00\x01binary")
+        assert ws.recv(timeout=5) == b"\x00\x01binary"
+        ws.send("headers?")
+        headers = json.loads(ws.recv(timeout=5))
+        assert tunnels(unstarted) == 1
+    assert "CN=good-client" in headers["x-client-cert-subject"]
+    # The proxy's own XFCC, never the client's.
+    assert "By=x" not in headers.get("x-forwarded-client-cert", "")
+    assert not any("forged" in v for v in headers.values())
+    assert headers["upgrade"].lower() == "websocket"
+    assert headers["x-forwarded-proto"] == "https"
+    wait_for(lambda: tunnels(unstarted) == 0)
+
+
+def test_the_tunnel_end_is_logged_with_bytes_each_way_and_counted_as_101(
+        unstarted: Harness, ws_upstream: int) -> None:
+    start(unstarted, ws_upstream)
+    message = os.urandom(5000)  # incompressible (permessage-deflate is on)
+    with client(unstarted) as ws:
+        ws.send(message)
+        assert ws.recv(timeout=5) == message
+
+    def tunnel_records() -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in unstarted.access_lines]
+        return [r for r in records if r["status"] == 101]
+    wait_for(lambda: bool(tunnel_records()))
+    (record,) = tunnel_records()
+    assert record["bytes"] > 5000 and record["bytes_received"] > 5000
+    assert record["path"] == "/chat?room=1" and record["upstream_status"] == 101
+    assert unstarted.metric("mtlsproxy_requests_total", listener="public", route="/",
+                            code="101") == 1
+
+
+def test_a_client_the_route_rules_refuse_gets_403_and_no_tunnel(
+        unstarted: Harness, ws_upstream: int) -> None:
+    start(unstarted, ws_upstream, allow=[{"subject": {"CN": "someone-else"}}])
+    with pytest.raises(InvalidStatus) as info:
+        client(unstarted)
+    assert info.value.response.status_code == 403
+    assert tunnels(unstarted) == 0
+
+
+def test_a_route_without_upgrades_refuses_with_501(unstarted: Harness,
+                                                   ws_upstream: int) -> None:
+    start(unstarted, ws_upstream, upgrades=[])
+    with pytest.raises(InvalidStatus) as info:
+        client(unstarted)
+    assert info.value.response.status_code == 501
+    assert b"upgrade_not_allowed" in info.value.response.body
+
+
+def test_a_tunnel_is_closed_when_its_ca_leaves_the_truststore(
+        unstarted: Harness, ws_upstream: int) -> None:
+    h = unstarted
+    start(h, ws_upstream)
+    with client(h) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        other = make_cert("Another CA", ca=True)
+        store = h.pki.directory / "other-truststore.pem"
+        store.write_bytes(other.cert_pem())
+        raw = h.config(routes=[{"path_prefix": "/",
+                                "upstream": f"http://127.0.0.1:{ws_upstream}"}],
+                       mutual_tls={"truststore_uri": str(store)})
+        assert h.reload(raw) == []
+        with pytest.raises(ConnectionClosed):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ws.send("still there?")
+                ws.recv(timeout=1)
+                time.sleep(0.1)
+    wait_for(lambda: tunnels(h) == 0)
+    assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                    reason="untrusted") >= 1
+
+
+def test_an_idle_tunnel_is_closed_after_timeouts_idle(unstarted: Harness,
+                                                      ws_upstream: int) -> None:
+    h = unstarted
+    start(h, ws_upstream, listener={"timeouts": {"idle": 1}})
+    with client(h) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "hi"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)  # nothing is sent: the proxy ends it
+    wait_for(lambda: tunnels(h) == 0)
+
+
+def test_the_upstream_closing_closes_the_client_side(unstarted: Harness) -> None:
+    h = unstarted
+
+    async def close_at_once(ws: ServerConnection) -> None:
+        await ws.send("bye")
+        await ws.close(code=4000, reason="done")
+
+    async def start_server() -> Any:
+        return await serve(close_at_once, "127.0.0.1", 0, ping_interval=None)
+    server = h.loop.run(start_server())
+
+    async def stop() -> None:
+        server.close()
+        await server.wait_closed()
+    try:
+        start(h, int(server.sockets[0].getsockname()[1]))
+        with client(h) as ws:
+            assert ws.recv(timeout=5) == "bye"
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=5)
+    finally:
+        h.loop.run(stop())
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4000
+    wait_for(lambda: tunnels(h) == 0)
