@@ -229,7 +229,7 @@ class Metrics:
         self.h2_protocol_errors = Counter(
             "mtlsproxy_h2_protocol_errors", "HTTP/2 client connections ended by GOAWAY for "
             "abuse or a protocol error, by kind: rapid_reset, flood, header_size, "
-            "frame_size, protocol.", ["listener", "kind"], registry=registry)
+            "frame_size, timeout, protocol.", ["listener", "kind"], registry=registry)
         self.tunnels_active: Gauge | LocalFamily
         tunnels = ("mtlsproxy_tunnels_active", "Open tunnels (a WebSocket after its 101, a "
                    "TCP-mode connection), by kind.", ["listener", "kind"])

@@ -27,7 +27,7 @@ HEADER_DROP_REASONS = ("underscore", "identity", "strip_headers", "override")
 # 4 x limits.max_header_bytes decoded (HPACK bombs; under that, 431 on the stream);
 # frame_size: a frame header announcing more than SETTINGS_MAX_FRAME_SIZE; protocol: any
 # other protocol error.
-H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "frame_size", "protocol")
+H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "frame_size", "timeout", "protocol")
 
 # mtlsproxy_tunnels_active{kind}: websocket (an HTTP/1.1 Upgrade after its 101), tcp (a
 # TCP-mode listener's connection).

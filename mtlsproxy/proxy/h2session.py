@@ -15,14 +15,24 @@ Rules of this module:
   that sends PINGs or SETTINGS without reading the answers fills nothing.
 - Abuse ends the connection with GOAWAY and a count by kind
   (``mtlsproxy_h2_protocol_errors_total``): streams reset by the client before their
-  answer (rapid reset, CVE-2023-44487: Envoy's premature-reset rule), PING and SETTINGS
-  floods, CONTINUATION floods (h2 refuses more than 64 CONTINUATION frames), header
-  blocks over 4 x ``limits.max_header_bytes`` decoded (HPACK bombs; a smaller excess is
-  a 431 on its stream),
-  and what ``FrameGuard`` (http/h2_frames.py) reads in frame headers before h2 buffers
-  them: oversized frames, empty-frame, PRIORITY and WINDOW_UPDATE floods.
+  answer (rapid reset, CVE-2023-44487: Envoy's premature-reset rule), CONTINUATION
+  floods (h2 refuses more than 64 CONTINUATION frames), header blocks over 4 x
+  ``limits.max_header_bytes`` decoded (HPACK bombs; a smaller excess is a 431 on its
+  stream), consecutive DATA frames of padding only, and what ``FrameGuard``
+  (http/h2_frames.py) reads in frame headers before h2 buffers them: oversized frames
+  and header blocks, floods of control frames (PING, SETTINGS, RST_STREAM, unknown
+  types), empty frames, PRIORITY and WINDOW_UPDATE frames.
+- Every byte of a client's DATA is given back to its connection window exactly once:
+  padding at once, a body piece once written upstream, and what a stream still held
+  when it ended (the upstream answered early, the stream was reset) when it ends.
+- Nothing waits on a client for ever: a header block left unfinished for
+  ``timeouts.request_headers`` and a client that reads nothing for ``timeouts.idle``
+  while answers wait end the connection (kind ``timeout``); a request body that stops
+  for ``timeouts.idle`` is a 408 on its stream, as over HTTP/1.1.
 - Every stream ends with an answer or a reset; the connection ends with GOAWAY when the
-  listener drains, on a protocol error, or idle for ``timeouts.idle``.
+  listener drains, on a protocol error, or idle for ``timeouts.idle``. The drain's
+  GOAWAY is written by this class, not by h2 (whose state machine refuses to send
+  anything after its own GOAWAY), so the streams it lets finish can still be answered.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
-from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard
+from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard, goaway_frame
 from mtlsproxy.http.h2_request import request_from_h2
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.proxy.inbox import Inbox
@@ -64,9 +74,12 @@ log = logging.getLogger("mtlsproxy.h2")
 # Rapid reset (CVE-2023-44487): Envoy's rule, overload_manager's
 # premature_reset_total_stream_count (500) and its 50 % ratio, with nginx's lower count.
 PREMATURE_RESET_MIN_STREAMS = 100
-# Control frames a client may send per second before it is a flood (nginx and Envoy bound
-# them similarly: Envoy's max_inbound_priority_frames_per_stream and PING limits).
-CONTROL_FRAMES_PER_SECOND = 100
+# Consecutive DATA frames of padding only (h2 tells them apart only once parsed): Envoy's
+# max_consecutive_inbound_frames_with_empty_payload, as FrameGuard applies to empty frames.
+MAX_CONSECUTIVE_PADDING_FRAMES = 1
+# The dynamic table a client may make the proxy's encoder keep (RFC 7541 section 4.2):
+# the protocol's default, whatever larger SETTINGS_HEADER_TABLE_SIZE it asks for.
+MAX_HEADER_TABLE_SIZE = 4096
 # The decoded header list hpack stops at, in units of limits.max_header_bytes (a client
 # that ignores SETTINGS_MAX_HEADER_LIST_SIZE by this much is no mistaken client).
 HEADER_CEILING_FACTOR = 4
@@ -78,7 +91,7 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 class _Stream:
     __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset", "grpc",
-                 "grpc_status", "malformed")
+                 "grpc_status", "malformed", "held")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
@@ -92,6 +105,7 @@ class _Stream:
         self.grpc = False  # a gRPC call: the proxy's own answers are gRPC errors
         self.grpc_status: str | None = None  # what the call ended with (the access log)
         self.malformed = False  # its body did not match its Content-Length (reset)
+        self.held = 0  # body bytes received and not yet given back to the client's window
 
 
 def _nothing() -> None:
@@ -100,6 +114,10 @@ def _nothing() -> None:
 
 class _StreamGone(Exception):
     """The client reset the stream, or the connection ended, while it was being served."""
+
+
+class _BodyTimeout(Exception):
+    """The client stopped sending its request body (408, nginx's client_body_timeout)."""
 
 
 class H2Session:
@@ -132,16 +150,22 @@ class H2Session:
         # setting changed then; it is in place from the start, so the ACK changes nothing.)
         self.h2.decoder.max_header_list_size = HEADER_CEILING_FACTOR * limits.max_header_bytes
         self.h2.initiate_connection()
-        self.guard = FrameGuard(self.h2.max_inbound_frame_size)
+        self.guard = FrameGuard(self.h2.max_inbound_frame_size,
+                                HEADER_CEILING_FACTOR * limits.max_header_bytes)
         self.streams: dict[int, _Stream] = {}
         self.streams_total = 0
         self.premature_resets = 0
-        self._control = 0  # PING and SETTINGS frames in the current second
-        self._control_window = 0.0
+        self._padding_only = 0  # consecutive DATA frames of padding only
         self._closing = False
+        # The last stream ID of the GOAWAY this session sent (drain, a refused
+        # certificate): later streams are refused, earlier ones finish.
+        self._goaway_last: int | None = None
         self._received = 0  # the stream being logged's (take_received)
         self._streams_active = rt.h2_streams_gauge()
-        self.deadline = rt.loop_time() + rt.config.timeouts.idle
+        # The ticker's deadline (``deadline``) is the earlier of the idle one (no stream
+        # open) and the unfinished header block's.
+        self._idle_at = rt.loop_time() + rt.config.timeouts.idle
+        self.deadline = self._idle_at
         rt.connection_opened(self)
         self._flush()
 
@@ -171,7 +195,7 @@ class H2Session:
         if self._closing:
             return
         try:
-            self.guard.feed(data)
+            self.guard.feed(data, self.rt.loop_time())
         except FrameAbuse as exc:
             self._abort(exc.kind, h2.errors.ErrorCodes.FRAME_SIZE_ERROR
                         if exc.kind == "frame_size" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
@@ -196,6 +220,7 @@ class H2Session:
             if self._closing:
                 return
         self._flush()
+        self._rearm()
 
     def eof_received(self) -> None:
         self._end_streams()
@@ -208,18 +233,34 @@ class H2Session:
         self.rt.connection_closed(self)
 
     def on_tick(self, now: float) -> None:
-        if self.deadline and now >= self.deadline and not self.streams:
-            self.deadline = 0.0
+        since = self.guard.header_block_since
+        if since is not None and now >= since + self.rt.config.timeouts.request_headers:
+            # A header block begun and never finished (nginx: client_header_timeout).
+            self._abort("timeout", h2.errors.ErrorCodes.NO_ERROR,
+                        RemoteProtocolError("header block unfinished"))
+        elif self._idle_at and now >= self._idle_at and not self.streams:
+            self._idle_at = self.deadline = 0.0
             self._goaway(h2.errors.ErrorCodes.NO_ERROR)  # idle: quietly, like nginx
+        else:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        since = self.guard.header_block_since
+        block = since + self.rt.config.timeouts.request_headers if since is not None else 0.0
+        idle = 0.0 if self.streams else self._idle_at
+        self.deadline = min(block, idle) if block and idle else block or idle
 
     def on_drain(self) -> None:
         """GOAWAY: no new streams; the open ones finish, then the connection closes."""
-        if not self._closing:
-            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
-            self._flush()
-            if not self.streams:
-                self._closing = True
-                self.conn.close()
+        if self._closing or self._goaway_last is not None:
+            return
+        self._goaway_last = self.h2.highest_inbound_stream_id or 0
+        self._flush()  # what h2 has written goes first
+        if self.conn.state is not TLS_CLOSED:
+            self.conn.write(goaway_frame(self._goaway_last, h2.errors.ErrorCodes.NO_ERROR))
+        if not self.streams:
+            self._closing = True
+            self.conn.close()
 
     # -- events -----------------------------------------------------------------------
 
@@ -228,15 +269,26 @@ class H2Session:
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and event.data:
-                stream.received += len(event.data)
-                stream.inbox.put([Data(event.data)])
-            # Acknowledged once written upstream (_pump); a stream already answered or
-            # reset gives its bytes back at once, so the connection window stays open.
-            if stream is None or stream.answered:
+            size = len(event.data)
+            if size:
+                self._padding_only = 0
+            elif event.flow_controlled_length and event.stream_ended is None:
+                self._padding_only += 1
+                if self._padding_only > MAX_CONSECUTIVE_PADDING_FRAMES:
+                    self._abort("flood", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                                RemoteProtocolError("DATA frames of padding only"))
+                    return
+            # A body piece is given back once written upstream (_pump); padding, and what
+            # a stream already answered or gone receives, at once, so the connection
+            # window stays open.
+            if stream is None or stream.answered or not size:
                 self._ack(event.stream_id, event.flow_controlled_length)
-            elif not event.data:
-                self._ack(event.stream_id, event.flow_controlled_length)  # padding only
+                return
+            stream.received += size
+            stream.held += size
+            stream.inbox.put([Data(event.data)])
+            if event.flow_controlled_length > size:
+                self._ack(event.stream_id, event.flow_controlled_length - size)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -254,36 +306,29 @@ class H2Session:
                 if stream is not None:
                     stream.window.set()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._control_frame()
+            if self.h2.encoder.header_table_size > MAX_HEADER_TABLE_SIZE:
+                self.h2.encoder.header_table_size = MAX_HEADER_TABLE_SIZE
             for stream in self.streams.values():
                 stream.window.set()  # INITIAL_WINDOW_SIZE may have grown
-        elif isinstance(event, h2.events.PingReceived):
-            self._control_frame()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._closing = True
             self._end_streams()
             self._flush()
             self.conn.close()
 
-    def _control_frame(self) -> None:
-        now = self.rt.loop_time()
-        if now - self._control_window >= 1.0:
-            self._control_window, self._control = now, 0
-        self._control += 1
-        if self._control > CONTROL_FRAMES_PER_SECOND:
-            self._abort("flood", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                        RemoteProtocolError("PING or SETTINGS flood"))
-
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        if self.rt.draining:
+        self._padding_only = 0
+        if self.rt.draining or (self._goaway_last is not None
+                                and stream_id > self._goaway_last):
+            # After GOAWAY: never processed, the client may retry it elsewhere (RFC 9113
+            # section 6.8).
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream = _Stream(stream_id)
         self.streams[stream_id] = stream
         self.streams_total += 1
         self._streams_active.inc()
-        self.deadline = 0.0
         ended = event.stream_ended is not None
         if ended:
             stream.inbox.put([EndOfMessage()])
@@ -401,6 +446,10 @@ class H2Session:
                                              (b"grpc-message", exc.kind.encode())])
             else:
                 self._reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except _BodyTimeout:
+            # The client stopped sending its body (nginx's client_body_timeout: 408).
+            status = 408
+            sent = self._respond_error(stream, 408, "request_timeout")
         except (_StreamGone, asyncio.CancelledError, ConnectionClosed):
             # 499: nginx's code for "client closed the request".
             status = 400 if stream.malformed else status or 499
@@ -480,8 +529,11 @@ class H2Session:
         while True:
             ev = stream.inbox.get_nowait()
             if ev is None:
-                async with asyncio.timeout(idle):
-                    ev = await stream.inbox.get()
+                try:
+                    async with asyncio.timeout(idle):
+                        ev = await stream.inbox.get()
+                except TimeoutError:
+                    raise _BodyTimeout() from None
             if isinstance(ev, Data):
                 written += len(ev.data)
                 if length is not None and written > length:
@@ -490,6 +542,7 @@ class H2Session:
                 if up.write_paused:
                     async with asyncio.timeout(self.rt.config.timeouts.upstream_read):
                         await up.drain()
+                stream.held -= len(ev.data)
                 self._ack(stream.id, len(ev.data))
                 self._flush()
             elif isinstance(ev, EndOfMessage):
@@ -591,8 +644,14 @@ class H2Session:
                          self.h2.max_outbound_frame_size, _SEND_CHUNK)
             if window <= 0:
                 stream.window.clear()
-                async with asyncio.timeout(self.rt.config.timeouts.idle):
-                    await stream.window.wait()
+                try:
+                    async with asyncio.timeout(self.rt.config.timeouts.idle):
+                        await stream.window.wait()
+                except TimeoutError:
+                    # The client opened no window for it (nginx's send_timeout): only
+                    # this stream is stuck, so only it ends.
+                    self._reset(stream, h2.errors.ErrorCodes.CANCEL)
+                    raise _StreamGone() from None
                 continue
             self.h2.send_data(stream.id, bytes(view[:window]))
             self.guard.data_frames_sent += 1
@@ -600,8 +659,15 @@ class H2Session:
             self._flush()
             if self.conn.write_paused:
                 try:
-                    await self.conn.drain()
+                    async with asyncio.timeout(self.rt.config.timeouts.idle):
+                        await self.conn.drain()
                 except ConnectionResetError:
+                    raise _StreamGone() from None
+                except TimeoutError:
+                    # The client reads nothing at all (nginx's send_timeout): every
+                    # stream is stuck behind the same socket.
+                    self._abort("timeout", h2.errors.ErrorCodes.NO_ERROR,
+                                RemoteProtocolError("the client reads nothing"))
                     raise _StreamGone() from None
 
     def _respond_error(self, stream: _Stream, status: int, reason: str,
@@ -652,13 +718,19 @@ class H2Session:
             self._streams_active.dec()
         if not stream.answered and not stream.reset and not self._closing:
             self._reset(stream, h2.errors.ErrorCodes.CANCEL)
+        if stream.held:
+            # Body bytes never written upstream (an early answer, a reset): the stream is
+            # closed, so only the connection's window gets them back.
+            held, stream.held = stream.held, 0
+            self._ack(stream.id, held)
+            self._flush()
         if not self.streams:
-            if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED and \
-                    not self._closing:
+            if self._goaway_last is not None and not self._closing:
                 self._closing = True  # GOAWAY sent (drain, a refused certificate)
                 self.conn.close()
             else:
-                self.deadline = self.rt.loop_time() + self.rt.config.timeouts.idle
+                self._idle_at = self.rt.loop_time() + self.rt.config.timeouts.idle
+                self._rearm()
 
     # -- the connection -----------------------------------------------------------------
 
@@ -690,7 +762,8 @@ class H2Session:
     def _goaway(self, code: h2.errors.ErrorCodes) -> None:
         self._closing = True
         try:
-            self.h2.close_connection(error_code=code)
+            # Never a later last stream ID than a GOAWAY already sent (RFC 9113 section 6.8).
+            self.h2.close_connection(error_code=code, last_stream_id=self._goaway_last)
         except h2.exceptions.ProtocolError:
             pass
         data = self.h2.data_to_send()

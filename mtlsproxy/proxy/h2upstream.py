@@ -12,9 +12,19 @@ Rules of this module:
 - A connection carries streams up to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS; the
   pool opens another beside it when all are full, and never reuses one after a GOAWAY or
   close to stream ID exhaustion (RFC 9113 section 5.1.1).
-- Back-pressure: response DATA is acknowledged (WINDOW_UPDATE) while the stream's inbox
-  is not paused, so an upstream can be ahead of a slow client by one window at most;
-  request DATA is sent only as the upstream's windows allow (``drain`` waits for them).
+- Back-pressure: response DATA is acknowledged (WINDOW_UPDATE) on its stream while the
+  stream's inbox is not paused, so an upstream can be ahead of a slow client by one
+  stream window at most; request DATA is sent only as the upstream's windows allow
+  (``drain`` waits for them). The connection's window is opened to the largest there is
+  at the start: one slow or abandoned stream must never hold back the others (RFC 9113
+  section 5.2.2), and the stream windows (times the streams, at most
+  ``MAX_STREAMS_PER_CONNECTION``) already bound what the proxy holds. Bytes a stream
+  held back are given back to the connection when it ends, however it ends.
+- GOAWAY from the upstream is read before h2 sees it (http/h2_frames.py
+  ``GoAwayFilter``): streams up to its last stream ID finish, later ones fail (never
+  processed: RFC 9113 section 6.8), and the connection closes when none is left.
+- A response head is checked as an HTTP/1.1 one is (``checks.make_response``): a status
+  outside 100-599 or a control byte in a field is a 502, never passed on.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import h2.exceptions
 import h2.settings
 
 from mtlsproxy.config import Upstream
-from mtlsproxy.errors import ConnectionClosed, UpstreamError
+from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
+from mtlsproxy.http.checks import make_response
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Response
+from mtlsproxy.http.h2_frames import GoAway, GoAwayFilter
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.runtime.writes import WriteBatch
 
@@ -42,6 +54,14 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
 # Stream IDs are 31 bits and never reused: a connection this close to the end takes no
 # new stream (a new connection does).
 _LAST_STREAM_ID = 2**31 - 1 - 2 * 1000
+# Streams per upstream connection, whatever the upstream allows (gRPC servers allow any
+# number): with each stream's window, it bounds what one connection makes the proxy hold.
+# nginx's http2_max_concurrent_streams default.
+MAX_STREAMS_PER_CONNECTION = 100
+_LARGEST_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
+# The dynamic table an upstream may make the proxy's encoder keep (RFC 7541 section
+# 4.2): the protocol's default, whatever larger size SETTINGS_HEADER_TABLE_SIZE asks.
+MAX_HEADER_TABLE_SIZE = 4096
 
 
 def h2_request_headers(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -114,6 +134,15 @@ class H2UpstreamStream:
         if not self.ended:
             self.ended = True
             self.conn.reset(self)
+        else:
+            self.settle()
+
+    def settle(self) -> None:
+        """Give the connection back what this stream held unacknowledged (its stream
+        window does not matter any more)."""
+        size, self._unacked = self._unacked, 0
+        if size:
+            self.conn.ack(self, size)
 
     # -- what the connection calls --------------------------------------------------------
 
@@ -140,6 +169,7 @@ class H2UpstreamStream:
         self.ended = True
         self.inbox.fail(exc)
         self._window.set()
+        self.settle()
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -167,6 +197,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         # Request bytes waiting for the upstream's flow-control windows, by stream.
         self._pending: dict[int, bytearray] = {}
         self._end_after: set[int] = set()
+        self._goaways = GoAwayFilter()
 
     def __repr__(self) -> str:
         return f"<H2UpstreamConnection {self.key} streams={len(self.streams)}>"
@@ -175,7 +206,8 @@ class H2UpstreamConnection(asyncio.Protocol):
     def usable(self) -> bool:
         """May take one more stream now."""
         return (not self.closed and not self.goaway
-                and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+                and len(self.streams) < min(self.h2.remote_settings.max_concurrent_streams,
+                                            MAX_STREAMS_PER_CONNECTION)
                 and (self.h2.highest_outbound_stream_id or 0) < _LAST_STREAM_ID)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -183,18 +215,26 @@ class H2UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(
+            _LARGEST_WINDOW - self.h2.inbound_flow_control_window)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._fail_all(UpstreamError(f"upstream HTTP/2 protocol error: {exc}",
-                                         "protocol"))
-            self._close()
-            return
-        for event in events:
-            self._event(event)
+        for part in self._goaways.feed(data):
+            if self.closed:
+                return
+            if isinstance(part, GoAway):
+                self._goaway(part)
+                continue
+            try:
+                events = self.h2.receive_data(part)
+            except h2.exceptions.ProtocolError as exc:
+                self._fail_all(UpstreamError(f"upstream HTTP/2 protocol error: {exc}",
+                                             "protocol"))
+                self._close()
+                return
+            for event in events:
+                self._event(event)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -216,7 +256,15 @@ class H2UpstreamConnection(asyncio.Protocol):
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.inbox.put([_response(event.headers or [])])
+                try:
+                    response = _response(event.headers or [])
+                except RemoteProtocolError as exc:
+                    stream.ended = True
+                    self.reset(stream)
+                    stream.failed(UpstreamError(f"upstream response refused: {exc}",
+                                                "protocol"))
+                    return
+                stream.inbox.put([response])
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None and event.data:
@@ -228,28 +276,39 @@ class H2UpstreamConnection(asyncio.Protocol):
             if stream is not None:
                 stream.ended = True
                 stream.inbox.put([EndOfMessage(tuple(event.headers or ()))])
+            if self.goaway and not self.streams:
+                self._close()
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 stream.ended = True
                 stream.inbox.put([EndOfMessage()])
+            if self.goaway and not self.streams:
+                self._close()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
             self._pending.pop(event.stream_id, None)
             if stream is not None:
                 stream.failed(UpstreamError(
                     f"upstream reset the stream ({event.error_code!s})", "reset"))
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            self._send_pending()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway = True
-            last = event.last_stream_id or 0
-            for stream_id in [i for i in self.streams if i > last]:
-                # Never processed by the upstream (RFC 9113 section 6.8): safe to retry,
-                # but a body may have gone; reported as a reset.
-                self.streams.pop(stream_id).failed(ConnectionClosed("upstream GOAWAY"))
-            if not self.streams:
+            if self.goaway and not self.streams:
                 self._close()
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._send_pending()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if self.h2.encoder.header_table_size > MAX_HEADER_TABLE_SIZE:
+                self.h2.encoder.header_table_size = MAX_HEADER_TABLE_SIZE
+            self._send_pending()
+
+    def _goaway(self, goaway: GoAway) -> None:
+        self.goaway = True
+        for stream_id in [i for i in self.streams if i > goaway.last_stream_id]:
+            # Never processed by the upstream (RFC 9113 section 6.8): safe to retry, but a
+            # body may have gone; reported as a reset.
+            self._pending.pop(stream_id, None)
+            self.streams.pop(stream_id).failed(ConnectionClosed("upstream GOAWAY"))
+        if not self.streams:
+            self._close()
 
     # -- what streams call ----------------------------------------------------------------
 
@@ -286,6 +345,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
             except h2.exceptions.ProtocolError:
                 pass
+            stream.settle()  # closed now: only the connection's share is given back
             self._flush()
         if self.goaway and not self.streams:
             self._close()
@@ -365,19 +425,24 @@ class H2UpstreamConnection(asyncio.Protocol):
 
 
 def _response(headers: list[tuple[bytes, bytes]]) -> Response:
-    status = 0
+    """The response of an HTTP/2 head, held to the rules of an HTTP/1.1 one (the fields a
+    client gets are the same either way); raises RemoteProtocolError."""
+    status = b""
     fields: list[tuple[bytes, bytes]] = []
-    length: int | None = None
     for name, value in headers:
         if name == b":status":
-            status = int(value)
+            status = value
         elif name[:1] != b":":
             fields.append((name, value))
-            if name == b"content-length" and value.isdigit():
-                length = int(value)
-    # No Content-Length: the body ends with the stream, so an HTTP/1.1 client gets it
-    # chunked (``chunked`` is how the framing code reads "delimited by its end").
-    return Response(status, b"", b"2", fields, True, length is None, length)
+    # RFC 9113 section 8.3.2: three digits (int() would take " 2_00" and "-1").
+    if len(status) != 3 or not status.isdigit():
+        raise RemoteProtocolError(f"invalid :status {status[:16]!r}", 502)
+    response = make_response(int(status), b"", b"1.1", fields, b"GET")
+    # HTTP/2 frames end the body: no Content-Length means it ends with the stream, so an
+    # HTTP/1.1 client gets it chunked (``chunked`` is how the framing code reads
+    # "delimited by its end").
+    length = response.content_length
+    return Response(response.status, b"", b"2", fields, True, length is None, length)
 
 
 class H2UpstreamPool:
@@ -425,6 +490,8 @@ class H2UpstreamPool:
         """The exchange is over: an unfinished stream is reset; the connection stays."""
         if not stream.ended or not reusable:
             stream.close()
+        else:
+            stream.settle()
 
     def close_all(self) -> None:
         for conns in self._conns.values():

@@ -5,9 +5,11 @@ the h2 state machine over real TLS sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
+import threading
 from typing import Any
 
 import pytest
@@ -528,3 +530,185 @@ def test_a_route_removed_by_reload_is_gone_for_the_next_stream_of_an_open_connec
     assert h.reload(h.config(routes=routes[:1])) == []
     assert c.get("/gone").status == 404
     assert c.get("/keep").status == 200 and c.goaway is None
+
+
+# -- what a second attacker's run found (windows, floods, timeouts, drain) ----------------
+
+def test_a_client_asking_for_a_huge_header_table_gets_the_default_one(
+        harness: Harness) -> None:
+    """SETTINGS_HEADER_TABLE_SIZE is the most the client's decoder will keep; the proxy's
+    encoder keeps no more than the protocol's default, whatever it asks."""
+    import h2.settings
+    harness.start()
+    c = client(harness)
+    c.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**30})
+    c.flush()
+    assert c.get("/").status == 200
+    assert c.get("/again").status == 200
+    assert c.h2.decoder.max_allowed_table_size == 2**30  # the proxy has seen it
+    assert c.h2.decoder.header_table.maxsize == 4096
+
+
+@pytest.mark.parametrize("kind", ["unknown-type", "settings-ack", "rst-closed-stream",
+                                  "padding-only-data"])
+def test_frames_that_only_cost_work_end_the_connection_as_a_flood(
+        harness: Harness, kind: str) -> None:
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    if kind == "unknown-type":
+        frames = [frame_header(0, 0x20)] * 300
+    elif kind == "settings-ack":
+        frames = [frame_header(0, 0x4, 0x1)] * 300
+    elif kind == "rst-closed-stream":
+        assert c.get("/").status == 200  # stream 1 is closed now
+        frames = [frame_header(4, 0x3, 0, 1) + (8).to_bytes(4, "big")] * 300
+    else:
+        c.request("/", method="POST", end=False)  # stream 1 open
+        frames = [frame_header(10, 0x0, 0x8, 1) + b"\x09" + bytes(9)] * 3
+    try:
+        c.sock.sendall(b"".join(frames))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert errors(harness, "flood") == 1
+
+
+def test_a_few_control_frames_a_second_are_no_flood(harness: Harness) -> None:
+    harness.start()
+    c = client(harness)
+    c.sock.sendall(frame_header(0, 0x20) * 50 + frame_header(8, 0x6) + b"12345678")
+    assert c.get("/").status == 200
+    assert errors(harness, "flood") == 0
+
+
+def test_a_stream_whose_window_the_client_never_opens_is_reset_after_the_idle_timeout(
+        harness: Harness) -> None:
+    import h2.errors
+    harness.start(harness.config(timeouts={"idle": 1}))
+    c = client(harness)
+    sid = c.request("/bytes/1000000")
+    threading.Event().wait(2.5)  # read nothing meanwhile: no WINDOW_UPDATE goes out
+    r = c.response(sid)
+    assert r.reset == h2.errors.ErrorCodes.CANCEL
+    assert len(r.body) == 65535  # one window, and no more
+    wait_for(lambda: harness.metric("mtlsproxy_h2_streams_active", listener="public") == 0)
+
+
+def test_a_client_that_reads_nothing_is_disconnected_after_the_idle_timeout(
+        harness: Harness) -> None:
+    import h2.settings
+    harness.start(harness.config(timeouts={"idle": 1}))
+    c = client(harness)
+    # Windows as large as there are: only the socket, not flow control, holds it back.
+    c.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    c.h2.increment_flow_control_window(2**31 - 1 - 65535)
+    c.flush()
+    c.request("/bytes/200000000")
+    wait_for(lambda: errors(harness, "timeout") == 1, timeout=20)
+    assert errors(harness, "timeout") == 1
+    wait_for(lambda: harness.metric("mtlsproxy_h2_streams_active", listener="public") == 0)
+
+
+def test_a_body_the_upstream_never_read_is_given_back_to_the_connection_window(
+        unstarted: Harness) -> None:
+    """An upstream that answers without reading the body: what the proxy still held of
+    it (the upstream's socket full, the stream's window used up) was never acknowledged,
+    and the connection's window shrank by it for good."""
+    async def early(reader: Any, writer: Any) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.5)  # reading nothing: the proxy's writes back up
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    h = unstarted
+    port = h.serve(early, rcvbuf=4096)
+    h.start_echo()
+    h.start(h.config(routes=[
+        {"path_prefix": "/early", "upstream": f"http://127.0.0.1:{port}"},
+        {"path_prefix": "/", "upstream": f"http://127.0.0.1:{h.echo_port}"}]))
+    c = client(h)
+    sid = c.request("/early", method="POST", end=False)
+    r = c.responses[sid]
+    while not r.status and not c.closed:
+        window = min(c.h2.local_flow_control_window(sid), 16384)
+        if window > 0:
+            c.h2.send_data(sid, b"x" * window)
+            c.flush()
+        else:
+            c.receive()  # a WINDOW_UPDATE, or the answer
+        r = c.responses[sid]
+    assert r.status == 413, r
+    for _ in range(3):
+        doc = echoed(c.response(c.request("/upload", method="POST", body=b"y" * 60000)))
+        assert doc["body_bytes"] == 60000
+
+
+def test_drain_lets_an_open_stream_finish_before_goaway_closes(harness: Harness) -> None:
+    """curl (nghttp2) as the client: h2's own state machine stops reading at a GOAWAY,
+    where a real client goes on with the streams it names."""
+    from tests.support.h2server import ScriptedH2Upstream
+    require_tool("curl", "curl")
+    up = ScriptedH2Upstream()
+    port = harness.serve(up.handle)
+    harness.start(harness.config(routes=[{"path_prefix": "/", "upstream_protocol": "h2",
+                                          "upstream": f"http://127.0.0.1:{port}"}]))
+    c, k = harness.pki.client_files()
+    curl = subprocess.Popen(
+        ["curl", "-s", "-S", "--http2", "-w", "\\n%{http_code} %{http_version}", "--cacert",
+         str(harness.pki.directory / "root.pem"), "--cert", str(c), "--key", str(k),
+         f"https://localhost:{harness.port}/slow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: up.paths == ["/slow"])
+        assert harness.server is not None
+        harness.loop.call(lambda: [lr.begin_drain() for lr in harness.server.listeners])  # type: ignore[union-attr]
+        out, err = curl.communicate(timeout=20)
+    finally:
+        curl.kill()
+        curl.wait()
+    assert out == "slow\n200 2", (out, err)
+    assert curl.returncode == 0, err
+    wait_for(lambda: harness.metric("mtlsproxy_connections_active", listener="public") == 0)
+
+
+def test_an_unfinished_header_block_ends_the_connection_after_the_header_timeout(
+        harness: Harness) -> None:
+    harness.start(harness.config(timeouts={"request_headers": 1}))
+    c = client(harness)
+    # The SETTINGS exchange done first: the client's ACK may not come inside the block.
+    assert c.get("/").status == 200
+    block = c.h2.encoder.encode([(b":method", b"GET"), (b":scheme", b"https"),
+                                 (b":authority", b"localhost"), (b":path", b"/")])
+    c.sock.sendall(frame_header(len(block) // 2, 0x1, 0x1, 3) + block[:len(block) // 2])
+    c.until_closed()
+    assert c.goaway is not None
+    assert errors(harness, "timeout") == 1, c.goaway
+
+
+def test_a_header_block_over_the_ceiling_is_refused_before_it_is_buffered(
+        harness: Harness) -> None:
+    """h2 keeps HEADERS and up to 64 CONTINUATION frames of any size until END_HEADERS;
+    the proxy counts their bytes as they come (4 x limits.max_header_bytes)."""
+    import h2.errors
+    harness.start(harness.config(limits={"max_header_bytes": 4096}))
+    c = client(harness)
+    c.sock.sendall(frame_header(16000, 0x1, 0, 1) + b"a" * 16000
+                   + frame_header(16000, 0x9, 0, 1) + b"a" * 16000)
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert errors(harness, "header_size") == 1
+
+
+def test_a_stalled_request_body_is_a_408_as_over_http11(harness: Harness) -> None:
+    harness.start(harness.config(timeouts={"idle": 1}))
+    c = client(harness)
+    r = c.response(c.request("/upload", method="POST", body=b"partial", end=False))
+    assert r.status == 408 and json.loads(r.body)["reason"] == "request_timeout"
+    assert harness.metric("mtlsproxy_requests_total", listener="public", route="/",
+                          code="408", protocol="h2") == 1

@@ -90,10 +90,18 @@ class Harness:
         return self.server
 
     def serve(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                      Coroutine[Any, Any, None]]) -> int:
-        """A small server of the test's on loopback, closed with the harness; its port."""
+                                      Coroutine[Any, Any, None]],
+              rcvbuf: int | None = None) -> int:
+        """A small server of the test's on loopback, closed with the harness; its port.
+        ``rcvbuf``: its sockets' receive buffer, small to make a sender's writes back up
+        soon."""
         async def go() -> int:
-            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if rcvbuf is not None:  # inherited by accepted sockets (socket(7))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind(("127.0.0.1", 0))
+            server = await asyncio.start_server(handler, sock=sock)
             self.servers.append(server)
             return int(server.sockets[0].getsockname()[1])
         return self.loop.run(go())
