@@ -107,8 +107,31 @@ def _load_problems(config: Config, report: bool = False) -> list[str]:
                 print(summary)
                 for line in warnings:
                     print(line)
+    problems += _upstream_tls_problems(config)
     for p in problems:
         print(p, file=sys.stderr)
+    return problems
+
+
+def _upstream_tls_problems(config: Config) -> list[str]:
+    """Each https:// upstream's TLS context, built as a connection would build it."""
+    import ssl
+
+    from mtlsproxy.tls.upstream import build_context
+    problems = []
+    for i, listener in enumerate(config.listeners):
+        for lc in listener.domain_views():
+            for j, route in enumerate(lc.routes):
+                tls = route.upstream.tls
+                if tls is None:
+                    continue
+                try:
+                    build_context(tls, "h2" if route.upstream.protocol == "h2"
+                                  else "http/1.1")
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+                    problems.append(f"listeners[{i}].{lc.key(f'routes[{j}].upstream_tls')}: "
+                                    f"unusable: {reason or exc}")
     return problems
 
 
@@ -141,6 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
     from mtlsproxy.server.proxy_server import ProxyServer
     from mtlsproxy.tls import native
+    if worker is None and config.workers <= 1:
+        problems = _upstream_tls_problems(config)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            return 2
     if worker is not None:
         native.use_secret(worker.read_secret())
     try:

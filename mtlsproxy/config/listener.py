@@ -14,6 +14,7 @@ from mtlsproxy.config.model import (
     FORWARD_FAMILIES,
     FORWARDED_MODES,
     SECURITY_POLICIES,
+    TLS_VERSIONS,
     UPSTREAM_PROTOCOLS,
     AuthorizerConfig,
     CertificateConfig,
@@ -27,6 +28,7 @@ from mtlsproxy.config.model import (
     TimeoutsConfig,
     TLSConfig,
     Upstream,
+    UpstreamTLS,
 )
 from mtlsproxy.config.reader import Reader, one_of, positive
 from mtlsproxy.config.rules import Rule, RuleError, parse_rule
@@ -359,7 +361,8 @@ def _read_routes(r: Reader, data: dict[str, Any], path: str,
 def _read_route(r: Reader, item: Any, rpath: str,
                 seen: set[tuple[str | None, str]], domain: str = "") -> RouteConfig:
     rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "upstream_protocol", "host",
-                                    "strip_prefix", "allow", "authorizer", "upgrades"))
+                                    "strip_prefix", "allow", "authorizer", "upgrades",
+                                    "upstream_tls"))
     prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
     rhost = r.get(rdata, "host", rpath, str, "", _check_route_host) or None
     if rhost:
@@ -380,6 +383,12 @@ def _read_route(r: Reader, item: Any, rpath: str,
                      one_of(UPSTREAM_PROTOCOLS))
     if protocol != "http1":
         upstream = dataclasses.replace(upstream, protocol=protocol)
+    if upstream.scheme == "https":
+        upstream = dataclasses.replace(
+            upstream, tls=_read_upstream_tls(r, rdata.get("upstream_tls"),
+                                             f"{rpath}.upstream_tls"))
+    elif "upstream_tls" in rdata:
+        r.problem(f"{rpath}.upstream_tls", "applies to https:// upstreams only")
     allow: tuple[Rule, ...] | None = None
     if "allow" in rdata:
         raw_rules = r.get(rdata, "allow", rpath, list, [])
@@ -418,6 +427,28 @@ def _read_route(r: Reader, item: Any, rpath: str,
         upgrades=frozenset(upgrades),
         domain=domain,
     )
+
+
+def _read_upstream_tls(r: Reader, raw: Any, path: str) -> UpstreamTLS:
+    """The files are read when contexts are built: ``check-config`` and start-up build
+    them (cli.py), so a certificate that does not match its key is a problem naming the
+    key, not a 502 later."""
+    data = r.mapping(raw, path, ("ca_file", "server_name", "verify", "cert_file",
+                                 "key_file", "min_version"))
+    ca_file = r.file(data, "ca_file", path) if data.get("ca_file") else None
+    cert_file = r.file(data, "cert_file", path) if data.get("cert_file") else None
+    key_file = r.file(data, "key_file", path) if data.get("key_file") else None
+    if (cert_file is None) != (key_file is None):
+        r.problem(path, "cert_file and key_file go together (the client certificate "
+                        "for upstream mTLS)")
+    tls = UpstreamTLS(
+        ca_file=ca_file,
+        server_name=r.get(data, "server_name", path, str, "") or None,
+        verify=r.get(data, "verify", path, bool, True),
+        cert_file=cert_file,
+        key_file=key_file,
+        min_version=r.get(data, "min_version", path, str, "TLSv1.2", one_of(TLS_VERSIONS)))
+    return tls
 
 
 def _read_timeouts(r: Reader, raw: Any, tmpath: str) -> TimeoutsConfig:

@@ -87,22 +87,50 @@ class MutualTLSConfig:
 UPSTREAM_PROTOCOLS = ("http1", "h2")
 
 
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """``routes[].upstream_tls`` of an ``https://`` upstream (nginx's proxy_ssl_*, Envoy's
+    UpstreamTlsContext): verified by default, against ``ca_file`` or the system CAs."""
+
+    ca_file: Path | None = None
+    server_name: str | None = None  # SNI and the name checked; None: the URL's host
+    verify: bool = True
+    cert_file: Path | None = None  # a client certificate: upstream mTLS
+    key_file: Path | None = None
+    min_version: str = "TLSv1.2"
+
+
 @dataclass(frozen=True)
 class Upstream:
-    scheme: str
+    scheme: str  # http, https or unix
     host: str
     port: int
     base_path: str
     # routes[].upstream_protocol: http1, or h2 (prior knowledge, "h2c", as gRPC servers
-    # listen: RFC 9113 section 3.3).
+    # listen: RFC 9113 section 3.3; ALPN over https).
     protocol: str = "http1"
+    tls: UpstreamTLS | None = None  # https:// upstreams
+    unix_path: str | None = None  # unix:/path/to.sock upstreams
     # The label used in metrics and logs, ``host:port`` (``[::1]:port`` for an IPv6 host,
-    # as in a URL and nginx's $upstream_addr): a field, read on every request.
+    # as in a URL and nginx's $upstream_addr), or ``unix:/path``: a field, read on every
+    # request.
     key: str = field(init=False, compare=False, repr=False)
+    # What pooled connections are shared by: the key, and for https its TLS settings (two
+    # routes to one host with different client certificates share no connection).
+    pool_key: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        object.__setattr__(self, "key", f"{host}:{self.port}")  # frozen: set once
+        if self.unix_path is not None:
+            key = f"unix:{self.unix_path}"
+        else:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            key = f"{host}:{self.port}"
+        object.__setattr__(self, "key", key)  # frozen: set once
+        pool_key = key if self.tls is None else f"https://{key} {self.tls!r}"
+        object.__setattr__(self, "pool_key", pool_key)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,18 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 def parse_upstream(value: str) -> Upstream:
+    """``http://host[:port][/base]``, ``https://...`` or ``unix:/absolute/path.sock``;
+    raises ValueError."""
+    if value.startswith("unix:"):
+        path = value[5:]
+        if path.startswith("//"):  # unix:///run/app.sock, as curl and gRPC spell it
+            path = path[2:]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError("a unix socket upstream is unix:/absolute/path")
+        return Upstream("unix", "", 0, "", unix_path=path)
     parts = urlsplit(value)
-    if parts.scheme != "http":
-        raise ValueError("only http:// upstreams are supported (TLS to the upstream is not)")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be http://host:port, https://host:port or unix:/path")
     if not parts.hostname:
         raise ValueError("missing host")
     if parts.query or parts.fragment or parts.username:
@@ -38,10 +47,10 @@ def parse_upstream(value: str) -> Upstream:
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     if port is None:
-        port = 80
+        port = 443 if parts.scheme == "https" else 80
     elif port == 0:
         raise ValueError("port 0 is not a valid upstream port")
-    return Upstream("http", parts.hostname, port, parts.path.rstrip("/"))
+    return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
 def is_loopback(host: str) -> bool:

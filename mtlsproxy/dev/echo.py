@@ -76,3 +76,8 @@ async def _respond(writer: asyncio.StreamWriter, req: Request, size: int, sha: s
 
 async def start_echo(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
     return await asyncio.start_server(_handle, host, port)
+
+
+async def start_echo_unix(path: str) -> asyncio.Server:
+    """The same echo on a unix socket (``upstream: unix:/path``)."""
+    return await asyncio.start_unix_server(_handle, path)

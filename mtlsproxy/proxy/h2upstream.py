@@ -44,8 +44,10 @@ from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamErro
 from mtlsproxy.http.checks import make_response
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Response
 from mtlsproxy.http.h2_frames import GoAway, GoAwayFilter
+from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.runtime.writes import WriteBatch
+from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 # Fields a request head carries that HTTP/2 forbids or expresses otherwise (RFC 9113
 # section 8.2.2); Host becomes :authority.
@@ -64,7 +66,7 @@ _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 MAX_HEADER_TABLE_SIZE = 4096
 
 
-def h2_request_headers(head: bytes) -> list[tuple[bytes, bytes]]:
+def h2_request_headers(head: bytes, scheme: bytes = b"http") -> list[tuple[bytes, bytes]]:
     """The HTTP/2 header list of an HTTP/1.1 request head the proxy built itself
     (``wire.upstream_request_head``: lower-case names, no line folding, one Host)."""
     lines = head.split(b"\r\n")
@@ -82,7 +84,7 @@ def h2_request_headers(head: bytes) -> list[tuple[bytes, bytes]]:
             fields.append((name, value))
     # gRPC servers require "te: trailers" (the gRPC HTTP/2 protocol): the proxy takes
     # trailers from an HTTP/2 upstream and passes them to HTTP/2 clients.
-    return [(b":method", method), (b":scheme", b"http"), (b":authority", authority),
+    return [(b":method", method), (b":scheme", scheme), (b":authority", authority),
             (b":path", target), (b"te", b"trailers"), *fields]
 
 
@@ -91,7 +93,7 @@ class H2UpstreamStream:
 
     def __init__(self, conn: H2UpstreamConnection, key: str) -> None:
         self.conn = conn
-        self.key = key
+        self.key = key  # metrics and logs
         self.stream_id = 0  # assigned by send_head
         self.inbox: Inbox[Event] = Inbox(self._pause, self._resume)
         self._paused = False
@@ -109,7 +111,8 @@ class H2UpstreamStream:
         pass  # HTTP/2 frames say where a response ends
 
     def send_head(self, head: bytes, end_stream: bool = False) -> None:
-        self.stream_id = self.conn.open_stream(self, h2_request_headers(head), end_stream)
+        self.stream_id = self.conn.open_stream(
+            self, h2_request_headers(head, self.conn.scheme), end_stream)
 
     def send_body(self, data: bytes, chunked: bool = False) -> None:
         self.conn.send_data(self, data)
@@ -174,8 +177,11 @@ class H2UpstreamStream:
 
 class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: str, on_lost: Callable[[H2UpstreamConnection], None],
-                 writes: WriteBatch | None = None) -> None:
-        self.key = key
+                 writes: WriteBatch | None = None, pool_key: str | None = None,
+                 scheme: bytes = b"http") -> None:
+        self.key = key  # metrics and logs
+        self.pool_key = pool_key or key
+        self.scheme = scheme  # :scheme of its requests: https over TLS
         self._on_lost = on_lost
         # Frames wait for the end of the loop's pass (runtime/writes.py): a request's
         # HEADERS, DATA and END_STREAM, and many streams' frames, leave in one send.
@@ -448,41 +454,36 @@ def _response(headers: list[tuple[bytes, bytes]]) -> Response:
 class H2UpstreamPool:
     """Shared HTTP/2 connections per upstream; see the rules at the top."""
 
-    def __init__(self, writes: WriteBatch | None = None) -> None:
+    def __init__(self, tls: UpstreamTLSContexts | None = None,
+                 writes: WriteBatch | None = None) -> None:
         self._conns: dict[str, list[H2UpstreamConnection]] = {}
         self.opened = 0
         self.writes = writes
+        self.tls = tls or UpstreamTLSContexts()
 
     def __repr__(self) -> str:
         return f"<H2UpstreamPool {({k: len(v) for k, v in self._conns.items()})}>"
 
     async def acquire(self, upstream: Upstream, timeout: float) -> H2UpstreamStream:
         key = upstream.key
-        for conn in self._conns.get(key, ()):
+        for conn in self._conns.get(upstream.pool_key, ()):
             if conn.usable:
                 return H2UpstreamStream(conn, key)
         conn = await self._connect(upstream, timeout)
-        self._conns.setdefault(key, []).append(conn)
+        self._conns.setdefault(upstream.pool_key, []).append(conn)
         return H2UpstreamStream(conn, key)
 
     async def _connect(self, upstream: Upstream, timeout: float) -> H2UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        key = upstream.key
-        try:
-            async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(
-                    lambda: H2UpstreamConnection(key, self._lost, self.writes), upstream.host,
-                    upstream.port)
-        except TimeoutError:
-            raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
-        except OSError as exc:
-            raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
-                                "connect_refused", 502) from None
+        key, pool_key = upstream.key, upstream.pool_key
+        scheme = b"https" if upstream.tls is not None else b"http"
+        _, proto = await connect(
+            upstream, lambda: H2UpstreamConnection(key, self._lost, self.writes, pool_key,
+                                                   scheme), timeout, self.tls)
         self.opened += 1
         return proto
 
     def _lost(self, conn: H2UpstreamConnection) -> None:
-        conns = self._conns.get(conn.key)
+        conns = self._conns.get(conn.pool_key)
         if conns is not None and conn in conns:
             conns.remove(conn)
 

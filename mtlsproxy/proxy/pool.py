@@ -8,18 +8,18 @@ keep-alive timeout of nginx and most application servers, so we drop first).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
 
 from mtlsproxy.config import Upstream
-from mtlsproxy.errors import UpstreamError
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import response_parser
+from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.h2upstream import H2UpstreamPool, H2UpstreamStream
 from mtlsproxy.proxy.upstream import ACTIVE, IDLE, Exchange, UpstreamConnection
 from mtlsproxy.runtime.writes import WriteBatch
+from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 
 class UpstreamPool:
@@ -36,7 +36,10 @@ class UpstreamPool:
         self.clock = clock
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.opened = 0
-        self.h2 = H2UpstreamPool(writes)  # upstream_protocol: h2
+        # The TLS contexts and sessions of https:// upstreams (tls/upstream.py), shared by
+        # the HTTP/1.1 and HTTP/2 pools and tunnels: one owner.
+        self.tls = UpstreamTLSContexts(clock)
+        self.h2 = H2UpstreamPool(self.tls, writes)  # upstream_protocol: h2
 
     def __repr__(self) -> str:
         idle = {k: len(v) for k, v in self._idle.items() if v}
@@ -62,25 +65,17 @@ class UpstreamPool:
         if upstream.protocol == "h2":
             return await self.h2.acquire(upstream, connect_timeout or self.connect_timeout), \
                 False
-        conn = self.take_idle(upstream.key)
+        conn = self.take_idle(upstream.pool_key)
         if conn is not None:
             return conn, True
         return await self._connect(upstream, connect_timeout or self.connect_timeout), False
 
     async def _connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        key = upstream.key
-        try:
-            async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(key, response_parser(self.parser_kind, self.memos),
-                                               self.writes),
-                    upstream.host, upstream.port)
-        except TimeoutError:
-            raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
-        except OSError as exc:
-            raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
-                                "connect_refused", 502) from None
+        key, pool_key = upstream.key, upstream.pool_key
+        _, proto = await connect(
+            upstream, lambda: UpstreamConnection(
+                key, response_parser(self.parser_kind, self.memos), self.writes, pool_key),
+            timeout, self.tls)
         self.opened += 1
         proto.set_state(ACTIVE)
         return proto
@@ -94,9 +89,9 @@ class UpstreamPool:
         if not reusable or conn.state is not ACTIVE or conn.inbox.events:
             conn.close()
             return
-        idle = self._idle.get(conn.key)
+        idle = self._idle.get(conn.pool_key)
         if idle is None:
-            idle = self._idle[conn.key] = deque()
+            idle = self._idle[conn.pool_key] = deque()
         if len(idle) >= self.max_idle:
             conn.close()
             return

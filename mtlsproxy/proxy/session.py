@@ -432,7 +432,7 @@ class ProxySession:
         if outcome is not ADMITTED:
             return False
         verdict = self.verdict
-        up = rt.pool.take_idle(route.upstream.key)
+        up = rt.pool.take_idle(route.upstream.pool_key)
         if up is None:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
@@ -812,7 +812,8 @@ class ProxySession:
         try:
             opened = await open_upgrade(route.upstream,
                                         wire.upgrade_request_head(head, protocol),
-                                        timeouts.upstream_connect, timeouts.upstream_read)
+                                        timeouts.upstream_connect, timeouts.upstream_read,
+                                        rt.pool.tls)
         except ConnectionClosed:
             raise UpstreamError("upstream closed before responding", "reset") from None
         try:

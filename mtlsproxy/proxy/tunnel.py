@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, cast
 from mtlsproxy.admission.admit import Refusal
 from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, UpstreamError
+from mtlsproxy.proxy.connect import connect
 from mtlsproxy.tls.bio import OPEN, TLSConnection
+from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 if TYPE_CHECKING:
     from mtlsproxy.admission.admit import Admission
@@ -351,21 +353,13 @@ class Opened:
 
 
 async def open_upgrade(upstream: Upstream, head: bytes, connect_timeout: float,
-                       read_timeout: float, limit: int = 65536) -> Opened:
+                       read_timeout: float, contexts: UpstreamTLSContexts,
+                       limit: int = 65536) -> Opened:
     """Connect to ``upstream``, send the request ``head``, read its answer's head.
     Raises UpstreamError (connect failures, timeouts, a head over ``limit``) or
     ConnectionClosed (closed before answering)."""
-    loop = asyncio.get_running_loop()
-    key = upstream.key
-    try:
-        async with asyncio.timeout(connect_timeout):
-            transport, reader = await loop.create_connection(
-                lambda: _HeadReader(limit), upstream.host, upstream.port)
-    except TimeoutError:
-        raise UpstreamError(f"connect to {key} timed out", "connect_timeout", 504) from None
-    except OSError as exc:
-        raise UpstreamError(f"connect to {key} failed: {exc.strerror or exc}",
-                            "connect_refused", 502) from None
+    transport, reader = await connect(upstream, lambda: _HeadReader(limit),
+                                      connect_timeout, contexts)
     transport.write(head)
     try:
         async with asyncio.timeout(read_timeout):

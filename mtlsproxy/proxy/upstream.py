@@ -59,8 +59,9 @@ _ALLOWED = {
 
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: str, parser: ResponseParser,
-                 writes: WriteBatch | None = None) -> None:
-        self.key = key
+                 writes: WriteBatch | None = None, pool_key: str | None = None) -> None:
+        self.key = key  # metrics and logs
+        self.pool_key = pool_key or key  # the idle list it goes back to
         self.parser = parser
         self.state = CONNECTING
         self.transport: asyncio.Transport | None = None

@@ -183,3 +183,70 @@ def test_the_upstream_closing_closes_the_client_side(unstarted: Harness) -> None
         h.loop.run(stop())
     assert info.value.rcvd is not None and info.value.rcvd.code == 4000
     wait_for(lambda: tunnels(h) == 0)
+
+
+def test_a_wss_upstream_carries_the_tunnel_over_tls(unstarted: Harness, tmp_path: Any) -> None:
+    """``upstream: https://``: the upgrade and the tunnel go over the proxy's TLS
+    connection to the upstream (tls/upstream.py), verified against its own CA."""
+    import trustme
+    h = unstarted
+    ca = trustme.CA(organization_name="ws upstream CA")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ws-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def start_server() -> Any:
+        return await serve(echo, "127.0.0.1", 0, ssl=server_ctx, ping_interval=None)
+    server = h.loop.run(start_server())
+
+    async def stop() -> None:
+        server.close()
+        await server.wait_closed()
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"https://127.0.0.1:{port}",
+                                  "upstream_tls": {"ca_file": str(ca_file)}}]))
+        with client(h) as ws:
+            ws.send("over tls")
+            assert ws.recv(timeout=5) == "over tls"
+    finally:
+        h.loop.run(stop())
+    wait_for(lambda: tunnels(h) == 0)
+
+
+def test_a_50_mb_message_passes_with_bounded_proxy_memory(devpki: Any, tmp_path: Any) -> None:
+    """The proxy as its own process, so its peak RSS is its own: a 50 MB message each
+    way relayed with back-pressure, never held whole."""
+    import threading
+
+    from websockets.sync.server import serve as sync_serve
+
+    from tests.support.proxyproc import start_proxy, stop_proxy
+
+    def sync_echo(ws: Any) -> None:
+        for message in ws:
+            ws.send(message)
+
+    server = sync_serve(sync_echo, "127.0.0.1", 0, max_size=None, compression=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        pp = start_proxy(devpki, server.socket.getsockname()[1], tmp_path)
+        try:
+            ctx = ssl.create_default_context(cafile=str(devpki.root_cert))
+            ctx.load_cert_chain(str(devpki.client_cert), str(devpki.client_key))
+            before = pp.rss_hwm_kib()
+            message = os.urandom(50 * 1024 * 1024)
+            with connect(f"wss://localhost:{pp.port}/big", ssl=ctx, max_size=None,
+                         compression=None, open_timeout=10, close_timeout=5) as ws:
+                ws.send(message)
+                assert ws.recv(timeout=120) == message
+            growth_mib = (pp.rss_hwm_kib() - before) / 1024
+            # A proxy that held the message would grow by 50 MiB (100 with both ways).
+            assert growth_mib < 32, f"proxy peak RSS grew by {growth_mib:.1f} MiB"
+        finally:
+            stop_proxy(pp)
+    finally:
+        server.shutdown()
+        thread.join(10)

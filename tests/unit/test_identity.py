@@ -209,7 +209,11 @@ def test_no_route_for_absolute_form_targets() -> None:
 def test_upstream_urls_are_validated() -> None:
     assert parse_upstream("http://127.0.0.1:8080/base/") == Upstream("http", "127.0.0.1", 8080,
                                                                      "/base")
-    for bad in ("https://x", "http://", "http://x:0", "http://u:p@x", "http://x/?q=1"):
+    assert parse_upstream("https://x").port == 443
+    assert parse_upstream("unix:/run/app.sock").key == "unix:/run/app.sock"
+    assert parse_upstream("unix:///run/app.sock").unix_path == "/run/app.sock"
+    for bad in ("ftp://x", "http://", "http://x:0", "http://u:p@x", "http://x/?q=1",
+                "unix:run/app.sock", "unix:"):
         with pytest.raises(ValueError):
             parse_upstream(bad)
 
