@@ -39,6 +39,8 @@ from mtlsproxy.reasons import (
 from mtlsproxy.runtime.pacing import pace
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
+# Connections, not requests: a database session lasts minutes or hours.
+TCP_DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
 
@@ -238,13 +240,31 @@ class Metrics:
                                         multiprocess_mode="livesum")
         else:
             self.tunnels_active = LocalFamily(*tunnels, "gauge", registry)
+        # TCP mode (listeners[].tcp): counted when a relayed connection ends; refusals are
+        # mtlsproxy_tls_handshake_failures_total's, by reason, as for HTTP listeners.
+        self.tcp_connections = Counter(
+            "mtlsproxy_tcp_connections", "TCP-mode connections relayed to the upstream, "
+            "counted when they end.", ["listener"], registry=registry)
+        self.tcp_bytes = Counter(
+            "mtlsproxy_tcp_bytes", "Bytes TCP-mode listeners relayed: received from "
+            "clients (and sent upstream), sent to clients (received from upstream).",
+            ["listener", "direction"], registry=registry)
+        self.tcp_duration = Histogram(
+            "mtlsproxy_tcp_connection_duration_seconds", "How long TCP-mode connections "
+            "were relayed.", ["listener"], buckets=TCP_DURATION_BUCKETS, registry=registry)
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
 
-    def declare_listener(self, listener: str, domains: tuple[str, ...] = ("",)) -> None:
+    def declare_listener(self, listener: str, domains: tuple[str, ...] = ("",),
+                         tcp: bool = False) -> None:
         """Create the listener's series at zero, so rates exist before the first event."""
         self.connections_active.labels(listener)
+        if tcp:
+            self.tcp_connections.labels(listener)
+            for direction in ("received", "sent"):
+                self.tcp_bytes.labels(listener, direction)
+            self.tcp_duration.labels(listener)
         for resumed in ("true", "false"):
             self.handshakes.labels(listener, resumed)
         for domain in domains:

@@ -13,6 +13,7 @@ from mtlsproxy.config.model import (
     CLIENT_INTERMEDIATES,
     FORWARD_FAMILIES,
     FORWARDED_MODES,
+    PROXY_PROTOCOL_UPSTREAM,
     SECURITY_POLICIES,
     TLS_VERSIONS,
     UPSTREAM_PROTOCOLS,
@@ -25,6 +26,7 @@ from mtlsproxy.config.model import (
     Networks,
     RevocationConfig,
     RouteConfig,
+    TcpConfig,
     TimeoutsConfig,
     TLSConfig,
     Upstream,
@@ -146,7 +148,7 @@ def read_listener(r: Reader, raw: Any, path: str, names: set[str],
     data = r.mapping(raw, path, ("name", "address", "tls", "mutual_tls", "routes",
                                  "domains", "timeouts", "limits", "proxy_protocol",
                                  "strip_headers", "forwarded_headers", "merge_slashes",
-                                 "escaped_slashes"))
+                                 "escaped_slashes", "tcp"))
     if not data:
         r.problem(path, "must be a non-empty mapping")
         return None
@@ -163,7 +165,19 @@ def read_listener(r: Reader, raw: Any, path: str, names: set[str],
         except ValueError as exc:
             r.problem(f"{path}.address", str(exc))
     domains: tuple[DomainConfig, ...] = ()
-    if "domains" in data:
+    tcp: TcpConfig | None = None
+    if "tcp" in data:
+        for key in ("routes", "domains"):
+            if key in data:
+                r.problem(f"{path}.{key}", "not allowed beside tcp: a TCP-mode listener "
+                                           "relays every admitted connection to one upstream")
+        tls = _read_tls(r, data.get("tls"), f"{path}.tls")
+        # No ALPN: the bytes are not HTTP, whatever a client offers.
+        tls = dataclasses.replace(tls, alpn=())
+        mutual_tls = _read_mutual_tls(r, data.get("mutual_tls"), f"{path}.mutual_tls")
+        tcp = _read_tcp(r, data["tcp"], f"{path}.tcp")
+        routes: tuple[RouteConfig, ...] = ()
+    elif "domains" in data:
         domains = _read_domains(r, data, path)
         tls, mutual_tls, routes = (domains[0].tls, domains[0].mutual_tls,
                                    domains[0].routes) if domains else (
@@ -190,7 +204,49 @@ def read_listener(r: Reader, raw: Any, path: str, names: set[str],
                           merge_slashes=r.get(data, "merge_slashes", path, bool, True),
                           escaped_slashes=r.get(data, "escaped_slashes", path, str, "reject",
                                                 one_of(ESCAPED_SLASH_ACTIONS)),
-                          domains=domains)
+                          domains=domains, tcp=tcp)
+
+
+def _read_tcp(r: Reader, raw: Any, path: str) -> TcpConfig:
+    data = r.mapping(raw, path, ("upstream", "allow", "proxy_protocol_upstream"))
+    upstream = Upstream("tcp", "", 0, "")
+    if r.required(data, "upstream", path):
+        value = str(data["upstream"])
+        try:
+            if value.startswith("unix:"):
+                upstream = parse_upstream(value)
+            else:
+                host, port = parse_address(value)
+                if port == 0:
+                    raise ValueError("port 0 is not a valid upstream port")
+                upstream = Upstream("tcp", host, port, "")
+        except ValueError as exc:
+            r.problem(f"{path}.upstream", f"{exc} (host:port or unix:/path)")
+    allow = _read_allow(r, data, path)
+    proxy = data.get("proxy_protocol_upstream", False)
+    if proxy is False or proxy is None:
+        proxy = None
+    elif proxy not in PROXY_PROTOCOL_UPSTREAM:
+        r.problem(f"{path}.proxy_protocol_upstream",
+                  f"must be false or {', '.join(PROXY_PROTOCOL_UPSTREAM)}, got {proxy!r}")
+        proxy = None
+    return TcpConfig(upstream, allow, proxy)
+
+
+def _read_allow(r: Reader, data: dict[str, Any], path: str) -> tuple[Rule, ...] | None:
+    if "allow" not in data:
+        return None
+    raw_rules = r.get(data, "allow", path, list, [])
+    if not raw_rules:
+        r.problem(f"{path}.allow", "must list at least one alternative "
+                                   "(omit allow to admit every validated client)")
+    rules = []
+    for j, raw_rule in enumerate(raw_rules):
+        try:
+            rules.append(parse_rule(raw_rule))
+        except RuleError as exc:
+            r.problem(f"{path}.allow[{j}]", str(exc))
+    return tuple(rules)
 
 
 # An SNI name of a domain: a DNS name (RFC 6066 section 3: no IP literal, no trailing
@@ -389,19 +445,7 @@ def _read_route(r: Reader, item: Any, rpath: str,
                                              f"{rpath}.upstream_tls"))
     elif "upstream_tls" in rdata:
         r.problem(f"{rpath}.upstream_tls", "applies to https:// upstreams only")
-    allow: tuple[Rule, ...] | None = None
-    if "allow" in rdata:
-        raw_rules = r.get(rdata, "allow", rpath, list, [])
-        if not raw_rules:
-            r.problem(f"{rpath}.allow", "must list at least one alternative "
-                                        "(omit allow to admit every validated client)")
-        rules = []
-        for j, raw_rule in enumerate(raw_rules):
-            try:
-                rules.append(parse_rule(raw_rule))
-            except RuleError as exc:
-                r.problem(f"{rpath}.allow[{j}]", str(exc))
-        allow = tuple(rules)
+    allow = _read_allow(r, rdata, rpath)
     authorizer = None
     if "authorizer" in rdata:
         authorizer = _read_authorizer(r, rdata["authorizer"], f"{rpath}.authorizer")

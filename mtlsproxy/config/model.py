@@ -155,6 +155,30 @@ class RouteConfig:
                            f"{self.host or self.domain}{self.path_prefix}")
 
 
+PROXY_PROTOCOL_UPSTREAM = ("v2",)
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    """``listeners[].tcp``: TCP mode, ghostunnel's shape. After the handshake and the
+    certificate verdict (and ``allow``, the routes' rule language), bytes both ways."""
+
+    upstream: Upstream  # host:port or unix:/path
+    allow: tuple[Rule, ...] | None = None
+    # "v2": a PROXY v2 header to the upstream, the client certificate in TLVs (HAProxy's
+    # send-proxy-v2-ssl-cn); None: nothing before the client's bytes.
+    proxy_protocol_upstream: str | None = None
+    # The same admission step as a route's (admission/admit.py takes a route): this one
+    # stands for the listener's single destination. Its name labels the listener's
+    # refusal log lines.
+    route: RouteConfig = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route", RouteConfig(
+            path_prefix="/", upstream=self.upstream, allow=self.allow,
+            upgrades=frozenset()))
+
+
 @dataclass(frozen=True)
 class TimeoutsConfig:
     # Defaults follow the peers: nginx client_header_timeout 60s is too generous for a
@@ -222,6 +246,8 @@ class ListenerConfig:
     # path of its keys in the file ("domains[1]."), for errors.
     domain: str = ""
     key_prefix: str = ""
+    # listeners[].tcp: TCP mode instead of routes (routes is then empty).
+    tcp: TcpConfig | None = None
 
     @property
     def label(self) -> str:

@@ -154,6 +154,8 @@ class Listener(Protocol):
     def connection_closed(self, session: Connection) -> None: ...
     def start_h2(self, conn: TLSConnection, domain: Domain, generation: Snapshot,
                  verdict: Verdict, refusal_counted: bool) -> None: ...
+    def start_tcp(self, conn: TLSConnection, domain: Domain, verdict: Verdict,
+                  refusal_counted: bool) -> None: ...
     def h2_streams_gauge(self) -> Any: ...
     def tunnels_gauge(self, kind: str) -> Any: ...
     def count_h2_error(self, kind: str) -> None: ...
@@ -292,6 +294,13 @@ class ProxySession:
             reason = verdict.reason_at(now)
             assert reason is not None  # admits() is reason_at() is None
             self._count_refusal(reason)
+        if rt.config.tcp is not None:
+            # TCP mode: no HTTP; the connection is a TcpSession's from here (proxy/tcp.py).
+            self._enter(CLOSED)
+            self.deadline = 0.0
+            rt.connection_closed(self)
+            rt.start_tcp(conn, self.domain, verdict, self._refusal_counted)
+            return
         sslobj = conn.sslobj
         if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
             # HTTP/2 (RFC 9113 section 3.2): the connection's streams are served by an

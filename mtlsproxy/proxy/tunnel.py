@@ -83,7 +83,7 @@ class Tunnel:
 
     def __init__(self, rt: Any, conn: TLSConnection, transport: asyncio.Transport,
                  kind: str, verdict: Verdict, admission: Admission, route: RouteConfig,
-                 req: Request, upstream_key: str, start: float,
+                 req: Request | None, upstream_key: str, start: float,
                  on_end: Callable[[Tunnel, int], None] | None = None) -> None:
         self.rt = rt
         self.conn = conn
@@ -241,10 +241,11 @@ class Tunnel:
         self._gauge.dec()
         self.rt.connection_closed(self)
         duration = perf_counter() - self._start
-        self.rt.count_request(self.route.name, 101, duration)
-        if self.rt.access_log is not None:
-            self.rt.access(self, self.req, 101, self.sent, duration, self.upstream_key, 101,
-                           duration)
+        if self.req is not None:  # an upgraded request: its 101, now that it has ended
+            self.rt.count_request(self.route.name, 101, duration)
+            if self.rt.access_log is not None:
+                self.rt.access(self, self.req, 101, self.sent, duration, self.upstream_key,
+                               101, duration)
         if self._on_end is not None:
             self._on_end(self, self.sent)
 

@@ -26,6 +26,7 @@ from mtlsproxy.proxy.h2session import H2Session
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import DomainNames, Router, route_host
 from mtlsproxy.proxy.session import Connection, Domain, ProxySession, Snapshot
+from mtlsproxy.proxy.tcp import TcpSession
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
 from mtlsproxy.runtime.writes import WriteBatch
@@ -162,7 +163,8 @@ class ListenerRuntime:
         self._durations: dict[tuple[str, str], Any] = {}
         self._active = metrics.connections_active.labels(self.name)
         self._h2_streams = metrics.h2_streams_active.labels(self.name)
-        metrics.declare_listener(self.name, tuple(d.label for d in self.domains))
+        metrics.declare_listener(self.name, tuple(d.label for d in self.domains),
+                                 tcp=config.tcp is not None)
 
     def make_header_rules(self, config: ListenerConfig) -> HeaderRules:
         """The header rules of ``config`` (a reload builds new ones, then swaps them in)."""
@@ -298,6 +300,46 @@ class ListenerRuntime:
                  verdict: Verdict, refusal_counted: bool) -> None:
         """ALPN chose h2: the connection's handler becomes an H2Session."""
         conn.handler = H2Session(self, conn, domain, generation, verdict, refusal_counted)
+
+    def start_tcp(self, conn: TLSConnection, domain: Domain, verdict: Verdict,
+                  refusal_counted: bool) -> None:
+        """TCP mode (listeners[].tcp): admission, then a tunnel (proxy/tcp.py)."""
+        TcpSession(self, conn, domain, verdict, refusal_counted)
+
+    def count_tcp(self, received: int, sent: int, duration: float) -> None:
+        m = self.metrics
+        m.tcp_connections.labels(self.name).inc()
+        m.tcp_bytes.labels(self.name, "received").inc(received)
+        m.tcp_bytes.labels(self.name, "sent").inc(sent)
+        m.tcp_duration.labels(self.name).observe(duration)
+
+    def access_tcp(self, session: Connection, received: int, sent: int, duration: float,
+                   upstream: str, outcome: str) -> None:
+        """A TCP-mode connection's access log line, written when it ends: the fields of
+        an HTTP line that mean something without HTTP, and ``outcome``."""
+        if self.access_log is None:
+            return
+        identity = session.verdict.identity if session.verdict is not None else None
+        conn = session.conn
+        sslobj = conn.sslobj
+        cipher = sslobj.cipher() if sslobj is not None else None
+        self.access_log.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "listener": self.name,
+            "client": conn.peername[0],
+            "client_cert_subject": identity.subject if identity else None,
+            "client_cert_fingerprint": identity.fingerprint_sha256 if identity else None,
+            "protocol": "tcp",
+            "outcome": outcome,
+            "bytes": sent,
+            "bytes_received": received,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream": upstream,
+            "resumed": conn.session_reused,
+            "tls_version": sslobj.version() if sslobj is not None else None,
+            "tls_cipher": cipher[0] if cipher else None,
+            "sni": conn.server_name,
+        })
 
     def tunnels_gauge(self, kind: str) -> Any:
         return self.metrics.tunnels_active.labels(self.name, kind)

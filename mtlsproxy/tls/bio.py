@@ -116,7 +116,7 @@ class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
                  "_hello_buf", "_hello_need", "server_name",
-                 "handler", "sslobj", "_tls", "peername", "_incoming", "_outgoing",
+                 "handler", "sslobj", "_tls", "peername", "sockname", "_incoming", "_outgoing",
                  "write_paused", "_drain_waiter", "_reading_paused", "_writes", "_linger",
                  "write_shut", "__weakref__")
 
@@ -141,6 +141,7 @@ class TLSConnection(asyncio.Protocol):
         # Its C object, for the per-record calls (native.core); set with sslobj.
         self._tls: native.SSLCore | None = None
         self.peername: tuple[str, int] = ("", 0)
+        self.sockname: tuple[str, int] = ("", 0)  # the listening address it came to
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         # Set by the transport's flow control; read after every fast-path response (a
@@ -172,6 +173,9 @@ class TLSConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = (peer[0], peer[1])  # (host, port[, flowinfo, scope_id])
+        local = transport.get_extra_info("sockname")
+        if local and isinstance(local, tuple):
+            self.sockname = (local[0], local[1])
         self.handler = self._handler_factory(self)
         if self.state is PROXY_HEADER and self._proxy_sources is not None and (
                 not trusted_source(self.peername[0], self._proxy_sources)):

@@ -105,3 +105,55 @@ def _v2(buf: bytes) -> tuple[int, tuple[str, int] | None] | None:
     if fam == 0x00:  # UNSPEC
         return total, None
     raise RemoteProtocolError("unsupported PROXY v2 address family")
+
+
+# PROXY v2 TLV types (proxy-protocol.txt section 2.2) the proxy sends to upstreams.
+PP2_TYPE_AUTHORITY = 0x02
+PP2_TYPE_SSL = 0x20
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CN = 0x22
+PP2_SUBTYPE_SSL_CIPHER = 0x23
+PP2_CLIENT_SSL = 0x01
+PP2_CLIENT_CERT_CONN = 0x02
+PP2_CLIENT_CERT_SESS = 0x04
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def build_v2(source: tuple[str, int], destination: tuple[str, int], *,
+             tls_version: str | None = None, cipher: str | None = None,
+             common_name: str | None = None, verified: bool = False,
+             cert_on_connection: bool = False, authority: str | None = None) -> bytes:
+    """A PROXY v2 header (command PROXY over TCP) with HAProxy's SSL TLVs: what
+    ``send-proxy-v2-ssl-cn`` sends. ``verify`` is zero only for a certificate that was
+    presented and verified (the spec's rule); the CN sub-TLV only when there is one.
+    Addresses of two families (a dual-stack listener) are sent as IPv6, IPv4 mapped."""
+    src, dst = ipaddress.ip_address(source[0].partition("%")[0]), \
+        ipaddress.ip_address(destination[0].partition("%")[0])
+    if src.version == dst.version == 4:
+        family = 0x11  # TCP over IPv4
+        addresses = src.packed + dst.packed
+    else:
+        family = 0x21  # TCP over IPv6
+        addresses = b"".join(
+            (ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a).packed
+            for a in (src, dst))
+    addresses += struct.pack("!HH", source[1], destination[1])
+    tlvs = b""
+    if authority:
+        tlvs += _tlv(PP2_TYPE_AUTHORITY, authority.encode("idna"))
+    if tls_version is not None:
+        client = PP2_CLIENT_SSL
+        if verified:
+            client |= PP2_CLIENT_CERT_SESS | (PP2_CLIENT_CERT_CONN if cert_on_connection
+                                              else 0)
+        sub = _tlv(PP2_SUBTYPE_SSL_VERSION, tls_version.encode("ascii"))
+        if cipher:
+            sub += _tlv(PP2_SUBTYPE_SSL_CIPHER, cipher.encode("ascii"))
+        if common_name is not None:
+            sub += _tlv(PP2_SUBTYPE_SSL_CN, common_name.encode("utf-8"))
+        tlvs += _tlv(PP2_TYPE_SSL, struct.pack("!BI", client, 0 if verified else 1) + sub)
+    body = addresses + tlvs
+    return V2_SIGNATURE + bytes((0x21, family)) + struct.pack("!H", len(body)) + body
