@@ -219,6 +219,8 @@ def _read_tcp(r: Reader, raw: Any, path: str) -> TcpConfig:
                 host, port = parse_address(value)
                 if port == 0:
                     raise ValueError("port 0 is not a valid upstream port")
+                if not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
+                    raise ValueError(f"bad host {host!r}")
                 upstream = Upstream("tcp", host, port, "")
         except ValueError as exc:
             r.problem(f"{path}.upstream", f"{exc} (host:port or unix:/path)")

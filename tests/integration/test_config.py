@@ -94,6 +94,11 @@ def test_unknown_keys_are_errors_not_ignored(pki: PKI) -> None:
     (("routes",), [{"path_prefix": "/", "upstream": "https://x",
                     "upstream_tls": {"ca_file": "/nonexistent/ca.pem"}}],
      "listeners[0].routes[0].upstream_tls.ca_file: file not found"),
+    (("tcp",), {"upstream": "http://x:1"},
+     "listeners[0].routes: not allowed beside tcp"),
+    (("tcp",), {"upstream": "http://x:1"}, "listeners[0].tcp.upstream: bad host"),
+    (("tcp",), {"upstream": "x:1", "proxy_protocol_upstream": "v1"},
+     "listeners[0].tcp.proxy_protocol_upstream: must be false or v2"),
     (("routes",), [{"path_prefix": "api", "upstream": "http://x"}],
      "listeners[0].routes[0].path_prefix: must start with /"),
     (("address",), "nohost", "listeners[0].address: expected host:port"),
@@ -165,6 +170,29 @@ def test_check_config_loads_the_truststore_and_certificates(pki: PKI, tmp_path: 
     result = _cli("check-config", "--config", str(write(pki.directory, data)))
     assert result.returncode == 2
     assert result.stderr.startswith("listeners[0].mutual_tls.truststore_uri:")
+
+
+def test_check_config_builds_upstream_tls_contexts(pki: PKI) -> None:
+    """A client certificate that does not match its key names its route's key."""
+    data = good(pki)
+    data["listeners"][0]["routes"] = [{
+        "path_prefix": "/", "upstream": "https://127.0.0.1:8443",
+        "upstream_tls": {"ca_file": str(pki.directory / "root.pem"),
+                         "cert_file": str(pki.server_cert),
+                         "key_file": str(pki.client_files()[1])}}]
+    result = _cli("check-config", "--config", str(write(pki.directory, data)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("listeners[0].routes[0].upstream_tls: unusable:"), \
+        result.stderr
+
+
+def test_check_config_accepts_a_tcp_listener(pki: PKI) -> None:
+    data = good(pki)
+    del data["listeners"][0]["routes"]
+    data["listeners"][0]["tcp"] = {"upstream": "127.0.0.1:5432",
+                                   "proxy_protocol_upstream": "v2"}
+    result = _cli("check-config", "--config", str(write(pki.directory, data)))
+    assert result.returncode == 0, result.stderr
 
 
 def test_run_refuses_a_bad_config_before_listening(pki: PKI) -> None:

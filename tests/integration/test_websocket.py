@@ -250,3 +250,24 @@ def test_a_50_mb_message_passes_with_bounded_proxy_memory(devpki: Any, tmp_path:
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_drain_lets_a_tunnel_run_until_drain_timeout_then_closes_it(
+        unstarted: Harness, ws_upstream: int) -> None:
+    h = unstarted
+    start(h, ws_upstream)
+    assert h.server is not None
+    listeners = h.server.listeners
+    with client(h) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "hi"
+        h.loop.call(lambda: [lr.begin_drain() for lr in listeners])
+        ws.send("still here")  # a drain does not cut a tunnel at once
+        assert ws.recv(timeout=5) == "still here"
+
+        async def wait() -> list[bool]:
+            return [await lr.wait_drained(0.5) for lr in listeners]
+        assert h.loop.run(wait()) == [False]  # it was still open at the drain's end
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+    wait_for(lambda: tunnels(h) == 0)
