@@ -655,10 +655,9 @@ class Bench:
             rate.add(t.name, resumed / max(1.0, resumed + full - 4))
 
     # report
-    def table(self) -> str:
-        names = ["mtlsproxy", "nginx", "envoy"]
-        lines = ["| scenario | metric | mtlsproxy | nginx | envoy | mtlsproxy / nginx |",
-                 "|---|---|---|---|---|---|"]
+    def table(self, names: tuple[str, ...] = ("mtlsproxy", "nginx", "envoy")) -> str:
+        lines = ["| scenario | metric | " + " | ".join(names) + " | mtlsproxy / nginx |",
+                 "|---|---|" + "---|" * len(names) + "---|"]
         for r in self.rows:
             cells = []
             for name in names:
