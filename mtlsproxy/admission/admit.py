@@ -171,6 +171,26 @@ class Admission:
             return PENDING
         return ADMITTED
 
+    async def still_admitted(self, verdict: Verdict, route: RouteConfig
+                             ) -> tuple[Verdict, Refusal | None]:
+        """For a connection admitted earlier and still open (a tunnel): the certificate
+        (OCSP included) and the route's rules again; the Refusal, or None. The authorizer
+        is not asked again: it decided the request that opened the tunnel (Envoy's
+        ext_authz, too, judges a request, not the bytes after its upgrade)."""
+        verdict, outcome = self.admit_now(verdict, route)
+        if isinstance(outcome, Refusal):
+            return verdict, outcome
+        identity = verdict.identity
+        if isinstance(outcome, _Pending) and self.ocsp is not None and identity is not None:
+            answer = await self.ocsp.answer(identity)  # cached until its nextUpdate
+            reason = reason_for(answer, self.mutual_tls.revocation.mode)
+            if reason is not None:
+                return verdict, Refusal(403, reason, Scope.CLIENT)
+            outcome = self._route_now(verdict, route)
+            if isinstance(outcome, Refusal):
+                return verdict, outcome
+        return verdict, None
+
     async def admit(self, verdict: Verdict, route: RouteConfig | None,
                     req: Request | None) -> tuple[Verdict, Outcome]:
         """The whole decision, awaiting OCSP and the authorizer when they are needed."""

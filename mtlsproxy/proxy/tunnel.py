@@ -3,9 +3,10 @@ an HTTP/1.1 Upgrade got its 101 (a WebSocket, RFC 6455 section 4).
 
 Rules of this module:
 - A tunnel decides nothing about who may pass: it starts after the admission step did
-  (proxy/session.py), and on every tick asks that step again (``Admission.admit_now``), so
-  a certificate that expires or a CA that leaves the truststore ends it, as either would
-  refuse a keep-alive connection's next request.
+  (proxy/session.py, proxy/tcp.py), and every second asks that step again
+  (``Admission.admit_now``, and ``still_admitted`` when an OCSP answer must be awaited),
+  so a certificate that expires, is revoked, or whose CA leaves the truststore ends it,
+  as any of them would refuse a keep-alive connection's next request.
 - Back-pressure both ways: while the upstream socket's send buffer is full, reading from
   the client pauses; while the client's TLS connection is write-paused, reading from the
   upstream pauses until it drains. Neither side's bytes pile up in the proxy.
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
-from mtlsproxy.admission.admit import Refusal
+from mtlsproxy.admission.admit import PENDING, Refusal
 from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, UpstreamError
 from mtlsproxy.proxy.connect import connect
@@ -79,7 +80,8 @@ class Tunnel:
 
     __slots__ = ("rt", "conn", "kind", "verdict", "admission", "route", "req",
                  "upstream_key", "state", "deadline", "received", "sent", "_start",
-                 "_up", "_last", "_next_check", "_gauge", "_on_end", "__weakref__")
+                 "_up", "_last", "_next_check", "_gauge", "_on_end", "_checking",
+                 "__weakref__")
 
     def __init__(self, rt: Any, conn: TLSConnection, transport: asyncio.Transport,
                  kind: str, verdict: Verdict, admission: Admission, route: RouteConfig,
@@ -102,6 +104,7 @@ class Tunnel:
         self._next_check = now + RECHECK_INTERVAL
         self.deadline = self._next_check
         self._on_end = on_end
+        self._checking: asyncio.Task[None] | None = None  # an awaited re-check (OCSP)
         self._gauge = rt.tunnels_gauge(kind)
         self._gauge.inc()
         self._up = _UpstreamEnd(self, transport)
@@ -219,11 +222,27 @@ class Tunnel:
             # rule's reading of the certificate (never the other way: rules are fixed).
             self.verdict, outcome = self.admission.admit_now(verdict, self.route)
             if isinstance(outcome, Refusal):
-                self.rt.count_handshake_failure(
-                    outcome.reason, self.conn.peername[0], None,
-                    self.verdict.identity if self.verdict else None,
-                    f"{self.kind} tunnel closed", self.route.domain)
-                self.close()
+                self._refused(outcome)
+            elif outcome is PENDING and self._checking is None:
+                # An OCSP answer to await (cached until its nextUpdate): off the ticker.
+                self._checking = asyncio.get_running_loop().create_task(self._recheck())
+
+    async def _recheck(self) -> None:
+        try:
+            assert self.verdict is not None
+            self.verdict, refusal = await self.admission.still_admitted(self.verdict,
+                                                                        self.route)
+        finally:
+            self._checking = None
+        if refusal is not None and self.state is not CLOSED:
+            self._refused(refusal)
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.rt.count_handshake_failure(
+            refusal.reason, self.conn.peername[0], None,
+            self.verdict.identity if self.verdict else None,
+            f"{self.kind} tunnel closed", self.route.domain)
+        self.close()
 
     def on_drain(self) -> None:
         """Drain lets tunnels run until drain_timeout (the listener then aborts them)."""
@@ -235,6 +254,9 @@ class Tunnel:
             return
         self._enter(CLOSED)
         self.deadline = 0.0
+        if self._checking is not None:
+            self._checking.cancel()
+            self._checking = None
         self._up.close()
         if self.conn.state is OPEN or self.conn.write_shut:
             self.conn.close()

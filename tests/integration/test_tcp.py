@@ -294,3 +294,29 @@ def test_a_service_that_is_down_closes_the_client_and_is_counted(harness: Harnes
         assert read_until_closed(s) == b""
     assert harness.metric("mtlsproxy_upstream_errors_total", upstream=f"127.0.0.1:{port}",
                           kind="connect_refused") == 1
+
+
+def test_a_tunnel_is_closed_when_ocsp_comes_to_say_revoked(harness: Harness) -> None:
+    """The OCSP answer that admitted the client expires (its nextUpdate); the next one,
+    asked by the tunnel's re-check, says revoked."""
+    import datetime as dt
+
+    from tests.support.ocsp import Responder, client_of
+    h = harness
+    responder = Responder(h, h.pki.inter)
+    responder.lifetime = dt.timedelta(seconds=2)
+    cert = client_of(responder, h)
+    service = EchoService(h)
+    raw = h.config(tcp={"upstream": service.address},
+                   mutual_tls={"truststore_uri": str(h.pki.truststore),
+                               "revocation": {"ocsp": True}})
+    del raw["listeners"][0]["routes"]
+    h.start(raw)
+    with connect(h, h.client_context(cert, name="ocsp")) as s:
+        s.sendall(b"good")
+        assert s.recv(100) == b"GOOD"
+        responder.status = "revoked"
+        assert read_until_closed(s) == b""
+    assert responder.calls >= 2
+    wait_for(lambda: h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
+                              reason="revoked") == 1)
