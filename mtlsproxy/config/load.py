@@ -5,6 +5,8 @@ Nothing here opens a socket or exits the process; files are only checked to exis
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from mtlsproxy.config.model import UNDERSCORE_ACTIONS, AdminConfig, Config, List
 from mtlsproxy.config.reader import Reader, one_of, positive
 from mtlsproxy.config.values import is_loopback, parse_address
 from mtlsproxy.errors import ConfigError
+
+log = logging.getLogger("mtlsproxy.config")
 
 
 def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config:
@@ -69,7 +73,7 @@ def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config
     return config
 
 
-def cpu_count() -> int:
+def affinity_count() -> int:
     """Cores this process may run on (a container's cpuset, not the host's count)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -77,10 +81,57 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (Kubernetes' ``limits.cpu``), or
+    None when there is none: cgroup v2's ``cpu.max`` ("max" or "QUOTA PERIOD"), else v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: none). The cgroup's own directory
+    is tried first (no cgroup namespace), then the mount's root (a container's view)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    v1 = [ln.split(":", 2)[2] for ln in lines
+          if len(ln.split(":", 2)) == 3 and "cpu" in ln.split(":", 2)[1].split(",")]
+    for rel in [*v2, ""]:
+        try:
+            quota, period = (root / rel.lstrip("/") / "cpu.max").read_text().split()
+        except (OSError, ValueError):
+            continue
+        return None if quota == "max" else int(quota) / int(period)
+    for controller in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
+        for rel in [*v1, ""]:
+            base = root / controller / rel.lstrip("/")
+            try:
+                quota_us = int((base / "cpu.cfs_quota_us").read_text())
+                period_us = int((base / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            return None if quota_us < 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def cpu_count(root: Path = Path("/sys/fs/cgroup"),
+              proc_cgroup: Path = Path("/proc/self/cgroup"),
+              affinity: int | None = None) -> int:
+    """``workers: auto``: the cores this process may run on, and no more than its cgroup's
+    CPU quota rounded up (a pod limited to 1 CPU on a 64-core node gets 1 worker, as
+    Go's automaxprocs and the JVM's container support decide), at least 1."""
+    cores = affinity if affinity is not None else affinity_count()
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota - 1e-9)))
+    return max(1, cores)
+
+
 def _read_workers(r: Reader, top: dict[str, Any]) -> int:
     value = top.get("workers", 1)
     if value == "auto":
-        return cpu_count()
+        count = cpu_count()
+        log.info("workers: auto is %d (cores this process may use: %d; cgroup CPU quota: "
+                 "%s)", count, affinity_count(), cgroup_cpu_quota() or "none")
+        return count
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         r.problem("workers", f"must be an integer from 1 to 256 or \"auto\", got {value!r}")
         return 1

@@ -156,7 +156,7 @@ def test_workers_auto_means_the_cores_this_process_may_use(devpki: DevPKI,
                                                           tmp_path: Path) -> None:
     config = parse_config({"workers": "auto", "listeners": [_listener(tmp_path, devpki)]},
                           tmp_path)
-    assert config.workers == cpu_count() == len(os.sched_getaffinity(0))
+    assert config.workers == cpu_count() <= len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("value", [0, -1, "two", 1.5, True, 257])
