@@ -389,7 +389,8 @@ class ServerMetrics:
             "mtlsproxy_ready", "1 while /readyz answers 200 (bound, loaded, not draining).",
             registry=registry, multiprocess_mode="livemin")
         self.config_reloads = Counter(
-            "mtlsproxy_config_reloads", "Config file reloads (SIGHUP) by result.", ["result"],
+            "mtlsproxy_config_reloads",
+            "Config file reloads (SIGHUP, or the file changed) by result.", ["result"],
             registry=registry)
 
 

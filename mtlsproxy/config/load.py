@@ -26,7 +26,8 @@ def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config
     """Validate a decoded YAML document; raises ConfigError with every problem found."""
     r = Reader(base_dir)
     top = r.mapping(raw, "", ("listeners", "admin", "drain_timeout", "parser", "access_log",
-                              "workers", "headers_with_underscores"))
+                              "workers", "headers_with_underscores",
+                              "config_watch_interval"))
     if not isinstance(raw, dict):
         raise ConfigError(r.problems or ["(top level): must be a mapping"])
     listeners: list[ListenerConfig] = []
@@ -67,6 +68,8 @@ def parse_config(raw: Any, base_dir: Path, source: Path | None = None) -> Config
         access_log=r.get(top, "access_log", "", bool, True),
         source=source,
         workers=_read_workers(r, top),
+        config_watch_interval=r.get(top, "config_watch_interval", "", float, 5.0,
+                                    lambda v: None if v >= 0 else "must be 0 or more"),
     )
     if r.problems:
         raise ConfigError(r.problems)
@@ -151,7 +154,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError([f"(config file): invalid YAML{where}: {exc}"]) from None
-    return parse_config(raw, p.resolve().parent, source=p.resolve())
+    # Not resolved through symlinks: a ConfigMap's config.yaml -> ..data/config.yaml names
+    # another file after every update, and the timestamped directory behind it is deleted.
+    absolute = p.absolute()
+    return parse_config(raw, absolute.parent, source=absolute)
 
 
 def admin_is_loopback(config: Config) -> bool:

@@ -286,6 +286,9 @@ class Config:
     access_log: bool = True
     source: Path | None = None
     workers: int = 1  # processes sharing the listen ports (SO_REUSEPORT); "auto" = cores
+    # How often the config file is checked for a change (a ConfigMap's ..data swap), which
+    # is then applied as SIGHUP applies it; 0: only on SIGHUP.
+    config_watch_interval: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mtlsproxy.runtime.background import run_build
 from mtlsproxy.runtime.periodic import Periodic
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.server.admin import AdminServer
+from mtlsproxy.server.config_watch import ConfigWatcher
 from mtlsproxy.server.generation import (
     Generation,
     GenerationOwner,
@@ -125,6 +126,10 @@ class ProxyServer:
         self.ready_gauge.set(0)
         self.cert_watchers: list[ServerCertWatcher] = []
         self.config_reloads = server_metrics.config_reloads
+        # The config file followed without SIGHUP (a ConfigMap's ..data swap).
+        self.config_watcher: ConfigWatcher | None = (
+            ConfigWatcher(config.source, config.config_watch_interval, self.reload_from_file)
+            if config.source is not None and config.config_watch_interval > 0 else None)
         self.clock = clock
         self.listeners: list[ListenerRuntime] = []
         # By (listener, domain): one per truststore (a listener's domains have their own).
@@ -240,11 +245,13 @@ class ProxyServer:
         self.ready_gauge.set(1 if self.is_ready() else 0)
 
     def _periodics(self) -> list[Periodic]:
-        """Every refresh loop: truststores, CRLs (these change on reload), server certs."""
+        """Every refresh loop: truststores, CRLs (these change on reload), server certs,
+        the config file."""
         return [*self.watchers.values(),
                 *(d.owner.revocation for lr in self.listeners for d in lr.domains
                   if d.owner.revocation is not None),
-                *self.cert_watchers]
+                *self.cert_watchers,
+                *([self.config_watcher] if self.config_watcher is not None else [])]
 
     # -- SIGHUP: re-read the config file --------------------------------------------------
 
@@ -264,6 +271,10 @@ class ProxyServer:
             problems.append("parser: cannot change without a restart")
         if self.config.workers != new.workers:
             problems.append("workers: cannot change without a restart")
+        if [lc.tcp is None for lc in self.config.listeners] != [
+                lc.tcp is None for lc in new.listeners]:
+            problems.append("listeners[].tcp: a listener cannot switch between routes and "
+                            "TCP mode without a restart")
         for i, (old_lc, new_lc) in enumerate(
                 zip(self.config.listeners, new.listeners, strict=False)):
             if [d.label for d in old_lc.domain_views()] != [
@@ -284,6 +295,8 @@ class ProxyServer:
             return self._reload_failed(exc.problems)
         if self.worker is not None:
             new = self.worker.apply(new)
+        if self.config_watcher is not None:
+            self.config_watcher.seen()  # what SIGHUP loaded is no change for the watcher
         return await self.reload(new)
 
     def _reload_failed(self, problems: list[str]) -> list[str]:
