@@ -322,8 +322,7 @@ def test_trusted_sources_do_not_warn(harness: Harness,
 
 def test_the_edge_configmap_trusts_only_the_vpc_placeholder(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
-    cm = yaml.safe_load((root / "deploy/k8s/edge/configmap.yaml").read_text())
-    raw = yaml.safe_load(cm["data"]["config.yaml"])
+    raw = yaml.safe_load((root / "deploy/k8s/base/edge/config.yaml").read_text())
     assert raw["listeners"][0]["proxy_protocol"] == {"trusted_sources": ["10.0.0.0/8"]}
     try:
         parse_config(raw, tmp_path)
