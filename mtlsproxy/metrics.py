@@ -392,6 +392,8 @@ class ServerMetrics:
             "mtlsproxy_config_reloads",
             "Config file reloads (SIGHUP, or the file changed) by result.", ["result"],
             registry=registry)
+        for result in ("applied", "failed"):  # at zero: increase() sees the first one
+            self.config_reloads.labels(result)
 
 
 def process_metrics(registry: CollectorRegistry, version: str, multiprocess: bool) -> None:
