@@ -61,7 +61,8 @@ class Informational:
 
 @dataclass(slots=True)
 class Data:
-    data: bytes
+    # bytes, or a bytearray an Inbox grew from many small pieces (proxy/inbox.py)
+    data: bytes | bytearray
 
 
 @dataclass(slots=True)

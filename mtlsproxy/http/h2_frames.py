@@ -14,6 +14,9 @@ Rules of this module:
   stream opened (max_inbound_priority_frames_per_stream), more WINDOW_UPDATE frames than
   1 + 2 x (streams + 10 x DATA frames sent)
   (max_inbound_window_update_frames_per_data_frame_sent).
+- DATA frames on a stream that was reset (by the client, or by the proxy: the session
+  says which) count as control frames: h2 answers each with a RST_STREAM of its own and
+  tells the session nothing, so each costs a parse and a write and carries nothing.
 - It decides nothing else: h2 parses the frames, and refuses what is malformed in them.
 """
 
@@ -38,6 +41,8 @@ MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT = 10
 # second, plus one per stream it opened in that second (it may reset each). nginx and
 # Envoy bound PING and SETTINGS the same way; types h2 ignores cost it a parse each.
 CONTROL_FRAMES_PER_SECOND = 100
+# Reset streams remembered (most recent first out): DATA on older ones is h2's to refuse.
+RESET_STREAMS_KEPT = 1024
 
 
 class FrameAbuse(RemoteProtocolError):
@@ -60,7 +65,7 @@ class FrameGuard:
     __slots__ = ("max_frame_size", "max_header_block", "data_frames_sent",
                  "header_block_since", "_preface", "_head", "_skip", "_empty", "_streams",
                  "_priority", "_window_updates", "_block", "_control", "_second",
-                 "_second_streams", "_now")
+                 "_second_streams", "_now", "_reset")
 
     def __init__(self, max_frame_size: int, max_header_block: int = 2**31) -> None:
         self.max_frame_size = max_frame_size
@@ -79,6 +84,13 @@ class FrameGuard:
         self._second = -1.0
         self._second_streams = 0
         self._now = 0.0
+        self._reset: dict[int, None] = {}  # an ordered set of reset stream IDs
+
+    def stream_reset(self, stream_id: int) -> None:
+        """The proxy reset ``stream_id``: DATA on it from now on is a control frame."""
+        self._reset[stream_id] = None
+        if len(self._reset) > RESET_STREAMS_KEPT:
+            del self._reset[next(iter(self._reset))]
 
     def empty_frame(self) -> None:
         """A DATA frame whose payload was all padding (only h2 knows, after parsing)."""
@@ -116,7 +128,10 @@ class FrameGuard:
             raise FrameAbuse(f"a frame of {length} bytes (the limit is "
                              f"{self.max_frame_size})", "frame_size")
         self._skip = length
-        if kind in (DATA, HEADERS, CONTINUATION):
+        if kind == DATA and self._reset and \
+                int.from_bytes(head[5:9], "big") & 0x7FFFFFFF in self._reset:
+            self._control_frame()
+        elif kind in (DATA, HEADERS, CONTINUATION):
             if kind == HEADERS:
                 self._streams += 1
                 self._second_streams += 1
@@ -140,11 +155,16 @@ class FrameGuard:
                     + MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT * self.data_frames_sent):
                 raise FrameAbuse("WINDOW_UPDATE flood", "flood")
         else:
-            if self._now - self._second >= 1.0:
-                self._second, self._control, self._second_streams = self._now, 0, 0
-            self._control += 1
-            if self._control > CONTROL_FRAMES_PER_SECOND + self._second_streams:
-                raise FrameAbuse("control frame flood", "flood")
+            if kind == RST_STREAM:
+                self.stream_reset(int.from_bytes(head[5:9], "big") & 0x7FFFFFFF)
+            self._control_frame()
+
+    def _control_frame(self) -> None:
+        if self._now - self._second >= 1.0:
+            self._second, self._control, self._second_streams = self._now, 0, 0
+        self._control += 1
+        if self._control > CONTROL_FRAMES_PER_SECOND + self._second_streams:
+            raise FrameAbuse("control frame flood", "flood")
 
     def _header_block(self, length: int, end: int) -> None:
         self._block += length

@@ -69,6 +69,10 @@ def request_from_h2(headers: Headers, end_stream: bool,
         raise RemoteProtocolError("CONNECT is not supported", 501)
     if method is None or path is None:
         raise RemoteProtocolError("a request needs :method and :path")
+    if not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
+        # RFC 9113 section 8.3.1: the absolute-path (and query) of the target; an
+        # absolute URI here would name a host of its own beside :authority.
+        raise RemoteProtocolError(":path must be an absolute path")
     if authority is not None and host is not None and authority != host:
         raise RemoteProtocolError(":authority and Host differ")
     named = authority if authority is not None else host

@@ -288,14 +288,16 @@ def h2_error_response(status: int, reason: str,
             (b"content-length", b"%d" % len(body))], body
 
 
-def chunk(data: bytes) -> bytes:
+def chunk(data: bytes | bytearray) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def frame(data: bytes, chunked: bool) -> bytes:
+def frame(data: bytes | bytearray, chunked: bool) -> bytes:
     """A body piece as it goes out: chunked when the head said so (``client_response_head``
     decides it for responses, the request's own framing for request bodies)."""
-    return chunk(data) if chunked else data
+    if chunked:
+        return chunk(data)
+    return data if type(data) is bytes else bytes(data)
 
 
 LAST_CHUNK = b"0\r\n\r\n"

@@ -91,7 +91,7 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 class _Stream:
     __slots__ = ("id", "inbox", "task", "window", "answered", "received", "reset", "grpc",
-                 "grpc_status", "malformed", "held")
+                 "grpc_status", "malformed", "held", "headers_sent")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
@@ -106,6 +106,7 @@ class _Stream:
         self.grpc_status: str | None = None  # what the call ended with (the access log)
         self.malformed = False  # its body did not match its Content-Length (reset)
         self.held = 0  # body bytes received and not yet given back to the client's window
+        self.headers_sent = False  # the response's HEADERS left: only trailers may follow
 
 
 def _nothing() -> None:
@@ -286,7 +287,7 @@ class H2Session:
                 return
             stream.received += size
             stream.held += size
-            stream.inbox.put([Data(event.data)])
+            stream.inbox.put_data(event.data)
             if event.flow_controlled_length > size:
                 self._ack(event.stream_id, event.flow_controlled_length - size)
         elif isinstance(event, h2.events.StreamEnded):
@@ -435,7 +436,8 @@ class H2Session:
         except UpstreamError as exc:
             rt.count_upstream_error(upstream_key, exc.kind)
             up_end = perf_counter()
-            if exc.status_hint and not stream.answered and sent == 0 and status == 0:
+            if exc.status_hint and not stream.answered and not stream.headers_sent \
+                    and status == 0:
                 status = exc.status_hint
                 reason = "upstream_timeout" if status == 504 else "upstream_unavailable"
                 sent = self._respond_error(stream, status, reason)
@@ -601,6 +603,7 @@ class H2Session:
         first = up.inbox.get_nowait()
         whole = bodyless or isinstance(first, EndOfMessage)
         self.h2.send_headers(stream.id, wire.h2_response_headers(resp), end_stream=whole)
+        stream.headers_sent = True
         self._flush()
         for name, value in resp.headers:  # a trailers-only answer carries it here
             if name == b"grpc-status":
@@ -633,7 +636,7 @@ class H2Session:
                 return resp.status, sent
             ev = None
 
-    async def _send_data(self, stream: _Stream, data: bytes) -> None:
+    async def _send_data(self, stream: _Stream, data: bytes | bytearray) -> None:
         """As much as the client's windows allow, waiting for WINDOW_UPDATEs for the rest;
         and no faster than the TLS connection drains."""
         view = memoryview(data)
@@ -706,6 +709,7 @@ class H2Session:
 
     def _reset(self, stream: _Stream, code: h2.errors.ErrorCodes) -> None:
         if not stream.reset and not self._closing:
+            self.guard.stream_reset(stream.id)
             try:
                 self.h2.reset_stream(stream.id, code)
             except h2.exceptions.ProtocolError:

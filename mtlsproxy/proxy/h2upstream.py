@@ -9,9 +9,13 @@ Rules of this module:
   upstream protocol with the same code. The request head it is given is the one
   ``wire.upstream_request_head`` built (the same header rules and certificate headers as
   for HTTP/1.1); it is turned into an HTTP/2 header list, never re-decided.
-- A connection carries streams up to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS; the
-  pool opens another beside it when all are full, and never reuses one after a GOAWAY or
-  close to stream ID exhaustion (RFC 9113 section 5.1.1).
+- A connection carries streams up to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS, as
+  h2 counts them (a stream the upstream answered while the request was still being sent
+  is open until the proxy ends or resets it: an abandoned exchange always resets it);
+  the pool opens another beside it when all are full, one at a time (requests that find
+  none usable wait for the connect in flight), never reuses one after a GOAWAY or close
+  to stream ID exhaustion (RFC 9113 section 5.1.1), and closes one left without a stream
+  for ``IDLE_TIMEOUT``.
 - Back-pressure: response DATA is acknowledged (WINDOW_UPDATE) on its stream while the
   stream's inbox is not paused, so an upstream can be ahead of a slow client by one
   stream window at most; request DATA is sent only as the upstream's windows allow
@@ -42,7 +46,7 @@ import h2.settings
 from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http.checks import make_response
-from mtlsproxy.http.events import Data, EndOfMessage, Event, Response
+from mtlsproxy.http.events import EndOfMessage, Event, Response
 from mtlsproxy.http.h2_frames import GoAway, GoAwayFilter
 from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.inbox import Inbox
@@ -64,6 +68,9 @@ _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 # The dynamic table an upstream may make the proxy's encoder keep (RFC 7541 section
 # 4.2): the protocol's default, whatever larger size SETTINGS_HEADER_TABLE_SIZE asks.
 MAX_HEADER_TABLE_SIZE = 4096
+# An upstream connection without a stream this long is closed (the HTTP/1.1 pool's idle
+# timeout; below the common 60 s of servers, so the proxy closes first).
+IDLE_TIMEOUT = 30.0
 
 
 def h2_request_headers(head: bytes, scheme: bytes = b"http") -> list[tuple[bytes, bytes]]:
@@ -100,6 +107,7 @@ class H2UpstreamStream:
         self._unacked = 0
         self._window = asyncio.Event()
         self.ended = False  # the response ended (or the stream was reset)
+        self.request_done = False  # END_STREAM sent: the request side is closed
         self.direct = None  # never a fast exchange (proxy/session.py checks the protocol)
 
     def __repr__(self) -> str:
@@ -113,11 +121,13 @@ class H2UpstreamStream:
     def send_head(self, head: bytes, end_stream: bool = False) -> None:
         self.stream_id = self.conn.open_stream(
             self, h2_request_headers(head, self.conn.scheme), end_stream)
+        self.request_done = end_stream
 
-    def send_body(self, data: bytes, chunked: bool = False) -> None:
+    def send_body(self, data: bytes | bytearray, chunked: bool = False) -> None:
         self.conn.send_data(self, data)
 
     def end_body(self, chunked: bool = False) -> None:
+        self.request_done = True
         self.conn.end_stream(self)
 
     @property
@@ -133,9 +143,12 @@ class H2UpstreamStream:
         await self.conn.drain()
 
     def close(self) -> None:
-        """The exchange is abandoned: reset the stream if it is still open."""
-        if not self.ended:
+        """The exchange is abandoned: reset the stream if it is still open either way (a
+        response that ended before the request body did leaves the stream half open, and
+        counting against the upstream's stream limit, until it is reset)."""
+        if not self.ended or (not self.request_done and self.stream_id):
             self.ended = True
+            self.request_done = True
             self.conn.reset(self)
         else:
             self.settle()
@@ -153,7 +166,7 @@ class H2UpstreamStream:
         self._window.set()
 
     def data_received(self, data: bytes, size: int) -> None:
-        self.inbox.put([Data(data)])
+        self.inbox.put_data(data)
         if self._paused:
             self._unacked += size
         else:
@@ -178,7 +191,8 @@ class H2UpstreamStream:
 class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: str, on_lost: Callable[[H2UpstreamConnection], None],
                  writes: WriteBatch | None = None, pool_key: str | None = None,
-                 scheme: bytes = b"http") -> None:
+                 scheme: bytes = b"http", idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.idle_timeout = idle_timeout
         self.key = key  # metrics and logs
         self.pool_key = pool_key or key
         self.scheme = scheme  # :scheme of its requests: https over TLS
@@ -204,6 +218,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._pending: dict[int, bytearray] = {}
         self._end_after: set[int] = set()
         self._goaways = GoAwayFilter()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<H2UpstreamConnection {self.key} streams={len(self.streams)}>"
@@ -212,8 +227,8 @@ class H2UpstreamConnection(asyncio.Protocol):
     def usable(self) -> bool:
         """May take one more stream now."""
         return (not self.closed and not self.goaway
-                and len(self.streams) < min(self.h2.remote_settings.max_concurrent_streams,
-                                            MAX_STREAMS_PER_CONNECTION)
+                and self.h2.open_outbound_streams < min(
+                    self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION)
                 and (self.h2.highest_outbound_stream_id or 0) < _LAST_STREAM_ID)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -242,6 +257,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             for event in events:
                 self._event(event)
         self._flush()
+        self._maybe_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -320,15 +336,19 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def open_stream(self, stream: H2UpstreamStream, headers: list[tuple[bytes, bytes]],
                     end_stream: bool) -> int:
-        stream_id = self.h2.get_next_available_stream_id()
+        try:
+            stream_id = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:  # TooManyStreamsError, a closed state
+            raise UpstreamError(f"upstream HTTP/2 stream refused: {exc}", "protocol") from None
         self.streams[stream_id] = stream
-        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self._busy()
         if end_stream:
             self._end_after.discard(stream_id)
         self._flush()
         return stream_id
 
-    def send_data(self, stream: H2UpstreamStream, data: bytes) -> None:
+    def send_data(self, stream: H2UpstreamStream, data: bytes | bytearray) -> None:
         self._pending.setdefault(stream.stream_id, bytearray()).extend(data)
         self._send_pending()
 
@@ -346,13 +366,17 @@ class H2UpstreamConnection(asyncio.Protocol):
     def reset(self, stream: H2UpstreamStream) -> None:
         self._pending.pop(stream.stream_id, None)
         self._end_after.discard(stream.stream_id)
-        if self.streams.pop(stream.stream_id, None) is not None and not self.closed:
+        self.streams.pop(stream.stream_id, None)
+        if not self.closed:
             try:
+                # Also a stream whose response ended first (it left self.streams then):
+                # its request side is still open on both ends until this.
                 self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
             except h2.exceptions.ProtocolError:
-                pass
+                pass  # closed already on both sides
             stream.settle()  # closed now: only the connection's share is given back
             self._flush()
+        self._maybe_idle()
         if self.goaway and not self.streams:
             self._close()
 
@@ -423,8 +447,28 @@ class H2UpstreamConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _busy(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _maybe_idle(self) -> None:
+        if not self.streams and not self.closed and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout,
+                                                                     self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self.streams and not self.closed:
+            try:
+                self.h2.close_connection()  # GOAWAY NO_ERROR: a polite end
+            except h2.exceptions.ProtocolError:
+                pass
+            self._close()
+
     def _close(self) -> None:
         self.closed = True
+        self._busy()
         if self.transport is not None:
             self.flush_deferred()  # a RST_STREAM or GOAWAY still waiting goes first
             self.transport.close()
@@ -457,20 +501,48 @@ class H2UpstreamPool:
     def __init__(self, tls: UpstreamTLSContexts | None = None,
                  writes: WriteBatch | None = None) -> None:
         self._conns: dict[str, list[H2UpstreamConnection]] = {}
+        # The connect in flight per pool key: requests that find no usable connection
+        # wait for it instead of each opening their own (a burst of N streams would open
+        # N connections).
+        self._connecting: dict[str, asyncio.Future[H2UpstreamConnection]] = {}
         self.opened = 0
         self.writes = writes
         self.tls = tls or UpstreamTLSContexts()
+        self.idle_timeout = IDLE_TIMEOUT
 
     def __repr__(self) -> str:
         return f"<H2UpstreamPool {({k: len(v) for k, v in self._conns.items()})}>"
 
     async def acquire(self, upstream: Upstream, timeout: float) -> H2UpstreamStream:
-        key = upstream.key
-        for conn in self._conns.get(upstream.pool_key, ()):
-            if conn.usable:
-                return H2UpstreamStream(conn, key)
-        conn = await self._connect(upstream, timeout)
-        self._conns.setdefault(upstream.pool_key, []).append(conn)
+        key, pool_key = upstream.key, upstream.pool_key
+        while True:
+            for conn in self._conns.get(pool_key, ()):
+                if conn.usable:
+                    return H2UpstreamStream(conn, key)
+            pending = self._connecting.get(pool_key)
+            if pending is None:
+                break
+            # asyncio.wait: this waiter's cancellation leaves the connect alone.
+            await asyncio.wait({pending})
+            failed = None if pending.cancelled() else pending.exception()
+            if isinstance(failed, UpstreamError):  # the upstream is down: for all of them
+                raise UpstreamError(str(failed), failed.kind, failed.status_hint)
+        future: asyncio.Future[H2UpstreamConnection] = (
+            asyncio.get_running_loop().create_future())
+        self._connecting[pool_key] = future
+        try:
+            conn = await self._connect(upstream, timeout)
+        except UpstreamError as exc:
+            future.set_exception(exc)
+            future.exception()  # waiters raise their own copy; this one is seen
+            raise
+        except BaseException:
+            future.cancel()  # waiters try again themselves
+            raise
+        finally:
+            del self._connecting[pool_key]
+        self._conns.setdefault(pool_key, []).append(conn)
+        future.set_result(conn)
         return H2UpstreamStream(conn, key)
 
     async def _connect(self, upstream: Upstream, timeout: float) -> H2UpstreamConnection:
@@ -478,7 +550,8 @@ class H2UpstreamPool:
         scheme = b"https" if upstream.tls is not None else b"http"
         _, proto = await connect(
             upstream, lambda: H2UpstreamConnection(key, self._lost, self.writes, pool_key,
-                                                   scheme), timeout, self.tls)
+                                                   scheme, self.idle_timeout),
+            timeout, self.tls)
         self.opened += 1
         return proto
 

@@ -3,6 +3,10 @@
 Back-pressure: when the body bytes waiting in the inbox exceed ``high``, the producer's
 transport is paused; it resumes once the consumer brings them under ``low``. Memory per
 direction is therefore bounded by ``high`` plus one read.
+
+``put_data`` appends body bytes to the last queued ``Data`` when it is still waiting: an
+HTTP/2 peer's DATA frames may carry one byte each, and an object per frame would cost
+fifty times the bytes the flow-control window bounds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ E = TypeVar("E")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# Pieces smaller than this start a mergeable buffer (a copy); larger ones are queued as
+# they are (a full DATA frame, a socket read).
+_MERGE_BELOW = 4096
 
 
 class Inbox(Generic[E]):
@@ -44,6 +51,20 @@ class Inbox(Generic[E]):
             self._paused = True
             self._pause()
         self._wake()
+
+    def put_data(self, data: bytes) -> None:
+        """``put([Data(data)])``, merged into a queued Data that nobody has taken yet."""
+        events = self.events
+        if events:
+            last = events[-1]
+            if isinstance(last, Data) and isinstance(last.data, bytearray):
+                last.data += data
+                self._buffered += len(data)
+                if self._buffered > self._high and not self._paused:
+                    self._paused = True
+                    self._pause()
+                return
+        self.put([Data(bytearray(data)) if len(data) < _MERGE_BELOW else Data(data)])  # type: ignore[list-item]
 
     def fail(self, exc: BaseException) -> None:
         """No more events will come: the consumer gets ``exc`` once the queue is empty."""

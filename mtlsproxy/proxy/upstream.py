@@ -24,7 +24,7 @@ class Exchange(Protocol):
     def write_paused(self) -> bool: ...
     def expect(self, method: bytes) -> None: ...
     def send_head(self, head: bytes, end_stream: bool = False) -> None: ...
-    def send_body(self, data: bytes, chunked: bool = False) -> None: ...
+    def send_body(self, data: bytes | bytearray, chunked: bool = False) -> None: ...
     def end_body(self, chunked: bool = False) -> None: ...
     async def drain(self) -> None: ...
     def close(self) -> None: ...
@@ -78,7 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.direct: DirectHandler | None = None
         # Sends deferred to the end of the loop's pass (runtime/writes.py) wait here, in order.
         self._writes = writes
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.key} {self.state.value} requests={self.requests}>"
@@ -163,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         if self.transport is None or self.transport.is_closing():
             raise UpstreamError("upstream connection closed while sending", "reset")
         if self._writes is None:
@@ -176,7 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send_head(self, head: bytes, end_stream: bool = False) -> None:
         self.write(head)
 
-    def send_body(self, data: bytes, chunked: bool = False) -> None:
+    def send_body(self, data: bytes | bytearray, chunked: bool = False) -> None:
         self.write(chunk(data) if chunked else data)
 
     def end_body(self, chunked: bool = False) -> None:

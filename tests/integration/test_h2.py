@@ -712,3 +712,29 @@ def test_a_stalled_request_body_is_a_408_as_over_http11(harness: Harness) -> Non
     assert r.status == 408 and json.loads(r.body)["reason"] == "request_timeout"
     assert harness.metric("mtlsproxy_requests_total", listener="public", route="/",
                           code="408", protocol="h2") == 1
+
+
+def test_data_frames_on_a_reset_stream_count_as_control_frames(harness: Harness) -> None:
+    """h2 answers each with a RST_STREAM of its own and tells the proxy nothing."""
+    import h2.errors
+    harness.start()
+    c = client(harness)
+    sid = c.request("/upload", method="POST", end=False)
+    c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    c.flush()
+    try:
+        c.sock.sendall(b"".join(frame_header(1, 0x0, 0, sid) + b"x" for _ in range(400)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert errors(harness, "flood") == 1
+
+
+def test_an_absolute_uri_in_path_is_refused(harness: Harness) -> None:
+    """RFC 9113 section 8.3.1: :path is the absolute path; a URI would name a host."""
+    harness.start()
+    c = client(harness)
+    assert c.get("http://elsewhere.example/x").status == 400
+    assert c.get("/x").status == 200

@@ -15,6 +15,7 @@ import pytest
 from tests.support.h2client import H2Client
 from tests.support.h2server import ScriptedH2Upstream
 from tests.support.harness import Harness
+from tests.support.tools import wait_for
 
 _OPEN: list[H2Client] = []
 
@@ -84,3 +85,61 @@ def test_a_control_byte_in_an_upstream_field_is_a_502(harness: Harness) -> None:
     r = c.get("/field")
     assert r.status == 502 and r.header(b"x-odd") is None
     assert c.get("/ok").status == 200
+
+
+def start_with(h: Harness, up: ScriptedH2Upstream) -> None:
+    port = h.serve(up.handle)
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:{port}",
+                              "upstream_protocol": "h2"}]))
+
+
+def test_a_response_that_ends_before_its_request_body_does_not_keep_its_stream_open(
+        harness: Harness) -> None:
+    """The upstream answers before the body has ended (a 401, a 413) and sends no
+    RST_STREAM (RFC 9113 section 8.1 makes it optional): the proxy must reset the stream,
+    or it counts against the upstream's stream limit for good and the route wedges."""
+    up = ScriptedH2Upstream(max_streams=3)
+    start_with(harness, up)
+    c = client(harness)
+    for _ in range(6):
+        sid = c.request("/early", method="POST", body=b"part of a body", end=False)
+        r = c.response(sid)
+        assert (r.status, r.body) == (200, b"early"), r
+    other = client(harness)
+    assert other.get("/ok").status == 200
+    assert harness.get("/ok")[0] == 200  # HTTP/1.1 clients too
+    assert up.connections == 1
+
+
+def test_a_burst_of_streams_opens_one_upstream_connection(harness: Harness) -> None:
+    up = ScriptedH2Upstream()
+    start_with(harness, up)
+    c = client(harness)
+    ids = [c.request("/slow") for _ in range(20)]  # all before any connection exists
+    for sid in ids:
+        assert c.response(sid).status == 200
+    assert up.connections == 1
+
+
+def test_an_upstream_connection_without_streams_is_closed_after_its_idle_timeout(
+        harness: Harness) -> None:
+    up = ScriptedH2Upstream()
+    start_with(harness, up)
+    assert harness.server is not None
+    harness.server.pool.h2.idle_timeout = 0.3
+    assert client(harness).get("/ok").status == 200
+    wait_for(lambda: up.closed == 1)
+    assert client(harness).get("/ok").status == 200  # a new one opens when needed
+    assert up.connections == 2
+
+
+def test_a_grpc_deadline_after_the_response_headers_ends_in_deadline_exceeded(
+        harness: Harness) -> None:
+    up = ScriptedH2Upstream()
+    start_with(harness, up)
+    c = client(harness)
+    r = c.response(c.request("/grpc-stall", method="POST", body=b"\x00\x00\x00\x00\x00",
+                             headers=[("content-type", "application/grpc"),
+                                      ("te", "trailers"), ("grpc-timeout", "300m")]))
+    assert r.status == 200 and r.reset is None, r
+    assert dict(r.trailers)[b"grpc-status"] == b"4"

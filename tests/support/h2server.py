@@ -7,6 +7,11 @@ Paths:
 - ``/status/S``: a response whose ``:status`` is S, sent as it is.
 - ``/field``: a 200 with a control byte in a field value.
 - ``/slow``: 200 ``slow`` after 0.5 s.
+- ``/early``: 200 ``early`` at once, without waiting for the request body (and without
+  the RST_STREAM a server may send after it: RFC 9113 section 8.1 makes it optional).
+- ``/grpc-stall``: a gRPC response's HEADERS, then nothing.
+
+``max_streams``: its SETTINGS_MAX_CONCURRENT_STREAMS. ``closed``: connections it saw end.
 - anything else: 200 ``ok``.
 """
 
@@ -19,10 +24,13 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 
 
 class ScriptedH2Upstream:
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int | None = None) -> None:
+        self.max_streams = max_streams
+        self.closed = 0
         self.connections = 0
         self.goaways = 0
         self.paths: list[str] = []
@@ -32,6 +40,9 @@ class ScriptedH2Upstream:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False))
+        if self.max_streams is not None:
+            conn.local_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         conn.initiate_connection()
         pending: dict[int, bytearray] = {}  # body bytes waiting for windows, by stream
         tasks: set[asyncio.Task[None]] = set()
@@ -91,6 +102,12 @@ class ScriptedH2Upstream:
                     later(stream_id, 0.5, b"slow")))
             elif path.startswith("/status/"):
                 answer(stream_id, path[8:].encode(), b"odd")
+            elif path == "/early":
+                answer(stream_id, b"200", b"early")
+            elif path == "/grpc-stall":
+                conn.send_headers(stream_id, [(b":status", b"200"),
+                                              (b"content-type", b"application/grpc")])
+                flush()
             elif path == "/field":
                 answer(stream_id, b"200", b"odd", [(b"x-odd", b"a\x01b")])
             else:
@@ -113,6 +130,7 @@ class ScriptedH2Upstream:
         except (ConnectionError, h2.exceptions.ProtocolError):
             pass
         finally:
+            self.closed += 1
             for task in tasks:
                 task.cancel()
             writer.close()
