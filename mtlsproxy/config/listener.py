@@ -219,8 +219,10 @@ def _read_tcp(r: Reader, raw: Any, path: str) -> TcpConfig:
                 host, port = parse_address(value)
                 if port == 0:
                     raise ValueError("port 0 is not a valid upstream port")
-                if not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
-                    raise ValueError(f"bad host {host!r}")
+                if value.startswith("["):
+                    ipaddress.IPv6Address(host)  # ValueError: not an IPv6 address
+                elif not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+                    raise ValueError(f"bad host {host!r} (an IPv6 address goes in [])")
                 upstream = Upstream("tcp", host, port, "")
         except ValueError as exc:
             r.problem(f"{path}.upstream", f"{exc} (host:port or unix:/path)")
@@ -487,14 +489,31 @@ def _read_upstream_tls(r: Reader, raw: Any, path: str) -> UpstreamTLS:
     if (cert_file is None) != (key_file is None):
         r.problem(path, "cert_file and key_file go together (the client certificate "
                         "for upstream mTLS)")
+    if ca_file is not None and data.get("verify") is False:
+        r.problem(f"{path}.verify", "false with a ca_file: the CA would not be used "
+                                    "(drop one of them)")
     tls = UpstreamTLS(
         ca_file=ca_file,
-        server_name=r.get(data, "server_name", path, str, "") or None,
+        server_name=r.get(data, "server_name", path, str, "", _check_server_name) or None,
         verify=r.get(data, "verify", path, bool, True),
         cert_file=cert_file,
         key_file=key_file,
         min_version=r.get(data, "min_version", path, str, "TLSv1.2", one_of(TLS_VERSIONS)))
     return tls
+
+
+def _check_server_name(value: str) -> str | None:
+    """A DNS name or an IP address, as the TLS layer can send and check it."""
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if len(value) > 253 or not re.fullmatch(
+            r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+            r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?", value):
+        return f"must be a DNS name or an IP address, got {value!r}"
+    return None
 
 
 def _read_timeouts(r: Reader, raw: Any, tmpath: str) -> TimeoutsConfig:

@@ -20,7 +20,7 @@ def parse_address(value: str) -> tuple[str, int]:
             raise ValueError("expected host:port")
     if not host:
         raise ValueError("missing host")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad port {port!r}")
     return host, int(port)
 
@@ -32,8 +32,10 @@ def parse_upstream(value: str) -> Upstream:
         path = value[5:]
         if path.startswith("//"):  # unix:///run/app.sock, as curl and gRPC spell it
             path = path[2:]
-        if not path.startswith("/") or "\0" in path:
+        if not path.startswith("/") or any(c in path for c in "\0\r\n"):
             raise ValueError("a unix socket upstream is unix:/absolute/path")
+        if len(path.encode()) > 107:  # sun_path: 108 bytes with its NUL (unix(7))
+            raise ValueError("a unix socket path is at most 107 bytes")
         return Upstream("unix", "", 0, "", unix_path=path)
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):

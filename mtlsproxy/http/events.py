@@ -78,6 +78,10 @@ Event = Request | Response | Informational | Data | EndOfMessage
 class RequestParser(Protocol):
     def feed(self, data: bytes) -> list[Event]: ...
     def close(self) -> None: ...
+    @property
+    def held(self) -> int:
+        """Bytes held after an upgrade request (never parsed), or -1 when holding none."""
+        ...
     def take_held(self) -> bytes:
         """After an upgrade request: the bytes received after its head, which were not
         parsed (the tunnel's first bytes)."""

@@ -144,6 +144,10 @@ class H11RequestParser:
             if data:  # (receive_data(b"") means EOF to h11)
                 self._conn.receive_data(data)
 
+    @property
+    def held(self) -> int:
+        return -1 if self._held is None else len(self._held)
+
     def take_held(self) -> bytes:
         held = bytes(self._held or b"")
         if self._held is not None:
@@ -189,6 +193,10 @@ class H11RequestParser:
                 # the seam takes up the protocol: nothing after it is parsed.
                 self._upgrade = b"upgrade" in request.connection and any(
                     n == b"upgrade" for n, _ in headers)
+                if self._upgrade and not request.upgrade:
+                    # Held but not tunnelled (an empty or unusable Upgrade): as llhttp,
+                    # the connection ends after this request.
+                    request.keep_alive = False
                 events.append(request)
                 if request.chunked:
                     self._chunks = _ChunkLines()

@@ -162,6 +162,10 @@ class HttptoolsRequestParser(_LlhttpHead):
         ``feed`` must not be called afterwards."""
         vars(self).pop("_parser", None)
 
+    @property
+    def held(self) -> int:
+        return -1 if self._held is None else len(self._held)
+
     def take_held(self) -> bytes:
         held = bytes(self._held or b"")
         if self._held is not None:

@@ -338,6 +338,10 @@ class ProxySession:
             self.inbox.fail(exc)
             self._wake()
             return
+        if self.parser.held > HOLD_LIMIT:
+            # After an upgrade request nothing is parsed: bytes wait for the tunnel (which
+            # resumes reading) or the connection's end, no more than this many.
+            self.conn.pause_reading()
         if not events:
             if self.state is PARKED and not self._head_bytes_seen:
                 # Slowloris: a head that started (and did not end in this read) must
@@ -832,8 +836,11 @@ class ProxySession:
             raise UpstreamError(str(exc), "protocol") from None
         if switched is None:
             # Not switched: an ordinary answer, read by an ordinary upstream connection.
+            # Its own key (TLS settings included), and never pooled after (below): it
+            # carried an upgrade request.
             up = UpstreamConnection(route.upstream.key,
-                                    response_parser(rt.parser_kind, rt.memos), rt.pool.writes)
+                                    response_parser(rt.parser_kind, rt.memos), rt.pool.writes,
+                                    route.upstream.pool_key)
             opened.transport.set_protocol(up)
             up.connection_made(opened.transport)
             up.set_state(UP_ACTIVE)
@@ -841,15 +848,26 @@ class ProxySession:
             up.data_received(opened.head + opened.rest)
             if opened.eof:
                 up.eof_received()
-            resp = await self._response_head(up, None, timeouts.upstream_read)
-            status, sent, _ = await self._stream_response(req, resp, up, None)
+            try:
+                resp = await self._response_head(up, None, timeouts.upstream_read)
+                status, sent, _ = await self._stream_response(req, resp, up, None)
+            finally:
+                up.close()
             return status, sent
         assert self.verdict is not None
         self._enter(TUNNEL)
         self.conn.write(switched)
+        domain, host, target = self.domain, req.host, req.target
+
+        def route_now() -> RouteConfig | None:
+            """The route as the current config has it (a reload may drop the upgrade)."""
+            match = domain.router.match(host, target)
+            return match[0] if match is not None and protocol in match[0].upgrades else None
         tunnel = Tunnel(rt, self.conn, opened.transport, protocol.decode(), self.verdict,
-                        self.domain.admission, route, req, route.upstream.key, start)
+                        self.domain.admission, route, req, route.upstream.key, start,
+                        route_now=route_now)
         tunnel.start(self.parser.take_held(), opened.rest, opened.eof)
+        self.conn.resume_reading()  # paused if the held bytes reached HOLD_LIMIT
         return 101, len(switched)
 
     async def _pump_body(self, req: Request, up: Exchange) -> None:
@@ -984,6 +1002,9 @@ class ProxySession:
 
 
 _COALESCE_LIMIT = 64 * 1024
+# Bytes a client may send after an upgrade request before reading from it pauses: they
+# wait for the tunnel, never parsed (proxy/tcp.py holds as much before its tunnel).
+HOLD_LIMIT = 64 * 1024
 # Never retried: the upstream may have acted on them before it closed. nginx's list
 # (ngx_http_upstream.c: POST, LOCK, PATCH; "proxy_next_upstream non_idempotent" is off by
 # default), which it applies to every other method, WebDAV's included.

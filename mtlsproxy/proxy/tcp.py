@@ -20,6 +20,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import logging
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,11 @@ from mtlsproxy.proxy.tunnel import Tunnel
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.tls.proxy_protocol import build_v2
 
+log = logging.getLogger("mtlsproxy.tcp")
+
 if TYPE_CHECKING:
     from mtlsproxy.admission.cache import Verdict
-    from mtlsproxy.config.model import TcpConfig
+    from mtlsproxy.config.model import RouteConfig, TcpConfig
     from mtlsproxy.proxy.session import Domain
 
 HOLD_LIMIT = 64 * 1024
@@ -131,6 +134,16 @@ class TcpSession:
     # -- the decision, the connect, the switch ------------------------------------------
 
     async def _open(self) -> None:
+        try:
+            await self._open_tunnel()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not leave the client hanging nor the upstream socket open.
+            log.exception("TCP connection from %s failed", self.conn.peername[0])
+            self._close()
+
+    async def _open_tunnel(self) -> None:
         rt = self.rt
         tcp: TcpConfig = rt.config.tcp
         assert self.verdict is not None
@@ -155,11 +168,20 @@ class TcpSession:
             transport.close()
             return
         if tcp.proxy_protocol_upstream == "v2":
-            transport.write(self._proxy_header())
+            try:
+                header = self._proxy_header()
+            except Exception:
+                transport.close()
+                raise
+            transport.write(header)
         rt.connection_closed(self)  # the tunnel is the listener's connection from here
+        def route_now() -> RouteConfig | None:
+            """The tcp block as the current config has it (a reload may change allow)."""
+            now = rt.config.tcp
+            return now.route if now is not None else None
         tunnel = Tunnel(rt, self.conn, transport, "tcp", self.verdict,
                         self.domain.admission, tcp.route, None, upstream.key, self._start,
-                        on_end=self._ended)
+                        on_end=self._ended, route_now=route_now)
         held, self.held = bytes(self.held), bytearray()
         tunnel.start(held, bytes(holding.buf), holding.eof)
         self.conn.resume_reading()

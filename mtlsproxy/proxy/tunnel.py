@@ -80,13 +80,14 @@ class Tunnel:
 
     __slots__ = ("rt", "conn", "kind", "verdict", "admission", "route", "req",
                  "upstream_key", "state", "deadline", "received", "sent", "_start",
-                 "_up", "_last", "_next_check", "_gauge", "_on_end", "_checking",
+                 "_up", "_last", "_next_check", "_gauge", "_on_end", "_checking", "_route_now",
                  "__weakref__")
 
     def __init__(self, rt: Any, conn: TLSConnection, transport: asyncio.Transport,
                  kind: str, verdict: Verdict, admission: Admission, route: RouteConfig,
                  req: Request | None, upstream_key: str, start: float,
-                 on_end: Callable[[Tunnel, int], None] | None = None) -> None:
+                 on_end: Callable[[Tunnel, int], None] | None = None,
+                 route_now: Callable[[], RouteConfig | None] | None = None) -> None:
         self.rt = rt
         self.conn = conn
         self.kind = kind
@@ -104,6 +105,9 @@ class Tunnel:
         self._next_check = now + RECHECK_INTERVAL
         self.deadline = self._next_check
         self._on_end = on_end
+        # The route as the config now has it: a reload that drops it (or its upgrade, or
+        # tightens its rules) must reach open tunnels too.
+        self._route_now = route_now
         self._checking: asyncio.Task[None] | None = None  # an awaited re-check (OCSP)
         self._gauge = rt.tunnels_gauge(kind)
         self._gauge.inc()
@@ -218,8 +222,16 @@ class Tunnel:
             self.deadline = min(self._next_check, self._last + self.rt.config.timeouts.idle)
             verdict = self.verdict
             assert verdict is not None
+            if self._route_now is not None:
+                route = self._route_now()
+                if route is None:
+                    log.info("%s tunnel from %s closed: its route is gone from the config",
+                             self.kind, self.conn.peername[0])
+                    self.close()
+                    return
+                self.route = route
             # The route's rules too: a truststore swap may keep the CA but drop the
-            # rule's reading of the certificate (never the other way: rules are fixed).
+            # rule's reading of the certificate, and a reload may change the rules.
             self.verdict, outcome = self.admission.admit_now(verdict, self.route)
             if isinstance(outcome, Refusal):
                 self._refused(outcome)

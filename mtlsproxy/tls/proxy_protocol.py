@@ -118,6 +118,10 @@ PP2_CLIENT_CERT_CONN = 0x02
 PP2_CLIENT_CERT_SESS = 0x04
 
 
+_DNS_NAME = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _tlv(kind: int, value: bytes) -> bytes:
     return struct.pack("!BH", kind, len(value)) + value
 
@@ -142,8 +146,10 @@ def build_v2(source: tuple[str, int], destination: tuple[str, int], *,
             for a in (src, dst))
     addresses += struct.pack("!HH", source[1], destination[1])
     tlvs = b""
-    if authority:
-        tlvs += _tlv(PP2_TYPE_AUTHORITY, authority.encode("idna"))
+    if authority and _DNS_NAME.fullmatch(authority):
+        # Only a DNS name (the SNI the client sent, RFC 6066 section 3): anything else a
+        # client put there is left out rather than passed on for a service to believe.
+        tlvs += _tlv(PP2_TYPE_AUTHORITY, authority.encode("ascii"))
     if tls_version is not None:
         client = PP2_CLIENT_SSL
         if verified:

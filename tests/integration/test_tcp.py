@@ -320,3 +320,28 @@ def test_a_tunnel_is_closed_when_ocsp_comes_to_say_revoked(harness: Harness) -> 
     assert responder.calls >= 2
     wait_for(lambda: h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
                               reason="revoked") == 1)
+
+
+def test_a_reload_that_tightens_allow_closes_open_tunnels(harness: Harness) -> None:
+    h = harness
+    service = EchoService(h)
+    start(h, service, allow=[{"subject": {"CN": "good-client"}}])
+    with connect(h) as s:
+        s.sendall(b"before")
+        assert s.recv(100) == b"BEFORE"
+        raw = h.config(tcp={"upstream": service.address,
+                            "allow": [{"subject": {"CN": "someone-else"}}]})
+        del raw["listeners"][0]["routes"]
+        assert h.reload(raw) == []
+        assert read_until_closed(s) == b""
+    wait_for(lambda: tunnels(h) == 0)
+
+
+def test_a_sni_that_is_no_dns_name_is_left_out_of_the_proxy_header() -> None:
+    from mtlsproxy.tls.proxy_protocol import build_v2
+    for name in ("a" * 64 + ".example", "a..b", "bad\x01name"):
+        header = build_v2(("127.0.0.1", 1), ("127.0.0.1", 2), tls_version="TLSv1.3",
+                          authority=name)
+        assert b"\x02\x00" not in header[28:31]  # no PP2_TYPE_AUTHORITY TLV
+    assert b"api.example" in build_v2(("127.0.0.1", 1), ("127.0.0.1", 2),
+                                      authority="api.example")

@@ -271,3 +271,114 @@ def test_drain_lets_a_tunnel_run_until_drain_timeout_then_closes_it(
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=5)
     wait_for(lambda: tunnels(h) == 0)
+
+
+def test_a_reload_that_drops_the_upgrade_closes_open_tunnels(
+        unstarted: Harness, ws_upstream: int) -> None:
+    h = unstarted
+    start(h, ws_upstream)
+    with client(h) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        assert h.reload(h.config(routes=[{
+            "path_prefix": "/", "upstream": f"http://127.0.0.1:{ws_upstream}",
+            "upgrades": []}])) == []
+        with pytest.raises(ConnectionClosed):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ws.send("still there?")
+                ws.recv(timeout=1)
+                time.sleep(0.1)
+    wait_for(lambda: tunnels(h) == 0)
+
+
+async def _event() -> Any:
+    import asyncio
+    return asyncio.Event()
+
+
+UPGRADE = (b"GET /chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+           b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+def test_bytes_after_an_upgrade_request_are_held_only_up_to_a_bound(
+        unstarted: Harness) -> None:
+    """Until the upstream answers, what the client sends after its upgrade request waits,
+    never parsed: no more than a bound, then reading from the client pauses."""
+    import socket as socketlib
+    h = unstarted
+
+    answer = h.loop.run(_event())
+    done: list[bool] = []
+
+    async def silent(reader: Any, writer: Any) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await answer.wait()  # no answer while the client sends
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        done.append(True)
+    port = h.serve(silent)
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:{port}"}],
+                     timeouts={"upstream_read": 30}))
+    raw = socketlib.create_connection(("127.0.0.1", h.port), timeout=10)
+    s = h.client_context().wrap_socket(raw, server_hostname="localhost")
+    s.sendall(UPGRADE)
+    s.settimeout(3)
+    sent = 0
+    block = b"x" * 65536
+    with pytest.raises((TimeoutError, OSError)):
+        while sent < 200 * 1024 * 1024:  # far past what socket buffers take
+            s.sendall(block)
+            sent += len(block)
+    assert sent < 100 * 1024 * 1024, sent
+    h.loop.call(answer.set)
+    wait_for(lambda: bool(done))
+    s.close()
+
+
+def test_a_request_with_an_empty_upgrade_never_leaves_the_connection_hanging(
+        unstarted: Harness, parser_kind: str) -> None:
+    """An empty Upgrade with Connection: upgrade is served as a plain request. A parser
+    that holds what follows it (h11 as the seam reads it) must end the connection after
+    the answer; one that parses on answers the next request: never a connection that
+    neither reads the next request nor closes."""
+    h = unstarted
+    h.start(parser=parser_kind)
+    with h.tls(None, 5) as t:
+        t.sendall(b"GET /a HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\n"
+                  b"Upgrade: \r\n\r\nGET /b HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        out, closed = b"", False
+        while out.count(b"HTTP/1.1 200") < 2:
+            chunk = t.recv(65536)  # a TimeoutError here is the hang
+            if not chunk:
+                closed = True
+                break
+            out += chunk
+    assert out.count(b"HTTP/1.1 200") == 2 or (closed and out.count(b"HTTP/1.1 200") == 1)
+
+
+def test_an_upstream_connection_that_carried_a_refused_upgrade_is_not_reused(
+        unstarted: Harness) -> None:
+    import asyncio
+    h = unstarted
+    connections: list[int] = []
+
+    async def plain(reader: Any, writer: Any) -> None:
+        connections.append(1)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    port = h.serve(plain)
+    h.start(h.config(routes=[{"path_prefix": "/", "upstream": f"http://127.0.0.1:{port}"}]))
+    out = h.raw(UPGRADE, read_timeout=5)
+    assert out.startswith(b"HTTP/1.1 200"), out[:100]
+    assert h.get("/next")[0] == 200
+    assert len(connections) == 2
