@@ -23,6 +23,7 @@ Rules of this module:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mtlsproxy.errors import RemoteProtocolError
 
@@ -41,6 +42,10 @@ MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT = 10
 # second, plus one per stream it opened in that second (it may reset each). nginx and
 # Envoy bound PING and SETTINGS the same way; types h2 ignores cost it a parse each.
 CONTROL_FRAMES_PER_SECOND = 100
+# The dynamic table a peer may make the proxy's HPACK encoder keep (RFC 7541 section 4.2):
+# the protocol's default, whatever larger SETTINGS_HEADER_TABLE_SIZE it asks for (h2
+# copies the setting into its encoder unbounded: memory, and a linear search per field).
+MAX_HEADER_TABLE_SIZE = 4096
 # Reset streams remembered (most recent first out): DATA on older ones is h2's to refuse.
 RESET_STREAMS_KEPT = 1024
 
@@ -91,12 +96,6 @@ class FrameGuard:
         self._reset[stream_id] = None
         if len(self._reset) > RESET_STREAMS_KEPT:
             del self._reset[next(iter(self._reset))]
-
-    def empty_frame(self) -> None:
-        """A DATA frame whose payload was all padding (only h2 knows, after parsing)."""
-        self._empty += 1
-        if self._empty > MAX_CONSECUTIVE_EMPTY_FRAMES:
-            raise FrameAbuse("frames with an empty payload", "flood")
 
     def feed(self, data: bytes, now: float = 0.0) -> None:
         self._now = now
@@ -259,3 +258,10 @@ def goaway_frame(last_stream_id: int, error_code: int) -> bytes:
     """A GOAWAY frame (RFC 9113 section 6.8) with no debug data."""
     return (b"\x00\x00\x08" + bytes((GOAWAY, 0)) + b"\x00\x00\x00\x00"
             + (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big") + error_code.to_bytes(4, "big"))
+
+
+def bound_header_table(encoder: Any) -> None:
+    """After the peer's SETTINGS: the encoder's table no larger than
+    ``MAX_HEADER_TABLE_SIZE`` (an ``hpack.Encoder``; RFC 7541 lets the encoder use less)."""
+    if encoder.header_table_size > MAX_HEADER_TABLE_SIZE:
+        encoder.header_table_size = MAX_HEADER_TABLE_SIZE

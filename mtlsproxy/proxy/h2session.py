@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -56,14 +55,14 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import wire
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
-from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard, goaway_frame
+from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard, bound_header_table, goaway_frame
 from mtlsproxy.http.h2_request import request_from_h2
 from mtlsproxy.identity.headers import fold, header_block
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.session import screen
 from mtlsproxy.proxy.upstream import Exchange
 from mtlsproxy.tls.bio import CLOSED as TLS_CLOSED
-from mtlsproxy.tls.bio import TLSConnection
+from mtlsproxy.tls.bio import HandshakeOver, TLSConnection
 
 if TYPE_CHECKING:
     from mtlsproxy.admission.cache import Verdict
@@ -77,9 +76,6 @@ PREMATURE_RESET_MIN_STREAMS = 100
 # Consecutive DATA frames of padding only (h2 tells them apart only once parsed): Envoy's
 # max_consecutive_inbound_frames_with_empty_payload, as FrameGuard applies to empty frames.
 MAX_CONSECUTIVE_PADDING_FRAMES = 1
-# The dynamic table a client may make the proxy's encoder keep (RFC 7541 section 4.2):
-# the protocol's default, whatever larger SETTINGS_HEADER_TABLE_SIZE it asks for.
-MAX_HEADER_TABLE_SIZE = 4096
 # The decoded header list hpack stops at, in units of limits.max_header_bytes (a client
 # that ignores SETTINGS_MAX_HEADER_LIST_SIZE by this much is no mistaken client).
 HEADER_CEILING_FACTOR = 4
@@ -121,7 +117,7 @@ class _BodyTimeout(Exception):
     """The client stopped sending its request body (408, nginx's client_body_timeout)."""
 
 
-class H2Session:
+class H2Session(HandshakeOver):
     """The TLS handler of a connection whose ALPN chose h2 (after the handshake, which
     ``ProxySession`` ran: its verdict, domain and generation come with it)."""
 
@@ -174,16 +170,6 @@ class H2Session:
         return f"<H2Session {self.rt.name} {self.conn!r} streams={len(self.streams)}>"
 
     # -- what TLSConnection and the listener call -------------------------------------
-
-    def context(self, server_name: str | None) -> ssl.SSLContext:  # pragma: no cover
-        raise RuntimeError("the handshake is over")
-
-    def handshake_done(self, conn: TLSConnection) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def handshake_failed(self, conn: TLSConnection, reason: str,
-                         exc: BaseException) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
 
     def response_pending(self) -> bool:
         return bool(self.streams)
@@ -307,8 +293,7 @@ class H2Session:
                 if stream is not None:
                     stream.window.set()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            if self.h2.encoder.header_table_size > MAX_HEADER_TABLE_SIZE:
-                self.h2.encoder.header_table_size = MAX_HEADER_TABLE_SIZE
+            bound_header_table(self.h2.encoder)
             for stream in self.streams.values():
                 stream.window.set()  # INITIAL_WINDOW_SIZE may have grown
         elif isinstance(event, h2.events.ConnectionTerminated):

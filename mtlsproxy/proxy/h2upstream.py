@@ -47,7 +47,7 @@ from mtlsproxy.config import Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http.checks import make_response
 from mtlsproxy.http.events import EndOfMessage, Event, Response
-from mtlsproxy.http.h2_frames import GoAway, GoAwayFilter
+from mtlsproxy.http.h2_frames import GoAway, GoAwayFilter, bound_header_table
 from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.runtime.writes import WriteBatch
@@ -65,9 +65,6 @@ _LAST_STREAM_ID = 2**31 - 1 - 2 * 1000
 # nginx's http2_max_concurrent_streams default.
 MAX_STREAMS_PER_CONNECTION = 100
 _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
-# The dynamic table an upstream may make the proxy's encoder keep (RFC 7541 section
-# 4.2): the protocol's default, whatever larger size SETTINGS_HEADER_TABLE_SIZE asks.
-MAX_HEADER_TABLE_SIZE = 4096
 # An upstream connection without a stream this long is closed (the HTTP/1.1 pool's idle
 # timeout; below the common 60 s of servers, so the proxy closes first).
 IDLE_TIMEOUT = 30.0
@@ -318,8 +315,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         elif isinstance(event, h2.events.WindowUpdated):
             self._send_pending()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            if self.h2.encoder.header_table_size > MAX_HEADER_TABLE_SIZE:
-                self.h2.encoder.header_table_size = MAX_HEADER_TABLE_SIZE
+            bound_header_table(self.h2.encoder)
             self._send_pending()
 
     def _goaway(self, goaway: GoAway) -> None:

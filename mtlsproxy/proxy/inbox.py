@@ -47,10 +47,13 @@ class Inbox(Generic[E]):
             self.events.append(ev)
             if isinstance(ev, Data):
                 self._buffered += len(ev.data)
+        self._check_high()
+        self._wake()
+
+    def _check_high(self) -> None:
         if self._buffered > self._high and not self._paused:
             self._paused = True
             self._pause()
-        self._wake()
 
     def put_data(self, data: bytes) -> None:
         """``put([Data(data)])``, merged into a queued Data that nobody has taken yet."""
@@ -60,9 +63,7 @@ class Inbox(Generic[E]):
             if isinstance(last, Data) and isinstance(last.data, bytearray):
                 last.data += data
                 self._buffered += len(data)
-                if self._buffered > self._high and not self._paused:
-                    self._paused = True
-                    self._pause()
+                self._check_high()  # no wake: the consumer was woken for this event
                 return
         self.put([Data(bytearray(data)) if len(data) < _MERGE_BELOW else Data(data)])  # type: ignore[list-item]
 

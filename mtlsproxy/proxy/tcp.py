@@ -30,7 +30,7 @@ from mtlsproxy.admission.admit import Refusal
 from mtlsproxy.errors import UpstreamError
 from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.tunnel import Tunnel
-from mtlsproxy.tls.bio import OPEN, TLSConnection
+from mtlsproxy.tls.bio import OPEN, HandshakeOver, TLSConnection
 from mtlsproxy.tls.proxy_protocol import build_v2
 
 log = logging.getLogger("mtlsproxy.tcp")
@@ -68,7 +68,7 @@ class _Holding(asyncio.Protocol):
         self.lost = True
 
 
-class TcpSession:
+class TcpSession(HandshakeOver):
     """The TLS handler of a TCP-mode connection from its handshake until its tunnel is up
     (or it is refused)."""
 
@@ -92,19 +92,6 @@ class TcpSession:
         return f"<TcpSession {self.rt.name} {self.conn!r}>"
 
     # -- what the listener and TLSConnection call ------------------------------------------
-
-    def context(self, server_name: str | None) -> Any:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def handshake_done(self, conn: TLSConnection) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def handshake_failed(self, conn: TLSConnection, reason: str,
-                         exc: BaseException) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def response_pending(self) -> bool:
-        return False
 
     def take_received(self) -> int:
         return len(self.held)

@@ -34,7 +34,7 @@ from mtlsproxy.admission.admit import PENDING, Refusal
 from mtlsproxy.config import RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, UpstreamError
 from mtlsproxy.proxy.connect import connect
-from mtlsproxy.tls.bio import OPEN, TLSConnection
+from mtlsproxy.tls.bio import OPEN, HandshakeOver, TLSConnection
 from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class TunnelStateError(RuntimeError):
     """A transition the state machine does not have: a bug."""
 
 
-class Tunnel:
+class Tunnel(HandshakeOver):
     """The client connection's handler after the switch, and the owner of the upstream
     transport (through ``_UpstreamEnd``)."""
 
@@ -134,19 +134,6 @@ class Tunnel:
             self.upstream_eof()
 
     # -- the client side: TLSConnection's handler ---------------------------------------
-
-    def context(self, server_name: str | None) -> Any:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def handshake_done(self, conn: TLSConnection) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def handshake_failed(self, conn: TLSConnection, reason: str,
-                         exc: BaseException) -> None:  # pragma: no cover - never
-        raise RuntimeError("the handshake is over")
-
-    def response_pending(self) -> bool:
-        return False
 
     def take_received(self) -> int:
         return self.received

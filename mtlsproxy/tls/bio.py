@@ -112,6 +112,26 @@ class TLSHandler(Protocol):
     def connection_lost(self, exc: BaseException | None) -> None: ...
 
 
+class HandshakeOver:
+    """The part of ``TLSHandler`` a handler that takes over an open connection (an HTTP/2
+    session, a tunnel, a TCP-mode session) never sees called: the handshake is over."""
+
+    __slots__ = ()
+
+    def context(self, server_name: str | None) -> ssl.SSLContext:  # pragma: no cover
+        raise RuntimeError("the handshake is over")
+
+    def handshake_done(self, conn: TLSConnection) -> None:  # pragma: no cover - never
+        raise RuntimeError("the handshake is over")
+
+    def handshake_failed(self, conn: TLSConnection, reason: str,
+                         exc: BaseException) -> None:  # pragma: no cover - never
+        raise RuntimeError("the handshake is over")
+
+    def response_pending(self) -> bool:
+        return False
+
+
 class TLSConnection(asyncio.Protocol):
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
