@@ -158,20 +158,9 @@ class H2Bench(base.Bench):
         self.shim = self.d / "mtls_preload.so"
 
     def start_grpc_server(self) -> None:
-        port_file = self.d / "grpc.port"
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "grpc_peer.py"),
-                                 "serve", str(port_file)],
-                                stderr=open(self.d / "grpc-server.log", "wb"),
-                                preexec_fn=base.pinned(base.LOAD_CPU))
-        self.procs.append(proc)
-        for _ in range(200):
-            if port_file.exists() and port_file.read_text():
-                self.grpc_port = int(port_file.read_text())
-                return
-            if proc.poll() is not None:
-                raise SystemExit("the gRPC server exited")
-            time.sleep(0.05)
-        raise SystemExit("the gRPC server did not start")
+        self.grpc_port = self.start_peer(
+            [sys.executable, str(Path(__file__).parent / "grpc_peer.py"), "serve"],
+            "grpc-server")
 
     def start_targets(self) -> None:
         port, admin = base.free_port(), base.free_port()
@@ -193,18 +182,6 @@ class H2Bench(base.Bench):
             self.targets.append(base.Target("envoy", port, proc, False))
         else:
             print("envoy: not measured (not installed, or --no-envoy)")
-
-    def measured(self, scenario: str, unit: str, run: object) -> None:
-        """Each round, each target: ``run(target) -> (operations, wall seconds)``."""
-        rate = self.row(scenario, f"{unit}/s", lower_is_better=False)
-        cpu = self.row(scenario, f"proxy CPU us/{unit}")
-        for _ in self.rounds():
-            for t in self.targets:
-                c0 = t.cpu()
-                ops, wall = run(t)  # type: ignore[operator]
-                c1 = t.cpu()
-                rate.add(t.name, ops / wall)
-                cpu.add(t.name, (c1 - c0) / ops * 1e6)
 
     # scenarios
     def h2load(self) -> None:

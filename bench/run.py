@@ -372,6 +372,21 @@ class Bench:
         wait_port(port, proc)
         return proc
 
+    def start_peer(self, cmd: list[str], name: str) -> int:
+        """A load-core process that writes the port it listens on to the file given as
+        its last argument (``cmd`` without it); that port."""
+        port_file, log = self.d / f"{name}.port", self.d / f"{name}.log"
+        proc = subprocess.Popen([*cmd, str(port_file)], stderr=open(log, "wb"),
+                                preexec_fn=pinned(LOAD_CPU))
+        self.procs.append(proc)
+        for _ in range(200):
+            if port_file.exists() and port_file.read_text():
+                return int(port_file.read_text())
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise SystemExit(f"{name} did not start")
+
     def start_nginx(self, truststore: Path) -> Target:
         port = free_port()
         proc = self.start(["nginx", "-c", str(nginx_proxy_conf(
@@ -413,6 +428,18 @@ class Bench:
 
     def rounds(self) -> Iterator[int]:
         yield from range(self.args.rounds)
+
+    def measured(self, scenario: str, unit: str, run: object) -> None:
+        """Each round, each target: ``run(target) -> (operations, wall seconds)``."""
+        rate = self.row(scenario, f"{unit}/s", lower_is_better=False)
+        cpu = self.row(scenario, f"proxy CPU us/{unit}")
+        for _ in self.rounds():  # the targets alternate inside every round
+            for t in self.targets:
+                c0 = t.cpu()
+                ops, wall = run(t)  # type: ignore[operator]
+                c1 = t.cpu()
+                rate.add(t.name, ops / wall)
+                cpu.add(t.name, (c1 - c0) / ops * 1e6)
 
     # scenarios
     def keepalive(self) -> None:

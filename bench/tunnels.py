@@ -128,20 +128,6 @@ class TunnelBench(base.Bench):
         self.echo = self.ws_echo = 0
         self.ws_ports: dict[str, int] = {}
 
-    def start_peer(self, mode: str) -> int:
-        port_file = self.d / f"{mode}.port"
-        proc = subprocess.Popen([sys.executable, PEER, mode, str(port_file)],
-                                stderr=open(self.d / f"{mode}.log", "wb"),
-                                preexec_fn=base.pinned(base.LOAD_CPU))
-        self.procs.append(proc)
-        for _ in range(200):
-            if port_file.exists() and port_file.read_text():
-                return int(port_file.read_text())
-            if proc.poll() is not None:
-                raise SystemExit(f"{mode} exited: {(self.d / f'{mode}.log').read_text()}")
-            time.sleep(0.05)
-        raise SystemExit(f"{mode} did not start")
-
     def start_targets(self) -> None:
         tcp, ws, admin = base.free_port(), base.free_port(), base.free_port()
         conf = mtlsproxy_conf(self.d, self.pki, self.echo, self.ws_echo, tcp, ws, admin)
@@ -174,26 +160,15 @@ class TunnelBench(base.Bench):
         result = json.loads(out.stdout)
         return result["bytes"] / (1024 * 1024), result["seconds"]
 
-    def measured(self, scenario: str, run: object) -> None:
-        rate = self.row(scenario, "MiB/s", lower_is_better=False)
-        cpu = self.row(scenario, "proxy CPU us/MiB")
-        for _ in self.rounds():
-            for t in self.targets:
-                c0 = t.cpu()
-                mib, wall = run(t)  # type: ignore[operator]
-                c1 = t.cpu()
-                rate.add(t.name, mib / wall)
-                cpu.add(t.name, (c1 - c0) / mib * 1e6)
-
     def tcp(self) -> None:
         mib = "64" if self.args.quick else str(self.args.mib)
-        self.measured(f"TCP relay, 4 connections echoing {mib} MiB",
+        self.measured(f"TCP relay, 4 connections echoing {mib} MiB", "MiB",
                       lambda t: self._client(t, "tcp-client", t.port, "--mib", mib,
                                              "--conns", "4"))
 
     def ws(self) -> None:
         mib = "64" if self.args.quick else str(self.args.mib)
-        self.measured(f"WebSocket echo, 4 connections, 64 KiB messages, {mib} MiB",
+        self.measured(f"WebSocket echo, 4 connections, 64 KiB messages, {mib} MiB", "MiB",
                       lambda t: self._client(t, "ws-client", self.ws_ports[t.name],
                                              "--mib", mib, "--size", "65536",
                                              "--conns", "4"))
@@ -223,8 +198,8 @@ def main() -> int:
     runtime = base.interpreter(args.python)
     bench = TunnelBench(args)
     try:
-        bench.echo = bench.start_peer("tcp-echo")
-        bench.ws_echo = bench.start_peer("ws-echo")
+        bench.echo = bench.start_peer([sys.executable, PEER, "tcp-echo"], "tcp-echo")
+        bench.ws_echo = bench.start_peer([sys.executable, PEER, "ws-echo"], "ws-echo")
         bench.start_targets()
         time.sleep(0.5)
         for name in SCENARIOS:

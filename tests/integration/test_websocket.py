@@ -60,6 +60,16 @@ def client(h: Harness, ctx: ssl.SSLContext | None = None, **kw: Any) -> Any:
                    max_size=None, open_timeout=10, close_timeout=2, **kw)
 
 
+def until_the_proxy_closes(ws: Any) -> None:
+    """Keep talking through the tunnel until the proxy closes it (within 10 s)."""
+    with pytest.raises(ConnectionClosed):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ws.send("still there?")
+            ws.recv(timeout=1)
+            time.sleep(0.1)
+
+
 def tunnels(h: Harness) -> float:
     return h.metric("mtlsproxy_tunnels_active", listener="public", kind="websocket")
 
@@ -136,12 +146,7 @@ def test_a_tunnel_is_closed_when_its_ca_leaves_the_truststore(
                                 "upstream": f"http://127.0.0.1:{ws_upstream}"}],
                        mutual_tls={"truststore_uri": str(store)})
         assert h.reload(raw) == []
-        with pytest.raises(ConnectionClosed):
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                ws.send("still there?")
-                ws.recv(timeout=1)
-                time.sleep(0.1)
+        until_the_proxy_closes(ws)
     wait_for(lambda: tunnels(h) == 0)
     assert h.metric("mtlsproxy_tls_handshake_failures_total", listener="public",
                     reason="untrusted") >= 1
@@ -283,12 +288,7 @@ def test_a_reload_that_drops_the_upgrade_closes_open_tunnels(
         assert h.reload(h.config(routes=[{
             "path_prefix": "/", "upstream": f"http://127.0.0.1:{ws_upstream}",
             "upgrades": []}])) == []
-        with pytest.raises(ConnectionClosed):
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                ws.send("still there?")
-                ws.recv(timeout=1)
-                time.sleep(0.1)
+        until_the_proxy_closes(ws)
     wait_for(lambda: tunnels(h) == 0)
 
 
