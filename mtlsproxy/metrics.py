@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from mtlsproxy.reasons import (
+    ACCESS_TOKEN_RESULTS,
     H2_ERROR_KINDS,
     HANDSHAKE_FAILURE_REASONS,
     HEADER_DROP_REASONS,
@@ -255,6 +256,15 @@ class Metrics:
         self.authorizer_requests = Counter(
             "mtlsproxy_authorizer_requests", "External authorizer calls by result: allow, "
             "deny, timeout, error.", ["route", "result"], registry=registry)
+        self.access_tokens = Counter(
+            "mtlsproxy_access_tokens", "Access tokens checked on routes with access_token "
+            "(RFC 8705 certificate-bound JWTs), by result.", ["listener", "route", "result"],
+            registry=registry)
+
+    def declare_token_route(self, listener: str, route: str) -> None:
+        """A route with access_token: its series at zero, so rates exist at once."""
+        for result in ACCESS_TOKEN_RESULTS:
+            self.access_tokens.labels(listener, route, result)
 
     def declare_listener(self, listener: str, domains: tuple[str, ...] = ("",),
                          tcp: bool = False) -> None:

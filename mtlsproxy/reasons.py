@@ -32,3 +32,10 @@ H2_ERROR_KINDS = ("rapid_reset", "flood", "header_size", "frame_size", "timeout"
 # mtlsproxy_tunnels_active{kind}: websocket (an HTTP/1.1 Upgrade after its 101), tcp (a
 # TCP-mode listener's connection).
 TUNNEL_KINDS = ("websocket", "tcp")
+
+# mtlsproxy_access_tokens_total{result}: what a route's access_token check made of a request
+# (admission/tokens.py). A malformed token, an unknown key or a refused algorithm is
+# bad_signature (its signature cannot be verified); a token not valid yet is expired.
+ACCESS_TOKEN_RESULTS = ("valid", "missing", "expired", "bad_signature", "wrong_issuer",
+                        "wrong_audience", "insufficient_scope", "unbound",
+                        "binding_mismatch", "jwks_unavailable")

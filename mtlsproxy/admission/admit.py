@@ -9,7 +9,8 @@ Rules of this module:
   request never adds to it.
 - Order: the connection's verdict (decided again when the listener's generation changed
   since; its validity at the injected clock; OCSP when configured), then the route's
-  ``allow`` rules, then the route's authorizer. The first refusal wins.
+  ``allow`` rules, then its access token (admission/jwks.py), then its authorizer. The
+  first refusal wins.
 - Sans-IO apart from the two awaits a decision may need (the OCSP responder, the external
   authorizer): it counts nothing and writes nothing; the caller answers and counts the
   refusal (``Refusal.scope`` says how).
@@ -25,7 +26,9 @@ from typing import Protocol
 
 from mtlsproxy.admission.authorizer import AuthorizerClient
 from mtlsproxy.admission.cache import ValidationCache, Verdict
+from mtlsproxy.admission.jwks import AccessTokens
 from mtlsproxy.admission.rules import authorize
+from mtlsproxy.admission.tokens import challenge
 from mtlsproxy.admission.verify import anonymous, cached_verdict, refused
 from mtlsproxy.config import MutualTLSConfig, RouteConfig
 from mtlsproxy.http.parser import Request
@@ -40,6 +43,10 @@ class Scope(enum.Enum):
     CLIENT = "client"  # the certificate itself: every request is refused; close, count once
     ROUTE = "route"  # this route refuses this client: answer, keep the connection, count
     UNAVAILABLE = "unavailable"  # no decision could be had (authorizer down): 503, no count
+    # The request's access token (401/403, or 503 without keys): answered with its
+    # WWW-Authenticate; counted by mtlsproxy_access_tokens_total, not as a refusal of
+    # the certificate.
+    TOKEN = "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +55,16 @@ class Refusal:
     reason: str  # the JSON body's and the metric's reason
     scope: Scope
     detail: str = ""  # for the log line: which rules did not match
+    # Response headers of the refusal (WWW-Authenticate for a token, RFC 6750 section 3).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
     headers: tuple[tuple[bytes, bytes], ...] = ()  # the authorizer's, added upstream
+    # Folded names a client's headers may not carry upstream on this route even when the
+    # proxy sets none of them (a token without the claim that claims_to_headers names).
+    strip: frozenset[bytes] = frozenset()
 
 
 ADMITTED = Admitted()
@@ -91,12 +103,12 @@ class Admission:
     listener when a reload changes them; the rest is fixed for the listener's life."""
 
     __slots__ = ("listener", "holder", "cache", "clock", "mutual_tls", "ocsp", "authorizer",
-                 "on_cache")
+                 "on_cache", "tokens")
 
     def __init__(self, listener: str, holder: Holder, cache: ValidationCache,
                  clock: Callable[[], dt.datetime], mutual_tls: MutualTLSConfig,
                  authorizer: AuthorizerClient, on_cache: Callable[[bool], None],
-                 ocsp: OcspClient | None = None) -> None:
+                 ocsp: OcspClient | None = None, tokens: AccessTokens | None = None) -> None:
         self.listener = listener
         self.holder = holder  # read, never written: its owner swaps generations
         self.cache = cache
@@ -105,6 +117,8 @@ class Admission:
         self.authorizer = authorizer
         self.on_cache = on_cache  # a verdict cache hit (True) or miss
         self.ocsp = ocsp
+        # Routes' access tokens; shared by the listener's domains (one key-set owner).
+        self.tokens = tokens if tokens is not None else AccessTokens(lambda r, res: None)
 
     def __repr__(self) -> str:
         return f"<Admission {self.listener} ocsp={self.ocsp is not None}>"
@@ -153,7 +167,8 @@ class Admission:
             return verdict, Refusal(403, reason or "untrusted", Scope.CLIENT)
         if self.ocsp is not None and verdict.identity is not None:
             return verdict, PENDING
-        if route is None or (route.allow is None and route.authorizer is None):
+        if route is None or (route.allow is None and route.authorizer is None
+                             and route.access_token is None):
             return verdict, ADMITTED  # the usual route: nothing more to decide, no call
         return verdict, self._route_now(verdict, route)
 
@@ -167,7 +182,7 @@ class Admission:
             if not allowed:
                 return Refusal(403, "unauthorized", Scope.ROUTE,
                                " | ".join(r.source for r in route.allow))
-        if route.authorizer is not None:
+        if route.authorizer is not None or route.access_token is not None:
             return PENDING
         return ADMITTED
 
@@ -206,13 +221,31 @@ class Admission:
             outcome = self._route_now(verdict, route)
             if not isinstance(outcome, _Pending):
                 return verdict, outcome
-        assert route is not None and route.authorizer is not None
+        assert route is not None
         if identity is None or req is None:
             # Fail closed: nothing to authorize (no certificate), or nothing to show.
             return verdict, Refusal(403, "unauthorized", Scope.ROUTE)
+        added: tuple[tuple[bytes, bytes], ...] = ()
+        strip: frozenset[bytes] = frozenset()
+        token = route.access_token
+        if token is not None:
+            checked = await self.tokens.check(token, route.name, req.headers, identity)
+            if not checked.ok and (checked.result != "missing" or token.required):
+                if checked.result == "jwks_unavailable":
+                    return verdict, Refusal(503, checked.result, Scope.TOKEN,
+                                            checked.description)
+                status, www = challenge(checked)
+                return verdict, Refusal(status, checked.result, Scope.TOKEN,
+                                        checked.description, ((b"www-authenticate", www),))
+            added = checked.headers
+            strip = token.protected
+        if route.authorizer is None:
+            return verdict, Admitted(added, strip)
         decision = await self.authorizer.decide(route.authorizer, identity, req, route.name,
                                                 self.listener, verdict.generation)
         if decision.allow:
+            if added or strip:
+                return verdict, Admitted(decision.headers + added, strip)
             return verdict, Admitted(decision.headers) if decision.headers else ADMITTED
         if decision.result == "deny":
             return verdict, Refusal(403, "unauthorized", Scope.ROUTE)

@@ -8,6 +8,7 @@ from mtlsproxy.config.load import admin_is_loopback, cpu_count, load_config, par
 from mtlsproxy.config.model import (
     CLIENT_INTERMEDIATES,
     FORWARD_FAMILIES,
+    AccessTokenConfig,
     AdminConfig,
     AuthorizerConfig,
     CertificateConfig,
@@ -28,7 +29,8 @@ from mtlsproxy.errors import ConfigError
 
 __all__ = [
     "CLIENT_INTERMEDIATES", "FORWARD_FAMILIES",
-    "AdminConfig", "AuthorizerConfig", "CertificateConfig", "Config", "ConfigError", "DomainConfig",
+    "AccessTokenConfig", "AdminConfig", "AuthorizerConfig", "CertificateConfig", "Config",
+    "ConfigError", "DomainConfig",
     "LimitsConfig", "ListenerConfig", "MutualTLSConfig", "Networks", "RevocationConfig",
     "RouteConfig", "TLSConfig", "TimeoutsConfig", "Upstream", "admin_is_loopback",
     "cpu_count", "load_config", "parse_address", "parse_config", "parse_s3_uri",

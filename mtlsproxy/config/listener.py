@@ -8,9 +8,11 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from mtlsproxy.config.access_token import read_access_token
 from mtlsproxy.config.model import (
     ALPN_PROTOCOLS,
     CLIENT_INTERMEDIATES,
+    DEFAULT_FORWARD_FAMILIES,
     FORWARD_FAMILIES,
     FORWARDED_MODES,
     PROXY_PROTOCOL_UPSTREAM,
@@ -353,7 +355,7 @@ def _read_mutual_tls(r: Reader, raw: Any, mpath: str) -> MutualTLSConfig:
         if not resolved.is_file():
             r.problem(f"{mpath}.truststore_uri", f"file not found: {resolved}")
         uri = str(resolved)
-    families = r.get(mdata, "forward_client_cert", mpath, list, list(FORWARD_FAMILIES))
+    families = r.get(mdata, "forward_client_cert", mpath, list, list(DEFAULT_FORWARD_FAMILIES))
     for i, fam in enumerate(families):
         if fam not in FORWARD_FAMILIES:
             r.problem(f"{mpath}.forward_client_cert[{i}]",
@@ -422,7 +424,7 @@ def _read_route(r: Reader, item: Any, rpath: str,
                 seen: set[tuple[str | None, str]], domain: str = "") -> RouteConfig:
     rdata = r.mapping(item, rpath, ("path_prefix", "upstream", "upstream_protocol", "host",
                                     "strip_prefix", "allow", "authorizer", "upgrades",
-                                    "upstream_tls"))
+                                    "upstream_tls", "access_token"))
     prefix = r.get(rdata, "path_prefix", rpath, str, "/", _check_prefix)
     rhost = r.get(rdata, "host", rpath, str, "", _check_route_host) or None
     if rhost:
@@ -453,6 +455,9 @@ def _read_route(r: Reader, item: Any, rpath: str,
     authorizer = None
     if "authorizer" in rdata:
         authorizer = _read_authorizer(r, rdata["authorizer"], f"{rpath}.authorizer")
+    access_token = None
+    if "access_token" in rdata:
+        access_token = read_access_token(r, rdata["access_token"], f"{rpath}.access_token")
     upgrades: set[bytes] = set()
     # Default: WebSocket on HTTP/1.1 upstreams; nothing on HTTP/2 ones (no tunnel there).
     default = ["websocket"] if protocol == "http1" else []
@@ -472,6 +477,7 @@ def _read_route(r: Reader, item: Any, rpath: str,
         strip_prefix=r.get(rdata, "strip_prefix", rpath, bool, False),
         allow=allow,
         authorizer=authorizer,
+        access_token=access_token,
         upgrades=frozenset(upgrades),
         domain=domain,
     )

@@ -18,7 +18,10 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 SECURITY_POLICIES = ("TLS_1_2", "TLS_1_3")
 ALPN_PROTOCOLS = ("h2", "http/1.1")
-FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
+# forward_client_cert: what is sent when the key is absent, and every family allowed
+# (alb, traefik: other front ends' headers, for apps moving behind the proxy).
+DEFAULT_FORWARD_FAMILIES = ("rfc9440", "xfcc", "details")
+FORWARD_FAMILIES = (*DEFAULT_FORWARD_FAMILIES, "alb", "traefik")
 UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
 FORWARDED_MODES = ("append", "replace")
 
@@ -63,7 +66,7 @@ class MutualTLSConfig:
     truststore_version: str = ""  # S3 VersionId to pin; "" follows the newest version
     refresh_interval: float = 30.0
     max_chain_length: int = 4
-    forward_client_cert: tuple[str, ...] = FORWARD_FAMILIES
+    forward_client_cert: tuple[str, ...] = DEFAULT_FORWARD_FAMILIES
     revocation: RevocationConfig = RevocationConfig()
     # "ignore": only truststore CAs build a client's chain (the model: a client is issued
     # by a CA of the truststore); "use": intermediates the client sends count too.
@@ -133,6 +136,47 @@ class Upstream:
         object.__setattr__(self, "pool_key", pool_key)
 
 
+# JWS algorithms a token may be signed with by default: asymmetric only (RFC 8725
+# section 3.1: a resource server that takes HS* with a public key as the secret can be
+# fooled). "none" is never accepted, whatever the configuration says.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+                         "ES384", "ES512", "EdDSA")
+SYMMETRIC_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+
+@dataclass(frozen=True)
+class AccessTokenConfig:
+    """``routes[].access_token``: a JWT from ``Authorization: Bearer`` (RFC 6750), verified
+    against a JWKS and, by default, bound to the client certificate of the connection
+    (RFC 8705 section 3: the ``cnf`` claim's ``x5t#S256``)."""
+
+    jwks_uri: str  # https://..., a file path (or file://) or s3://bucket/key
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
+    # Envoy's jwt_authn clock_skew_seconds default: 60.
+    leeway: float = 60.0
+    required: bool = True
+    require_binding: bool = True
+    scopes: tuple[str, ...] = ()
+    # (claim, header name): the claim's value goes upstream under that name, which a
+    # client can never send itself on this route.
+    claims_to_headers: tuple[tuple[str, str], ...] = ()
+    # An unknown kid re-fetches the JWKS at most once per min_refresh; the keys are
+    # fetched again every refresh_interval (Envoy's remote_jwks cache_duration: 5 min).
+    min_refresh: float = 30.0
+    refresh_interval: float = 300.0
+    timeout: float = 5.0  # one JWKS fetch
+    jwks_ca_file: Path | None = None  # https JWKS: the CAs to verify it with
+    # The claims_to_headers names, folded (as identity.headers.fold): dropped from what a
+    # client sends on the route, so only the proxy sets them.
+    protected: frozenset[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protected", frozenset(  # frozen: set once
+            name.lower().replace("_", "-").encode() for _, name in self.claims_to_headers))
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     path_prefix: str
@@ -141,6 +185,7 @@ class RouteConfig:
     strip_prefix: bool = False
     allow: tuple[Rule, ...] | None = None  # None: every validated client
     authorizer: AuthorizerConfig | None = None
+    access_token: AccessTokenConfig | None = None
     # HTTP/1.1 upgrades tunnelled to the upstream (RFC 9110 section 7.8), lower-case
     # protocol names; () refuses every upgrade (501).
     upgrades: frozenset[bytes] = frozenset({b"websocket"})

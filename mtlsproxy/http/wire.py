@@ -29,7 +29,8 @@ from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.identity.headers import fold
 
 REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
     421: "Misdirected Request",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -58,6 +59,17 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 
 
 _REQUEST_ID_LINE = b"\nx-request-id: "
+
+
+def replaced_names(extra: tuple[tuple[bytes, bytes], ...],
+                   strip: frozenset[bytes] = _NO_NAMES) -> frozenset[bytes]:
+    """``upstream_request_head``'s ``replaced``: the folded names of the headers admission
+    adds (the authorizer's, a token's claims), and ``strip``, names only the proxy may
+    set on the route. A client's headers of these names are dropped, as Envoy's
+    ext_authz replaces them: a client must not pre-send X-Tenant beside them."""
+    if not extra:
+        return strip
+    return frozenset(fold(name) for name, _ in extra) | strip
 
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
@@ -228,6 +240,7 @@ def h2_response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
 GRPC_UNAUTHENTICATED = 16
 _GRPC_CODES = {
     400: 13,  # INTERNAL (the mapping's answer to a 400)
+    401: 16,  # UNAUTHENTICATED: the call's access token was refused
     403: 7,  # PERMISSION_DENIED: rules or the authorizer refused this call
     404: 12,  # UNIMPLEMENTED: no route, as for a method the server does not have
     408: 4,  # DEADLINE_EXCEEDED
@@ -279,13 +292,14 @@ def h2_trailers(trailers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, 
             if name[:1] != b":" and name.lower() not in HOP_BY_HOP]
 
 
-def h2_error_response(status: int, reason: str,
-                      message: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+def h2_error_response(status: int, reason: str, message: str | None = None,
+                      headers: tuple[tuple[bytes, bytes], ...] = ()
+                      ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """``error_response`` for an HTTP/2 stream: (header list, body)."""
     body = json.dumps({"message": message or REASONS.get(status, "Error"), "reason": reason},
                       separators=(",", ":")).encode()
     return [(b":status", b"%d" % status), (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body))], body
+            (b"content-length", b"%d" % len(body)), *headers], body
 
 
 def chunk(data: bytes | bytearray) -> bytes:
@@ -305,14 +319,16 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def error_response(status: int, reason: str, keep_alive: bool = False,
-                   message: str | None = None) -> bytes:
-    """A small JSON error, e.g. ``{"message":"Forbidden","reason":"expired"}``."""
+                   message: str | None = None,
+                   headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A small JSON error, e.g. ``{"message":"Forbidden","reason":"expired"}``;
+    ``headers``: more response headers (WWW-Authenticate), values already safe."""
     body = json.dumps({"message": message or REASONS.get(status, "Error"), "reason": reason},
                       separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
-    return head.encode() + body
+            f"connection: {'keep-alive' if keep_alive else 'close'}\r\n").encode()
+    return b"".join((head, *(_FIELD_JOIN(h) + b"\r\n" for h in headers), b"\r\n", body))
 
 
 # -- upgrades (proxy/tunnel.py) ---------------------------------------------------------------

@@ -57,7 +57,7 @@ from mtlsproxy.http import wire
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
 from mtlsproxy.http.h2_frames import FrameAbuse, FrameGuard, bound_header_table, goaway_frame
 from mtlsproxy.http.h2_request import request_from_h2
-from mtlsproxy.identity.headers import fold, header_block
+from mtlsproxy.identity.headers import header_block
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.session import screen
 from mtlsproxy.proxy.upstream import Exchange
@@ -403,7 +403,7 @@ class H2Session(HandshakeOver):
                      else self.verdict.header_block)
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
-                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
+                wire.replaced_names(extra, outcome.strip), rt.memos)
             up_start = perf_counter()
             deadline = wire.grpc_timeout(headers) if stream.grpc else None
             if deadline is None:
@@ -469,6 +469,9 @@ class H2Session(HandshakeOver):
                       if refusal.detail else f"route {route}")
             self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
                                             identity, detail, self.domain.label)
+        elif refusal.scope is Scope.TOKEN:
+            return self._respond_error(stream, refusal.status, refusal.reason,
+                                       message=refusal.detail, headers=refusal.headers)
         return self._respond_error(stream, refusal.status, refusal.reason)
 
     async def _forward(self, stream: _Stream, req: Request, upstream: Upstream,
@@ -659,20 +662,21 @@ class H2Session(HandshakeOver):
                     raise _StreamGone() from None
 
     def _respond_error(self, stream: _Stream, status: int, reason: str,
-                       grpc_code: int | None = None) -> int:
+                       grpc_code: int | None = None, message: str | None = None,
+                       headers: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         """The proxy's own answer: a small JSON body, or for a gRPC call the gRPC error
         (trailers-only, grpc-status from the HTTP status unless ``grpc_code``)."""
         if stream.reset or self._closing:
             return 0
         try:
             if stream.grpc:
-                headers = wire.grpc_error_response(status, reason, grpc_code)
-                stream.grpc_status = headers[2][1].decode()
-                self.h2.send_headers(stream.id, headers, end_stream=True)
+                grpc_fields = wire.grpc_error_response(status, reason, grpc_code)
+                stream.grpc_status = grpc_fields[2][1].decode()
+                self.h2.send_headers(stream.id, grpc_fields, end_stream=True)
                 body = b""
             else:
-                headers, body = wire.h2_error_response(status, reason)
-                self.h2.send_headers(stream.id, headers)
+                fields, body = wire.h2_error_response(status, reason, message, headers)
+                self.h2.send_headers(stream.id, fields)
                 self.h2.send_data(stream.id, body, end_stream=True)
                 self.guard.data_frames_sent += 1
         except h2.exceptions.ProtocolError:

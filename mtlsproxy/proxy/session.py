@@ -66,7 +66,7 @@ from mtlsproxy.http.parser import (
     request_parser,
     response_parser,
 )
-from mtlsproxy.identity.headers import fold, header_block
+from mtlsproxy.identity.headers import header_block
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.proxy.inbox import Inbox
 from mtlsproxy.proxy.pool import UpstreamPool
@@ -649,8 +649,10 @@ class ProxySession:
                 self.rt.count_request("", 408, 0.0)
             self.conn.close()  # an idle keep-alive connection: quietly, like nginx
 
-    def _write_error(self, status: int, reason: str, keep_alive: bool = False) -> int:
-        data = wire.error_response(status, reason, keep_alive)
+    def _write_error(self, status: int, reason: str, keep_alive: bool = False,
+                     message: str | None = None,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+        data = wire.error_response(status, reason, keep_alive, message, headers)
         self.conn.write(data)
         return len(data)
 
@@ -719,7 +721,8 @@ class ProxySession:
             # Envoy's ext_authz does: a client must not pre-send X-Tenant beside them.
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
-                frozenset(fold(name) for name, _ in extra) if extra else _NO_NAMES, rt.memos)
+                wire.replaced_names(extra, outcome.strip if isinstance(outcome, Admitted)
+                               else _NO_NAMES), rt.memos)
             up_start = perf_counter()
             if upgrade:
                 status, sent = await self._upgrade(req, route, head, start)
@@ -776,6 +779,10 @@ class ProxySession:
                       if refusal.detail else f"route {route}")
             self.rt.count_handshake_failure(refusal.reason, self.conn.peername[0], None,
                                             identity, detail, self.domain.label)
+        elif refusal.scope is Scope.TOKEN:
+            # RFC 6750 section 3: the challenge, and a short description (never the token).
+            return self._write_error(refusal.status, refusal.reason, keep, refusal.detail,
+                                     refusal.headers)
         return self._write_error(refusal.status, refusal.reason, keep_alive=keep)
 
     async def _forward(self, req: Request, upstream: Upstream, head: bytes,

@@ -15,6 +15,7 @@ from typing import IO, Any
 from mtlsproxy.admission.admit import Admission
 from mtlsproxy.admission.authorizer import AuthorizerClient
 from mtlsproxy.admission.cache import ValidationCache, Verdict
+from mtlsproxy.admission.jwks import AccessTokens
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
@@ -138,12 +139,24 @@ class ListenerRuntime:
         self._cache_misses = metrics.cert_cache.labels("miss")
         authorizer = AuthorizerClient(
             lambda route, result: metrics.authorizer_requests.labels(route, result).inc())
+        access_tokens = metrics.access_tokens
+        name = config.name
+        # Routes' access tokens: key sets, verified tokens; the listener's clock (Unix time
+        # for exp/nbf/iat).
+        tokens = AccessTokens(
+            lambda route, result: access_tokens.labels(name, route, result).inc(),
+            clock=lambda: clock().timestamp())
+        for domain_config in config.domains:
+            for route in domain_config.routes:
+                if route.access_token is not None:
+                    metrics.declare_token_route(name, route.name)
         # Who may pass: the one decision every protocol asks (admission/admit.py), one per
-        # domain (its truststore, its CRLs); the authorizer client and its cache are shared.
+        # domain (its truststore, its CRLs); the authorizer client, the access tokens and
+        # their caches are shared.
         self.domains = [
             DomainRuntime(i, owner, Admission(owner.config.label, owner.holder, cache, clock,
                                               owner.config.mutual_tls, authorizer,
-                                              self.count_cache))
+                                              self.count_cache, tokens=tokens))
             for i, owner in enumerate(owners)]
         for domain in self.domains:
             domain.apply(domain.config)

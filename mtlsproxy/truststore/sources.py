@@ -109,9 +109,10 @@ class HttpSource:
     ``If-None-Match`` and its ``Last-Modified`` as ``If-Modified-Since`` (RFC 9110 section
     13.1), and a ``304 Not Modified`` costs no download."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, context: Any = None) -> None:
         self.uri = url
         self.timeout = timeout
+        self.context = context  # an ssl.SSLContext for https (None: the system's CAs)
         self._validators: dict[str, str] = {}  # request headers for the body held
         self._held: str | None = None  # the version those validators describe
 
@@ -124,7 +125,8 @@ class HttpSource:
         headers = self._validators if current is not None and current == self._held else {}
         request = urllib.request.Request(self.uri, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self.context) as resp:
                 data = resp.read(16 * 1024 * 1024)
                 etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         except urllib.error.HTTPError as exc:
