@@ -90,6 +90,7 @@ class KeySets:
         self._fetch = fetch
         self._clock = clock
         self._sets: dict[str, _KeySet] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # background refreshes, held
 
     def _state(self, cfg: AccessTokenConfig) -> _KeySet:
         state = self._sets.get(cfg.jwks_uri)
@@ -104,14 +105,20 @@ class KeySets:
         ``min_refresh``); None when no set could ever be fetched."""
         state = self._state(cfg)
         now = self._clock()
-        due = (state.keys is None and now - state.attempted >= min(cfg.min_refresh, 1.0)
-               or now - state.fetched >= cfg.refresh_interval
-               and now - state.attempted >= cfg.min_refresh
-               or unknown_kid and now - state.forced >= cfg.min_refresh)
-        if unknown_kid and due:
+        if unknown_kid and now - state.forced >= cfg.min_refresh:
             state.forced = now
-        if due or state.inflight is not None:
             await self._refresh(cfg, state)
+        elif state.keys is None:
+            if state.inflight is not None or now - state.attempted >= min(cfg.min_refresh,
+                                                                          1.0):
+                await self._refresh(cfg, state)
+        elif (state.inflight is None and now - state.fetched >= cfg.refresh_interval
+              and now - state.attempted >= cfg.min_refresh):
+            # Keys held: the periodic refresh runs beside the requests, which keep using
+            # them meanwhile (no request waits for a routine fetch).
+            task = asyncio.get_running_loop().create_task(self._refresh(cfg, state))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return state.keys
 
     async def _refresh(self, cfg: AccessTokenConfig, state: _KeySet) -> None:
@@ -125,7 +132,9 @@ class KeySets:
             async with asyncio.timeout(cfg.timeout):
                 data = await asyncio.to_thread(self._fetch, cfg)
             keys = parse_jwks(data)
-        except (TruststoreError, ValueError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the keys held
+            if not isinstance(exc, TruststoreError | ValueError | OSError | TimeoutError):
+                log.exception("unexpected JWKS fetch failure")
             log.warning("JWKS fetch failed; the keys held stay in use", extra={"fields": {
                 "event": "jwks_fetch_failed", "jwks_uri": cfg.jwks_uri,
                 "error": str(exc)[:300], "keys_held": state.keys is not None}})
