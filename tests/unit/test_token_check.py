@@ -247,7 +247,13 @@ def test_key_sets_fetch_once_then_on_refresh_interval_and_once_per_min_refresh()
         now[0] = 45  # a forced fetch again: the set is broken, the old keys stay
         assert sorted(await sets.keys(cfg, unknown_kid=True) or {}) == ["k1", "k2"]
         assert fetch.calls == 3
-        now[0] = 400  # refresh_interval since the last good fetch
+        now[0] = 400  # refresh_interval since the last good fetch: fetched beside the
+        # request, which goes on with the keys held
+        assert sorted(await sets.keys(cfg) or {}) == ["k1", "k2"]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if fetch.calls == 4:
+                break
         assert list(await sets.keys(cfg) or {}) == ["k3"] and fetch.calls == 4
     asyncio.run(go())
 
