@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# Build stage: the project's own wheel (pure Python). Its dependencies come from
-# requirements.lock, pinned with hashes (regenerate: see docs/operations.md).
-FROM python:3.11-slim AS build
+# Build stage: the project's own wheel, with its compiled head split (the full image has
+# gcc; setup.py). Its dependencies come from requirements.lock, pinned with hashes
+# (regenerate: see docs/operations.md).
+FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY mtlsproxy ./mtlsproxy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

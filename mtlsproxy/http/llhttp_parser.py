@@ -6,9 +6,17 @@ from __future__ import annotations
 import httptools
 
 from mtlsproxy.errors import RemoteProtocolError
-from mtlsproxy.http.checks import check_status_line, head_size, make_request, make_response, spoil
+from mtlsproxy.http.checks import (
+    METHODS,
+    check_status_line,
+    head_size,
+    make_request,
+    make_response,
+    spoil,
+)
 from mtlsproxy.http.events import END, Data, Event, Headers, Informational, Request, Response
 from mtlsproxy.http.memo import HeadMemos, Memo
+from mtlsproxy.http.speedups import split_request_head
 
 
 class _LlhttpHead:
@@ -108,6 +116,14 @@ class _LlhttpHead:
 #   repeat: a tracing id per request) skips the memo for the next RESTING reads, then looks
 #   again: such traffic pays a counter instead of a look-up, a doorkeeper check and the
 #   tests around them.
+#
+# The compiled split (http/_speedups.pyx, when built): where a memo look-up could stand
+# in for llhttp, a read that is one whole head of the split's strict subset is split in
+# one C call and checked by the same ``make_request`` llhttp's callbacks call; a request
+# after which llhttp would stop (Connection: close, an upgrade) takes llhttp's path, so
+# llhttp is left between messages, as after a memo hit. Errors ``make_request`` raises
+# are the ones llhttp's path raises for the same bytes. Without the module, llhttp
+# parses everything (tests/unit/test_compiled_head.py holds the two to one behaviour).
 MEMO_HEAD_BYTES = 2048
 MISS_STREAK = 8
 RESTING = 256
@@ -190,6 +206,20 @@ class HttptoolsRequestParser(_LlhttpHead):
                                 host, data), END]
             self._misses = misses + 1
             memoisable = True
+        # "The compiled split" below: a read that is one whole common head.
+        split = split_request_head
+        if split is not None and self._between and len(data) <= self.max_header_bytes:
+            parts = split(data)
+            if parts is not None and parts[0] in METHODS:
+                split_req = make_request(parts[0], parts[1], b"1.1", parts[2],
+                                         validated=True)
+                if split_req.keep_alive and not split_req.upgrade:
+                    if memoisable and self._memo.admit(data):
+                        self._memo.store(data, (
+                            split_req.method, split_req.target, split_req.http_version,
+                            list(split_req.headers), True, False, None,
+                            split_req.expect_continue, split_req.connection, split_req.host))
+                    return [split_req, END]
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
         head_in_progress = self._headers is not None

@@ -1,0 +1,3 @@
+from mtlsproxy.http.events import Headers
+
+def split_request_head(data: bytes) -> tuple[bytes, bytes, Headers] | None: ...

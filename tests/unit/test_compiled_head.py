@@ -1,0 +1,206 @@
+"""The compiled head split (http/_speedups.pyx) against llhttp's path: for every input,
+the same events or the same refusal, whether the split accepts the bytes or declines
+them. The split only ever takes a strict subset of what llhttp takes; these tests are
+what holds it to that (issue 26: "the differential parser tests cover the compiled
+path"). Run on a build without the module, they check that the pure path is the one
+in use; CI runs the whole suite both ways."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from mtlsproxy.errors import RemoteProtocolError
+from mtlsproxy.http import llhttp_parser, speedups
+from mtlsproxy.http.llhttp_parser import HttptoolsRequestParser
+from tests.unit.test_parser import CORPUS
+
+# CI sets it where it builds the module: a build that silently fell back fails here.
+EXPECT = os.environ.get("MTLSPROXY_EXPECT_COMPILED", "")
+
+REALISTIC = (
+    b"GET /api/v1/accounts/42/orders?page=3&sort=-created&q=5f0c1e2d HTTP/1.1\r\n"
+    b"Host: api.example.test:8443\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)\r\n"
+    b"Accept: application/json, text/plain, */*\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\n"
+    b"Accept-Language: en-GB,en-US;q=0.9,en;q=0.8\r\n"
+    b"Cookie: session=5f0c1e2d; theme=dark; consent=essential,analytics; lb=3\r\n"
+    b"Authorization: Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\r\n"
+    b"traceparent: 00-5f0c1e2d5f0c1e2d-5f0c1e2d-01\r\n"
+    b"X-Request-Id: 5f0c1e2d-42\r\n\r\n"
+)
+
+EXTRA = {
+    "realistic": REALISTIC,
+    "tabs_around_value": b"GET / HTTP/1.1\r\nHost: a\r\nX-A:\t b \t\r\n\r\n",
+    "no_space_after_colon": b"GET / HTTP/1.1\r\nHost:a\r\nX:y\r\n\r\n",
+    "empty_value": b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n",
+    "spaces_value": b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty:   \r\n\r\n",
+    "upper_names": b"GET / HTTP/1.1\r\nHOST: a\r\nX-UPPER: V\r\n\r\n",
+    "underscore_name": b"GET / HTTP/1.1\r\nHost: a\r\nX_Client_Cert: forged\r\n\r\n",
+    "connection_close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "connection_keep_alive": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    "connection_names": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\n\r\n",
+    "expect": b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    "delete": b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "head": b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "unknown_upper_method": b"BREW /pot HTTP/1.1\r\nHost: a\r\n\r\n",
+    "connect_origin": b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "percent_target": b"GET /a%2Fb/%2e%2e/c HTTP/1.1\r\nHost: a\r\n\r\n",
+    "dot_segments": b"GET /a/../b/./c HTTP/1.1\r\nHost: a\r\n\r\n",
+    "hash_target": b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "quote_target": b'GET /a"b HTTP/1.1\r\nHost: a\r\n\r\n',
+    "pipe_target": b"GET /a|b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "brackets_target": b"GET /a[1] HTTP/1.1\r\nHost: a\r\n\r\n",
+    "backslash_target": b"GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "asterisk": b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    "two_spaces": b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "trailing_space_version": b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
+    "del_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n",
+    "high_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\xffb\r\n\r\n",
+    "cr_in_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+    "host_bad": b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n",
+    "host_dup_case": b"GET / HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n",
+    "cl_zero": b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    "te_name_case": b"GET / HTTP/1.1\r\nHost: a\r\nTRANSFER-ENCODING: chunked\r\n\r\n0\r\n\r\n",
+    "upgrade_alone": b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    "trailing_bytes": b"GET / HTTP/1.1\r\nHost: a\r\n\r\nX",
+    "no_blank_line": b"GET / HTTP/1.1\r\nHost: a\r\n",
+    "http10": b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    "lower_version": b"GET / http/1.1\r\nHost: a\r\n\r\n",
+    "colon_in_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a:b::c\r\n\r\n",
+    "long_value": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 5000 + b"\r\n\r\n",
+}
+INPUTS = {**CORPUS, **EXTRA}
+
+
+def outcome(data: bytes, split: Any, limit: int = 32768) -> tuple[str, object]:
+    """What a fresh parser makes of ``data`` (one read, then the same again: the second
+    request of a connection), with the compiled split (``split``) or without (None)."""
+    saved = llhttp_parser.split_request_head
+    llhttp_parser.split_request_head = split
+    try:
+        p = HttptoolsRequestParser(limit)
+        results = []
+        for _ in range(2):
+            try:
+                results.append(("events", p.feed(data)))
+            except RemoteProtocolError as exc:
+                results.append(("refused", (exc.status_hint, str(exc))))
+                break
+        return "ok", results
+    finally:
+        llhttp_parser.split_request_head = saved
+
+
+@pytest.fixture
+def split() -> Any:
+    if speedups.split_request_head is None:
+        if EXPECT:
+            pytest.fail("MTLSPROXY_EXPECT_COMPILED is set but mtlsproxy.http._speedups "
+                        "was not built (a C compiler and Cython are needed at install)")
+        pytest.skip("the compiled split is not built here (pure-Python install)")
+    return speedups.split_request_head
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_the_split_and_llhttp_agree(name: str, split: Any) -> None:
+    data = INPUTS[name]
+    assert outcome(data, split) == outcome(data, None)
+
+
+def test_the_split_takes_the_common_head_and_declines_the_rest(split: Any) -> None:
+    method, target, headers = split(REALISTIC)
+    assert method == b"GET" and target.startswith(b"/api/v1/accounts/42/orders?")
+    assert headers[0] == (b"host", b"api.example.test:8443") and len(headers) == 9
+    assert split(EXTRA["tabs_around_value"])[2][1] == (b"x-a", b"b")
+    for name in ("empty_value", "hash_target", "quote_target", "two_spaces", "del_value",
+                 "high_value", "cr_in_value", "cl_zero", "te_name_case", "upgrade_alone",
+                 "trailing_bytes", "no_blank_line", "http10", "asterisk"):
+        assert split(EXTRA[name]) is None, name
+    for name in ("obs_fold", "bare_lf", "bare_lf_header", "bare_cr", "nul_value",
+                 "space_before_colon", "pipelined", "leading_crlf"):
+        assert split(CORPUS[name]) is None, name
+
+
+@pytest.mark.parametrize("limit", [60, 200, 400, 32768])
+def test_the_header_limit_is_the_same_either_way(split: Any, limit: int) -> None:
+    assert outcome(REALISTIC, split, limit) == outcome(REALISTIC, None, limit)
+
+
+ALPHABET = b"\r\n \t:;,/\\?#%\x00\x7f\x80\xffaAzZ09-_.~\"'()[]{}|^`@!$&*+="
+
+
+# Mostly bytes the split takes, so that many mutants stay near its edge of acceptance.
+NEAR = b"  \t\t::--//??==&&%%aZ09_.~,;!$'()*+@\r\n\x7f\x80#\"|"
+
+
+def mutations(seed: int, count: int, alphabet: bytes = ALPHABET,
+              bases: tuple[bytes, ...] = ()) -> list[bytes]:
+    rnd = random.Random(seed)
+    bases = bases or (REALISTIC, *EXTRA.values(), *CORPUS.values())
+    out = []
+    for _ in range(count):
+        data = bytearray(rnd.choice(bases))
+        for _ in range(rnd.randint(1, 3)):
+            i = rnd.randrange(len(data) + 1)
+            op = rnd.random()
+            byte = rnd.choice(alphabet)
+            if op < 0.4 and i < len(data):
+                data[i] = byte
+            elif op < 0.8:
+                data[i:i] = bytes([byte])
+            elif i < len(data):
+                del data[i]
+        out.append(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_heads_get_the_same_answer_either_way(split: Any, seed: int) -> None:
+    for data in mutations(seed, 1500):
+        assert outcome(data, split) == outcome(data, None), data
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_heads_mutated_near_the_edge_get_the_same_answer_either_way(split: Any,
+                                                                   seed: int) -> None:
+    bases = (REALISTIC, EXTRA["tabs_around_value"], EXTRA["connection_names"],
+             CORPUS["ok"], CORPUS["host_port"])
+    mutants = mutations(100 + seed, 1500, NEAR, bases)
+    accepted = sum(split(m) is not None for m in mutants)
+    assert accepted > len(mutants) // 5  # the split's own decisions are exercised
+    for data in mutants:
+        assert outcome(data, split) == outcome(data, None), data
+
+
+def test_mtlsproxy_pure_turns_the_compiled_path_off() -> None:
+    code = "from mtlsproxy.http import speedups; print(speedups.COMPILED)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MTLSPROXY_PURE": "1"}, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) -> None:
+    # "pip install . must still work on a machine without a compiler" (issue 26): the
+    # wheel builds, without the extension, and says why.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "CC": "/nonexistent/cc", "LDSHARED": "/nonexistent/cc"}
+    env.pop("MTLSPROXY_PURE", None)
+    # Built as pip builds it (an isolated environment with setuptools and Cython), with a
+    # compiler that is not there.
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w",
+                          str(tmp_path), root], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    import zipfile
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert "mtlsproxy/http/llhttp_parser.py" in names
+    assert not any(n.endswith((".so", ".pyd")) for n in names)
