@@ -12,6 +12,10 @@ A route-scoped entry is looked up first, then the request's; concurrent identica
 share one call. Timeouts, refused connections, non-2xx answers and bad or malformed
 answers are failures, handled by ``failure_mode``: ``closed`` (default) refuses, ``open``
 admits without extra headers.
+
+``format: apigateway`` speaks the AWS API Gateway REQUEST authorizer's event and policy
+answer instead (admission/apigateway.py): the policy is cached per route for the
+configured ``ttl`` and evaluated per request, as a ``Policy`` with deny statements.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from mtlsproxy.admission import apigateway
 from mtlsproxy.config.model import AuthorizerConfig
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
@@ -116,14 +121,22 @@ class Statement:
         return prefix is None or under_prefix(routing_view(path), prefix.lower())
 
 
+class Matcher(Protocol):
+    def matches(self, method: bytes, path: bytes) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Policy:
-    """An answer that decides later requests too: any statement matching admits."""
+    """An answer that decides later requests too: any statement matching admits, unless a
+    deny statement matches (the gateway's format: an explicit Deny wins, as in IAM)."""
 
-    statements: tuple[Statement, ...]
+    statements: tuple[Matcher, ...]
     headers: Headers
+    denies: tuple[Matcher, ...] = ()
 
     def decide(self, method: bytes, path: bytes) -> Decision:
+        if any(d.matches(method, path) for d in self.denies):
+            return Decision(False, (), "deny")
         if any(s.matches(method, path) for s in self.statements):
             return Decision(True, self.headers, "allow")
         return Decision(False, (), "deny")
@@ -251,14 +264,26 @@ class AuthorizerClient:
 
     async def _call(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
                     route: str, listener: str) -> Answer:
-        body = json.dumps(request_document(identity, req, route, listener,
-                                           config.forward_headers)).encode()
+        gateway = config.format == "apigateway"
+        if gateway:
+            body = json.dumps(apigateway.request_event(
+                identity, req, config.arn_prefix,
+                forwarded_headers(req, config.forward_headers), _pem(identity.leaf_der)))
+        else:
+            body = json.dumps(request_document(identity, req, route, listener,
+                                               config.forward_headers))
         try:
-            status, raw = await post(config.url, body, config.timeout)
-            answer = parse_answer(status, raw)
+            status, raw = await post(config.url, body.encode(), config.timeout)
+            if gateway:
+                # Always a policy for the whole route, cached for the configured ttl (the
+                # gateway's authorizerResultTtlInSeconds; the answer carries none).
+                gp = apigateway.parse_policy(status, raw, config.arn_prefix)
+                answer = Answer(Policy((gp.allow,), gp.headers, (gp.deny,)), config.ttl, True)
+            else:
+                answer = parse_answer(status, raw)
         except TimeoutError:
             return Answer(self._failure(config, route, "timeout"), 0.0, False)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             log.warning("authorizer for route %s failed: %s", route, exc)
             return Answer(self._failure(config, route, "error"), 0.0, False)
         except (OSError, ProtocolError):

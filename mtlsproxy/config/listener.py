@@ -70,11 +70,30 @@ def _check_route_host(value: str) -> str | None:
     return None
 
 
+# The API Gateway method ARN's stem (docs/authorizer-apigateway.md):
+# arn:<partition>:execute-api:<region>:<12-digit account>:<api id>/<stage>, no wildcard.
+_ARN_PREFIX = re.compile(r"^arn:[a-z][a-z0-9-]*:execute-api:[a-z0-9-]+:[0-9]{12}:"
+                         r"[A-Za-z0-9]+/[A-Za-z0-9_-]+$")
+
+
 def _read_authorizer(r: Reader, raw: Any, path: str) -> AuthorizerConfig | None:
     data = r.mapping(raw, path, ("url", "timeout", "failure_mode", "forward_headers",
-                                 "max_ttl"))
+                                 "max_ttl", "format", "arn_prefix", "ttl"))
     if not r.required(data, "url", path):
         return None
+    fmt = r.get(data, "format", path, str, "mtlsproxy", one_of(("mtlsproxy", "apigateway")))
+    arn_prefix = ""
+    if fmt == "apigateway":
+        if r.required(data, "arn_prefix", path):
+            arn_prefix = r.get(data, "arn_prefix", path, str, "", lambda v: None
+                               if _ARN_PREFIX.match(v) else
+                               "must be arn:aws:execute-api:<region>:<account>:<api id>/"
+                               "<stage>, e.g. arn:aws:execute-api:eu-west-1:123456789012:"
+                               "abcdef123/prod")
+    else:
+        for key in ("arn_prefix", "ttl"):
+            if key in data:
+                r.problem(f"{path}.{key}", "only with format: apigateway")
     url = str(data["url"])
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -91,6 +110,10 @@ def _read_authorizer(r: Reader, raw: Any, path: str) -> AuthorizerConfig | None:
                            else "must be closed or open"),
         forward_headers=tuple(str(h) for h in headers),
         max_ttl=r.get(data, "max_ttl", path, float, 300.0, positive),
+        format=fmt,
+        arn_prefix=arn_prefix,
+        ttl=r.get(data, "ttl", path, float, 300.0,
+                  lambda v: None if v >= 0 else "must be 0 or more seconds"),
     )
 
 

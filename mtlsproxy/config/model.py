@@ -343,3 +343,11 @@ class AuthorizerConfig:
     failure_mode: str = "closed"  # closed | open
     forward_headers: tuple[str, ...] = ()
     max_ttl: float = 300.0
+    # mtlsproxy (the document and answer of docs/configuration.md) | apigateway (the AWS
+    # API Gateway REQUEST authorizer's event and policy: docs/authorizer-apigateway.md).
+    format: str = "mtlsproxy"
+    # apigateway only: arn:<partition>:execute-api:<region>:<account>:<api id>/<stage>,
+    # the method ARNs' prefix; and how long a policy is cached (the gateway's
+    # authorizerResultTtlInSeconds, default 300; capped by max_ttl; 0: never cached).
+    arn_prefix: str = ""
+    ttl: float = 300.0

@@ -11,8 +11,9 @@ Rules of this module:
   with ``_``, ``reject`` answers 400, ``allow`` forwards them unless their folded name is
   one the proxy owns.
 - Identity comes only from the TLS layer: every certificate-identity family of common
-  proxies, load balancers and application servers (``identity.headers``) and the
-  operator's ``strip_headers`` are removed, in every spelling; so are the headers that make
+  proxies, load balancers and application servers (``identity.headers``), the
+  ``X-Authorizer-*`` an API Gateway format authorizer's answer sets, and the operator's
+  ``strip_headers`` are removed, in every spelling; so are the headers that make
   a backend serve another path or method than the one authorized (``_OVERRIDE``).
 - ``forwarded_headers``: ``append`` (the default, for a sidecar behind a trusted hop) keeps
   a client's X-Forwarded-For / Forwarded chain and appends the peer the proxy saw, so the
@@ -55,6 +56,10 @@ _OVERRIDE = frozenset({
     b"x-original-url", b"x-rewrite-url", b"x-original-uri", b"x-http-method-override",
     b"x-http-method", b"x-method-override", b"x-original-method",
 })
+
+# What an API Gateway format authorizer's principal and context go upstream as
+# (admission/apigateway.py): a client's, in any spelling, on any route, are forgeries.
+_AUTHORIZER_CONTEXT = b"x-authorizer-"
 
 _SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"content-length"})
 # Headers that name the client's address, read by applications and frameworks in place of
@@ -117,7 +122,7 @@ class HeaderRules:
         folded = fold(name)
         if folded != name.lower() and self.underscores != "allow":
             return DROP_UNDERSCORE  # "reject" was answered before; here it is only dropped
-        if is_identity_header(folded):
+        if is_identity_header(folded) or folded.startswith(_AUTHORIZER_CONTEXT):
             return DROP_IDENTITY
         if folded in self.strip_exact or (self.strip_prefixes
                                           and folded.startswith(self.strip_prefixes)):
