@@ -182,15 +182,19 @@ def client_response_head(req: Request, resp: Response, draining: bool,
     clients cannot read chunked, so their body ends when the connection does. An HTTP/1.0
     client keeps the connection only when told so (RFC 9112 section 9.3).
     """
-    memoised = memos is not None and req.raw and resp.raw
+    head_request = req.method == b"HEAD"
+    http10_client = req.http_version == b"1.0"
+    # The head depends on the request only through these three: keyed by them, not by
+    # the request's bytes, a response head seen before is reused for requests that never
+    # repeat (a tracing id per request) too.
+    memoised = memos is not None and resp.raw
     if memoised:
         assert memos is not None
-        key = (req.raw, resp.raw, draining)
+        key = (resp.raw, draining, head_request, http10_client, req.keep_alive)
         made = memos.client_heads.entries.get(key)
         if made is not None:
             return made
-    bodyless = req.method == b"HEAD" or resp.status in (204, 304)
-    http10_client = req.http_version == b"1.0"
+    bodyless = head_request or resp.status in (204, 304)
     unframed = not bodyless and (resp.chunked or resp.close_delimited)
     chunked = unframed and not http10_client
     keep_alive = req.keep_alive and not draining and not (unframed and http10_client)

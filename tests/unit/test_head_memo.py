@@ -21,6 +21,7 @@ import pytest
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http import wire
+from mtlsproxy.http.checks import make_request
 from mtlsproxy.http.llhttp_parser import MISS_STREAK, RESTING
 from mtlsproxy.http.memo import HeadMemos, Memo
 from mtlsproxy.http.parser import (
@@ -343,6 +344,32 @@ def test_a_memoised_client_head_follows_the_drain() -> None:
     assert keep and not keep_draining
     assert b"connection: close" in closing_head and b"connection: close" not in open_head
     assert wire.client_response_head(req, resp, False, MEMOS)[0] == open_head
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_a_memoised_client_head_is_the_one_built_for_any_request_it_answers(
+        draining: bool) -> None:
+    # Keyed by the response's bytes and what of the request the head depends on (HEAD,
+    # HTTP/1.0, keep-alive): requests that never repeat share it, and each gets its own.
+    warm_response()
+    (resp, *_) = response_parser().feed(OK)
+    assert isinstance(resp, Response) and resp.raw
+    plain_resp = dataclasses.replace(resp, raw=b"")
+    memos = HeadMemos()
+    requests = [make_request(method, b"/u%d" % i, version, headers, validated=True)
+                for i, (method, version, headers) in enumerate([
+                    (b"GET", b"1.1", [(b"host", b"a")]),
+                    (b"HEAD", b"1.1", [(b"host", b"a")]),
+                    (b"GET", b"1.0", []),
+                    (b"GET", b"1.0", [(b"connection", b"keep-alive")]),
+                    (b"GET", b"1.1", [(b"host", b"a"), (b"connection", b"close")]),
+                    (b"DELETE", b"1.1", [(b"host", b"b"), (b"x-trace", b"1")]),
+                ])]
+    for _ in range(3):
+        for req in requests:
+            assert wire.client_response_head(req, resp, draining, memos) == \
+                wire.client_response_head(req, plain_resp, draining)
+    assert memos.client_heads.entries  # stored, and hit on the third round
 
 
 def test_the_wire_memos_store_on_the_second_sighting_and_stay_bounded() -> None:
