@@ -19,6 +19,7 @@ Rules of this module:
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE, PyBytes_AS_STRING
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 cdef unsigned char TOKEN[256]
 cdef unsigned char VALUE[256]
@@ -123,3 +124,114 @@ def split_request_head(bytes data):
             return None
         headers.append((name, PyBytes_FromStringAndSize(<const char*> p + vstart,
                                                          vend - vstart)))
+
+
+# -- the upstream head's header lines ---------------------------------------------------
+# The actions of http/header_rules.py (KEEP, DROP, XFF, HOST, EXPECT, FORWARDED; 6 and
+# above are the counted drops). speedups.py checks at import that they still agree.
+cdef enum:
+    A_KEEP = 0
+    A_DROP = 1
+    A_XFF = 2
+    A_HOST = 3
+    A_EXPECT = 4
+    A_FORWARDED = 5
+ACTIONS = (A_KEEP, A_DROP, A_XFF, A_HOST, A_EXPECT, A_FORWARDED)
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.set cimport PySet_Contains
+from cpython.object cimport PyObject
+from libc.string cimport memcpy
+
+
+def header_lines(list headers, set plain, dict actions, bint expect_continue):
+    """``wire._upstream_head``'s loop over a request's headers, for a request whose
+    Connection names nothing beyond hop-by-hop and with nothing ``replaced``: (the kept
+    lines, each "name: value\\r\\n", in order; the X-Forwarded-For values, each followed
+    by ", "; the Forwarded values, the same; the Host value). None when a header's action
+    is not known yet or is a counted drop: the caller's Python loop decides and counts."""
+    cdef Py_ssize_t n = len(headers), i, size = 0, xff_size = 0, fwd_size = 0, pos
+    cdef Py_ssize_t ln, lv
+    cdef tuple header
+    cdef bytes name, value
+    cdef int action
+    cdef PyObject* found
+    cdef unsigned char* kinds = NULL
+    cdef char* out
+    host = b""
+    if n == 0:
+        return b"", b"", b"", host
+    kinds = <unsigned char*> PyMem_Malloc(n)
+    if kinds == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            header = <tuple> headers[i]
+            name = <bytes> header[0]
+            if PySet_Contains(plain, name):
+                action = A_KEEP
+            else:
+                found = PyDict_GetItem(actions, name)
+                if found == NULL:
+                    return None
+                action = <int> <object> found
+                if action > A_FORWARDED:
+                    return None
+                if action == A_EXPECT and expect_continue:
+                    action = A_DROP  # the proxy answered 100 Continue itself
+                elif action == A_EXPECT:
+                    action = A_KEEP
+            kinds[i] = action
+            value = <bytes> header[1]
+            if action == A_KEEP or action == A_HOST:
+                size += len(name) + len(value) + 4
+                if action == A_HOST:
+                    host = value
+            elif action == A_XFF:
+                xff_size += len(value) + 2
+            elif action == A_FORWARDED:
+                fwd_size += len(value) + 2
+        block = PyBytes_FromStringAndSize(NULL, size)
+        xff = PyBytes_FromStringAndSize(NULL, xff_size)
+        fwd = PyBytes_FromStringAndSize(NULL, fwd_size)
+        pos = 0
+        for i in range(n):
+            action = kinds[i]
+            if action == A_DROP:
+                continue
+            header = <tuple> headers[i]
+            value = <bytes> header[1]
+            lv = len(value)
+            if action == A_XFF or action == A_FORWARDED:
+                continue  # written by _fill below
+            name = <bytes> header[0]
+            ln = len(name)
+            out = PyBytes_AS_STRING(block) + pos
+            memcpy(out, PyBytes_AS_STRING(name), ln)
+            out[ln] = 58  # ":"
+            out[ln + 1] = 32
+            memcpy(out + ln + 2, PyBytes_AS_STRING(value), lv)
+            out[ln + 2 + lv] = 13
+            out[ln + 3 + lv] = 10
+            pos += ln + lv + 4
+        _fill(headers, kinds, n, A_XFF, xff)
+        _fill(headers, kinds, n, A_FORWARDED, fwd)
+        return block, xff, fwd, host
+    finally:
+        PyMem_Free(kinds)
+
+
+cdef void _fill(list headers, unsigned char* kinds, Py_ssize_t n, int which, bytes dest):
+    """Each value of the headers of action ``which``, followed by ", ", into ``dest``."""
+    cdef Py_ssize_t i, pos = 0, lv
+    cdef char* out = PyBytes_AS_STRING(dest)
+    cdef bytes value
+    for i in range(n):
+        if kinds[i] != which:
+            continue
+        value = <bytes> (<tuple> headers[i])[1]
+        lv = len(value)
+        memcpy(out + pos, PyBytes_AS_STRING(value), lv)
+        out[pos + lv] = 44  # ","
+        out[pos + lv + 1] = 32
+        pos += lv + 2

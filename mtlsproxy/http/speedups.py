@@ -11,15 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from mtlsproxy.http import header_rules
 from mtlsproxy.http.events import Headers
 
 SplitHead = Callable[[bytes], "tuple[bytes, bytes, Headers] | None"]
+HeaderLines = Callable[[Headers, set[bytes], dict[bytes, int], bool],
+                       "tuple[bytes, bytes, bytes, bytes] | None"]
 
 split_request_head: SplitHead | None = None
+header_lines: HeaderLines | None = None
 if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
     try:
-        from mtlsproxy.http._speedups import split_request_head
+        from mtlsproxy.http import _speedups
     except ImportError:  # not built: pure Python
-        split_request_head = None
+        pass
+    else:
+        # The compiled loop knows header_rules' actions by number: only while they agree.
+        if _speedups.ACTIONS == (header_rules.KEEP, header_rules.DROP, header_rules.XFF,
+                                 header_rules.HOST, header_rules.EXPECT,
+                                 header_rules.FORWARDED):
+            split_request_head = _speedups.split_request_head
+            header_lines = _speedups.header_lines
 
 COMPILED = split_request_head is not None

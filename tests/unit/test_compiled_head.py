@@ -17,6 +17,7 @@ import pytest
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http import llhttp_parser, speedups
+from mtlsproxy.http.events import Request
 from mtlsproxy.http.llhttp_parser import HttptoolsRequestParser
 from tests.unit.test_parser import CORPUS
 
@@ -204,3 +205,108 @@ def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) 
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "mtlsproxy/http/llhttp_parser.py" in names
     assert not any(n.endswith((".so", ".pyd")) for n in names)
+
+
+# -- the upstream head's header lines (wire._upstream_head) -----------------------------
+
+RULES = [
+    {},
+    {"underscores": "allow"},
+    {"strip": ("x-internal-*", "x-debug")},
+    {"forwarded": "replace"},
+    {"underscores": "reject", "forwarded": "replace", "strip": ("cookie",)},
+]
+
+HEAD_CASES = [
+    REALISTIC,
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n"
+    b"Forwarded: for=1.1.1.1\r\nX-Real-IP: 3.3.3.3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"bad\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nX-A: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nTE: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX_Client_Cert: forged\r\nClient-Cert: :Zm9v:\r\n"
+    b"X-Internal-Token: s\r\nX-Debug: 1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 9.9.9.9\r\nContent_Length: 5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Authorizer-Tenant: evil\r\nCookie: a=b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: e\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nUser-Agent: x\r\n\r\n",
+]
+
+
+def _heads(data: bytes, lines: Any, rules_kw: dict[str, Any],
+           replaced: frozenset[bytes] = frozenset()) -> list[tuple[bytes, list[str]]]:
+    """Each upstream head built for the request in ``data`` (three times, so that the
+    listener's rules know every name by the later ones), and the drops counted."""
+    import re
+
+    from mtlsproxy.http import wire
+    from mtlsproxy.http.header_rules import HeaderRules
+    counted: list[str] = []
+    rules = HeaderRules(on_drop=counted.append, **rules_kw)
+    try:
+        events = HttptoolsRequestParser(32768).feed(data)
+    except RemoteProtocolError:
+        return []
+    if not events or not isinstance(events[0], Request):
+        return []  # an unfinished head: nothing to build
+    req = events[0]
+    saved = wire.header_lines
+    wire.header_lines = lines
+    try:
+        out = []
+        for _ in range(3):
+            head = wire.upstream_request_head(req, b"/t", "10.0.0.9", b"x-cert: A\r\n",
+                                              rules, replaced)
+            # Without the X-Request-Id generated for requests that came without one.
+            out.append((re.sub(rb"x-request-id: [0-9a-f]{32}\r\n", b"", head),
+                        list(counted)))
+        return out
+    finally:
+        wire.header_lines = saved
+
+
+@pytest.fixture
+def lines() -> Any:
+    if speedups.header_lines is None:
+        if EXPECT:
+            pytest.fail("MTLSPROXY_EXPECT_COMPILED is set but the compiled header lines "
+                        "are not in use")
+        pytest.skip("the compiled header lines are not built here (pure-Python install)")
+    return speedups.header_lines
+
+
+@pytest.mark.parametrize("rules_kw", RULES, ids=[str(r) for r in RULES])
+@pytest.mark.parametrize("case", range(len(HEAD_CASES)))
+def test_the_compiled_header_lines_build_the_same_upstream_head(
+        lines: Any, rules_kw: dict[str, Any], case: int) -> None:
+    data = HEAD_CASES[case]
+    assert _heads(data, lines, rules_kw) == _heads(data, None, rules_kw)
+    replaced = frozenset({b"x-a", b"cookie"})
+    assert _heads(data, lines, rules_kw, replaced) == _heads(data, None, rules_kw, replaced)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_requests_get_the_same_upstream_head_either_way(lines: Any,
+                                                                seed: int) -> None:
+    rnd = random.Random(seed)
+    for data in mutations(200 + seed, 400, NEAR, tuple(HEAD_CASES)):
+        rules_kw = rnd.choice(RULES)
+        assert _heads(data, lines, rules_kw) == _heads(data, None, rules_kw), data
+
+
+def test_the_compiled_lines_are_used_once_the_names_are_known(lines: Any) -> None:
+    from mtlsproxy.http.header_rules import HeaderRules
+    rules = HeaderRules()
+    headers = [(b"host", b"a"), (b"x-a", b"1"), (b"x-forwarded-for", b"1.1.1.1")]
+    assert lines(headers, rules.plain, rules.actions, False) is None  # names not known yet
+    for name, _ in headers:
+        rules.action(name)
+    assert lines(headers, rules.plain, rules.actions, False) == (
+        b"host: a\r\nx-a: 1\r\n", b"1.1.1.1, ", b"", b"a")
+    rules.action(b"x-debug_flag")  # a counted drop: the Python loop counts it
+    assert lines([*headers, (b"x-debug_flag", b"1")], rules.plain, rules.actions,
+                 False) is None
