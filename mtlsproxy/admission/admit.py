@@ -229,7 +229,8 @@ class Admission:
         strip: frozenset[bytes] = frozenset()
         token = route.access_token
         if token is not None:
-            checked = await self.tokens.check(token, route.name, req.headers, identity)
+            checked = await self.tokens.check(token, route.name, req.headers, identity,
+                                              req.target)
             if not checked.ok and (checked.result != "missing" or token.required):
                 if checked.result == "jwks_unavailable":
                     return verdict, Refusal(503, checked.result, Scope.TOKEN,

@@ -15,9 +15,12 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,36 +29,61 @@ import jwt
 
 from mtlsproxy.admission.tokens import (
     MISSING,
+    QUERY_TOKEN,
     Checked,
     TokenCache,
     UnknownKey,
     bearer_token,
     cache_key,
+    query_token,
     verify,
 )
 from mtlsproxy.config.model import AccessTokenConfig
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.http.events import Headers
 from mtlsproxy.identity.peer import ClientIdentity
-from mtlsproxy.truststore.sources import HttpSource, Source, make_source
+from mtlsproxy.truststore.sources import Source, make_source
 
 log = logging.getLogger("mtlsproxy")
 
 Fetch = Callable[[AccessTokenConfig], bytes]
 
 
+MAX_JWKS_BYTES = 1024 * 1024
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A JWKS is fetched from exactly the https URL configured: a redirect (to http://,
+    where the keys could be replaced on the way, or anywhere else) is a failed fetch."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed",
+                                     headers, fp)
+
+
 def fetch_jwks(cfg: AccessTokenConfig) -> bytes:
     """The JWKS document at ``cfg.jwks_uri`` (blocking)."""
-    source: Source
     if cfg.jwks_uri.startswith("https://"):
         context = ssl.create_default_context(
             cafile=str(cfg.jwks_ca_file) if cfg.jwks_ca_file else None)
-        source = HttpSource(cfg.jwks_uri, cfg.timeout, context)
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                             _NoRedirect())
+        try:
+            with opener.open(cfg.jwks_uri, timeout=cfg.timeout) as resp:
+                data: bytes = resp.read(MAX_JWKS_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            raise TruststoreError(f"{cfg.jwks_uri}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TruststoreError(f"{cfg.jwks_uri}: {exc}") from None
     else:
-        source = make_source(cfg.jwks_uri)
-    fetched = source.check(None)
-    assert fetched is not None  # no current version: always fetched
-    return fetched.data
+        source: Source = make_source(cfg.jwks_uri)
+        fetched = source.check(None)
+        assert fetched is not None  # no current version: always fetched
+        data = fetched.data
+    if len(data) > MAX_JWKS_BYTES:
+        raise ValueError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
+    return data
 
 
 def parse_jwks(data: bytes) -> dict[str | None, list[jwt.PyJWK]]:
@@ -81,6 +109,10 @@ class _KeySet:
     fetched: float = float("-inf")  # the last fetch that succeeded
     attempted: float = float("-inf")  # the last fetch started
     forced: float = float("-inf")  # the last fetch an unknown kid started
+    digest: bytes = b""  # of the document the keys came from
+    # Counts the key sets taken that differ from the one before: verified tokens are
+    # remembered under it, so a key removed at the issuer stops admitting its tokens.
+    version: int = 0
     inflight: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -97,6 +129,11 @@ class KeySets:
         if state is None:
             state = self._sets[cfg.jwks_uri] = _KeySet()
         return state
+
+    def version(self, cfg: AccessTokenConfig) -> int:
+        """The version of the keys held for ``cfg`` (0: none yet)."""
+        state = self._sets.get(cfg.jwks_uri)
+        return state.version if state is not None else 0
 
     async def keys(self, cfg: AccessTokenConfig,
                    unknown_kid: bool = False) -> dict[str | None, list[jwt.PyJWK]] | None:
@@ -139,6 +176,10 @@ class KeySets:
                 "event": "jwks_fetch_failed", "jwks_uri": cfg.jwks_uri,
                 "error": str(exc)[:300], "keys_held": state.keys is not None}})
         else:
+            digest = hashlib.sha256(data).digest()
+            if digest != state.digest:
+                state.digest = digest
+                state.version += 1
             state.keys = keys
             state.fetched = self._clock()
         finally:
@@ -182,20 +223,24 @@ class AccessTokens:
         self.clock = clock  # Unix time, for exp/nbf/iat
 
     async def check(self, cfg: AccessTokenConfig, route: str, headers: Headers,
-                    identity: ClientIdentity) -> Checked:
-        checked = await self._check(cfg, headers, identity)
+                    identity: ClientIdentity, target: bytes = b"") -> Checked:
+        checked = await self._check(cfg, headers, identity, target)
         self.count(route, checked.result)
         return checked
 
     async def _check(self, cfg: AccessTokenConfig, headers: Headers,
-                     identity: ClientIdentity) -> Checked:
+                     identity: ClientIdentity, target: bytes) -> Checked:
+        if query_token(target):
+            # RFC 6750 section 2.3: not taken from the query; refused rather than passed
+            # on, so that an upstream reading it there never gets an unchecked token.
+            return QUERY_TOKEN
         token = bearer_token(headers)
         if token is None:
             return MISSING  # admitted when the route's token is not required (admit.py)
         if isinstance(token, Checked):
             return token
         now = self.clock()
-        key = cache_key(cfg, token, identity.fingerprint_sha256)
+        key = cache_key(cfg, self.keysets.version(cfg), token, identity.fingerprint_sha256)
         hit = self.cache.get(key, now)
         if hit is not None:
             return hit

@@ -13,8 +13,9 @@ Rules of this module:
   certificate is never admitted (RFC 8705 section 3). The comparison is constant-time.
 - Time claims are checked here, not by PyJWT, so that the clock is the one injected.
 - The token itself never reaches a log line, a metric or an error description.
-- Verified tokens are remembered per (route config, token hash, leaf fingerprint) until
-  their ``exp``; bounded. Only successes are remembered.
+- Verified tokens are remembered per (route config, key set version, token hash, leaf
+  fingerprint) until their ``exp``; bounded. Only successes are remembered; a new key
+  set (a key removed at the issuer) re-verifies every token.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ class Checked:
 
 
 MISSING = Checked("missing", "no bearer token")
+QUERY_TOKEN = Checked("bad_signature", "token in the URI query not accepted")
 
 
 class UnknownKey(Exception):
@@ -73,12 +76,32 @@ def bearer_token(headers: Headers) -> bytes | None | Checked:
         found = value
     if found is None:
         return None
-    if found.split(b" ", 1)[0].lower() != b"bearer":
+    if found[:6].lower() != b"bearer":
         return None  # another scheme (Basic, ...): no bearer token
+    # Anything that starts like one is read as one, or refused: "Bearer\t<token>" must
+    # not pass as "no token" to an upstream that splits on any whitespace.
     m = _BEARER.fullmatch(found)
     if m is None or len(m.group(1)) > MAX_TOKEN_BYTES:
         return Checked("bad_signature", "malformed bearer token")
     return m.group(1)
+
+
+# RFC 6750 section 2.3: the token as a URI query parameter. Not accepted here (it ends up
+# in logs and Referer headers, as the RFC warns), refused on token routes, and never
+# written to the access log.
+_QUERY_TOKEN = re.compile(rb"([?&;]access_token=)[^&;#]*", re.IGNORECASE)
+
+
+def query_token(target: bytes) -> bool:
+    """True when the request target carries an ``access_token`` query parameter."""
+    return b"?" in target and _QUERY_TOKEN.search(target) is not None
+
+
+def redact_query(target: bytes) -> bytes:
+    """``target`` with any ``access_token`` query value replaced (for logs)."""
+    if b"access_token=" not in target.lower():
+        return target
+    return _QUERY_TOKEN.sub(rb"\1REDACTED", target)
 
 
 def thumbprint(leaf_der: bytes) -> bytes:
@@ -112,9 +135,12 @@ def _scopes(claims: Mapping[str, Any]) -> set[str]:
 
 
 def _number(value: Any) -> float | None:
+    """A finite NumericDate (RFC 7519 section 2); None for anything else (JSON as Python
+    reads it takes NaN, Infinity and 1e400)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def verify(token: bytes, keys: Callable[[str | None, str], Any], cfg: AccessTokenConfig,
@@ -152,12 +178,13 @@ def verify(token: bytes, keys: Callable[[str | None, str], Any], cfg: AccessToke
         return Checked("expired", "no exp claim")  # RFC 9068 section 2.2: required
     if now > exp + leeway:
         return Checked("expired", "token expired")
-    nbf = claims.get("nbf")
-    if nbf is not None and (_number(nbf) is None or now + leeway < float(nbf)):
-        return Checked("expired", "token not valid yet")
-    iat = claims.get("iat")
-    if iat is not None and (_number(iat) is None or now + leeway < float(iat)):
-        return Checked("expired", "token issued in the future")
+    for claim, problem in (("nbf", "token not valid yet"),
+                           ("iat", "token issued in the future")):
+        value = claims.get(claim)
+        if value is not None:
+            number = _number(value)
+            if number is None or now + leeway < number:
+                return Checked("expired", problem)
     # Exact comparison: PyJWT before 2.10.1 matched an issuer by substring (CVE-2024-53861).
     if claims.get("iss") != cfg.issuer:
         return Checked("wrong_issuer", "issuer not accepted")
@@ -165,14 +192,19 @@ def verify(token: bytes, keys: Callable[[str | None, str], Any], cfg: AccessToke
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if not any(isinstance(a, str) and a in cfg.audiences for a in audiences):
         return Checked("wrong_audience", "audience not accepted")
-    cnf = claims.get("cnf")
-    bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
-    if bound is None:
+    if "cnf" not in claims:
         if cfg.require_binding:
             return Checked("unbound", "token not bound to a certificate")
-    elif not isinstance(bound, str) or not hmac.compare_digest(
-            bound.encode("ascii", "replace"), thumbprint(leaf_der)):
-        return Checked("binding_mismatch", "token bound to another certificate")
+    else:
+        # A confirmation is there: the token is sender-constrained (RFC 7800). Only an
+        # x5t#S256 that matches this connection's certificate satisfies it; any other
+        # shape (a DPoP jkt, a list, null) is a binding the proxy cannot check, refused
+        # whatever require_binding says.
+        cnf = claims["cnf"]
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if not isinstance(bound, str) or not hmac.compare_digest(
+                bound.encode("ascii", "replace"), thumbprint(leaf_der)):
+            return Checked("binding_mismatch", "token bound to another certificate")
     if cfg.scopes and not set(cfg.scopes) <= _scopes(claims):
         return Checked("insufficient_scope", "token lacks a required scope")
     headers = []
@@ -183,6 +215,9 @@ def verify(token: bytes, keys: Callable[[str | None, str], Any], cfg: AccessToke
     return Checked("valid", headers=tuple(headers), expires=exp)
 
 
+CacheKey = tuple[AccessTokenConfig, int, bytes, str]
+
+
 class TokenCache:
     """Verified tokens until their ``exp``: (config, token hash, leaf fingerprint) ->
     Checked. Bounded; emptied when full (tokens expire: the cache refills with live ones).
@@ -191,10 +226,10 @@ class TokenCache:
     __slots__ = ("_entries", "_size")
 
     def __init__(self, size: int = 10000) -> None:
-        self._entries: dict[tuple[AccessTokenConfig, bytes, str], Checked] = {}
+        self._entries: dict[CacheKey, Checked] = {}
         self._size = size
 
-    def get(self, key: tuple[AccessTokenConfig, bytes, str], now: float) -> Checked | None:
+    def get(self, key: CacheKey, now: float) -> Checked | None:
         hit = self._entries.get(key)
         if hit is None:
             return None
@@ -203,7 +238,7 @@ class TokenCache:
             return None
         return hit
 
-    def put(self, key: tuple[AccessTokenConfig, bytes, str], checked: Checked) -> None:
+    def put(self, key: CacheKey, checked: Checked) -> None:
         if len(self._entries) >= self._size:
             self._entries.clear()
         self._entries[key] = checked
@@ -212,9 +247,10 @@ class TokenCache:
         return len(self._entries)
 
 
-def cache_key(cfg: AccessTokenConfig, token: bytes,
-              fingerprint: str) -> tuple[AccessTokenConfig, bytes, str]:
-    return cfg, hashlib.sha256(token).digest(), fingerprint
+def cache_key(cfg: AccessTokenConfig, keys_version: int, token: bytes,
+              fingerprint: str) -> CacheKey:
+    """``keys_version``: of the key set the token was verified with (KeySets.version)."""
+    return cfg, keys_version, hashlib.sha256(token).digest(), fingerprint
 
 
 def challenge(checked: Checked) -> tuple[int, bytes]:

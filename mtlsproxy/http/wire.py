@@ -101,7 +101,9 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
     raw = req.raw if memos is not None else b""
     if raw:
         assert memos is not None
-        key = (raw, target, client_ip, cert_block, rules)
+        # Every input of the head: ``replaced`` too (a route that protects a name must not
+        # be given a head built where the client's header of that name was kept).
+        key = (raw, target, client_ip, cert_block, rules, replaced)
         made = memos.upstream_heads.entries.get(key)
         if made is not None:
             return made

@@ -16,6 +16,7 @@ from mtlsproxy.admission.admit import Admission
 from mtlsproxy.admission.authorizer import AuthorizerClient
 from mtlsproxy.admission.cache import ValidationCache, Verdict
 from mtlsproxy.admission.jwks import AccessTokens
+from mtlsproxy.admission.tokens import redact_query
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
@@ -435,7 +436,7 @@ class ListenerRuntime:
             "client_cert_fingerprint": identity.fingerprint_sha256 if identity else None,
             "method": req.method.decode("latin-1"),
             "host": req.host.decode("latin-1") if req.host else None,
-            "path": req.target.decode("latin-1"),
+            "path": redact_query(req.target).decode("latin-1"),
             "protocol": "HTTP/" + req.http_version.decode("latin-1"),
             "status": status,
             "bytes": sent,

@@ -296,6 +296,77 @@ def test_an_unknown_kid_triggers_one_jwks_refresh(harness: Harness, issuer: Issu
     assert server.fetches == 2
 
 
+def test_an_https_jwks_that_redirects_is_not_followed(harness: Harness,
+                                                      issuer: Issuer) -> None:
+    # A redirect (here to plain http, where keys could be replaced on the way) is a failed
+    # fetch: the configured URL is the only source of keys.
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:9/jwks\r\n"
+                         b"content-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(harness.pki.server_cert), str(harness.pki.server_key))
+
+    async def go() -> int:
+        server = await asyncio.start_server(redirect, "127.0.0.1", 0, ssl=ctx)
+        harness.servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+    port = harness.loop.run(go())
+    harness.start(harness.config(routes=[token_route(
+        harness, f"https://localhost:{port}/jwks.json")]))
+    status, _, body = harness.get("/", headers=bearer(issuer.token(
+        bound_to=harness.pki.client.der)))
+    assert status == 503 and json.loads(body)["reason"] == "jwks_unavailable"
+
+
+def test_a_key_removed_from_the_jwks_stops_admitting_its_cached_tokens(
+        harness: Harness, issuer: Issuer, tmp_path: Path) -> None:
+    start_file(harness, issuer, tmp_path, min_refresh=0.01)
+    der = harness.pki.client.der
+    token = issuer.token(bound_to=der)
+    assert harness.get("/", headers=bearer(token))[0] == 200  # verified, and remembered
+    issuer.published = ["k2"]
+    issuer.add("k2")
+    (tmp_path / "jwks.json").write_bytes(issuer.jwks())
+    time.sleep(0.05)
+    # A token of the new key makes the proxy read the set again: k1 is gone.
+    assert harness.get("/", headers=bearer(issuer.token("k2", bound_to=der)))[0] == 200
+    _, answer = refused(harness, bearer(token))
+    assert answer["reason"] == "bad_signature"
+
+
+def test_a_token_in_the_query_is_refused_and_not_logged(
+        unstarted: Harness, issuer: Issuer, tmp_path: Path) -> None:
+    start_file(unstarted, issuer, tmp_path, required=False)
+    token = issuer.token(bound_to=unstarted.pki.client.der)
+    status, _, body = unstarted.get(f"/orders?x=1&access_token={token}")
+    assert status == 401 and json.loads(body)["reason"] == "bad_signature"
+    wait_for(lambda: bool(unstarted.access_lines))
+    assert token not in unstarted.access_lines[-1]
+    assert "access_token=REDACTED" in unstarted.access_lines[-1]
+
+
+def test_a_bearer_token_after_a_tab_is_checked_even_when_optional(
+        harness: Harness, issuer: Issuer, tmp_path: Path) -> None:
+    start_file(harness, issuer, tmp_path, required=False)
+    forged = Issuer().token(bound_to=harness.pki.client.der)
+    conn = harness.https()
+    try:
+        conn.putrequest("GET", "/orders")
+        conn.putheader("Authorization", f"Bearer\t{forged}")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 401 and json.loads(r.read())["reason"] == "bad_signature"
+    finally:
+        conn.close()
+
+
 def test_the_jwks_can_come_from_s3(harness: Harness, issuer: Issuer,
                                    moto: Moto) -> None:  # noqa: F811 (the fixture)
     # moto's S3 server on loopback, boto3 unpatched (AWS_ENDPOINT_URL, as the truststore).

@@ -334,6 +334,21 @@ def test_a_memoised_upstream_head_is_the_one_built_for_its_inputs() -> None:
     assert len(heads) == len(inputs)
 
 
+def test_a_memoised_upstream_head_is_never_reused_where_more_names_are_replaced() -> None:
+    # A head built where a client's Tenant-Id was kept (a route without the token rule)
+    # must not be handed to a route that protects Tenant-Id (found by an attack: the
+    # memo's key lacked ``replaced``).
+    req = dataclasses.replace(_memoised_request(),
+                              headers=[(b"host", b"a"), (b"tenant-id", b"acme-admin")])
+    memos = HeadMemos()
+    for _ in range(3):
+        open_head = wire.upstream_request_head(req, b"/a", "10.0.0.1", b"", memos=memos)
+        assert b"tenant-id: acme-admin" in open_head
+    protected = wire.upstream_request_head(req, b"/a", "10.0.0.1", b"",
+                                           replaced=frozenset({b"tenant-id"}), memos=memos)
+    assert b"tenant-id" not in protected
+
+
 def test_a_memoised_client_head_follows_the_drain() -> None:
     req = _memoised_request()
     warm_response()

@@ -83,6 +83,19 @@ def test_a_token_without_exp_is_refused() -> None:
     assert check(sign(exp=None)).result == "expired"
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400", '"1"', "true"])
+def test_time_claims_that_are_not_finite_numbers_are_refused(claim: str, value: str) -> None:
+    # Python's JSON reads NaN, Infinity and 1e400 (inf): a token that never expires.
+    token = sign(**{claim: 12345})
+    body = token.split(b".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+    raw = json.dumps(claims).replace(f'"{claim}": 12345', f'"{claim}": {value}')
+    forged = jwt.PyJWS().encode(raw.encode(), KEY, algorithm="ES256",
+                                headers={"kid": "k1"}).encode()
+    assert check(forged).result == "expired"
+
+
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
 def test_a_token_from_the_future_is_refused(claim: str) -> None:
     assert check(sign(**{claim: NOW + 61})).result == "expired"
@@ -105,7 +118,11 @@ def test_one_of_the_audiences_must_be_named(aud: Any, result: str) -> None:
 
 
 @pytest.mark.parametrize("cnf, result", [
-    (None, "unbound"), ({}, "unbound"), ("x", "unbound"),
+    (None, "unbound"),  # no cnf claim at all
+    # A confirmation the proxy cannot check is a binding it cannot satisfy (RFC 7800).
+    ({}, "binding_mismatch"), ("x", "binding_mismatch"), ([], "binding_mismatch"),
+    ({"jkt": "A" * 43}, "binding_mismatch"), ({"x5t#S256": None}, "binding_mismatch"),
+    ([{"x5t#S256": thumbprint(LEAF).decode()}], "binding_mismatch"),
     ({"x5t#S256": "A" * 43}, "binding_mismatch"),
     ({"x5t#S256": thumbprint(LEAF).decode() + "="}, "binding_mismatch"),
     ({"x5t#S256": 5}, "binding_mismatch"),
@@ -118,7 +135,8 @@ def test_a_bound_token_is_checked_even_when_binding_is_not_required() -> None:
     loose = AccessTokenConfig(jwks_uri="/k", issuer="https://issuer.test", audiences=("api",),
                               require_binding=False)
     assert check(sign(cnf=None), loose).ok
-    assert check(sign(cnf={"x5t#S256": "A" * 43}), loose).result == "binding_mismatch"
+    for cnf in ({"x5t#S256": "A" * 43}, {"jkt": "A" * 43}, {}, "x", [], {"x5t": "A"}):
+        assert check(sign(cnf=cnf), loose).result == "binding_mismatch", cnf
 
 
 @pytest.mark.parametrize("claims, result", [
@@ -163,6 +181,12 @@ def test_garbage_is_bad_signature(token: bytes) -> None:
     ([(b"authorization", b"Bearer")], "bad_signature"),
     ([(b"authorization", b"Bearer a b")], "bad_signature"),
     ([(b"authorization", b"Bearer a=b")], "bad_signature"),
+    # Starts like a bearer token: read as one, or refused; never "no token".
+    ([(b"authorization", b"Bearer\tabc")], "bad_signature"),
+    ([(b"authorization", b"bearer:abc")], "bad_signature"),
+    ([(b"authorization", b"Bearer,abc")], "bad_signature"),
+    ([(b"authorization", b"Bearerabc")], "bad_signature"),
+    ([(b"authorization", b"Bearer\xa0abc")], "bad_signature"),
     ([(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a")], "bad_signature"),
     ([(b"authorization", b"Bearer " + b"a" * 20000)], "bad_signature"),
 ])
@@ -184,16 +208,17 @@ def test_challenges_follow_rfc6750() -> None:
                                             b'error_description="token expired"')
 
 
-def test_the_cache_keeps_a_token_per_certificate_until_its_exp() -> None:
+def test_the_cache_keeps_a_token_per_certificate_and_key_set_until_its_exp() -> None:
     cache = TokenCache(size=2)
     valid = Checked("valid", expires=NOW + 10)
-    key = cache_key(CFG, b"tok", "fp1")
+    key = cache_key(CFG, 1, b"tok", "fp1")
     cache.put(key, valid)
     assert cache.get(key, NOW) is valid
-    assert cache.get(cache_key(CFG, b"tok", "fp2"), NOW) is None  # another certificate
+    assert cache.get(cache_key(CFG, 1, b"tok", "fp2"), NOW) is None  # another certificate
+    assert cache.get(cache_key(CFG, 2, b"tok", "fp1"), NOW) is None  # another key set
     assert cache.get(key, NOW + 11) is None and len(cache) == 0  # past exp: gone
     for i in range(3):
-        cache.put(cache_key(CFG, b"t%d" % i, "fp"), valid)
+        cache.put(cache_key(CFG, 1, b"t%d" % i, "fp"), valid)
     assert len(cache) <= 2  # bounded
 
 
@@ -268,3 +293,17 @@ def test_concurrent_needs_share_one_fetch_and_no_set_is_none() -> None:
         assert results == [None] * 5
         assert fetch.calls == 1
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("target, found, logged", [
+    (b"/a?access_token=eyJx.y.z", True, b"/a?access_token=REDACTED"),
+    (b"/a?x=1&ACCESS_TOKEN=eyJ&y=2", True, b"/a?x=1&ACCESS_TOKEN=REDACTED&y=2"),
+    (b"/a;access_token=eyJ", False, b"/a;access_token=REDACTED"),
+    (b"/access_token=x", False, b"/access_token=x"),
+    (b"/a?my_access_token=x", False, b"/a?my_access_token=x"),
+])
+def test_a_token_in_the_query_is_found_and_never_logged(target: bytes, found: bool,
+                                                       logged: bytes) -> None:
+    from mtlsproxy.admission.tokens import query_token, redact_query
+    assert query_token(target) is found
+    assert redact_query(target) == logged
