@@ -243,7 +243,7 @@ class Admission:
         if route.authorizer is None:
             return verdict, Admitted(added, strip)
         decision = await self.authorizer.decide(route.authorizer, identity, req, route.name,
-                                                self.listener, verdict.generation)
+                                                self.listener, verdict.generation, route)
         if decision.allow:
             if added or strip:
                 return verdict, Admitted(decision.headers + added, strip)

@@ -53,13 +53,19 @@ Headers = tuple[tuple[bytes, bytes], ...]
 # upstream.
 CONTEXT_PREFIX = "X-Authorizer-"
 PRINCIPAL_HEADER = b"X-Authorizer-PrincipalId"
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _STATEMENT_KEYS = frozenset({"Sid", "Effect", "Action", "Resource"})
 _INVOKE = "execute-api:Invoke"
 
 
 # -- the event ----------------------------------------------------------------------------
+
+def _refuse_constant(name: str) -> Any:
+    """JSON has no NaN or Infinity (RFC 8259 section 6); Python's parser takes them."""
+    raise ValueError(f"{name} is not JSON")
+
 
 def method_arn(arn_prefix: str, method: bytes, path: bytes) -> str:
     """``<arn_prefix>/<HTTP method>/<resource path without its leading slash>`` (the
@@ -201,10 +207,20 @@ class Resources:
         if not self.exact:
             return False
         arn = method_arn(self.arn_prefix, method, path)
-        view = method_arn(self.arn_prefix, method, routing_view(path))
+        lenient = routing_view(path)
+        view = method_arn(self.arn_prefix, method, lenient)
+        if path.endswith(b"/") and not lenient.endswith(b"/"):
+            # The routing view drops a trailing "/" (Express and Rails ignore it): a Deny
+            # for "/orders/1" refuses "/orders/1/". An Allow is matched with it kept, so
+            # that "GET/orders/*" still admits "/orders/", as the gateway does.
+            kept = method_arn(self.arn_prefix, method, lenient + b"/")
+        else:
+            kept = view
         if self.deny:
-            # Broad patterns, either reading of the path: a Deny refuses whenever it may.
-            return any(p.fullmatch(arn) or p.fullmatch(view) for p in self.exact)
+            # Broad patterns, every reading of the path: a Deny refuses whenever it may.
+            return any(p.fullmatch(arn) or p.fullmatch(view) or p.fullmatch(kept)
+                       for p in self.exact)
+        view = kept
         # Narrow patterns, and both readings of the path must be admitted.
         return any(p.fullmatch(arn) for p in self.exact) and \
             any(p.fullmatch(view) for p in self.lenient)
@@ -248,7 +264,7 @@ def parse_policy(status: int, body: bytes, arn_prefix: str) -> GatewayPolicy:
     evaluate exactly as written refuses the whole answer: fail closed)."""
     if not 200 <= status < 300:
         raise ValueError(f"authorizer answered {status}")
-    doc = json.loads(body)
+    doc = json.loads(body, parse_constant=_refuse_constant)
     if not isinstance(doc, dict):
         raise ValueError("the answer must be an object")
     principal = doc.get("principalId")

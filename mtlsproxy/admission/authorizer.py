@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,7 +40,8 @@ from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.runtime.coalesce import CoalescingCache
 
 log = logging.getLogger("mtlsproxy")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline ("X-Tenant\n" is no header name).
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Headers an authorizer may never set upstream: framing, routing and identity stay ours.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
                        "upgrade", "keep-alive", "trailer", "x-forwarded-for",
@@ -60,6 +61,11 @@ def _pem(der: bytes) -> str:
     b64 = base64.b64encode(der).decode()
     lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
     return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
+def refuse_constant(name: str) -> Any:
+    """JSON has no NaN or Infinity (RFC 8259 section 6); Python's parser takes them."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def forwarded_headers(req: Request, forward_headers: tuple[str, ...]) -> dict[str, str]:
@@ -187,7 +193,7 @@ def parse_answer(status: int, body: bytes) -> Answer:
     """The authorizer's answer; ValueError when malformed."""
     if not 200 <= status < 300:
         raise ValueError(f"authorizer answered {status}")
-    doc = json.loads(body)
+    doc = json.loads(body, parse_constant=refuse_constant)
     if not isinstance(doc, dict) or not isinstance(doc.get("allow"), bool | list):
         raise ValueError('the answer needs "allow": true|false or a list of statements')
     ttl = doc.get("ttl", 0)
@@ -218,10 +224,10 @@ def parse_answer(status: int, body: bytes) -> Answer:
     return Answer(decision, float(ttl), scope == "route")
 
 
-# (leaf fingerprint, route, truststore generation) for route-scoped entries; with
-# (method, path, host, forwarded headers) appended for request-scoped ones.
-_Key = (tuple[str, str, int]
-        | tuple[str, str, int, bytes, bytes, bytes, tuple[tuple[str, str], ...]])
+# (leaf fingerprint, route (its RouteConfig), truststore generation) for route-scoped
+# entries; with (method, path, host, forwarded headers) appended for request-scoped ones.
+_Key = (tuple[str, Hashable, int]
+        | tuple[str, Hashable, int, bytes, bytes, bytes, tuple[tuple[str, str], ...]])
 
 
 class AuthorizerClient:
@@ -236,12 +242,18 @@ class AuthorizerClient:
         return f"<AuthorizerClient {self.cache!r}>"
 
     async def decide(self, config: AuthorizerConfig, identity: ClientIdentity, req: Request,
-                     route: str, listener: str, generation: int) -> Decision:
+                     route: str, listener: str, generation: int,
+                     route_id: Hashable = None) -> Decision:
+        """``route``: the route's name (the document's); ``route_id``: the route itself
+        (its RouteConfig), which keys the cache: two routes may share a name ("api.test/"
+        for a host route and a domain's catch-all), and a reload that changes a route's
+        authorizer makes a new RouteConfig, so no answer of the old one is used again."""
         method = req.method
         # The query is not part of the key: the same resource with other parameters is
         # the same request to authorize (docs/configuration.md: the cache key).
         path = req.target.partition(b"?")[0]
-        route_key = (identity.fingerprint_sha256, route, generation)
+        route_key = (identity.fingerprint_sha256, route if route_id is None else route_id,
+                     generation)
         held = self.cache.peek(route_key)
         if held is not None:
             return decision_for(held, method, path)

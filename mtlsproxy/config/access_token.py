@@ -15,7 +15,7 @@ from mtlsproxy.config.reader import Reader, positive
 from mtlsproxy.config.values import parse_s3_uri
 from mtlsproxy.identity.headers import fold, is_identity_header
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Names whose meaning the proxy owns: framing, hop-by-hop (RFC 9110 section 7.6.1),
 # routing, the forwarded chain. A claim may not be written into them (the authorizer's
 # headers have the same rule). Spelled here: loading a config imports no HTTP module.

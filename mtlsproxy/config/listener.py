@@ -40,7 +40,7 @@ from mtlsproxy.config.values import parse_address, parse_s3_uri, parse_upstream
 from mtlsproxy.http.normalize import ESCAPED_SLASH_ACTIONS, PathError, normalize_path
 
 # A header name, or a name prefix ending in "*" (listeners[].strip_headers).
-_HEADER_PATTERN = re.compile(r"^[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?$")
+_HEADER_PATTERN = re.compile(r"^[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?\Z")
 
 
 def _check_prefix(value: str) -> str | None:

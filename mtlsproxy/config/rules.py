@@ -23,8 +23,8 @@ RULE_KEYS = ("subject", "issuer", "san_dns", "san_uri", "fingerprint_sha256", "s
              "issuer_fingerprint_sha256")
 ATTRIBUTES = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME,
               "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 
 class RuleError(ValueError):

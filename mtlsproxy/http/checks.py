@@ -21,7 +21,8 @@ import re
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http.events import Headers, Request, Response
 
-TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline.
+TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSIONS = (b"1.1", b"1.0")
 # llhttp refuses methods it does not know; h11 takes any token. The proxy takes the common

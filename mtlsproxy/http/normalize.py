@@ -138,7 +138,14 @@ def _percent(path: bytes, escaped_slashes: str) -> bytes:
 def needs_routing_view(path: bytes) -> bool:
     """Whether ``routing_view`` could differ from the lower-cased path."""
     return (b";" in path or b"//" in path or b"\\" in path or b"%2f" in path
-            or b"%5c" in path)
+            or b"%5c" in path or b"%3b" in path or b"%2e" in path or b"./" in path
+            or b"%20" in path
+            or b":" in path or path.endswith((b"/", b".")) and len(path) > 1)
+
+
+# What Windows and IIS drop from the end of a path segment: trailing dots and spaces, and
+# an NTFS stream name ("name::$DATA" is the file "name").
+_WINDOWS_TAIL = (b".", b"%20")
 
 
 def routing_view(path: bytes) -> bytes:
@@ -146,15 +153,26 @@ def routing_view(path: bytes) -> bytes:
     apply (routes, authorizer policies); never forwarded. Lower-cased (Express, IIS and
     ASP.NET match without case), path parameters dropped (Tomcat and Spring strip
     ``;...``), empty segments dropped (most servers merge slashes), ``\\``, ``%2F`` and
-    ``%5C`` read as ``/`` (IIS; what ``escaped_slashes: keep`` forwards), and the
-    dot-segments that makes resolved (``..;`` is ``..`` to Tomcat)."""
+    ``%5C`` read as ``/`` (IIS; what ``escaped_slashes: keep`` forwards), ``%3B`` as
+    ``;``, trailing dots, spaces and ``::$DATA`` stream names dropped from each segment
+    (Windows and IIS: ``/admin./`` and ``/admin%20/`` are ``/admin/``), a trailing ``/``
+    dropped (Express and Rails ignore it), and the dot-segments that makes resolved
+    (``..;`` is ``..`` to Tomcat)."""
     path = path.lower()
     if not needs_routing_view(path):
         return path
     path = path.replace(b"\\", b"/").replace(b"%2f", b"/").replace(b"%5c", b"/")
+    # Tomcat and Jetty take "%3B" as the ";" of a path parameter after decoding
+    # ("..%3B" is ".." to them; Spring's StrictHttpFirewall refuses it for that reason),
+    # and a server that decodes before it resolves reads "%2e" as ".".
+    path = path.replace(b"%3b", b";").replace(b"%2e", b".")
     kept: list[bytes] = []
     for segment in path.split(b"/"):
         name = segment.split(b";", 1)[0]
+        if name not in (b"..", b"."):
+            name = name.split(b"::$", 1)[0]
+            while name.endswith(_WINDOWS_TAIL):
+                name = name[:-1] if name.endswith(b".") else name[:-3]
         if name == b"..":
             if kept:
                 kept.pop()

@@ -311,3 +311,46 @@ def test_policy_statements_match_methods_exactly_and_paths_on_segment_boundaries
     get = policy({"methods": ["GET", "HEAD"]})
     assert get.matches(b"HEAD", b"/x") and not get.matches(b"get", b"/x")
     assert not policy({"methods": []}).matches(b"GET", b"/")
+
+
+# -- an attack round: which route a cached answer belongs to --------------------------------
+
+def test_two_routes_with_one_name_never_share_a_cached_answer(harness: Harness) -> None:
+    # A host route "api.example.test" + "/" and its domain's catch-all "/" are both named
+    # "api.example.test/": one's cached answer must not decide for the other.
+    lenient = FakeAuthorizer(harness, {"allow": True, "ttl": 60, "scope": "route"})
+    strict = FakeAuthorizer(harness, {"allow": False, "ttl": 60, "scope": "route"})
+    echo = f"http://127.0.0.1:{harness.start_echo()}"
+    raw = harness.config()
+    listener = raw["listeners"][0]
+    listener["domains"] = [{
+        "names": ["api.example.test", "localhost"],
+        "certificates": listener.pop("tls")["certificates"],
+        "mutual_tls": listener.pop("mutual_tls"),
+        "routes": [
+            {"host": "api.example.test", "path_prefix": "/", "upstream": echo,
+             "authorizer": {"url": lenient.url}},
+            {"path_prefix": "/", "upstream": echo, "authorizer": {"url": strict.url}},
+        ]}]
+    del listener["routes"]
+    harness.start(raw)
+    assert harness.get("/", headers={"Host": "api.example.test"})[0] == 200
+    status, _, _ = harness.get("/", headers={"Host": "localhost"})
+    assert status == 403
+    assert len(lenient.requests) == 1 and len(strict.requests) == 1
+
+
+def test_a_reload_that_changes_the_authorizer_drops_its_cached_answers(
+        harness: Harness) -> None:
+    lenient = FakeAuthorizer(harness, {"allow": True, "ttl": 300, "scope": "route"})
+    strict = FakeAuthorizer(harness, {"allow": False, "ttl": 300, "scope": "route"})
+    echo = f"http://127.0.0.1:{harness.start_echo()}"
+
+    def config(url: str) -> dict[str, Any]:
+        return harness.config(routes=[{"path_prefix": "/", "upstream": echo,
+                                       "authorizer": {"url": url}}])
+    harness.start(config(lenient.url))
+    assert harness.get("/orders/1")[0] == 200
+    assert harness.reload(config(strict.url)) == []
+    assert harness.get("/orders/1")[0] == 403
+    assert len(strict.requests) == 1

@@ -233,3 +233,51 @@ def test_no_pattern_backtracks_badly_over_a_path_the_client_chose() -> None:
     started = time.perf_counter()
     assert not admits(p, "GET", path)
     assert time.perf_counter() - started < 1.0
+
+
+# -- an attack round (the spellings Windows, Express, Rails and Tomcat read alike) ---------
+
+@pytest.mark.parametrize("path", ["/orders/1/", "/orders/1.", "/orders/1%20", "/orders/1./",
+                                  "/orders/1::$DATA", "/ORDERS/1/"])
+def test_a_deny_refuses_the_spellings_a_lenient_upstream_reads_as_its_resource(
+        path: str) -> None:
+    p = policy(allow(f"{PREFIX}/*/orders/*"), deny(f"{PREFIX}/DELETE/orders/1"))
+    assert not admits(p, "DELETE", path), path
+    assert admits(p, "DELETE", "/orders/2")
+
+
+def test_an_allow_with_a_final_star_still_admits_the_collection_with_its_slash() -> None:
+    p = policy(allow(f"{PREFIX}/GET/orders/*"))
+    assert admits(p, "GET", "/orders/") and admits(p, "GET", "/orders/1/")
+
+
+def test_an_encoded_semicolon_does_not_climb_out_of_an_allow() -> None:
+    p = policy(allow(f"{PREFIX}/GET/public/*"))
+    for path in ("/public/..%3B/admin", "/public/%2e%2e%3b/admin", "/public/..%3b/admin"):
+        assert not admits(p, "GET", path), path
+
+
+@pytest.mark.parametrize("key", ["tenant\n", "tenant\r", "ten ant", ""])
+def test_context_keys_that_are_not_header_tokens_are_dropped(key: str) -> None:
+    p = policy(allow(f"{PREFIX}/*"), context={key: "a", "ok": "b"})
+    names = [n for n, _ in p.headers]
+    assert all(b"\n" not in n and b"\r" not in n and b" " not in n for n in names)
+    assert any(n.lower() == b"x-authorizer-ok" for n in names)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"principalId": "p", "policyDocument": {"Version": "2012-10-17", "Statement": []},'
+    b' "context": {"n": NaN}}',
+    b'{"principalId": "p", "policyDocument": {"Version": "2012-10-17", "Statement": []},'
+    b' "context": {"n": Infinity}}',
+])
+def test_answers_with_nan_or_infinity_are_not_json_and_fail(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_policy(200, body, PREFIX)
+
+
+def test_the_native_format_refuses_a_header_name_with_a_newline() -> None:
+    # "$" in the name check matched before a final newline: such an answer is malformed.
+    from mtlsproxy.admission.authorizer import parse_answer
+    with pytest.raises(ValueError):
+        parse_answer(200, b'{"allow": true, "headers": {"X-Tenant\\n": "a"}}')
