@@ -234,6 +234,11 @@ def main() -> int:
         print()
         print("\n".join(line for line in base.versions(args.python, runtime, False)
                         .splitlines() if not line.startswith(("- envoy", "- ab", "- openssl"))))
+        compiled = subprocess.run(
+            [args.python, "-c", "from mtlsproxy.http import speedups; print(speedups.COMPILED)"],
+            capture_output=True, text=True).stdout.strip()
+        print(f"- mtlsproxy's compiled head split and lines (http/_speedups.pyx): "
+              f"{'in use' if compiled == 'True' else 'not in use (pure Python)'}")
         wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
         print(f"- {(wrk.stdout or wrk.stderr).splitlines()[0]}")
         print(f"- {args.rounds} rounds of {args.seconds} s, medians; wrk -c50 keep-alive")
