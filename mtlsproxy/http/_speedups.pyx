@@ -166,7 +166,14 @@ def header_lines(list headers, set plain, dict actions, bint expect_continue):
         raise MemoryError()
     try:
         for i in range(n):
-            header = <tuple> headers[i]
+            # Checked here, so that the casts below are safe: (bytes, bytes) pairs only,
+            # anything else is the Python loop's.
+            item = headers[i]
+            if type(item) is not tuple or len(<tuple> item) != 2:
+                return None
+            header = <tuple> item
+            if type(header[0]) is not bytes or type(header[1]) is not bytes:
+                return None
             name = <bytes> header[0]
             if PySet_Contains(plain, name):
                 action = A_KEEP
@@ -174,8 +181,10 @@ def header_lines(list headers, set plain, dict actions, bint expect_continue):
                 found = PyDict_GetItem(actions, name)
                 if found == NULL:
                     return None
+                if type(<object> found) is not int:
+                    return None
                 action = <int> <object> found
-                if action > A_FORWARDED:
+                if action < A_KEEP or action > A_FORWARDED:
                     return None
                 if action == A_EXPECT and expect_continue:
                     action = A_DROP  # the proxy answered 100 Continue itself

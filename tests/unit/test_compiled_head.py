@@ -191,18 +191,26 @@ def test_mtlsproxy_pure_turns_the_compiled_path_off() -> None:
 def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) -> None:
     # "pip install . must still work on a machine without a compiler" (issue 26): the
     # wheel builds, without the extension, and says why.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import shutil
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # A copy of the sources alone: a build/ directory or an extension built in place by
+    # an editable install must not find its way into this wheel.
+    root = str(tmp_path / "src")
+    shutil.copytree(checkout, root, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.so", "*.egg-info", "__pycache__", ".*_cache", "tests",
+        "bench", "deploy", "examples", "docs"))
     env = {**os.environ, "CC": "/nonexistent/cc", "LDSHARED": "/nonexistent/cc"}
     env.pop("MTLSPROXY_PURE", None)
     # Built as pip builds it (an isolated environment with setuptools and Cython), with a
     # compiler that is not there.
+    wheels = tmp_path / "wheels"
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w",
-                          str(tmp_path), root], capture_output=True, text=True, env=env,
+                          str(wheels), root], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    (wheel,) = [p for p in os.listdir(wheels) if p.endswith(".whl")]
     import zipfile
-    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    names = zipfile.ZipFile(wheels / wheel).namelist()
     assert "mtlsproxy/http/llhttp_parser.py" in names
     assert not any(n.endswith((".so", ".pyd")) for n in names)
 
