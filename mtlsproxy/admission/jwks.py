@@ -113,7 +113,7 @@ class _KeySet:
     # Counts the key sets taken that differ from the one before: verified tokens are
     # remembered under it, so a key removed at the issuer stops admitting its tokens.
     version: int = 0
-    inflight: asyncio.Future[None] | None = field(default=None, repr=False)
+    inflight: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class KeySets:
@@ -144,27 +144,38 @@ class KeySets:
         now = self._clock()
         if unknown_kid and now - state.forced >= cfg.min_refresh:
             state.forced = now
-            await self._refresh(cfg, state)
+            await self._join(self._start(cfg, state))
         elif state.keys is None:
-            if state.inflight is not None or now - state.attempted >= min(cfg.min_refresh,
-                                                                          1.0):
-                await self._refresh(cfg, state)
+            if state.inflight is not None:
+                await self._join(state.inflight)
+            elif now - state.attempted >= min(cfg.min_refresh, 1.0):
+                await self._join(self._start(cfg, state))
         elif (state.inflight is None and now - state.fetched >= cfg.refresh_interval
               and now - state.attempted >= cfg.min_refresh):
             # Keys held: the periodic refresh runs beside the requests, which keep using
             # them meanwhile (no request waits for a routine fetch).
-            task = asyncio.get_running_loop().create_task(self._refresh(cfg, state))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(cfg, state)
         return state.keys
 
-    async def _refresh(self, cfg: AccessTokenConfig, state: _KeySet) -> None:
+    @staticmethod
+    async def _join(task: asyncio.Task[None]) -> None:
+        # Shielded: a request that goes away (a client's disconnect, an RST_STREAM) must
+        # not cancel the fetch every other request is waiting for.
+        await asyncio.shield(task)
+
+    def _start(self, cfg: AccessTokenConfig, state: _KeySet) -> asyncio.Task[None]:
+        """The fetch in flight for ``state``, started when there is none: a task these key
+        sets own, so no request's cancellation reaches it."""
         if state.inflight is not None:
-            await asyncio.shield(state.inflight)
-            return
-        loop = asyncio.get_running_loop()
-        state.inflight = loop.create_future()
+            return state.inflight
         state.attempted = self._clock()
+        task = asyncio.get_running_loop().create_task(self._refresh(cfg, state))
+        state.inflight = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _refresh(self, cfg: AccessTokenConfig, state: _KeySet) -> None:
         try:
             async with asyncio.timeout(cfg.timeout):
                 data = await asyncio.to_thread(self._fetch, cfg)
@@ -183,7 +194,6 @@ class KeySets:
             state.keys = keys
             state.fetched = self._clock()
         finally:
-            state.inflight.set_result(None)
             state.inflight = None
 
 
@@ -203,12 +213,6 @@ def _pick(keys: dict[str | None, list[jwt.PyJWK]], kid: str | None, alg: str) ->
         if named is None or named == alg:
             return key.key
     raise UnknownKey()
-
-
-@dataclass(frozen=True, slots=True)
-class TokenDecision:
-    checked: Checked
-    status: int = 0  # 0: admitted; 401, 403 or 503 otherwise
 
 
 class AccessTokens:

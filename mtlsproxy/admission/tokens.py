@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import jwt
 
@@ -88,20 +89,40 @@ def bearer_token(headers: Headers) -> bytes | None | Checked:
 
 # RFC 6750 section 2.3: the token as a URI query parameter. Not accepted here (it ends up
 # in logs and Referer headers, as the RFC warns), refused on token routes, and never
-# written to the access log.
-_QUERY_TOKEN = re.compile(rb"([?&;]access_token=)[^&;#]*", re.IGNORECASE)
+# written to the access log. Parameter names are compared as frameworks read them:
+# percent-decoded ("access%5Ftoken") and without case.
+_QUERY_NAME = b"access_token"
+
+
+def _query_parts(target: bytes) -> tuple[bytes, list[bytes]]:
+    path, _, query = target.partition(b"?")
+    return path, re.split(rb"([&;])", query)
+
+
+def _is_token_name(part: bytes) -> bool:
+    name = part.split(b"=", 1)[0]
+    if b"%" in name or b"+" in name:
+        name = unquote_to_bytes(name.replace(b"+", b" "))
+    return name.strip().lower() == _QUERY_NAME
 
 
 def query_token(target: bytes) -> bool:
     """True when the request target carries an ``access_token`` query parameter."""
-    return b"?" in target and _QUERY_TOKEN.search(target) is not None
+    if b"?" not in target:
+        return False
+    _, parts = _query_parts(target)
+    return any(_is_token_name(p) for p in parts[::2])
 
 
 def redact_query(target: bytes) -> bytes:
     """``target`` with any ``access_token`` query value replaced (for logs)."""
-    if b"access_token=" not in target.lower():
+    if b"?" not in target or (b"%" not in target and b"access_token" not in target.lower()):
         return target
-    return _QUERY_TOKEN.sub(rb"\1REDACTED", target)
+    path, parts = _query_parts(target)
+    for i in range(0, len(parts), 2):
+        if _is_token_name(parts[i]):
+            parts[i] = parts[i].split(b"=", 1)[0] + b"=REDACTED"
+    return path + b"?" + b"".join(parts)
 
 
 def thumbprint(leaf_der: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,7 +12,7 @@ from mtlsproxy.config.model import (
     SYMMETRIC_ALGORITHMS,
     AccessTokenConfig,
 )
-from mtlsproxy.config.reader import Reader, positive
+from mtlsproxy.config.reader import Reader
 from mtlsproxy.config.values import parse_s3_uri
 from mtlsproxy.identity.headers import fold, is_identity_header
 
@@ -41,6 +42,10 @@ def _strings(r: Reader, data: dict[str, Any], key: str, path: str,
     return tuple(out)
 
 
+def _finite_positive(value: float) -> str | None:
+    return None if 0 < value < math.inf else "must be a finite number greater than 0"
+
+
 def _protected(name: str) -> str | None:
     folded = fold(name.encode())
     if is_identity_header(folded):
@@ -51,13 +56,17 @@ def _protected(name: str) -> str | None:
 
 
 def read_access_token(r: Reader, raw: Any, path: str) -> AccessTokenConfig | None:
-    data = r.mapping(raw, path, KEYS)
     if not isinstance(raw, dict):
+        # "access_token:" with nothing (or mis-indented keys) must not leave a route open.
+        r.problem(path, f"must be a mapping, got {type(raw).__name__}")
         return None
+    data = r.mapping(raw, path, KEYS)
     ok = all(r.required(data, key, path) for key in ("jwks_uri", "issuer", "audiences"))
     uri = str(data.get("jwks_uri") or "")
     if uri:
         parts = urlsplit(uri)
+        if parts.scheme in ("https", "s3"):
+            uri = parts.scheme + uri[len(parts.scheme):]  # "HTTPS://" as "https://"
         if parts.scheme == "https":
             if not parts.hostname:
                 r.problem(f"{path}.jwks_uri", "an https:// URL needs a host")
@@ -80,6 +89,8 @@ def read_access_token(r: Reader, raw: Any, path: str) -> AccessTokenConfig | Non
     if "audiences" in data and not audiences:
         r.problem(f"{path}.audiences", "must list at least one audience")
     algorithms = _strings(r, data, "algorithms", path, list(ASYMMETRIC_ALGORITHMS))
+    if "algorithms" in data and not algorithms:
+        r.problem(f"{path}.algorithms", "must list at least one algorithm")
     for i, alg in enumerate(algorithms):
         if alg.lower() == "none":
             r.problem(f"{path}.algorithms[{i}]", "'none' is never accepted (RFC 8725 "
@@ -89,11 +100,16 @@ def read_access_token(r: Reader, raw: Any, path: str) -> AccessTokenConfig | Non
                       f"{', '.join(ASYMMETRIC_ALGORITHMS + SYMMETRIC_ALGORITHMS)})")
     claims: list[tuple[str, str]] = []
     mapping = r.get(data, "claims_to_headers", path, dict, {})
+    names: set[str] = set()
     for claim, header in mapping.items():
         where = f"{path}.claims_to_headers.{claim}"
         if not isinstance(header, str) or not _HEADER_NAME.match(header) or "_" in header:
             r.problem(where, "must be a header name (letters, digits, '-'; no '_')")
             continue
+        if header.lower() in names:
+            r.problem(where, f"{header!r} is already the header of another claim")
+            continue
+        names.add(header.lower())
         reason = _protected(header)
         if reason:
             r.problem(where, reason)
@@ -110,13 +126,13 @@ def read_access_token(r: Reader, raw: Any, path: str) -> AccessTokenConfig | Non
         audiences=audiences,
         algorithms=tuple(a for a in algorithms if a.lower() != "none"),
         leeway=r.get(data, "leeway", path, float, 60.0,
-                     lambda v: None if v >= 0 else "must be 0 or more"),
+                     lambda v: None if 0 <= v < math.inf else "must be a finite 0 or more"),
         required=r.get(data, "required", path, bool, True),
         require_binding=r.get(data, "require_binding", path, bool, True),
         scopes=_strings(r, data, "scopes", path, []),
         claims_to_headers=tuple(claims),
-        min_refresh=r.get(data, "min_refresh", path, float, 30.0, positive),
-        refresh_interval=r.get(data, "refresh_interval", path, float, 300.0, positive),
-        timeout=r.get(data, "timeout", path, float, 5.0, positive),
+        min_refresh=r.get(data, "min_refresh", path, float, 30.0, _finite_positive),
+        refresh_interval=r.get(data, "refresh_interval", path, float, 300.0, _finite_positive),
+        timeout=r.get(data, "timeout", path, float, 5.0, _finite_positive),
         jwks_ca_file=ca_file,
     )

@@ -73,7 +73,7 @@ def _check_route_host(value: str) -> str | None:
 # The API Gateway method ARN's stem (docs/authorizer-apigateway.md):
 # arn:<partition>:execute-api:<region>:<12-digit account>:<api id>/<stage>, no wildcard.
 _ARN_PREFIX = re.compile(r"^arn:[a-z][a-z0-9-]*:execute-api:[a-z0-9-]+:[0-9]{12}:"
-                         r"[A-Za-z0-9]+/[A-Za-z0-9_-]+$")
+                         r"[A-Za-z0-9]+/[A-Za-z0-9_-]+\Z")
 
 
 def _read_authorizer(r: Reader, raw: Any, path: str) -> AuthorizerConfig | None:

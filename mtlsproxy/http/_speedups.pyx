@@ -13,8 +13,8 @@ Rules of this module:
   with an upper-case method and an origin-form target of RFC 3986 characters (no "#");
   header lines of a token, ":", and a non-empty value of visible ASCII, SP and HTAB;
   CRLF line ends only. Never: obs-fold, bare CR or LF, obs-text or control bytes, an
-  empty name or value, or the framing and upgrade headers (Content-Length,
-  Transfer-Encoding, Upgrade), whose checks stay with llhttp.
+  empty name or value, or the framing, upgrade and Proxy-Connection headers
+  (Content-Length, Transfer-Encoding, Upgrade, Proxy-Connection), which stay llhttp's.
 - Pure: no state, nothing kept between calls.
 """
 
@@ -49,13 +49,16 @@ cdef void _tables():
 
 _tables()
 
-# Lower-case names of the headers whose checks stay with llhttp.
+# Lower-case names of the headers whose checks stay with llhttp: the framing headers, and
+# the two llhttp reads for the connection's fate (Proxy-Connection as Connection: after
+# "Proxy-Connection: close" llhttp refuses more bytes; the seam's checks do not read it).
 cdef bytes _CL = b"content-length"
 cdef bytes _TE = b"transfer-encoding"
 cdef bytes _UP = b"upgrade"
+cdef bytes _PC = b"proxy-connection"
 
 
-def split_request_head(bytes data):
+def split_request_head(bytes data not None):
     """(method, target, headers) of ``data`` when it is one whole head of the accepted
     subset (see the module's rules); None otherwise."""
     cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(data)
@@ -120,7 +123,7 @@ def split_request_head(bytes data):
         out = PyBytes_AS_STRING(name)
         for k in range(name_end - start):
             out[k] = <char> LOWER[p[start + k]]
-        if name == _CL or name == _TE or name == _UP:
+        if name == _CL or name == _TE or name == _UP or name == _PC:
             return None
         headers.append((name, PyBytes_FromStringAndSize(<const char*> p + vstart,
                                                          vend - vstart)))
@@ -144,7 +147,8 @@ from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 
-def header_lines(list headers, set plain, dict actions, bint expect_continue):
+def header_lines(list headers not None, set plain not None, dict actions not None,
+                 bint expect_continue):
     """``wire._upstream_head``'s loop over a request's headers, for a request whose
     Connection names nothing beyond hop-by-hop and with nothing ``replaced``: (the kept
     lines, each "name: value\\r\\n", in order; the X-Forwarded-For values, each followed

@@ -83,7 +83,10 @@ def normalize_path(path: bytes, merge_slashes: bool = True,
             out.pop()
             trailing = True
             continue
-        if seg[:1] == b"." and seg.split(b";", 1)[0] in (b".", b".."):
+        if seg[:1] == b"." and (seg.split(b";", 1)[0] in (b".", b"..")
+                                or seg.split(b"%3B", 1)[0] in (b".", b"..")):
+            # Also with the ";" encoded: a server that decodes before it strips
+            # parameters reads "..%3B" as ".." (Spring's StrictHttpFirewall refuses it).
             raise PathError("dot-segment with path parameters")
         if not seg:
             if i == last:
@@ -138,14 +141,24 @@ def _percent(path: bytes, escaped_slashes: str) -> bytes:
 def needs_routing_view(path: bytes) -> bool:
     """Whether ``routing_view`` could differ from the lower-cased path."""
     return (b";" in path or b"//" in path or b"\\" in path or b"%2f" in path
-            or b"%5c" in path or b"%3b" in path or b"%2e" in path or b"./" in path
-            or b"%20" in path
+            or b"%5c" in path or b"./" in path or b"%20" in path
             or b":" in path or path.endswith((b"/", b".")) and len(path) > 1)
 
 
-# What Windows and IIS drop from the end of a path segment: trailing dots and spaces, and
-# an NTFS stream name ("name::$DATA" is the file "name").
-_WINDOWS_TAIL = (b".", b"%20")
+def _windows_name(name: bytes) -> bytes:
+    """A segment as Windows and IIS read it: an NTFS stream name ("name::$DATA" is the file
+    "name") and trailing dots and spaces dropped. One pass from the end (a long run of dots
+    costs linear time)."""
+    name = name.split(b"::$", 1)[0]
+    end = len(name)
+    while end:
+        if name[end - 1] == 0x2E:  # "."
+            end -= 1
+        elif end >= 3 and name[end - 3:end] == b"%20":
+            end -= 3
+        else:
+            break
+    return name[:end]
 
 
 def routing_view(path: bytes) -> bytes:
@@ -153,26 +166,23 @@ def routing_view(path: bytes) -> bytes:
     apply (routes, authorizer policies); never forwarded. Lower-cased (Express, IIS and
     ASP.NET match without case), path parameters dropped (Tomcat and Spring strip
     ``;...``), empty segments dropped (most servers merge slashes), ``\\``, ``%2F`` and
-    ``%5C`` read as ``/`` (IIS; what ``escaped_slashes: keep`` forwards), ``%3B`` as
-    ``;``, trailing dots, spaces and ``::$DATA`` stream names dropped from each segment
-    (Windows and IIS: ``/admin./`` and ``/admin%20/`` are ``/admin/``), a trailing ``/``
+    ``%5C`` read as ``/`` (IIS; what ``escaped_slashes: keep`` forwards), trailing dots,
+    spaces and ``::$DATA`` stream names dropped from each segment (Windows and IIS:
+    ``/admin./`` and ``/admin%20/`` are ``/admin/``), a trailing ``/``
     dropped (Express and Rails ignore it), and the dot-segments that makes resolved
     (``..;`` is ``..`` to Tomcat)."""
     path = path.lower()
     if not needs_routing_view(path):
         return path
     path = path.replace(b"\\", b"/").replace(b"%2f", b"/").replace(b"%5c", b"/")
-    # Tomcat and Jetty take "%3B" as the ";" of a path parameter after decoding
-    # ("..%3B" is ".." to them; Spring's StrictHttpFirewall refuses it for that reason),
-    # and a server that decodes before it resolves reads "%2e" as ".".
-    path = path.replace(b"%3b", b";").replace(b"%2e", b".")
+    # "%3B" is not read as ";" here: a view that climbs where the upstream does not would
+    # let a rule for the climbed-to path decide (nginx, Express and Tomcat keep "..%3B" a
+    # name). normalize_path refuses a dot-segment followed by "%3B" instead.
     kept: list[bytes] = []
     for segment in path.split(b"/"):
         name = segment.split(b";", 1)[0]
         if name not in (b"..", b"."):
-            name = name.split(b"::$", 1)[0]
-            while name.endswith(_WINDOWS_TAIL):
-                name = name[:-1] if name.endswith(b".") else name[:-3]
+            name = _windows_name(name)
         if name == b"..":
             if kept:
                 kept.pop()

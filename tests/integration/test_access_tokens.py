@@ -488,6 +488,11 @@ def test_a_websocket_upgrade_needs_the_token_too(
     ({"claims_to_headers": {"sub": "Host"}}, "access_token.claims_to_headers.sub"),
     ({"audiences": []}, "access_token.audiences"),
     ({"surprise": 1}, "access_token.surprise"),
+    ({"algorithms": []}, "access_token.algorithms"),
+    ({"leeway": float("inf")}, "access_token.leeway"),
+    ({"min_refresh": float("inf")}, "access_token.min_refresh"),
+    ({"claims_to_headers": {"sub": "X-User", "uid": "x-user"}},
+     "access_token.claims_to_headers.uid"),
 ])
 def test_config_errors_name_the_key(harness: Harness, issuer: Issuer, tmp_path: Path,
                                     token: dict[str, Any], where: str) -> None:
@@ -513,3 +518,22 @@ def test_tokens_never_reach_the_logs(unstarted: Harness, issuer: Issuer, tmp_pat
     for line in [*unstarted.access_lines, *(r.getMessage() + str(getattr(r, "fields", ""))
                                              for r in caplog.records)]:
         assert "eyJ" not in line
+
+
+def test_an_empty_access_token_is_a_config_error_not_an_open_route(harness: Harness,
+                                                                   tmp_path: Path) -> None:
+    from mtlsproxy.config import ConfigError, parse_config
+    route = {"path_prefix": "/", "upstream": "http://127.0.0.1:9", "access_token": None}
+    with pytest.raises(ConfigError) as info:
+        parse_config(harness.config(routes=[route]), tmp_path)
+    assert "listeners[0].routes[0].access_token: must be a mapping" in str(info.value)
+
+
+def test_an_upper_case_https_jwks_uri_is_fetched_over_https(harness: Harness,
+                                                            issuer: Issuer) -> None:
+    server = JwksServer(harness, issuer)
+    harness.start(harness.config(routes=[token_route(
+        harness, server.uri().replace("https://", "HTTPS://"),
+        jwks_ca_file=str(harness.pki.directory / "root.pem"))]))
+    assert harness.get("/", headers=bearer(issuer.token(
+        bound_to=harness.pki.client.der)))[0] == 200

@@ -251,12 +251,6 @@ def test_an_allow_with_a_final_star_still_admits_the_collection_with_its_slash()
     assert admits(p, "GET", "/orders/") and admits(p, "GET", "/orders/1/")
 
 
-def test_an_encoded_semicolon_does_not_climb_out_of_an_allow() -> None:
-    p = policy(allow(f"{PREFIX}/GET/public/*"))
-    for path in ("/public/..%3B/admin", "/public/%2e%2e%3b/admin", "/public/..%3b/admin"):
-        assert not admits(p, "GET", path), path
-
-
 @pytest.mark.parametrize("key", ["tenant\n", "tenant\r", "ten ant", ""])
 def test_context_keys_that_are_not_header_tokens_are_dropped(key: str) -> None:
     p = policy(allow(f"{PREFIX}/*"), context={key: "a", "ok": "b"})

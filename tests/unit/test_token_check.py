@@ -298,12 +298,41 @@ def test_concurrent_needs_share_one_fetch_and_no_set_is_none() -> None:
 @pytest.mark.parametrize("target, found, logged", [
     (b"/a?access_token=eyJx.y.z", True, b"/a?access_token=REDACTED"),
     (b"/a?x=1&ACCESS_TOKEN=eyJ&y=2", True, b"/a?x=1&ACCESS_TOKEN=REDACTED&y=2"),
-    (b"/a;access_token=eyJ", False, b"/a;access_token=REDACTED"),
+    # Names as frameworks decode them (parse_qs: "access%5Ftoken" is access_token).
+    (b"/a?access%5Ftoken=eyJ", True, b"/a?access%5Ftoken=REDACTED"),
+    (b"/a?x=1;%61ccess_token=eyJ", True, b"/a?x=1;%61ccess_token=REDACTED"),
+    (b"/a?access_token", True, b"/a?access_token=REDACTED"),
     (b"/access_token=x", False, b"/access_token=x"),
     (b"/a?my_access_token=x", False, b"/a?my_access_token=x"),
+    (b"/a?x=access_token=1", False, b"/a?x=access_token=1"),
 ])
 def test_a_token_in_the_query_is_found_and_never_logged(target: bytes, found: bool,
                                                        logged: bytes) -> None:
     from mtlsproxy.admission.tokens import query_token, redact_query
     assert query_token(target) is found
     assert redact_query(target) == logged
+
+
+def test_a_request_that_goes_away_does_not_cancel_the_shared_fetch() -> None:
+    # A client's disconnect cancels its request's task; the fetch other requests wait for
+    # must go on (found in review: the first waiter owned the fetch).
+    import threading
+    release = threading.Event()
+
+    def slow(cfg: AccessTokenConfig) -> bytes:
+        release.wait(5)
+        return jwks("k1")
+    sets = KeySets(slow, clock=lambda: 0.0)
+    cfg = AccessTokenConfig(jwks_uri="/k", issuer="i", audiences=("a",))
+
+    async def go() -> None:
+        first = asyncio.ensure_future(sets.keys(cfg))
+        second = asyncio.ensure_future(sets.keys(cfg))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        assert list(await second or {}) == ["k1"]
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    asyncio.run(go())
