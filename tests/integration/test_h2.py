@@ -201,6 +201,19 @@ def errors(h: Harness, kind: str) -> float:
     return h.metric("mtlsproxy_h2_protocol_errors_total", listener="public", kind=kind)
 
 
+def send_until_calmed(c: H2Client, data: bytes) -> None:
+    """Send raw frames (the proxy may close before it has read them all) and read until
+    the connection ends: it must end with GOAWAY ENHANCE_YOUR_CALM."""
+    import h2.errors
+    try:
+        c.sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.until_closed()
+    assert c.goaway is not None
+    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def test_rapid_reset_ends_the_connection_and_is_counted(harness: Harness) -> None:
     """CVE-2023-44487: open a stream, reset it at once, repeat."""
     import h2.errors
@@ -480,17 +493,10 @@ def test_a_frame_header_split_across_reads_is_still_read(harness: Harness) -> No
 ])
 def test_frames_that_carry_nothing_end_the_connection_as_a_flood(
         harness: Harness, frames: list[bytes]) -> None:
-    import h2.errors
     harness.start()
     c = client(harness)
     c.request("/", method="POST", end=False)  # stream 1 open, for the empty DATA frames
-    try:
-        c.sock.sendall(b"".join(frames))
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    c.until_closed()
-    assert c.goaway is not None
-    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    send_until_calmed(c, b"".join(frames))
     assert errors(harness, "flood") == 1
 
 
@@ -553,7 +559,6 @@ def test_a_client_asking_for_a_huge_header_table_gets_the_default_one(
                                   "padding-only-data"])
 def test_frames_that_only_cost_work_end_the_connection_as_a_flood(
         harness: Harness, kind: str) -> None:
-    import h2.errors
     harness.start()
     c = client(harness)
     if kind == "unknown-type":
@@ -566,13 +571,7 @@ def test_frames_that_only_cost_work_end_the_connection_as_a_flood(
     else:
         c.request("/", method="POST", end=False)  # stream 1 open
         frames = [frame_header(10, 0x0, 0x8, 1) + b"\x09" + bytes(9)] * 3
-    try:
-        c.sock.sendall(b"".join(frames))
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    c.until_closed()
-    assert c.goaway is not None
-    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    send_until_calmed(c, b"".join(frames))
     assert errors(harness, "flood") == 1
 
 
@@ -722,13 +721,7 @@ def test_data_frames_on_a_reset_stream_count_as_control_frames(harness: Harness)
     sid = c.request("/upload", method="POST", end=False)
     c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
     c.flush()
-    try:
-        c.sock.sendall(b"".join(frame_header(1, 0x0, 0, sid) + b"x" for _ in range(400)))
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    c.until_closed()
-    assert c.goaway is not None
-    assert c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    send_until_calmed(c, b"".join(frame_header(1, 0x0, 0, sid) + b"x" for _ in range(400)))
     assert errors(harness, "flood") == 1
 
 
