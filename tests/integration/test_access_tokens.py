@@ -62,6 +62,13 @@ class Issuer:
         return jwt.encode(body, self.keys[kid], algorithm="ES256", headers={"kid": kid})
 
 
+def localhost_context(h: Harness) -> ssl.SSLContext:
+    """A server context with the test PKI's localhost certificate (the root verifies it)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(h.pki.server_cert), str(h.pki.server_key))
+    return ctx
+
+
 class JwksServer:
     """The issuer's JWKS over https on loopback (the test PKI's localhost certificate),
     counting fetches."""
@@ -70,8 +77,6 @@ class JwksServer:
         self.issuer = issuer
         self.fetches = 0
         self.lock = threading.Lock()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(h.pki.server_cert), str(h.pki.server_key))
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -88,11 +93,7 @@ class JwksServer:
             finally:
                 writer.close()
 
-        async def go() -> int:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-            h.servers.append(server)
-            return int(server.sockets[0].getsockname()[1])
-        self.port = h.loop.run(go())
+        self.port = h.serve(handle, tls=localhost_context(h))
 
     def uri(self) -> str:
         return f"https://localhost:{self.port}/.well-known/jwks.json"
@@ -310,14 +311,7 @@ def test_an_https_jwks_that_redirects_is_not_followed(harness: Harness,
             pass
         finally:
             writer.close()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(harness.pki.server_cert), str(harness.pki.server_key))
-
-    async def go() -> int:
-        server = await asyncio.start_server(redirect, "127.0.0.1", 0, ssl=ctx)
-        harness.servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-    port = harness.loop.run(go())
+    port = harness.serve(redirect, tls=localhost_context(harness))
     harness.start(harness.config(routes=[token_route(
         harness, f"https://localhost:{port}/jwks.json")]))
     status, _, body = harness.get("/", headers=bearer(issuer.token(

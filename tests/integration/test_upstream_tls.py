@@ -59,11 +59,7 @@ class TLSUpstream:
             finally:
                 writer.close()
 
-        async def go() -> int:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-            h.servers.append(server)
-            return int(server.sockets[0].getsockname()[1])
-        self.port = h.loop.run(go())
+        self.port = h.serve(handle, tls=ctx)
 
     def route(self, **tls: Any) -> dict[str, Any]:
         return {"path_prefix": "/", "upstream": f"https://127.0.0.1:{self.port}",

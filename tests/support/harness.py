@@ -91,17 +91,17 @@ class Harness:
 
     def serve(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                       Coroutine[Any, Any, None]],
-              rcvbuf: int | None = None) -> int:
+              rcvbuf: int | None = None, tls: ssl.SSLContext | None = None) -> int:
         """A small server of the test's on loopback, closed with the harness; its port.
         ``rcvbuf``: its sockets' receive buffer, small to make a sender's writes back up
-        soon."""
+        soon. ``tls``: the server's context, for an https upstream or key server."""
         async def go() -> int:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if rcvbuf is not None:  # inherited by accepted sockets (socket(7))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.bind(("127.0.0.1", 0))
-            server = await asyncio.start_server(handler, sock=sock)
+            server = await asyncio.start_server(handler, sock=sock, ssl=tls)
             self.servers.append(server)
             return int(server.sockets[0].getsockname()[1])
         return self.loop.run(go())
