@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -88,9 +89,7 @@ INPUTS = {**CORPUS, **EXTRA}
 def outcome(data: bytes, split: Any, limit: int = 32768) -> tuple[str, object]:
     """What a fresh parser makes of ``data`` (one read, then the same again: the second
     request of a connection), with the compiled split (``split``) or without (None)."""
-    saved = llhttp_parser.split_request_head
-    llhttp_parser.split_request_head = split
-    try:
+    with mock.patch.object(llhttp_parser, "split_request_head", split):
         p = HttptoolsRequestParser(limit)
         results = []
         # The same again, then another request: what the first leaves the parser ready for
@@ -102,18 +101,22 @@ def outcome(data: bytes, split: Any, limit: int = 32768) -> tuple[str, object]:
                 results.append(("refused", (exc.status_hint, str(exc))))
                 break
         return "ok", results
-    finally:
-        llhttp_parser.split_request_head = saved
+
+
+def compiled(piece: Any) -> Any:
+    """``piece`` of http/speedups.py; the test skips on a pure-Python install (fails where
+    CI built the module: MTLSPROXY_EXPECT_COMPILED)."""
+    if piece is None:
+        if EXPECT:
+            pytest.fail("MTLSPROXY_EXPECT_COMPILED is set but mtlsproxy.http._speedups "
+                        "was not built (a C compiler and Cython are needed at install)")
+        pytest.skip("the compiled head step is not built here (pure-Python install)")
+    return piece
 
 
 @pytest.fixture
 def split() -> Any:
-    if speedups.split_request_head is None:
-        if EXPECT:
-            pytest.fail("MTLSPROXY_EXPECT_COMPILED is set but mtlsproxy.http._speedups "
-                        "was not built (a C compiler and Cython are needed at install)")
-        pytest.skip("the compiled split is not built here (pure-Python install)")
-    return speedups.split_request_head
+    return compiled(speedups.split_request_head)
 
 
 @pytest.mark.parametrize("name", sorted(INPUTS))
@@ -268,9 +271,7 @@ def _heads(data: bytes, lines: Any, rules_kw: dict[str, Any],
     if not events or not isinstance(events[0], Request):
         return []  # an unfinished head: nothing to build
     req = events[0]
-    saved = wire.header_lines
-    wire.header_lines = lines
-    try:
+    with mock.patch.object(wire, "header_lines", lines):
         out = []
         for _ in range(3):
             head = wire.upstream_request_head(req, b"/t", "10.0.0.9", b"x-cert: A\r\n",
@@ -279,18 +280,11 @@ def _heads(data: bytes, lines: Any, rules_kw: dict[str, Any],
             out.append((re.sub(rb"x-request-id: [0-9a-f]{32}\r\n", b"", head),
                         list(counted)))
         return out
-    finally:
-        wire.header_lines = saved
 
 
 @pytest.fixture
 def lines() -> Any:
-    if speedups.header_lines is None:
-        if EXPECT:
-            pytest.fail("MTLSPROXY_EXPECT_COMPILED is set but the compiled header lines "
-                        "are not in use")
-        pytest.skip("the compiled header lines are not built here (pure-Python install)")
-    return speedups.header_lines
+    return compiled(speedups.header_lines)
 
 
 @pytest.mark.parametrize("rules_kw", RULES, ids=[str(r) for r in RULES])
