@@ -19,8 +19,6 @@ import hashlib
 import logging
 import ssl
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +40,7 @@ from mtlsproxy.config.model import AccessTokenConfig
 from mtlsproxy.errors import TruststoreError
 from mtlsproxy.http.events import Headers
 from mtlsproxy.identity.peer import ClientIdentity
-from mtlsproxy.truststore.sources import Source, make_source
+from mtlsproxy.truststore.sources import HttpSource, Source, make_source
 
 log = logging.getLogger("mtlsproxy")
 
@@ -52,38 +50,23 @@ Fetch = Callable[[AccessTokenConfig], bytes]
 MAX_JWKS_BYTES = 1024 * 1024
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A JWKS is fetched from exactly the https URL configured: a redirect (to http://,
-    where the keys could be replaced on the way, or anywhere else) is a failed fetch."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed",
-                                     headers, fp)
-
-
 def fetch_jwks(cfg: AccessTokenConfig) -> bytes:
     """The JWKS document at ``cfg.jwks_uri`` (blocking)."""
+    source: Source
     if cfg.jwks_uri.startswith("https://"):
         context = ssl.create_default_context(
             cafile=str(cfg.jwks_ca_file) if cfg.jwks_ca_file else None)
-        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                             _NoRedirect())
-        try:
-            with opener.open(cfg.jwks_uri, timeout=cfg.timeout) as resp:
-                data: bytes = resp.read(MAX_JWKS_BYTES + 1)
-        except urllib.error.HTTPError as exc:
-            raise TruststoreError(f"{cfg.jwks_uri}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise TruststoreError(f"{cfg.jwks_uri}: {exc}") from None
+        # Fetched from exactly the URL configured: a redirect (to http://, where the keys
+        # could be replaced on the way, or anywhere else) is a failed fetch.
+        source = HttpSource(cfg.jwks_uri, cfg.timeout, context, follow_redirects=False,
+                            limit=MAX_JWKS_BYTES + 1)
     else:
-        source: Source = make_source(cfg.jwks_uri)
-        fetched = source.check(None)
-        assert fetched is not None  # no current version: always fetched
-        data = fetched.data
-    if len(data) > MAX_JWKS_BYTES:
+        source = make_source(cfg.jwks_uri)
+    fetched = source.check(None)
+    assert fetched is not None  # no current version: always fetched
+    if len(fetched.data) > MAX_JWKS_BYTES:
         raise ValueError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
-    return data
+    return fetched.data
 
 
 def parse_jwks(data: bytes) -> dict[str | None, list[jwt.PyJWK]]:

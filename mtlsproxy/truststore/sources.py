@@ -12,6 +12,8 @@ Rules of this module:
 from __future__ import annotations
 
 import hashlib
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +111,15 @@ class HttpSource:
     ``If-None-Match`` and its ``Last-Modified`` as ``If-Modified-Since`` (RFC 9110 section
     13.1), and a ``304 Not Modified`` costs no download."""
 
-    def __init__(self, url: str, timeout: float = 10.0, context: Any = None) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, context: Any = None,
+                 follow_redirects: bool = True, limit: int = 16 * 1024 * 1024) -> None:
         self.uri = url
         self.timeout = timeout
         self.context = context  # an ssl.SSLContext for https (None: the system's CAs)
+        # False: a redirect is a failed fetch (a JWKS is taken from exactly its URL: a
+        # redirect to http:// would let the keys be replaced on the way).
+        self.follow_redirects = follow_redirects
+        self.limit = limit  # bytes read at most
         self._validators: dict[str, str] = {}  # request headers for the body held
         self._held: str | None = None  # the version those validators describe
 
@@ -120,14 +127,16 @@ class HttpSource:
         return f"<HttpSource {self.uri}>"
 
     def check(self, current: str | None) -> Fetched | None:
-        import urllib.error
-        import urllib.request
         headers = self._validators if current is not None and current == self._held else {}
         request = urllib.request.Request(self.uri, headers=headers)
+        handlers: list[urllib.request.BaseHandler] = [
+            urllib.request.HTTPSHandler(context=self.context)]
+        if not self.follow_redirects:
+            handlers.append(_NoRedirect())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=self.context) as resp:
-                data = resp.read(16 * 1024 * 1024)
+            with urllib.request.build_opener(*handlers).open(
+                    request, timeout=self.timeout) as resp:
+                data = resp.read(self.limit)
                 etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         except urllib.error.HTTPError as exc:
             if exc.code == 304 and headers:
@@ -141,6 +150,15 @@ class HttpSource:
                             if value}
         self._held = version
         return None if version == current else Fetched(data, version)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Every redirect refused: it surfaces as the HTTPError of its status."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed",
+                                     headers, fp)
 
 
 def make_source(uri: str, version: str = "",
