@@ -214,11 +214,8 @@ class HttptoolsRequestParser(_LlhttpHead):
                 split_req = make_request(parts[0], parts[1], b"1.1", parts[2],
                                          validated=True)
                 if split_req.keep_alive and not split_req.upgrade:
-                    if memoisable and self._memo.admit(data):
-                        self._memo.store(data, (
-                            split_req.method, split_req.target, split_req.http_version,
-                            list(split_req.headers), True, False, None,
-                            split_req.expect_continue, split_req.connection, split_req.host))
+                    if memoisable:
+                        self._remember(data, split_req)
                     return [split_req, END]
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
@@ -251,12 +248,17 @@ class HttptoolsRequestParser(_LlhttpHead):
         events, self._events = self._events, []
         if memoisable and self._between and len(events) == 2 and events[1] is END:
             req = events[0]
-            if (type(req) is Request and req.content_length is None and not req.chunked
-                    and self._memo.admit(data)):
-                self._memo.store(data, (req.method, req.target, req.http_version,
-                                        list(req.headers), req.keep_alive, False, None,
-                                        req.expect_continue, req.connection, req.host))
+            if type(req) is Request and req.content_length is None and not req.chunked:
+                self._remember(data, req)
         return events
+
+    def _remember(self, data: bytes, req: Request) -> None:
+        """Offer the bodyless request that ``data`` was, whole, to the memo (stored on its
+        second sighting: see "the head memo")."""
+        if self._memo.admit(data):
+            self._memo.store(data, (req.method, req.target, req.http_version,
+                                    list(req.headers), req.keep_alive, False, None,
+                                    req.expect_continue, req.connection, req.host))
 
 
 class HttptoolsResponseParser(_LlhttpHead):
