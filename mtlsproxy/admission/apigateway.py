@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+from mtlsproxy.admission.answers import HEADER_TOKEN, loads_answer
 from mtlsproxy.http.events import Request
 from mtlsproxy.http.normalize import routing_view
 from mtlsproxy.identity.headers import fold, safe_value
@@ -53,19 +54,12 @@ Headers = tuple[tuple[bytes, bytes], ...]
 # upstream.
 CONTEXT_PREFIX = "X-Authorizer-"
 PRINCIPAL_HEADER = b"X-Authorizer-PrincipalId"
-# \Z, not $: "$" also matches before a final newline.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _STATEMENT_KEYS = frozenset({"Sid", "Effect", "Action", "Resource"})
 _INVOKE = "execute-api:Invoke"
 
 
 # -- the event ----------------------------------------------------------------------------
-
-def _refuse_constant(name: str) -> Any:
-    """JSON has no NaN or Infinity (RFC 8259 section 6); Python's parser takes them."""
-    raise ValueError(f"{name} is not JSON")
-
 
 def method_arn(arn_prefix: str, method: bytes, path: bytes) -> str:
     """``<arn_prefix>/<HTTP method>/<resource path without its leading slash>`` (the
@@ -264,7 +258,7 @@ def parse_policy(status: int, body: bytes, arn_prefix: str) -> GatewayPolicy:
     evaluate exactly as written refuses the whole answer: fail closed)."""
     if not 200 <= status < 300:
         raise ValueError(f"authorizer answered {status}")
-    doc = json.loads(body, parse_constant=_refuse_constant)
+    doc = loads_answer(body)
     if not isinstance(doc, dict):
         raise ValueError("the answer must be an object")
     principal = doc.get("principalId")
@@ -308,7 +302,7 @@ def parse_policy(status: int, body: bytes, arn_prefix: str) -> GatewayPolicy:
         raise ValueError('"context" must be an object')
     for key, value in context.items():
         text = _context_value(value, f"context.{key}")
-        if not _TOKEN.match(key):
+        if not HEADER_TOKEN.match(key):
             continue  # not a header name: dropped, as documented
         name = (CONTEXT_PREFIX + key).encode()
         if fold(name) in seen:

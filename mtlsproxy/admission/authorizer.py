@@ -20,16 +20,16 @@ configured ``ttl`` and evaluated per request, as a ``Policy`` with deny statemen
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import re
+import ssl
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mtlsproxy.admission import apigateway
+from mtlsproxy.admission.answers import HEADER_TOKEN, loads_answer
 from mtlsproxy.config.model import AuthorizerConfig
 from mtlsproxy.errors import ProtocolError
 from mtlsproxy.http.client import post
@@ -40,8 +40,6 @@ from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.runtime.coalesce import CoalescingCache
 
 log = logging.getLogger("mtlsproxy")
-# \Z, not $: "$" also matches before a final newline ("X-Tenant\n" is no header name).
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Headers an authorizer may never set upstream: framing, routing and identity stay ours.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "te",
                        "upgrade", "keep-alive", "trailer", "x-forwarded-for",
@@ -57,15 +55,6 @@ class Decision:
     result: str  # allow, deny, timeout, error (the metric label)
 
 
-def _pem(der: bytes) -> str:
-    b64 = base64.b64encode(der).decode()
-    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
-    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
-
-
-def refuse_constant(name: str) -> Any:
-    """JSON has no NaN or Infinity (RFC 8259 section 6); Python's parser takes them."""
-    raise ValueError(f"{name} is not JSON")
 
 
 def forwarded_headers(req: Request, forward_headers: tuple[str, ...]) -> dict[str, str]:
@@ -90,7 +79,7 @@ def request_document(identity: ClientIdentity, req: Request, route: str, listene
         "listener": listener,
         "route": route,
         "client_certificate": {
-            "pem": _pem(identity.leaf_der),
+            "pem": ssl.DER_cert_to_PEM_cert(identity.leaf_der),
             "subject": identity.subject,
             "issuer": identity.issuer,
             "serial": identity.serial_hex,
@@ -99,7 +88,7 @@ def request_document(identity: ClientIdentity, req: Request, route: str, listene
             "san_dns": list(identity.san_dns),
             "san_uri": list(identity.san_uri),
             "fingerprint_sha256": identity.fingerprint_sha256,
-            "chain": [_pem(d) for d in identity.chain_der],
+            "chain": [ssl.DER_cert_to_PEM_cert(d) for d in identity.chain_der],
         },
         "request": {"method": req.method.decode("latin-1"),
                     "path": req.target.decode("latin-1"), "host": host, "headers": headers},
@@ -171,7 +160,7 @@ def parse_statement(raw: Any, where: str) -> Statement:
     if "methods" in raw:
         names = raw["methods"]
         if not isinstance(names, list) or not all(
-                isinstance(m, str) and _TOKEN.match(m) for m in names):
+                isinstance(m, str) and HEADER_TOKEN.match(m) for m in names):
             raise ValueError(f"{where}.methods: must be a list of method names")
         # Compared exactly: methods are case-sensitive (RFC 9110 section 9.1).
         methods = frozenset(m.encode() for m in names)
@@ -193,7 +182,7 @@ def parse_answer(status: int, body: bytes) -> Answer:
     """The authorizer's answer; ValueError when malformed."""
     if not 200 <= status < 300:
         raise ValueError(f"authorizer answered {status}")
-    doc = json.loads(body, parse_constant=refuse_constant)
+    doc = loads_answer(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("allow"), bool | list):
         raise ValueError('the answer needs "allow": true|false or a list of statements')
     ttl = doc.get("ttl", 0)
@@ -207,7 +196,7 @@ def parse_answer(status: int, body: bytes) -> Answer:
     if not isinstance(raw_headers, dict):
         raise ValueError('"headers" must be an object')
     for name, value in raw_headers.items():
-        if not isinstance(name, str) or not _TOKEN.match(name) or not isinstance(value, str):
+        if not isinstance(name, str) or not HEADER_TOKEN.match(name) or not isinstance(value, str):
             raise ValueError(f"invalid header {name!r}")
         lname = name.lower()
         # Folded (identity.headers.fold): "X_Forwarded_For" is X-Forwarded-For to a backend.
@@ -279,8 +268,8 @@ class AuthorizerClient:
         gateway = config.format == "apigateway"
         if gateway:
             body = json.dumps(apigateway.request_event(
-                identity, req, config.arn_prefix,
-                forwarded_headers(req, config.forward_headers), _pem(identity.leaf_der)))
+                identity, req, config.arn_prefix, forwarded_headers(req, config.forward_headers),
+                ssl.DER_cert_to_PEM_cert(identity.leaf_der)))
         else:
             body = json.dumps(request_document(identity, req, route, listener,
                                                config.forward_headers))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import ssl
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
@@ -123,10 +124,7 @@ def _alb_leaf(der: bytes) -> bytes:
     # +, = and / left as they are: AWS's words, and what backends behind ALB see (their
     # field reports: hashicorp/vault#31728, wso2/api-manager#5085). Only the PEM's space
     # and newlines change (%20, %0A); the base64 alphabet and "-" are never escaped.
-    b64 = base64.b64encode(der).decode()
-    body = "".join(b64[i:i + 64] + "\n" for i in range(0, len(b64), 64))
-    pem = "-----BEGIN CERTIFICATE-----\n" + body + "-----END CERTIFICATE-----\n"
-    return quote(pem, safe="+=/").encode()
+    return quote(ssl.DER_cert_to_PEM_cert(der), safe="+=/").encode()
 
 
 def _tlv(data: bytes, i: int) -> tuple[int, bytes, int]:
