@@ -12,9 +12,15 @@ Rules of this module:
 - Accepted: exactly one whole head and nothing after it; "METHOD SP target SP HTTP/1.1"
   with an upper-case method and an origin-form target of RFC 3986 characters (no "#");
   header lines of a token, ":", and a non-empty value of visible ASCII, SP and HTAB;
-  CRLF line ends only. Never: obs-fold, bare CR or LF, obs-text or control bytes, an
-  empty name or value, or the framing, upgrade and Proxy-Connection headers
-  (Content-Length, Transfer-Encoding, Upgrade, Proxy-Connection), which stay llhttp's.
+  CRLF line ends only; exactly one Host header. Never: obs-fold, bare CR or LF, obs-text
+  or control bytes, an empty name or value, no Host or two, or the framing, upgrade and
+  Proxy-Connection headers (Content-Length, Transfer-Encoding, Upgrade,
+  Proxy-Connection), which stay llhttp's.
+- With the head, the split returns what ``checks.make_request`` would scan the headers
+  for (the Host value, the Connection values, Expect: 100-continue), so that
+  ``checks.request_from_split`` makes the same Request without another pass.
+- ``upstream_head`` writes the whole upstream head ``wire._upstream_head`` writes, for
+  the requests its docstring names, in one buffer.
 - Pure: no state, nothing kept between calls.
 """
 
@@ -58,13 +64,37 @@ cdef bytes _UP = b"upgrade"
 cdef bytes _PC = b"proxy-connection"
 
 
+cdef bytes _HOST = b"host"
+cdef bytes _CONNECTION = b"connection"
+cdef bytes _EXPECT = b"expect"
+
+
+cdef bint _is_continue(const unsigned char* v, Py_ssize_t n):
+    """``v`` is "100-continue" in any case (make_request: value.strip().lower(); the
+    value has no surrounding SP/HTAB here, and no other byte ``strip`` removes)."""
+    cdef const char* want = b"100-continue"
+    cdef Py_ssize_t k
+    if n != 12:
+        return False
+    for k in range(12):
+        if LOWER[v[k]] != <unsigned char> want[k]:
+            return False
+    return True
+
+
 def split_request_head(bytes data not None):
-    """(method, target, headers) of ``data`` when it is one whole head of the accepted
-    subset (see the module's rules); None otherwise."""
+    """(method, target, headers, host, connection, expect) of ``data`` when it is one
+    whole head of the accepted subset (see the module's rules); None otherwise.
+    ``connection``: the Connection headers' values in order, or None when there is none;
+    ``expect``: an Expect header says 100-continue."""
     cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t i = 0, k, start, name_end, vstart, vend
     cdef char* out
+    cdef int hosts = 0
+    cdef bint expect = False
+    host = b""
+    connection = None
     if n < 18 or p[n - 1] != 10 or p[n - 2] != 13 or p[n - 3] != 10 or p[n - 4] != 13:
         return None
     # The method: upper-case letters.
@@ -94,8 +124,8 @@ def split_request_head(bytes data not None):
             return None
         if p[i] == 13:
             # The blank line: it must end the data (one head, nothing after it).
-            if p[i + 1] == 10 and i + 2 == n:
-                return method, target, headers
+            if p[i + 1] == 10 and i + 2 == n and hosts == 1:
+                return method, target, headers, host, connection, expect
             return None
         start = i
         while i < n and TOKEN[p[i]]:
@@ -125,8 +155,18 @@ def split_request_head(bytes data not None):
             out[k] = <char> LOWER[p[start + k]]
         if name == _CL or name == _TE or name == _UP or name == _PC:
             return None
-        headers.append((name, PyBytes_FromStringAndSize(<const char*> p + vstart,
-                                                         vend - vstart)))
+        value = PyBytes_FromStringAndSize(<const char*> p + vstart, vend - vstart)
+        headers.append((name, value))
+        if name == _HOST:
+            hosts += 1
+            host = value
+        elif name == _CONNECTION:
+            if connection is None:
+                connection = [value]
+            else:
+                connection.append(value)
+        elif name == _EXPECT and not expect:
+            expect = _is_continue(p + vstart, vend - vstart)
 
 
 # -- the upstream head's header lines ---------------------------------------------------
@@ -147,104 +187,133 @@ from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 
-def header_lines(list headers not None, set plain not None, dict actions not None,
-                 bint expect_continue):
-    """``wire._upstream_head``'s loop over a request's headers, for a request whose
-    Connection names nothing beyond hop-by-hop and with nothing ``replaced``: (the kept
-    lines, each "name: value\\r\\n", in order; the X-Forwarded-For values, each followed
-    by ", "; the Forwarded values, the same; the Host value). None when a header's action
-    is not known yet or is a counted drop: the caller's Python loop decides and counts."""
-    cdef Py_ssize_t n = len(headers), i, size = 0, xff_size = 0, fwd_size = 0, pos
-    cdef Py_ssize_t ln, lv
+cdef int _classify(list headers, set plain, dict actions, bint expect_continue,
+                   unsigned char* kinds) except -2:
+    """Each header's action into ``kinds``; -1 when one is not known yet, is a counted
+    drop, or the headers are not (bytes, bytes) pairs (checked here, so that the casts of
+    the callers are safe): the caller's Python loop decides and counts."""
+    cdef Py_ssize_t i
+    cdef tuple header
+    cdef int action
+    cdef PyObject* found
+    for i in range(len(headers)):
+        item = headers[i]
+        if type(item) is not tuple or len(<tuple> item) != 2:
+            return -1
+        header = <tuple> item
+        if type(header[0]) is not bytes or type(header[1]) is not bytes:
+            return -1
+        if PySet_Contains(plain, header[0]):
+            action = A_KEEP
+        else:
+            found = PyDict_GetItem(actions, header[0])
+            if found == NULL or type(<object> found) is not int:
+                return -1
+            action = <int> <object> found
+            if action < A_KEEP or action > A_FORWARDED:
+                return -1
+            if action == A_EXPECT:
+                # Dropped when the proxy answered 100 Continue itself (as nginx does).
+                action = A_DROP if expect_continue else A_KEEP
+        kinds[i] = action
+    return 0
+
+
+cdef char* _put(char* out, bytes b):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(out, PyBytes_AS_STRING(b), n)
+    return out + n
+
+
+cdef char* _put_c(char* out, const char* s, Py_ssize_t n):
+    memcpy(out, s, n)
+    return out + n
+
+
+def upstream_head(bytes method not None, bytes target not None, list headers not None,
+                  set plain not None, dict actions not None, bint expect_continue,
+                  bytes client_ip not None, bytes cert_block not None,
+                  bytes framing not None):
+    """The upstream head ``wire._upstream_head`` builds, for a request whose Connection
+    names nothing beyond hop-by-hop and with nothing ``replaced``, in one buffer: the
+    request line, the kept header lines in order, Host (localhost when none came),
+    X-Forwarded-For (the client's chain, then ``client_ip``), X-Forwarded-Proto,
+    X-Forwarded-Host, ``cert_block``, ``framing`` and the blank line. None when a
+    header's action is not known yet or is a counted drop, or a Forwarded header came
+    (its chain is checked in Python): the caller's Python loop builds it."""
+    cdef Py_ssize_t n = len(headers), i, size, xff_size = 0
     cdef tuple header
     cdef bytes name, value
     cdef int action
-    cdef PyObject* found
     cdef unsigned char* kinds = NULL
     cdef char* out
-    host = b""
-    if n == 0:
-        return b"", b"", b"", host
-    kinds = <unsigned char*> PyMem_Malloc(n)
+    host = None
+    kinds = <unsigned char*> PyMem_Malloc(n if n else 1)
     if kinds == NULL:
         raise MemoryError()
     try:
-        for i in range(n):
-            # Checked here, so that the casts below are safe: (bytes, bytes) pairs only,
-            # anything else is the Python loop's.
-            item = headers[i]
-            if type(item) is not tuple or len(<tuple> item) != 2:
-                return None
-            header = <tuple> item
-            if type(header[0]) is not bytes or type(header[1]) is not bytes:
-                return None
-            name = <bytes> header[0]
-            if PySet_Contains(plain, name):
-                action = A_KEEP
-            else:
-                found = PyDict_GetItem(actions, name)
-                if found == NULL:
-                    return None
-                if type(<object> found) is not int:
-                    return None
-                action = <int> <object> found
-                if action < A_KEEP or action > A_FORWARDED:
-                    return None
-                if action == A_EXPECT and expect_continue:
-                    action = A_DROP  # the proxy answered 100 Continue itself
-                elif action == A_EXPECT:
-                    action = A_KEEP
-            kinds[i] = action
-            value = <bytes> header[1]
-            if action == A_KEEP or action == A_HOST:
-                size += len(name) + len(value) + 4
-                if action == A_HOST:
-                    host = value
-            elif action == A_XFF:
-                xff_size += len(value) + 2
-            elif action == A_FORWARDED:
-                fwd_size += len(value) + 2
-        block = PyBytes_FromStringAndSize(NULL, size)
-        xff = PyBytes_FromStringAndSize(NULL, xff_size)
-        fwd = PyBytes_FromStringAndSize(NULL, fwd_size)
-        pos = 0
+        if _classify(headers, plain, actions, expect_continue, kinds) < 0:
+            return None
+        # "METHOD SP target SP HTTP/1.1 CRLF"
+        size = PyBytes_GET_SIZE(method) + PyBytes_GET_SIZE(target) + 12
         for i in range(n):
             action = kinds[i]
             if action == A_DROP:
                 continue
             header = <tuple> headers[i]
             value = <bytes> header[1]
-            lv = len(value)
-            if action == A_XFF or action == A_FORWARDED:
-                continue  # written by _fill below
-            name = <bytes> header[0]
-            ln = len(name)
-            out = PyBytes_AS_STRING(block) + pos
-            memcpy(out, PyBytes_AS_STRING(name), ln)
-            out[ln] = 58  # ":"
-            out[ln + 1] = 32
-            memcpy(out + ln + 2, PyBytes_AS_STRING(value), lv)
-            out[ln + 2 + lv] = 13
-            out[ln + 3 + lv] = 10
-            pos += ln + lv + 4
-        _fill(headers, kinds, n, A_XFF, xff)
-        _fill(headers, kinds, n, A_FORWARDED, fwd)
-        return block, xff, fwd, host
+            if action == A_FORWARDED:
+                return None
+            if action == A_XFF:
+                xff_size += PyBytes_GET_SIZE(value) + 2
+                continue
+            if action == A_HOST:
+                host = value
+            size += PyBytes_GET_SIZE(<bytes> header[0]) + PyBytes_GET_SIZE(value) + 4
+        if host is None or PyBytes_GET_SIZE(<bytes> host) == 0:
+            # As the Python loop: no Host value (none came, or an empty one) is localhost.
+            host = None
+            size += 17  # "host: localhost\r\n"
+        # "x-forwarded-for: " xff client_ip CRLF, "x-forwarded-proto: https" CRLF,
+        # "x-forwarded-host: " host CRLF, the certificate lines, the framing, CRLF.
+        size += (17 + xff_size + PyBytes_GET_SIZE(client_ip) + 2 + 26 + 18
+                 + (9 if host is None else PyBytes_GET_SIZE(<bytes> host)) + 2
+                 + PyBytes_GET_SIZE(cert_block)
+                 + PyBytes_GET_SIZE(framing) + 2)
+        head = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(head)
+        out = _put(out, method)
+        out[0] = 32
+        out = _put(out + 1, target)
+        out = _put_c(out, " HTTP/1.1\r\n", 11)
+        for i in range(n):
+            action = kinds[i]
+            if action == A_DROP or action == A_XFF:
+                continue
+            header = <tuple> headers[i]
+            out = _put(out, <bytes> header[0])
+            out = _put_c(out, ": ", 2)
+            out = _put(out, <bytes> header[1])
+            out = _put_c(out, "\r\n", 2)
+        if host is None:
+            out = _put_c(out, "host: localhost\r\n", 17)
+        out = _put_c(out, "x-forwarded-for: ", 17)
+        for i in range(n):
+            if kinds[i] == A_XFF:
+                out = _put(out, <bytes> (<tuple> headers[i])[1])
+                out = _put_c(out, ", ", 2)
+        out = _put(out, client_ip)
+        out = _put_c(out, "\r\nx-forwarded-proto: https\r\nx-forwarded-host: ", 46)
+        if host is None:
+            out = _put_c(out, "localhost", 9)
+        else:
+            out = _put(out, <bytes> host)
+        out = _put_c(out, "\r\n", 2)
+        out = _put(out, cert_block)
+        out = _put(out, framing)
+        out = _put_c(out, "\r\n", 2)
+        if out - PyBytes_AS_STRING(head) != size:
+            raise AssertionError("upstream_head: size mismatch")
+        return head
     finally:
         PyMem_Free(kinds)
-
-
-cdef void _fill(list headers, unsigned char* kinds, Py_ssize_t n, int which, bytes dest):
-    """Each value of the headers of action ``which``, followed by ", ", into ``dest``."""
-    cdef Py_ssize_t i, pos = 0, lv
-    cdef char* out = PyBytes_AS_STRING(dest)
-    cdef bytes value
-    for i in range(n):
-        if kinds[i] != which:
-            continue
-        value = <bytes> (<tuple> headers[i])[1]
-        lv = len(value)
-        memcpy(out + pos, PyBytes_AS_STRING(value), lv)
-        out[pos + lv] = 44  # ","
-        out[pos + lv + 1] = 32
-        pos += lv + 2

@@ -261,6 +261,30 @@ def make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
                    connection, host, upgrade=upgrade)
 
 
+def request_from_split(method: bytes, target: bytes, headers: Headers, host: bytes,
+                       connection_values: list[bytes] | None, expect: bool) -> Request | None:
+    """``make_request`` for a head the compiled split accepted (http/_speedups.pyx: HTTP/1.1,
+    an origin-form target, exactly one Host, none of Content-Length, Transfer-Encoding,
+    Upgrade), from what the split found while it read the headers: the same Request, or
+    the same error, without another pass over them. None: a request the caller gives to
+    llhttp's path instead (an unknown method, or one that closes the connection)."""
+    if method not in METHODS:
+        return None
+    if host not in _GOOD_HOSTS:
+        _check_host(host)  # make_request's first check that can fail on such a head
+    connection = _NO_TOKENS
+    if connection_values is not None:
+        for value in connection_values:
+            tokens = TOKENS_OF.get(value)
+            connection = connection | (tokens if tokens is not None
+                                       else _connection_tokens(value))
+        if b"close" in connection:
+            return None
+    # No Upgrade header came, so no upgrade ("upgrade" in Connection alone is none).
+    return Request(method, target, b"1.1", headers, True, False, None, expect, connection,
+                   host)
+
+
 def _upgrade(headers: Headers) -> bytes:
     """The first protocol an Upgrade header offers (RFC 9110 section 7.8: "name/version",
     in order of preference), lower-case and without its version; b"" when there is none.

@@ -7,11 +7,11 @@ import httptools
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http.checks import (
-    METHODS,
     check_status_line,
     head_size,
     make_request,
     make_response,
+    request_from_split,
     spoil,
 )
 from mtlsproxy.http.events import END, Data, Event, Headers, Informational, Request, Response
@@ -119,10 +119,11 @@ class _LlhttpHead:
 #
 # The compiled split (http/_speedups.pyx, when built): where a memo look-up could stand
 # in for llhttp, a read that is one whole head of the split's strict subset is split in
-# one C call and checked by the same ``make_request`` llhttp's callbacks call; a request
-# after which llhttp would stop (Connection: close, an upgrade) takes llhttp's path, so
-# llhttp is left between messages, as after a memo hit. Errors ``make_request`` raises
-# are the ones llhttp's path raises for the same bytes. Without the module, llhttp
+# one C call, which also finds what ``make_request`` scans the headers for, and checked
+# by ``checks.request_from_split`` (make_request for that subset); a request after which
+# llhttp would stop (Connection: close) takes llhttp's path, so llhttp is left between
+# messages, as after a memo hit. The errors raised are the ones llhttp's path raises for
+# the same bytes. Without the module, llhttp
 # parses everything (tests/unit/test_compiled_head.py holds the two to one behaviour).
 MEMO_HEAD_BYTES = 2048
 MISS_STREAK = 8
@@ -210,10 +211,9 @@ class HttptoolsRequestParser(_LlhttpHead):
         split = split_request_head
         if split is not None and self._between and len(data) <= self.max_header_bytes:
             parts = split(data)
-            if parts is not None and parts[0] in METHODS:
-                split_req = make_request(parts[0], parts[1], b"1.1", parts[2],
-                                         validated=True)
-                if split_req.keep_alive and not split_req.upgrade:
+            if parts is not None:
+                split_req = request_from_split(*parts)
+                if split_req is not None:
                     if memoisable:
                         self._remember(data, split_req)
                     return [split_req, END]

@@ -14,12 +14,16 @@ from collections.abc import Callable
 from mtlsproxy.http import header_rules
 from mtlsproxy.http.events import Headers
 
-SplitHead = Callable[[bytes], "tuple[bytes, bytes, Headers] | None"]
-HeaderLines = Callable[[Headers, set[bytes], dict[bytes, int], bool],
-                       "tuple[bytes, bytes, bytes, bytes] | None"]
+# (method, target, headers, Host value, Connection values or None, Expect: 100-continue)
+SplitHead = Callable[
+    [bytes], "tuple[bytes, bytes, Headers, bytes, list[bytes] | None, bool] | None"]
+# method, target, headers, plain names, actions, expect_continue, client address, the
+# certificate lines, the framing line -> the whole upstream head (wire._upstream_head)
+UpstreamHead = Callable[[bytes, bytes, Headers, set[bytes], dict[bytes, int], bool, bytes,
+                         bytes, bytes], "bytes | None"]
 
 split_request_head: SplitHead | None = None
-header_lines: HeaderLines | None = None
+upstream_head: UpstreamHead | None = None
 if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
     try:
         from mtlsproxy.http import _speedups
@@ -31,6 +35,6 @@ if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
                                  header_rules.HOST, header_rules.EXPECT,
                                  header_rules.FORWARDED):
             split_request_head = _speedups.split_request_head
-            header_lines = _speedups.header_lines
+            upstream_head = _speedups.upstream_head
 
 COMPILED = split_request_head is not None

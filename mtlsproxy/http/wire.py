@@ -26,7 +26,7 @@ from mtlsproxy.http.header_rules import (
 )
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request, Response
-from mtlsproxy.http.speedups import header_lines
+from mtlsproxy.http.speedups import upstream_head
 from mtlsproxy.identity.headers import fold
 
 REASONS = {
@@ -110,19 +110,22 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
     if named and named <= HOP_BY_HOP:
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
-    request_line = _SPACE_JOIN((req.method, target, b"HTTP/1.1"))
-    counted = False  # a drop was counted: this head is not memoised (count every one)
-    compiled = None
-    if header_lines is not None and not named and not replaced:
-        # The loop below in one compiled call (http/_speedups.pyx), when every header's
-        # action is known and none is a counted drop; None otherwise, and the loop runs.
-        compiled = header_lines(req.headers, rules.plain, rules.actions,
-                                req.expect_continue)
-    if compiled is not None:
-        block, xff, forwarded, host = compiled
-        start = b"".join((request_line, b"\r\n", block))
+    if req.chunked:
+        framing = b"transfer-encoding: chunked\r\n"
+    elif req.content_length is not None:
+        framing = b"content-length: %d\r\n" % req.content_length
     else:
-        lines = [request_line]
+        framing = b""
+    head = None
+    counted = False  # a drop was counted: this head is not memoised (count every one)
+    if upstream_head is not None and not named and not replaced:
+        # The loop below in one compiled call (http/_speedups.pyx), when every header's
+        # action is known, none is a counted drop and no Forwarded header came; None
+        # otherwise, and the loop runs.
+        head = upstream_head(req.method, target, req.headers, rules.plain, rules.actions,
+                             req.expect_continue, client_ip.encode(), cert_block, framing)
+    if head is None:
+        lines = [_SPACE_JOIN((req.method, target, b"HTTP/1.1"))]
         xff = b""
         forwarded = b""
         host = b""
@@ -157,31 +160,23 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
                     counted = True
                     continue
             lines.append(_FIELD_JOIN(header))
+        if not host:
+            host = b"localhost"
+            lines.append(b"host: localhost")
+        # nginx's $proxy_add_x_forwarded_for: keep the chain, append the peer we saw (with
+        # forwarded_headers: replace, xff is empty: the client's chain was dropped).
+        lines.append(b"x-forwarded-for: " + xff + client_ip.encode())
+        if forwarded:
+            # RFC 7239 section 4: the proxy appends its element to the client's list; only
+            # a list that parses is kept (header_rules.valid_forwarded).
+            mine = forwarded_element(client_ip, host)
+            chain = forwarded[:-2]
+            lines.append(b"forwarded: " + (chain + b", " + mine if valid_forwarded(chain)
+                                           else mine))
+        lines.append(b"x-forwarded-proto: https")
+        lines.append(b"x-forwarded-host: " + host)
         lines.append(b"")
-        start = b"\r\n".join(lines)
-    tail = []
-    if not host:
-        host = b"localhost"
-        tail.append(b"host: localhost")
-    # nginx's $proxy_add_x_forwarded_for: keep the chain, append the peer we saw (with
-    # forwarded_headers: replace, xff is empty: the client's chain was dropped).
-    tail.append(b"x-forwarded-for: " + xff + client_ip.encode())
-    if forwarded:
-        # RFC 7239 section 4: the proxy appends its element to the client's list; only a
-        # list that parses is kept (header_rules.valid_forwarded).
-        mine = forwarded_element(client_ip, host)
-        chain = forwarded[:-2]
-        tail.append(b"forwarded: " + (chain + b", " + mine if valid_forwarded(chain)
-                                      else mine))
-    tail.append(b"x-forwarded-proto: https")
-    tail.append(b"x-forwarded-host: " + host)
-    if req.chunked:
-        framing = b"transfer-encoding: chunked\r\n"
-    elif req.content_length is not None:
-        framing = b"content-length: %d\r\n" % req.content_length
-    else:
-        framing = b""
-    head = b"".join((start, b"\r\n".join(tail), b"\r\n", cert_block, framing, b"\r\n"))
+        head = b"".join((b"\r\n".join(lines), cert_block, framing, b"\r\n"))
     if raw and not counted and memos is not None and memos.upstream_heads.admit(key):
         memos.upstream_heads.store(key, head)
     return head

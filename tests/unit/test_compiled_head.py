@@ -49,7 +49,19 @@ EXTRA = {
     "connection_close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     "connection_keep_alive": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
     "connection_names": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\n\r\n",
+    "connection_twice": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\n"
+                        b"connection: Keep-Alive, X-B\r\n\r\n",
+    "connection_twice_close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\n"
+                              b"Connection: CLOSE\r\n\r\n",
+    "connection_upgrade_alone": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
     "expect": b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    "expect_case": b"GET / HTTP/1.1\r\nHost: a\r\nEXPECT:  100-CONTINUE \r\n\r\n",
+    "expect_other": b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continued\r\n\r\n",
+    "expect_then_continue": b"GET / HTTP/1.1\r\nHost: a\r\nExpect: x\r\n"
+                            b"Expect: 100-continue\r\n\r\n",
+    "no_host": b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n",
+    "host_twice": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nHost: b\r\n\r\n",
+    "host_last_bad": b"GET / HTTP/1.1\r\nX-A: 1\r\nHost: a..b\r\n\r\n",
     "delete": b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n",
     "head": b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n",
     "unknown_upper_method": b"BREW /pot HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -126,13 +138,15 @@ def test_the_split_and_llhttp_agree(name: str, split: Any) -> None:
 
 
 def test_the_split_takes_the_common_head_and_declines_the_rest(split: Any) -> None:
-    method, target, headers = split(REALISTIC)
+    method, target, headers, host, connection, expect = split(REALISTIC)
     assert method == b"GET" and target.startswith(b"/api/v1/accounts/42/orders?")
     assert headers[0] == (b"host", b"api.example.test:8443") and len(headers) == 9
+    assert (host, connection, expect) == (b"api.example.test:8443", None, False)
     assert split(EXTRA["tabs_around_value"])[2][1] == (b"x-a", b"b")
     for name in ("empty_value", "hash_target", "quote_target", "two_spaces", "del_value",
                  "high_value", "cr_in_value", "cl_zero", "te_name_case", "upgrade_alone",
-                 "trailing_bytes", "no_blank_line", "http10", "asterisk"):
+                 "trailing_bytes", "no_blank_line", "http10", "asterisk", "host_dup_case",
+                 "no_host"):
         assert split(EXTRA[name]) is None, name
     for name in ("obs_fold", "bare_lf", "bare_lf_header", "bare_cr", "nul_value",
                  "space_before_colon", "pipelined", "leading_crlf"):
@@ -224,7 +238,7 @@ def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) 
     assert not any(n.endswith((".so", ".pyd")) for n in names)
 
 
-# -- the upstream head's header lines (wire._upstream_head) -----------------------------
+# -- the upstream head (wire._upstream_head) ---------------------------------------------
 
 RULES = [
     {},
@@ -254,24 +268,28 @@ HEAD_CASES = [
 ]
 
 
-def _heads(data: bytes, lines: Any, rules_kw: dict[str, Any],
+def _heads(data: bytes | Request, head: Any, rules_kw: dict[str, Any],
            replaced: frozenset[bytes] = frozenset()) -> list[tuple[bytes, list[str]]]:
     """Each upstream head built for the request in ``data`` (three times, so that the
-    listener's rules know every name by the later ones), and the drops counted."""
+    listener's rules know every name by the later ones), and the drops counted, with the
+    compiled ``head`` or without (None)."""
     import re
 
     from mtlsproxy.http import wire
     from mtlsproxy.http.header_rules import HeaderRules
     counted: list[str] = []
     rules = HeaderRules(on_drop=counted.append, **rules_kw)
-    try:
-        events = HttptoolsRequestParser(32768).feed(data)
-    except RemoteProtocolError:
-        return []
-    if not events or not isinstance(events[0], Request):
-        return []  # an unfinished head: nothing to build
-    req = events[0]
-    with mock.patch.object(wire, "header_lines", lines):
+    if isinstance(data, Request):
+        req = data
+    else:
+        try:
+            events = HttptoolsRequestParser(32768).feed(data)
+        except RemoteProtocolError:
+            return []
+        if not events or not isinstance(events[0], Request):
+            return []  # an unfinished head: nothing to build
+        req = events[0]
+    with mock.patch.object(wire, "upstream_head", head):
         out = []
         for _ in range(3):
             head = wire.upstream_request_head(req, b"/t", "10.0.0.9", b"x-cert: A\r\n",
@@ -283,38 +301,73 @@ def _heads(data: bytes, lines: Any, rules_kw: dict[str, Any],
 
 
 @pytest.fixture
-def lines() -> Any:
-    return compiled(speedups.header_lines)
+def head() -> Any:
+    return compiled(speedups.upstream_head)
 
 
 @pytest.mark.parametrize("rules_kw", RULES, ids=[str(r) for r in RULES])
 @pytest.mark.parametrize("case", range(len(HEAD_CASES)))
-def test_the_compiled_header_lines_build_the_same_upstream_head(
-        lines: Any, rules_kw: dict[str, Any], case: int) -> None:
+def test_the_compiled_upstream_head_is_the_python_one(
+        head: Any, rules_kw: dict[str, Any], case: int) -> None:
     data = HEAD_CASES[case]
-    assert _heads(data, lines, rules_kw) == _heads(data, None, rules_kw)
+    assert _heads(data, head, rules_kw) == _heads(data, None, rules_kw)
     replaced = frozenset({b"x-a", b"cookie"})
-    assert _heads(data, lines, rules_kw, replaced) == _heads(data, None, rules_kw, replaced)
+    assert _heads(data, head, rules_kw, replaced) == _heads(data, None, rules_kw, replaced)
+
+
+# Requests no HTTP/1.1 parser makes, as the other protocols' paths may (HTTP/2's
+# :authority, a general-path rewrite): no Host, an empty one, two, and bodies.
+ODD_REQUESTS = [
+    Request(b"GET", b"/", b"1.1", [(b"x-a", b"1")], True, False, None),
+    Request(b"GET", b"/", b"1.1", [(b"host", b""), (b"x-a", b"1")], True, False, None),
+    Request(b"GET", b"/", b"1.1", [(b"host", b"a"), (b"host", b"b")], True, False, None),
+    Request(b"GET", b"/", b"1.1", [(b"host", b"b"), (b"host", b"")], True, False, None),
+    Request(b"POST", b"/p", b"1.1", [(b"host", b"a")], True, False, 12),
+    Request(b"POST", b"/p", b"1.1", [(b"host", b"a")], True, True, None),
+    Request(b"GET", b"/", b"1.1", [], True, False, None),
+    Request(b"GET", b"/", b"1.1", [(b"x-forwarded-for", b"1.1.1.1"), (b"host", b"a"),
+                                   (b"x-forwarded-for", b"2.2.2.2")], True, False, None),
+    Request(b"GET", b"/", b"1.1", [(b"host", b"a"), (b"expect", b"100-continue")], True,
+            False, None, expect_continue=True),
+    Request(b"GET", b"/", b"1.1", [(b"host", b"a"), [b"x-a", b"1"]], True, False,  # type: ignore[list-item]
+            None),
+    Request(b"GET", b"/", b"1.1", [(b"host", b"a"), (b"x-a", bytearray(b"1"))],  # type: ignore[list-item]
+            True, False, None),
+]
+
+
+@pytest.mark.parametrize("rules_kw", RULES, ids=[str(r) for r in RULES])
+@pytest.mark.parametrize("case", range(len(ODD_REQUESTS)))
+def test_the_compiled_upstream_head_is_the_python_one_for_any_request(
+        head: Any, rules_kw: dict[str, Any], case: int) -> None:
+    req = ODD_REQUESTS[case]
+    assert _heads(req, head, rules_kw) == _heads(req, None, rules_kw)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_mutated_requests_get_the_same_upstream_head_either_way(lines: Any,
+def test_mutated_requests_get_the_same_upstream_head_either_way(head: Any,
                                                                 seed: int) -> None:
     rnd = random.Random(seed)
     for data in mutations(200 + seed, 400, NEAR, tuple(HEAD_CASES)):
         rules_kw = rnd.choice(RULES)
-        assert _heads(data, lines, rules_kw) == _heads(data, None, rules_kw), data
+        assert _heads(data, head, rules_kw) == _heads(data, None, rules_kw), data
 
 
-def test_the_compiled_lines_are_used_once_the_names_are_known(lines: Any) -> None:
+def test_the_compiled_head_is_built_once_the_names_are_known(head: Any) -> None:
     from mtlsproxy.http.header_rules import HeaderRules
     rules = HeaderRules()
     headers = [(b"host", b"a"), (b"x-a", b"1"), (b"x-forwarded-for", b"1.1.1.1")]
-    assert lines(headers, rules.plain, rules.actions, False) is None  # names not known yet
+    args = (b"GET", b"/t", headers, rules.plain, rules.actions, False, b"10.0.0.9",
+            b"x-cert: A\r\n", b"")
+    assert head(*args) is None  # the names are not known yet: the Python loop learns them
     for name, _ in headers:
         rules.action(name)
-    assert lines(headers, rules.plain, rules.actions, False) == (
-        b"host: a\r\nx-a: 1\r\n", b"1.1.1.1, ", b"", b"a")
+    assert head(*args) == (
+        b"GET /t HTTP/1.1\r\nhost: a\r\nx-a: 1\r\nx-forwarded-for: 1.1.1.1, 10.0.0.9\r\n"
+        b"x-forwarded-proto: https\r\nx-forwarded-host: a\r\nx-cert: A\r\n\r\n")
     rules.action(b"x-debug_flag")  # a counted drop: the Python loop counts it
-    assert lines([*headers, (b"x-debug_flag", b"1")], rules.plain, rules.actions,
-                 False) is None
+    assert head(b"GET", b"/t", [*headers, (b"x-debug_flag", b"1")],
+                *args[3:]) is None
+    rules.action(b"forwarded")  # a Forwarded chain is checked in Python
+    assert head(b"GET", b"/t", [*headers, (b"forwarded", b"for=1.1.1.1")],
+                *args[3:]) is None
