@@ -88,7 +88,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     generates one too, a UUID). It is added after the head is built (and memoised), so
     heads that repeat still do."""
     head = _upstream_head(req, target, client_ip, cert_block, rules, replaced, memos)
-    if _REQUEST_ID_LINE in head:  # names are lower-case here; values hold no newline
+    # Names are lower-case here; values hold no newline. (``find``: bytes ``in`` builds and
+    # drops a TypeError first, proxy/session.py's _try_fast says why.)
+    if head.find(_REQUEST_ID_LINE) >= 0:
         return head
     request_id = os.urandom(16).hex().encode()
     req.request_id = request_id

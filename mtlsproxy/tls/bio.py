@@ -376,7 +376,12 @@ class TLSConnection(asyncio.Protocol):
                 chunks.append(chunk)
                 # Nothing left to decrypt: stop here rather than read again into an
                 # SSLWantReadError (building that exception costs more than the read).
-                if not incoming.pending and not sslobj.pending():
+                # SSL_read returns one record's plaintext, all of it up to the size asked
+                # (OpenSSL ssl/record/rec_layer_s3.c, ssl3_read_bytes): a shorter chunk
+                # left none of its record behind, so ``pending()`` (a call that releases
+                # and takes back the GIL) is asked only after a full one.
+                if not incoming.pending and (len(chunk) < _READ_SIZE
+                                             or not sslobj.pending()):
                     break
         except ssl.SSLWantReadError:
             pass
