@@ -237,7 +237,7 @@ def main() -> int:
         compiled = subprocess.run(
             [args.python, "-c", "from mtlsproxy.http import speedups; print(speedups.COMPILED)"],
             capture_output=True, text=True).stdout.strip()
-        print(f"- mtlsproxy's compiled head split and lines (http/_speedups.pyx): "
+        print(f"- mtlsproxy's compiled head split and upstream head (http/_speedups.pyx): "
               f"{'in use' if compiled == 'True' else 'not in use (pure Python)'}")
         wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
         print(f"- {(wrk.stdout or wrk.stderr).splitlines()[0]}")

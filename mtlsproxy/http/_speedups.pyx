@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The request head's split, compiled: the common head in one C pass instead of llhttp's
-per-header callbacks into Python (issue 26). Optional: ``llhttp_parser.py`` uses it when
+"""The heads' split and the upstream head, compiled: the common head in one C pass instead
+of llhttp's per-header callbacks into Python (issue 26). Optional: ``llhttp_parser.py`` uses it when
 this module was built, and parses with llhttp otherwise (docs/performance.md).
 
 Rules of this module:
@@ -19,13 +19,20 @@ Rules of this module:
 - With the head, the split returns what ``checks.make_request`` would scan the headers
   for (the Host value, the Connection values, Expect: 100-continue), so that
   ``checks.request_from_split`` makes the same Request without another pass.
+- ``split_response_head`` does the same for an upstream's response, under the same rules,
+  when the read is one whole response with a Content-Length body and nothing after it
+  (the read the response head memo also stands in for llhttp on: llhttp_parser.py).
 - ``upstream_head`` writes the whole upstream head ``wire._upstream_head`` writes, for
   the requests its docstring names, in one buffer.
 - Pure: no state, nothing kept between calls.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE, PyBytes_AS_STRING
+from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
+from cpython.set cimport PySet_Contains
+from libc.string cimport memcmp, memcpy
 
 cdef unsigned char TOKEN[256]
 cdef unsigned char VALUE[256]
@@ -169,7 +176,103 @@ def split_request_head(bytes data not None):
             expect = _is_continue(p + vstart, vend - vstart)
 
 
-# -- the upstream head's header lines ---------------------------------------------------
+# -- the response head's split ----------------------------------------------------------
+
+cdef bytes _STATUS_PREFIX = b"HTTP/1.1 "
+
+
+cdef Py_ssize_t _digits(const unsigned char* v, Py_ssize_t n):
+    """The value of ``v`` when it is 1 to 18 ASCII digits (checks._framing's rule for
+    Content-Length); -1 otherwise."""
+    cdef Py_ssize_t k, value = 0
+    if n < 1 or n > 18:
+        return -1
+    for k in range(n):
+        if not 48 <= v[k] <= 57:
+            return -1
+        value = value * 10 + (v[k] - 48)
+    return value
+
+
+def split_response_head(bytes data not None):
+    """(status, reason, headers, connection, length, end) of ``data`` when it is one whole
+    response of the accepted subset and nothing after it: "HTTP/1.1 SP 3DIGIT SP reason
+    CRLF" with a status 200-599 other than 204 and 304 and a reason of visible ASCII and
+    SP; header lines as split_request_head takes them; exactly one Content-Length of 1 to
+    18 digits, and exactly that many body bytes after the head (``end``: where they
+    start). ``connection``: the Connection values in order, or None. Never
+    Transfer-Encoding, Upgrade or Proxy-Connection. None otherwise: llhttp parses it."""
+    cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t i, k, start, name_end, vstart, vend, length = -1
+    cdef int status
+    cdef char* out
+    connection = None
+    if n < 17 or memcmp(p, PyBytes_AS_STRING(_STATUS_PREFIX), 9) != 0:
+        return None
+    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57) or p[12] != 32:
+        return None
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    if status < 200 or status > 599 or status == 204 or status == 304:
+        return None  # interim answers and bodyless statuses: llhttp's
+    i = 13
+    while i < n and 32 <= p[i] <= 126:
+        i += 1
+    if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
+        return None
+    reason = PyBytes_FromStringAndSize(<const char*> p + 13, i - 13)
+    i += 2
+    headers = []
+    while True:
+        if i + 1 >= n:
+            return None
+        if p[i] == 13:
+            # The blank line, then exactly the Content-Length's bytes.
+            if p[i + 1] == 10 and length >= 0 and n - (i + 2) == length:
+                return status, reason, headers, connection, length, i + 2
+            return None
+        start = i
+        while i < n and TOKEN[p[i]]:
+            i += 1
+        if i == start or i >= n or p[i] != 58:
+            return None
+        name_end = i
+        i += 1
+        while i < n and (p[i] == 32 or p[i] == 9):
+            i += 1
+        vstart = i
+        while i < n and VALUE[p[i]]:
+            i += 1
+        if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
+            return None
+        vend = i
+        while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
+            vend -= 1
+        if vend == vstart:
+            return None
+        i += 2
+        name = PyBytes_FromStringAndSize(NULL, name_end - start)
+        out = PyBytes_AS_STRING(name)
+        for k in range(name_end - start):
+            out[k] = <char> LOWER[p[start + k]]
+        if name == _TE or name == _UP or name == _PC:
+            return None
+        value = PyBytes_FromStringAndSize(<const char*> p + vstart, vend - vstart)
+        headers.append((name, value))
+        if name == _CL:
+            if length >= 0:
+                return None  # a second one: llhttp refuses it, with its own words
+            length = _digits(p + vstart, vend - vstart)
+            if length < 0:
+                return None
+        elif name == _CONNECTION:
+            if connection is None:
+                connection = [value]
+            else:
+                connection.append(value)
+
+
+# -- the upstream head -------------------------------------------------------------------
 # The actions of http/header_rules.py (KEEP, DROP, XFF, HOST, EXPECT, FORWARDED; 6 and
 # above are the counted drops). speedups.py checks at import that they still agree.
 cdef enum:
@@ -181,10 +284,6 @@ cdef enum:
     A_FORWARDED = 5
 ACTIONS = (A_KEEP, A_DROP, A_XFF, A_HOST, A_EXPECT, A_FORWARDED)
 
-from cpython.dict cimport PyDict_GetItem
-from cpython.set cimport PySet_Contains
-from cpython.object cimport PyObject
-from libc.string cimport memcpy
 
 
 cdef int _classify(list headers, set plain, dict actions, bint expect_continue,
@@ -317,3 +416,41 @@ def upstream_head(bytes method not None, bytes target not None, list headers not
         return head
     finally:
         PyMem_Free(kinds)
+
+
+# -- the client's response head ------------------------------------------------------------
+
+def kept_lines(list headers not None, frozenset drop not None):
+    """``wire.client_response_head``'s loop: "name: value\r\n" for each header whose name
+    is not in ``drop``, in order, in one buffer. None when the headers are not (bytes,
+    bytes) pairs: the caller's Python loop joins them."""
+    cdef Py_ssize_t n = len(headers), i, size = 0
+    cdef tuple header
+    cdef char* out
+    cdef unsigned char* kept = <unsigned char*> PyMem_Malloc(n if n else 1)
+    if kept == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            item = headers[i]
+            if type(item) is not tuple or len(<tuple> item) != 2:
+                return None
+            header = <tuple> item
+            if type(header[0]) is not bytes or type(header[1]) is not bytes:
+                return None
+            kept[i] = not PySet_Contains(drop, header[0])
+            if kept[i]:
+                size += PyBytes_GET_SIZE(<bytes> header[0]) + PyBytes_GET_SIZE(
+                    <bytes> header[1]) + 4
+        block = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(block)
+        for i in range(n):
+            if kept[i]:
+                header = <tuple> headers[i]
+                out = _put(out, <bytes> header[0])
+                out = _put_c(out, ": ", 2)
+                out = _put(out, <bytes> header[1])
+                out = _put_c(out, "\r\n", 2)
+        return block
+    finally:
+        PyMem_Free(kept)

@@ -372,6 +372,27 @@ def make_response(status: int, reason: bytes, version: bytes, headers: Headers,
 
 
 
+def response_from_split(status: int, reason: bytes, headers: Headers,
+                        connection_values: list[bytes] | None, length: int
+                        ) -> Response | None:
+    """``make_response`` for a response the compiled split accepted (http/_speedups.pyx:
+    HTTP/1.1, a status of 200-599 other than 204 and 304, one Content-Length, none of
+    Transfer-Encoding, Upgrade, Proxy-Connection; not the answer to a HEAD), from what
+    the split found while it read the headers: the same Response without another pass
+    over them. None: one that closes the connection, which the caller gives to llhttp
+    (which then stops between messages, as it would have)."""
+    check_status_line(b"1.1", reason)
+    connection = _NO_TOKENS
+    if connection_values is not None:
+        for value in connection_values:
+            tokens = TOKENS_OF.get(value)
+            connection = connection | (tokens if tokens is not None
+                                       else _connection_tokens(value))
+        if b"close" in connection:
+            return None
+    return Response(status, reason, b"1.1", headers, True, False, length, False, connection)
+
+
 def head_size(start_line: bytes, headers: Headers) -> int:
     """A head's bytes, near enough for a limit (a ": " and CRLF per line)."""
     return len(start_line) + sum(len(n) + len(v) + 4 for n, v in headers)

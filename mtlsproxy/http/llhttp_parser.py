@@ -12,11 +12,12 @@ from mtlsproxy.http.checks import (
     make_request,
     make_response,
     request_from_split,
+    response_from_split,
     spoil,
 )
 from mtlsproxy.http.events import END, Data, Event, Headers, Informational, Request, Response
 from mtlsproxy.http.memo import HeadMemos, Memo
-from mtlsproxy.http.speedups import split_request_head
+from mtlsproxy.http.speedups import split_request_head, split_response_head
 
 
 class _LlhttpHead:
@@ -123,7 +124,9 @@ class _LlhttpHead:
 # by ``checks.request_from_split`` (make_request for that subset); a request after which
 # llhttp would stop (Connection: close) takes llhttp's path, so llhttp is left between
 # messages, as after a memo hit. The errors raised are the ones llhttp's path raises for
-# the same bytes. Without the module, llhttp
+# the same bytes. Responses likewise (``checks.response_from_split``): a first read that is
+# one whole response with a Content-Length body, not a HEAD answer, where the head memo
+# could have stood in for llhttp. Without the module, llhttp
 # parses everything (tests/unit/test_compiled_head.py holds the two to one behaviour).
 MEMO_HEAD_BYTES = 2048
 MISS_STREAK = 8
@@ -336,9 +339,10 @@ class HttptoolsResponseParser(_LlhttpHead):
         # llhttp stands between messages may be a head seen before and its whole body.
         head = b""
         misses = self._misses
+        whole = self._first and self._between and self._method != b"HEAD"
         if misses >= MISS_STREAK:
             self._misses = misses + 1 if misses < MISS_STREAK + RESTING - 1 else 0
-        elif self._first and self._between and self._method != b"HEAD":
+        elif whole:
             end = data.find(b"\r\n\r\n", 0, MEMO_HEAD_BYTES) + 4
             self._misses = misses + 1
             if end > 4:
@@ -353,7 +357,23 @@ class HttptoolsResponseParser(_LlhttpHead):
                                                      keep, False, length, False, connection,
                                                      head)
                     return [resp, Data(data[end:]), END] if length else [resp, END]
-        events = self._feed(data)
+        # "The compiled split" above, for a response: one whole response of its subset.
+        split = split_response_head
+        events: list[Event] | None = None
+        if split is not None and whole and len(data) <= self.max_header_bytes:
+            parts = split(data)
+            if parts is not None:
+                status, reason, headers, connection_values, length, end = parts
+                split_resp = response_from_split(status, reason, headers, connection_values,
+                                                 length)
+                if split_resp is not None:
+                    self._first = False
+                    self._done = True
+                    self._response = split_resp
+                    events = ([split_resp, Data(data[end:]), END] if length
+                              else [split_resp, END])
+        if events is None:
+            events = self._feed(data)
         if head and self._between and 2 <= len(events) <= 3 and events[-1] is END:
             first = events[0]
             if (isinstance(first, Response) and first.keep_alive and not first.chunked

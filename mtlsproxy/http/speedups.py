@@ -17,12 +17,20 @@ from mtlsproxy.http.events import Headers
 # (method, target, headers, Host value, Connection values or None, Expect: 100-continue)
 SplitHead = Callable[
     [bytes], "tuple[bytes, bytes, Headers, bytes, list[bytes] | None, bool] | None"]
+# (status, reason, headers, Connection values or None, Content-Length, where the body starts)
+SplitResponse = Callable[
+    [bytes], "tuple[int, bytes, Headers, list[bytes] | None, int, int] | None"]
 # method, target, headers, plain names, actions, expect_continue, client address, the
 # certificate lines, the framing line -> the whole upstream head (wire._upstream_head)
 UpstreamHead = Callable[[bytes, bytes, Headers, set[bytes], dict[bytes, int], bool, bytes,
                          bytes, bytes], "bytes | None"]
 
+# headers, names to drop -> the kept header lines (wire.client_response_head)
+KeptLines = Callable[[Headers, frozenset[bytes]], "bytes | None"]
+
 split_request_head: SplitHead | None = None
+kept_lines: KeptLines | None = None
+split_response_head: SplitResponse | None = None
 upstream_head: UpstreamHead | None = None
 if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
     try:
@@ -35,6 +43,8 @@ if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
                                  header_rules.HOST, header_rules.EXPECT,
                                  header_rules.FORWARDED):
             split_request_head = _speedups.split_request_head
+            split_response_head = _speedups.split_response_head
             upstream_head = _speedups.upstream_head
+            kept_lines = _speedups.kept_lines
 
 COMPILED = split_request_head is not None

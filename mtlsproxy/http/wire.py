@@ -26,7 +26,7 @@ from mtlsproxy.http.header_rules import (
 )
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request, Response
-from mtlsproxy.http.speedups import upstream_head
+from mtlsproxy.http.speedups import kept_lines, upstream_head
 from mtlsproxy.identity.headers import fold
 
 REASONS = {
@@ -213,7 +213,7 @@ def client_response_head(req: Request, resp: Response, draining: bool,
     chunked = unframed and not http10_client
     keep_alive = req.keep_alive and not draining and not (unframed and http10_client)
     reason = resp.reason or REASONS.get(resp.status, "").encode()
-    lines = [(_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason]
+    status_line = (_STATUS_PREFIX.get(resp.status) or b"HTTP/1.1 %d " % resp.status) + reason
     # One set for every name dropped, so each header costs one set test: usually the
     # hop-by-hop names themselves (an upstream's "Connection: keep-alive" adds nothing).
     drop = HOP_BY_HOP
@@ -221,17 +221,17 @@ def client_response_head(req: Request, resp: Response, draining: bool,
         drop = drop | resp.connection
     if chunked or resp.chunked:
         drop = drop | _CONTENT_LENGTH
-    for header in resp.headers:
-        if header[0] not in drop:
-            lines.append(_FIELD_JOIN(header))
-    if chunked:
-        lines.append(b"transfer-encoding: chunked")
-    if not keep_alive:
-        lines.append(b"connection: close")
-    elif http10_client:
-        lines.append(b"connection: keep-alive")
-    lines.append(b"\r\n")
-    made = b"\r\n".join(lines), chunked, keep_alive
+    # The kept lines in one compiled call (http/_speedups.pyx) when it is built.
+    block = kept_lines(resp.headers, drop) if kept_lines is not None else None
+    if block is None:
+        lines = [_FIELD_JOIN(header) for header in resp.headers if header[0] not in drop]
+        lines.append(b"")
+        block = b"\r\n".join(lines)
+    made = b"".join((status_line, b"\r\n", block,
+                     b"transfer-encoding: chunked\r\n" if chunked else b"",
+                     b"connection: close\r\n" if not keep_alive
+                     else b"connection: keep-alive\r\n" if http10_client else b"",
+                     b"\r\n")), chunked, keep_alive
     if memoised and memos is not None and memos.client_heads.admit(key):
         memos.client_heads.store(key, made)
     return made

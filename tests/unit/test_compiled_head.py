@@ -371,3 +371,191 @@ def test_the_compiled_head_is_built_once_the_names_are_known(head: Any) -> None:
     rules.action(b"forwarded")  # a Forwarded chain is checked in Python
     assert head(b"GET", b"/t", [*headers, (b"forwarded", b"for=1.1.1.1")],
                 *args[3:]) is None
+
+
+# -- the response head's split (HttptoolsResponseParser.feed) ------------------------------
+
+from mtlsproxy.http.llhttp_parser import HttptoolsResponseParser  # noqa: E402
+from tests.unit.test_parser import RESPONSE_CORPUS  # noqa: E402
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 04 Dec 2026 09:50:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 13\r\nConnection: keep-alive\r\n"
+    b"X-Request-Id: 5f0c1e2d3a4b5c6d\r\nSet-Cookie: s=5f0c1e2d; Path=/; HttpOnly\r\n\r\n"
+    b"hello world!\n"
+)
+
+
+def _response(status_line: bytes = b"HTTP/1.1 200 OK", fields: bytes = b"",
+              body: bytes = b"ok", length: bytes | None = None) -> bytes:
+    cl = b"Content-Length: %s\r\n" % (length if length is not None else b"%d" % len(body))
+    return status_line + b"\r\n" + fields + cl + b"\r\n" + body
+
+
+RESPONSE_EXTRA = {
+    "realistic": RESPONSE,
+    "body_short": _response(body=b"o", length=b"2"),
+    "body_long": _response(body=b"okk", length=b"2"),
+    "cl_zero": _response(body=b""),
+    "cl_leading_zeros": _response(body=b"1234567", length=b"007"),
+    "cl_18_digits": _response(body=b"", length=b"0" * 18),
+    "cl_19_digits": _response(body=b"", length=b"0" * 19),
+    "cl_plus": _response(body=b"ok", length=b"+2"),
+    "cl_space_inside": _response(body=b"ok", length=b"2 2"),
+    "cl_tabs": _response(body=b"ok", length=b"\t2\t"),
+    "cl_twice_same": _response(fields=b"Content-Length: 2\r\n"),
+    "no_cl": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nok",
+    "connection_close": _response(fields=b"Connection: close\r\n"),
+    "connection_close_twice": _response(fields=b"Connection: x-a\r\nConnection: Close\r\n"),
+    "connection_names": _response(fields=b"Connection: keep-alive, X-A\r\nX-A: 1\r\n"),
+    "status_101": _response(b"HTTP/1.1 101 Switching Protocols"),
+    "status_199": _response(b"HTTP/1.1 199 Odd"),
+    "status_201": _response(b"HTTP/1.1 201 Created"),
+    "status_204_cl": _response(b"HTTP/1.1 204 No Content", body=b""),
+    "status_304_cl": _response(b"HTTP/1.1 304 Not Modified", body=b"", length=b"5"),
+    "status_404": _response(b"HTTP/1.1 404 Not Found"),
+    "status_599": _response(b"HTTP/1.1 599 X"),
+    "status_600": _response(b"HTTP/1.1 600 X"),
+    "status_two_digits": _response(b"HTTP/1.1 20 OK"),
+    "no_reason": _response(b"HTTP/1.1 200 "),
+    "no_reason_no_space": _response(b"HTTP/1.1 200"),
+    "reason_spaces": _response(b"HTTP/1.1 200 All  good "),
+    "reason_tab": _response(b"HTTP/1.1 200 O\tK"),
+    "reason_high": _response(b"HTTP/1.1 200 O\xe9K"),
+    "reason_del": _response(b"HTTP/1.1 200 O\x7fK"),
+    "lower_version": _response(b"http/1.1 200 OK"),
+    "http10": _response(b"HTTP/1.0 200 OK"),
+    "te_chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "upgrade_200": _response(fields=b"Connection: upgrade\r\nUpgrade: websocket\r\n"),
+    "proxy_connection": _response(fields=b"Proxy-Connection: close\r\n"),
+    "empty_value": _response(fields=b"X-Empty:\r\n"),
+    "underscore_name": _response(fields=b"X_A: 1\r\n"),
+    "value_high": _response(fields=b"X-A: caf\xc3\xa9\r\n"),
+    "two_responses": _response() + _response(),
+}
+RESPONSE_INPUTS = {**RESPONSE_CORPUS, **RESPONSE_EXTRA}
+_NEXT = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"
+
+
+def response_outcome(data: bytes, split: Any, method: bytes = b"GET",
+                     limit: int = 65536) -> list[tuple[str, object]]:
+    """What a fresh response parser makes of ``data`` (the answer to a ``method``
+    request), then of the same again and of another response on the same connection, with
+    the compiled split (``split``) or without (None)."""
+    with mock.patch.object(llhttp_parser, "split_response_head", split):
+        p = HttptoolsResponseParser(limit)
+        results: list[tuple[str, object]] = []
+        for piece in (data, data, _NEXT):
+            p.expect(method)
+            try:
+                results.append(("events", p.feed(piece)))
+            except RemoteProtocolError as exc:
+                results.append(("refused", (exc.status_hint, str(exc))))
+                break
+        return results
+
+
+@pytest.fixture
+def rsplit() -> Any:
+    return compiled(speedups.split_response_head)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("name", sorted(RESPONSE_INPUTS))
+def test_the_response_split_and_llhttp_agree(name: str, method: bytes, rsplit: Any) -> None:
+    data = RESPONSE_INPUTS[name]
+    assert response_outcome(data, rsplit, method) == response_outcome(data, None, method)
+
+
+def test_the_response_split_takes_the_common_response_and_declines_the_rest(
+        rsplit: Any) -> None:
+    status, reason, headers, connection, length, end = rsplit(RESPONSE)
+    assert (status, reason, length, connection) == (200, b"OK", 13, [b"keep-alive"])
+    assert headers[0] == (b"server", b"nginx/1.22.1") and len(headers) == 7
+    assert RESPONSE[end:] == b"hello world!\n"
+    assert rsplit(RESPONSE_EXTRA["cl_leading_zeros"])[4] == 7
+    assert rsplit(RESPONSE_EXTRA["no_reason"])[1] == b""
+    for name in ("body_short", "body_long", "cl_19_digits", "cl_plus", "cl_space_inside",
+                 "cl_twice_same", "no_cl", "status_101", "status_199", "status_204_cl",
+                 "status_304_cl", "status_600", "status_two_digits", "no_reason_no_space",
+                 "reason_tab", "reason_high", "reason_del", "lower_version", "http10",
+                 "te_chunked", "upgrade_200", "proxy_connection", "empty_value",
+                 "value_high", "two_responses"):
+        assert rsplit(RESPONSE_EXTRA[name]) is None, name
+
+
+def test_a_split_response_is_the_one_llhttp_makes(rsplit: Any) -> None:
+    # The events themselves, not only their agreement: a Response with its fields.
+    (events,) = [r[1] for r in response_outcome(RESPONSE, rsplit)[:1]]
+    assert isinstance(events, list) and len(events) == 3
+    resp = events[0]
+    assert resp.status == 200 and resp.keep_alive and resp.content_length == 13
+    assert resp.connection == frozenset({b"keep-alive"}) and events[1].data == b"hello world!\n"
+
+
+@pytest.mark.parametrize("limit", [40, 200, 65536])
+def test_the_response_header_limit_is_the_same_either_way(rsplit: Any, limit: int) -> None:
+    assert response_outcome(RESPONSE, rsplit, limit=limit) == response_outcome(
+        RESPONSE, None, limit=limit)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_responses_get_the_same_answer_either_way(rsplit: Any, seed: int) -> None:
+    # Mutants of responses the split takes, so that many stay near its edge; and of the
+    # whole corpus, far from it.
+    near = tuple(v for v in RESPONSE_INPUTS.values() if rsplit(v) is not None)
+    mutants = mutations(300 + seed, 1500, NEAR, near)
+    accepted = sum(rsplit(m) is not None for m in mutants)
+    assert accepted > len(mutants) // 10  # the split's own decisions are exercised
+    far = (*RESPONSE_INPUTS.values(),)
+    for data in mutants + mutations(400 + seed, 500, ALPHABET, far):
+        assert response_outcome(data, rsplit) == response_outcome(data, None), data
+
+
+# -- the client's response head (wire.client_response_head) ------------------------------
+
+def _client_heads(data: bytes, lines: Any) -> list[object]:
+    """The client's head for the response in ``data``, for each kind of request (GET and
+    HEAD, HTTP/1.1 and 1.0, keep-alive or not) and draining or not, with the compiled
+    ``lines`` or without (None)."""
+    from mtlsproxy.http import wire
+    out: list[object] = []
+    for method in (b"GET", b"HEAD"):
+        try:
+            events = HttptoolsResponseParser(65536).feed(data) if method == b"GET" else []
+        except RemoteProtocolError:
+            return []
+        resp = next((e for e in events if type(e).__name__ == "Response"), None)
+        if resp is None:
+            continue
+        for version, keep in ((b"1.1", True), (b"1.1", False), (b"1.0", True)):
+            req = Request(method, b"/", version, [], keep, False, None)
+            for draining in (False, True):
+                with mock.patch.object(wire, "kept_lines", lines):
+                    out.append(wire.client_response_head(req, resp, draining))
+    return out
+
+
+@pytest.fixture
+def klines() -> Any:
+    return compiled(speedups.kept_lines)
+
+
+@pytest.mark.parametrize("name", sorted(RESPONSE_INPUTS))
+def test_the_compiled_client_head_is_the_python_one(name: str, klines: Any) -> None:
+    data = RESPONSE_INPUTS[name]
+    assert _client_heads(data, klines) == _client_heads(data, None)
+
+
+def test_the_compiled_client_head_lines_drop_what_they_are_told(klines: Any) -> None:
+    headers = [(b"server", b"x"), (b"connection", b"x-a"), (b"x-a", b"1"), (b"date", b"d")]
+    assert klines(headers, frozenset({b"connection", b"x-a"})) == b"server: x\r\ndate: d\r\n"
+    assert klines([], frozenset()) == b""
+    assert klines([[b"a", b"b"]], frozenset()) is None  # not (bytes, bytes): Python's
+    assert klines([(b"a", bytearray(b"b"))], frozenset()) is None
+
+
+def test_mutated_responses_get_the_same_client_head_either_way(klines: Any) -> None:
+    bases = tuple(v for v in RESPONSE_INPUTS.values() if len(v) < 400)
+    for data in mutations(500, 600, NEAR, bases):
+        assert _client_heads(data, klines) == _client_heads(data, None), data
