@@ -15,6 +15,9 @@ Scenarios (wrk -t1 -c50, keep-alive, the 13-byte nginx upstream):
 - unique-rfc9440, unique-xfcc: unique heads, the client certificate forwarded whole
   (``forward_client_cert: [rfc9440]``, ~1 KB; nginx: ``$ssl_client_escaped_cert``) or in
   Envoy's XFCC (nginx: its subject and fingerprint, the nearest it has).
+- unique_both: unique request heads, and response heads that never repeat either: the
+  upstream echoes the request's X-Request-Id and sets a cookie with a new value on every
+  response (an application server's answer), so no response head is seen twice.
 - workers2: unique heads, mtlsproxy ``workers: 2`` against nginx ``worker_processes 2``,
   both unpinned, wrk on the same two cores (``-t2``): the generator shares the cores.
 The other scenarios run with each proxy pinned to core 0 and wrk and the upstream on core
@@ -67,6 +70,25 @@ request = function()
   local id = "5f0c1e2d3a4b5c6d"
   local headers = {}
 """ + FIELDS + "end\n"
+
+
+def unique_upstream_conf(d: Path, port: int) -> Path:
+    """The 13-byte upstream, answering with two fields that differ on every response (what
+    an application server sends: its request id, a session cookie)."""
+    conf = d / "upstream-unique.conf"
+    conf.write_text(f"""
+worker_processes 1; daemon off; pid {d}/upstream-unique.pid;
+error_log {d}/upstream-unique-error.log; worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port} backlog=4096; keepalive_requests 1000000;
+           location / {{ add_header X-Request-Id $http_x_request_id;
+                        add_header Set-Cookie "sid=$request_id; Path=/; Secure; HttpOnly";
+                        return 200 "hello world!\\n"; }} }}
+}}
+""")
+    return conf
 
 
 def mtlsproxy_conf(d: Path, pki: Path, up: int, port: int, admin: int, family: str,
@@ -131,12 +153,14 @@ class SaturateBench(base.Bench):
                         str(Path(__file__).parent / "mtls_preload.c"), "-ldl", "-lssl"],
                        check=True)
 
-    def pair(self, family: str, workers: int) -> list[base.Target]:
-        """mtlsproxy and nginx for one family and worker count (pinned when 1 worker)."""
+    def pair(self, family: str, workers: int, up: int | None = None) -> list[base.Target]:
+        """mtlsproxy and nginx for one family and worker count (pinned when 1 worker), in
+        front of the upstream on port ``up`` (default: the 13-byte one)."""
         cpu = base.PROXY_CPU if workers == 1 else None
+        up = self.up if up is None else up
         port, admin = base.free_port(), base.free_port()
         proc = self.start([self.args.python, "-m", "mtlsproxy", "run", "--config",
-                           str(mtlsproxy_conf(self.d, self.pki, self.up, port, admin, family,
+                           str(mtlsproxy_conf(self.d, self.pki, up, port, admin, family,
                                               workers))], cpu, port)
         ours = base.Target("mtlsproxy", port, proc, workers > 1, admin)
         for _ in range(200):
@@ -148,7 +172,7 @@ class SaturateBench(base.Bench):
                 pass
             time.sleep(0.05)
         port = base.free_port()
-        proc = self.start(["nginx", "-c", str(nginx_conf(self.d, self.pki, self.up, port,
+        proc = self.start(["nginx", "-c", str(nginx_conf(self.d, self.pki, up, port,
                                                          family, workers))], cpu, port)
         return [ours, base.Target("nginx", port, proc, True)]
 
@@ -167,8 +191,9 @@ class SaturateBench(base.Bench):
             raise SystemExit(f"wrk against {t.name}:\n{out.stdout}{out.stderr}")
         return float(rate.group(1)), int(count.group(1))
 
-    def scenario(self, label: str, family: str, script: str, workers: int = 1) -> None:
-        targets = self.pair(family, workers)
+    def scenario(self, label: str, family: str, script: str, workers: int = 1,
+                 up: int | None = None) -> None:
+        targets = self.pair(family, workers, up)
         rate = self.row(label, "requests/s", lower_is_better=False)
         cpu = self.row(label, "proxy CPU us/request")
         pinned = workers == 1
@@ -197,12 +222,19 @@ class SaturateBench(base.Bench):
     def unique_xfcc(self) -> None:
         self.scenario("unique heads, xfcc", "xfcc", "unique")
 
+    def unique_both(self) -> None:
+        up = base.free_port()
+        self.start(["nginx", "-c", str(unique_upstream_conf(self.d, up))], base.LOAD_CPU, up)
+        self.scenario("unique request and response heads, details", "details", "unique",
+                      up=up)
+
     def workers2(self) -> None:
         self.scenario("unique heads, 2 workers each, unpinned, wrk -t2 beside them",
                       "details", "unique", workers=2)
 
 
-SCENARIOS = ("identical", "unique", "unique_rfc9440", "unique_xfcc", "workers2")
+SCENARIOS = ("identical", "unique", "unique_rfc9440", "unique_xfcc", "unique_both",
+             "workers2")
 
 
 def main() -> int:
