@@ -454,3 +454,20 @@ def kept_lines(list headers not None, frozenset drop not None):
         return block
     finally:
         PyMem_Free(kept)
+
+
+# -- the target's screen -----------------------------------------------------------------
+
+def may_need_normalising(bytes target not None):
+    """``normalize.may_need_normalising`` in one pass: the target holds "%", "/.", "//",
+    a backslash or "#"."""
+    cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(target)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(target), i
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if c == 37 or c == 92 or c == 35:  # "%", "\\", "#"
+            return True
+        if c == 47 and i + 1 < n and (p[i + 1] == 46 or p[i + 1] == 47):  # "/." or "//"
+            return True
+    return False

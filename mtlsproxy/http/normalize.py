@@ -40,6 +40,19 @@ class PathError(RemoteProtocolError):
     reason = "bad_path"
 
 
+def may_need_normalising(target: bytes) -> bool:
+    """Whether ``normalize_target`` may change or refuse ``target``: False for the usual
+    target (nothing to normalise). Compiled in http/_speedups.pyx, which the proxy uses
+    when it is built (proxy/session.py)."""
+    # ``find``, not ``in``: CPython's bytes ``__contains__`` first tries its operand as an
+    # integer and builds (then drops) a TypeError with a formatted message before it
+    # searches (Objects/bytes_methods.c, _Py_bytes_contains), several times the search's
+    # cost; this runs on every request.
+    find = target.find
+    return (find(b"%") >= 0 or find(b"/.") >= 0 or find(b"//") >= 0 or find(b"\\") >= 0
+            or find(b"#") >= 0)
+
+
 def _needs_work(path: bytes, merge_slashes: bool) -> bool:
     # The common path has none of these: four C-level searches, no Python loop.
     return (b"%" in path or b"/." in path or b"\\" in path

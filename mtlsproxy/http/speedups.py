@@ -29,6 +29,7 @@ UpstreamHead = Callable[[bytes, bytes, Headers, set[bytes], dict[bytes, int], bo
 KeptLines = Callable[[Headers, frozenset[bytes]], "bytes | None"]
 
 split_request_head: SplitHead | None = None
+may_need_normalising: Callable[[bytes], bool] | None = None
 kept_lines: KeptLines | None = None
 split_response_head: SplitResponse | None = None
 upstream_head: UpstreamHead | None = None
@@ -46,5 +47,6 @@ if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
             split_response_head = _speedups.split_response_head
             upstream_head = _speedups.upstream_head
             kept_lines = _speedups.kept_lines
+            may_need_normalising = _speedups.may_need_normalising
 
 COMPILED = split_request_head is not None

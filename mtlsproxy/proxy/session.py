@@ -53,7 +53,7 @@ from mtlsproxy.admission.admit import (
 from mtlsproxy.admission.cache import Verdict
 from mtlsproxy.config import ListenerConfig, RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
-from mtlsproxy.http import wire
+from mtlsproxy.http import normalize, speedups, wire
 from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
@@ -212,6 +212,9 @@ class SessionStateError(RuntimeError):
 
 _PARK = object()  # _next_request: nothing queued; return to callback mode
 _NO_NAMES: frozenset[bytes] = frozenset()
+# normalize.may_need_normalising, compiled when http/_speedups.pyx is built: every request
+# asks it.
+may_need_normalising = speedups.may_need_normalising or normalize.may_need_normalising
 
 
 def screen(rt: Listener, req: Request) -> None:
@@ -220,10 +223,7 @@ def screen(rt: Listener, req: Request) -> None:
     Raises normalize.PathError or UnderscoreRejected (400). Every protocol calls it, on
     every path, before any route is looked up."""
     target = req.target
-    # The usual target has none of these (C-level searches): nothing to normalise.
-    find = target.find  # not ``in``: see _try_fast
-    if (find(b"%") >= 0 or find(b"/.") >= 0 or find(b"//") >= 0 or find(b"\\") >= 0
-            or find(b"#") >= 0):
+    if may_need_normalising(target):  # the usual target: nothing to normalise
         config = rt.config
         req.target = normalize_target(target, config.merge_slashes, config.escaped_slashes)
     rules = rt.header_rules
@@ -424,13 +424,8 @@ class ProxySession:
         if self.verdict is None or rt.draining or req.upgrade:
             return False
         # _screen's own test, inline: the usual request has nothing to normalise or refuse
-        # and pays no call for it. ``find``, not ``in``: CPython's bytes ``__contains__``
-        # first tries its operand as an integer and builds (then drops) a TypeError with a
-        # formatted message before it searches (Objects/bytes_methods.c,
-        # _Py_bytes_contains): several times the cost of the search itself.
-        find = req.target.find
-        if (find(b"%") >= 0 or find(b"/.") >= 0 or find(b"//") >= 0 or find(b"\\") >= 0
-                or find(b"#") >= 0 or rt.header_rules.rejects_underscores):
+        # and pays no call for it.
+        if may_need_normalising(req.target) or rt.header_rules.rejects_underscores:
             try:
                 self._screen(req)
             except RemoteProtocolError:

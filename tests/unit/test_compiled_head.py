@@ -559,3 +559,19 @@ def test_mutated_responses_get_the_same_client_head_either_way(klines: Any) -> N
     bases = tuple(v for v in RESPONSE_INPUTS.values() if len(v) < 400)
     for data in mutations(500, 600, NEAR, bases):
         assert _client_heads(data, klines) == _client_heads(data, None), data
+
+
+# -- the target's screen (normalize.may_need_normalising) --------------------------------
+
+def test_the_compiled_screen_is_the_python_one() -> None:
+    from mtlsproxy.http import normalize
+    screen = compiled(speedups.may_need_normalising)
+    targets = [b"", b"/", b"/a", b"/a/b?c=d", b"/%", b"/a%2F", b"/.", b"/a/./b", b"/a/..",
+               b"//", b"/a//b", b"/a/", b"/a\\b", b"/a#b", b"/a.b", b"/a/.", b"*",
+               b"/a?x=/.", b"/a?x=//", b".", b"/a/b/"]
+    rnd = random.Random(7)
+    for _ in range(3000):
+        targets.append(bytes(rnd.choice(b"/.%\\#a?=") for _ in range(rnd.randint(0, 8))))
+    for target in targets:
+        expected = normalize.may_need_normalising(target)
+        assert screen(target) is expected, target
