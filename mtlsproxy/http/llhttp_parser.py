@@ -215,7 +215,12 @@ class HttptoolsRequestParser(_LlhttpHead):
         if split is not None and self._between and len(data) <= self.max_header_bytes:
             parts = split(data)
             if parts is not None:
-                split_req = request_from_split(*parts)
+                try:
+                    split_req = request_from_split(*parts)
+                except RemoteProtocolError:
+                    # llhttp's path below raises the same error for these bytes, and is
+                    # then left where it stops after one (refusing what follows).
+                    split_req = None
                 if split_req is not None:
                     if memoisable:
                         self._remember(data, split_req)

@@ -40,9 +40,14 @@ if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
         pass
     else:
         # The compiled loop knows header_rules' actions by number: only while they agree.
-        if _speedups.ACTIONS == (header_rules.KEEP, header_rules.DROP, header_rules.XFF,
-                                 header_rules.HOST, header_rules.EXPECT,
-                                 header_rules.FORWARDED):
+        # And all or nothing: a module built from an older _speedups.pyx (an in-place build
+        # left beside the sources for another interpreter) lacks names, and is not used.
+        if getattr(_speedups, "ACTIONS", None) == (
+                header_rules.KEEP, header_rules.DROP, header_rules.XFF, header_rules.HOST,
+                header_rules.EXPECT, header_rules.FORWARDED) and all(
+                hasattr(_speedups, name) for name in (
+                    "split_request_head", "split_response_head", "upstream_head",
+                    "kept_lines", "may_need_normalising")):
             split_request_head = _speedups.split_request_head
             split_response_head = _speedups.split_response_head
             upstream_head = _speedups.upstream_head

@@ -211,6 +211,42 @@ def test_mtlsproxy_pure_turns_the_compiled_path_off() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_a_compiled_module_from_older_sources_is_not_used() -> None:
+    # An in-place build for another interpreter, left from an older _speedups.pyx, lacks
+    # the newer functions: the process runs pure Python rather than failing to import.
+    code = ("import sys, types; from mtlsproxy.http import header_rules as h; "
+            "m = types.ModuleType('mtlsproxy.http._speedups'); "
+            "m.ACTIONS = (h.KEEP, h.DROP, h.XFF, h.HOST, h.EXPECT, h.FORWARDED); "
+            "m.split_request_head = m.upstream_head = lambda *a: None; "
+            "sys.modules['mtlsproxy.http._speedups'] = m; "
+            "from mtlsproxy.http import speedups, llhttp_parser; "
+            "print(speedups.COMPILED, llhttp_parser.split_request_head)")
+    env = {k: v for k, v in os.environ.items() if k != "MTLSPROXY_PURE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, timeout=60)
+    assert out.stdout.split() == ["False", "None"]
+
+
+def test_after_a_refused_head_the_next_feed_is_answered_the_same_either_way(
+        split: Any) -> None:
+    # The proxy stops reading after a refusal, but the parser stays where llhttp leaves
+    # it either way: refusing what follows.
+    for bad in (EXTRA["host_bad"], EXTRA["host_last_bad"], EXTRA["unknown_upper_method"]):
+        answers = []
+        for chosen in (split, None):
+            with mock.patch.object(llhttp_parser, "split_request_head", chosen):
+                p = HttptoolsRequestParser(32768)
+                got: list[object] = []
+                for piece in (bad, b"GET / HTTP/1.1\r\nHost: ok\r\n\r\n"):
+                    try:
+                        got.append(p.feed(piece))
+                    except RemoteProtocolError as exc:
+                        got.append((exc.status_hint, str(exc)))
+                answers.append(got)
+        assert answers[0] == answers[1], bad
+        assert isinstance(answers[0][0], tuple)  # the bad head was refused
+
+
 def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) -> None:
     # "pip install . must still work on a machine without a compiler" (issue 26): the
     # wheel builds, without the extension, and says why.
