@@ -89,6 +89,48 @@ cdef bint _is_continue(const unsigned char* v, Py_ssize_t n):
     return True
 
 
+cdef inline Py_ssize_t _field(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
+                              Py_ssize_t* at) noexcept:
+    """The header line at ``i``, of the subset both splits take: a token, ":", and a
+    non-empty value of visible ASCII, SP and HTAB, then CRLF. Its name's bounds into
+    ``at[0]``, ``at[1]``, its value's without surrounding SP/HTAB into ``at[2]``,
+    ``at[3]``; the offset after its CRLF, or -1 when the line is not of the subset."""
+    cdef Py_ssize_t start = i, vstart, vend
+    while i < n and TOKEN[p[i]]:
+        i += 1
+    if i == start or i >= n or p[i] != 58:  # a token, then ":"
+        return -1
+    at[0] = start
+    at[1] = i
+    i += 1
+    while i < n and (p[i] == 32 or p[i] == 9):
+        i += 1
+    vstart = i
+    while i < n and VALUE[p[i]]:
+        i += 1
+    if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
+        return -1
+    vend = i
+    while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
+        vend -= 1
+    if vend == vstart:
+        return -1  # an empty value: llhttp's call
+    at[2] = vstart
+    at[3] = vend
+    return i + 2
+
+
+cdef inline bytes _lower(const unsigned char* p, Py_ssize_t n):
+    """A new bytes object of ``p``'s ``n`` bytes, lower-case: written in place before
+    anything else sees it (the C API allows this for a fresh object)."""
+    cdef Py_ssize_t k
+    name = PyBytes_FromStringAndSize(NULL, n)
+    cdef char* out = PyBytes_AS_STRING(name)
+    for k in range(n):
+        out[k] = <char> LOWER[p[k]]
+    return name
+
+
 def split_request_head(bytes data not None):
     """(method, target, headers, host, connection, expect) of ``data`` when it is one
     whole head of the accepted subset (see the module's rules); None otherwise.
@@ -96,8 +138,8 @@ def split_request_head(bytes data not None):
     ``expect``: an Expect header says 100-continue."""
     cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t i = 0, k, start, name_end, vstart, vend
-    cdef char* out
+    cdef Py_ssize_t i = 0, start
+    cdef Py_ssize_t at[4]
     cdef int hosts = 0
     cdef bint expect = False
     host = b""
@@ -134,35 +176,13 @@ def split_request_head(bytes data not None):
             if p[i + 1] == 10 and i + 2 == n and hosts == 1:
                 return method, target, headers, host, connection, expect
             return None
-        start = i
-        while i < n and TOKEN[p[i]]:
-            i += 1
-        if i == start or i >= n or p[i] != 58:  # a token, then ":"
+        i = _field(p, n, i, at)
+        if i < 0:
             return None
-        name_end = i
-        i += 1
-        while i < n and (p[i] == 32 or p[i] == 9):
-            i += 1
-        vstart = i
-        while i < n and VALUE[p[i]]:
-            i += 1
-        if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
-            return None
-        vend = i
-        while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
-            vend -= 1
-        if vend == vstart:
-            return None  # an empty value: llhttp's call
-        i += 2
-        # A new bytes object written in place before anything else sees it (the C API
-        # allows this for a fresh object).
-        name = PyBytes_FromStringAndSize(NULL, name_end - start)
-        out = PyBytes_AS_STRING(name)
-        for k in range(name_end - start):
-            out[k] = <char> LOWER[p[start + k]]
+        name = _lower(p + at[0], at[1] - at[0])
         if name == _CL or name == _TE or name == _UP or name == _PC:
             return None
-        value = PyBytes_FromStringAndSize(<const char*> p + vstart, vend - vstart)
+        value = PyBytes_FromStringAndSize(<const char*> p + at[2], at[3] - at[2])
         headers.append((name, value))
         if name == _HOST:
             hosts += 1
@@ -173,7 +193,7 @@ def split_request_head(bytes data not None):
             else:
                 connection.append(value)
         elif name == _EXPECT and not expect:
-            expect = _is_continue(p + vstart, vend - vstart)
+            expect = _is_continue(p + at[2], at[3] - at[2])
 
 
 # -- the response head's split ----------------------------------------------------------
@@ -198,15 +218,15 @@ def split_response_head(bytes data not None):
     """(status, reason, headers, connection, length, end) of ``data`` when it is one whole
     response of the accepted subset and nothing after it: "HTTP/1.1 SP 3DIGIT SP reason
     CRLF" with a status 200-599 other than 204 and 304 and a reason of visible ASCII and
-    SP; header lines as split_request_head takes them; exactly one Content-Length of 1 to
+    SP; header lines as split_request_head takes them (``_field``); exactly one Content-Length of 1 to
     18 digits, and exactly that many body bytes after the head (``end``: where they
     start). ``connection``: the Connection values in order, or None. Never
     Transfer-Encoding, Upgrade or Proxy-Connection. None otherwise: llhttp parses it."""
     cdef const unsigned char* p = <const unsigned char*> PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t i, k, start, name_end, vstart, vend, length = -1
+    cdef Py_ssize_t i, length = -1
+    cdef Py_ssize_t at[4]
     cdef int status
-    cdef char* out
     connection = None
     if n < 17 or memcmp(p, PyBytes_AS_STRING(_STATUS_PREFIX), 9) != 0:
         return None
@@ -231,38 +251,18 @@ def split_response_head(bytes data not None):
             if p[i + 1] == 10 and length >= 0 and n - (i + 2) == length:
                 return status, reason, headers, connection, length, i + 2
             return None
-        start = i
-        while i < n and TOKEN[p[i]]:
-            i += 1
-        if i == start or i >= n or p[i] != 58:
+        i = _field(p, n, i, at)
+        if i < 0:
             return None
-        name_end = i
-        i += 1
-        while i < n and (p[i] == 32 or p[i] == 9):
-            i += 1
-        vstart = i
-        while i < n and VALUE[p[i]]:
-            i += 1
-        if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
-            return None
-        vend = i
-        while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
-            vend -= 1
-        if vend == vstart:
-            return None
-        i += 2
-        name = PyBytes_FromStringAndSize(NULL, name_end - start)
-        out = PyBytes_AS_STRING(name)
-        for k in range(name_end - start):
-            out[k] = <char> LOWER[p[start + k]]
+        name = _lower(p + at[0], at[1] - at[0])
         if name == _TE or name == _UP or name == _PC:
             return None
-        value = PyBytes_FromStringAndSize(<const char*> p + vstart, vend - vstart)
+        value = PyBytes_FromStringAndSize(<const char*> p + at[2], at[3] - at[2])
         headers.append((name, value))
         if name == _CL:
             if length >= 0:
                 return None  # a second one: llhttp refuses it, with its own words
-            length = _digits(p + vstart, vend - vstart)
+            length = _digits(p + at[2], at[3] - at[2])
             if length < 0:
                 return None
         elif name == _CONNECTION:

@@ -261,6 +261,16 @@ def make_request(method: bytes, target: bytes, version: bytes, headers: Headers,
                    connection, host, upgrade=upgrade)
 
 
+def _tokens_of(values: list[bytes]) -> frozenset[bytes]:
+    """The Connection tokens of the values a compiled split found, as ``_scan`` unites
+    them (it does so inline, one header at a time)."""
+    connection = _NO_TOKENS
+    for value in values:
+        tokens = TOKENS_OF.get(value)
+        connection = connection | (tokens if tokens is not None else _connection_tokens(value))
+    return connection
+
+
 def request_from_split(method: bytes, target: bytes, headers: Headers, host: bytes,
                        connection_values: list[bytes] | None, expect: bool) -> Request | None:
     """``make_request`` for a head the compiled split accepted (http/_speedups.pyx: HTTP/1.1,
@@ -272,14 +282,9 @@ def request_from_split(method: bytes, target: bytes, headers: Headers, host: byt
         return None
     if host not in _GOOD_HOSTS:
         _check_host(host)  # make_request's first check that can fail on such a head
-    connection = _NO_TOKENS
-    if connection_values is not None:
-        for value in connection_values:
-            tokens = TOKENS_OF.get(value)
-            connection = connection | (tokens if tokens is not None
-                                       else _connection_tokens(value))
-        if b"close" in connection:
-            return None
+    connection = _NO_TOKENS if connection_values is None else _tokens_of(connection_values)
+    if b"close" in connection:
+        return None
     # No Upgrade header came, so no upgrade ("upgrade" in Connection alone is none).
     return Request(method, target, b"1.1", headers, True, False, None, expect, connection,
                    host)
@@ -382,14 +387,9 @@ def response_from_split(status: int, reason: bytes, headers: Headers,
     over them. None: one that closes the connection, which the caller gives to llhttp
     (which then stops between messages, as it would have)."""
     check_status_line(b"1.1", reason)
-    connection = _NO_TOKENS
-    if connection_values is not None:
-        for value in connection_values:
-            tokens = TOKENS_OF.get(value)
-            connection = connection | (tokens if tokens is not None
-                                       else _connection_tokens(value))
-        if b"close" in connection:
-            return None
+    connection = _NO_TOKENS if connection_values is None else _tokens_of(connection_values)
+    if b"close" in connection:
+        return None
     return Response(status, reason, b"1.1", headers, True, False, length, False, connection)
 
 
