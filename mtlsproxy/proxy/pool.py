@@ -8,9 +8,11 @@ keep-alive timeout of nginx and most application servers, so we drop first).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from mtlsproxy.config import Upstream
 from mtlsproxy.http.memo import HeadMemos
@@ -23,6 +25,9 @@ from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 
 class UpstreamPool:
+    __slots__ = ("parser_kind", "memos", "writes", "connect_timeout", "max_idle",
+                 "idle_timeout", "clock", "_idle", "opened", "tls", "h2")
+
     def __init__(self, parser_kind: str = "httptools", connect_timeout: float = 5.0,
                  max_idle_per_upstream: int = 64, idle_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
@@ -72,13 +77,16 @@ class UpstreamPool:
 
     async def _connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
         key, pool_key = upstream.key, upstream.pool_key
+        # UpstreamConnection has asyncio.Protocol's methods, not that base (see its class):
+        # typed as one for the loop, and back.
         _, proto = await connect(
-            upstream, lambda: UpstreamConnection(
-                key, response_parser(self.parser_kind, self.memos), self.writes, pool_key),
+            upstream, lambda: cast(asyncio.Protocol, UpstreamConnection(
+                key, response_parser(self.parser_kind, self.memos), self.writes, pool_key)),
             timeout, self.tls)
+        conn = cast(UpstreamConnection, proto)
         self.opened += 1
-        proto.set_state(ACTIVE)
-        return proto
+        conn.set_state(ACTIVE)
+        return conn
 
     def release(self, conn: Exchange, reusable: bool) -> None:
         if isinstance(conn, H2UpstreamStream):

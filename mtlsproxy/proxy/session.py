@@ -39,8 +39,9 @@ import asyncio
 import enum
 import ssl
 from collections.abc import Callable
+from functools import partial
 from time import perf_counter
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from mtlsproxy.admission.admit import (
     ADMITTED,
@@ -215,6 +216,15 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 # normalize.may_need_normalising, compiled when http/_speedups.pyx is built: every request
 # asks it.
 may_need_normalising = speedups.may_need_normalising or normalize.may_need_normalising
+
+
+def _route_now(domain: Domain, host: bytes, target: bytes,
+               protocol: bytes) -> RouteConfig | None:
+    """An upgraded route as the current config has it (a reload may drop the upgrade): the
+    tunnel asks. A function given its values, not a closure in ``_upgrade``: compiled, that
+    closure's scope would hold the session for as long as the tunnel lives."""
+    match = domain.router.match(host, target)
+    return match[0] if match is not None and protocol in match[0].upgrades else None
 
 
 def screen(rt: Listener, req: Request) -> None:
@@ -445,7 +455,8 @@ class ProxySession:
         if outcome is not ADMITTED:
             return False
         verdict = self.verdict
-        up = rt.pool.take_idle(route.upstream.pool_key)
+        pool = rt.pool
+        up = pool.take_idle(route.upstream.pool_key)
         if up is None:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
@@ -493,7 +504,8 @@ class ProxySession:
             if rechunk:
                 parts.append(wire.LAST_CHUNK)
             data = b"".join(parts)
-        rt.pool.release(up, resp.keep_alive)
+        pool = rt.pool
+        pool.release(up, resp.keep_alive)
         if keep:
             self.conn.write(data)  # one TLS record, one system call
         else:
@@ -848,7 +860,7 @@ class ProxySession:
             up = UpstreamConnection(route.upstream.key,
                                     response_parser(rt.parser_kind, rt.memos), rt.pool.writes,
                                     route.upstream.pool_key)
-            opened.transport.set_protocol(up)
+            opened.transport.set_protocol(cast(asyncio.Protocol, up))  # see its class
             up.connection_made(opened.transport)
             up.set_state(UP_ACTIVE)
             up.expect(req.method)
@@ -864,15 +876,10 @@ class ProxySession:
         assert self.verdict is not None
         self._enter(TUNNEL)
         self.conn.write(switched)
-        domain, host, target = self.domain, req.host, req.target
-
-        def route_now() -> RouteConfig | None:
-            """The route as the current config has it (a reload may drop the upgrade)."""
-            match = domain.router.match(host, target)
-            return match[0] if match is not None and protocol in match[0].upgrades else None
         tunnel = Tunnel(rt, self.conn, opened.transport, protocol.decode(), self.verdict,
                         self.domain.admission, route, req, route.upstream.key, start,
-                        route_now=route_now)
+                        route_now=partial(_route_now, self.domain, req.host, req.target,
+                                          protocol))
         tunnel.start(self.parser.take_held(), opened.rest, opened.eof)
         self.conn.resume_reading()  # paused if the held bytes reached HOLD_LIMIT
         return 101, len(switched)
@@ -904,24 +911,26 @@ class ProxySession:
             else:
                 raise RemoteProtocolError("unexpected message data")
 
+    async def _head_of(self, up: Exchange, timeout: float | None) -> Response:
+        # A method, not a closure in _response_head: compiled (mtlsproxy/compiled.py), a
+        # closure's scope holds the function that holds the scope, a cycle that would keep
+        # the session for the cyclic GC (tests/integration/test_lifetime.py).
+        while True:
+            ev = await (up.inbox.get() if timeout is None else self._get(up.inbox, timeout))
+            if isinstance(ev, Response):
+                return ev
+            if isinstance(ev, Data | EndOfMessage):
+                raise UpstreamError("upstream sent body data before a head", "protocol")
+            # 1xx: the proxy answered Expect itself; other interim responses are dropped.
+
     async def _response_head(self, up: Exchange, pump: asyncio.Task[None] | None,
                              read_timeout: float) -> Response:
-        async def head(timeout: float | None) -> Response:
-            while True:
-                ev = await (up.inbox.get() if timeout is None
-                            else self._get(up.inbox, timeout))
-                if isinstance(ev, Response):
-                    return ev
-                if isinstance(ev, Data | EndOfMessage):
-                    raise UpstreamError("upstream sent body data before a head", "protocol")
-                # 1xx: the proxy answered Expect itself; other interim responses are dropped.
-
         try:
             if pump is None:
-                return await head(read_timeout)
+                return await self._head_of(up, read_timeout)
             # While the body uploads, the pump's own timeouts apply; the read timeout
             # starts when the request is complete (nginx's proxy_read_timeout).
-            head_task = asyncio.get_running_loop().create_task(head(None))
+            head_task = asyncio.get_running_loop().create_task(self._head_of(up, None))
             try:
                 done, _ = await asyncio.wait({head_task, pump},
                                              return_when=asyncio.FIRST_COMPLETED)

@@ -57,7 +57,13 @@ _ALLOWED = {
 }
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    """An ``asyncio.Protocol`` without that base class, as TLSConnection (tls/bio.py)."""
+
+    __slots__ = ("key", "pool_key", "parser", "state", "transport", "inbox", "requests",
+                 "idle_since", "answered", "_write_paused", "_drain_waiter", "direct",
+                 "_writes", "_out", "__weakref__")
+
     def __init__(self, key: str, parser: ResponseParser,
                  writes: WriteBatch | None = None, pool_key: str | None = None) -> None:
         self.key = key  # metrics and logs

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from mtlsproxy.admission.admit import Admission
 from mtlsproxy.admission.authorizer import AuthorizerClient
@@ -244,8 +244,10 @@ class ListenerRuntime:
         if len(self.sessions) >= self.config.limits.max_connections:
             return _Refuse()
         config = self.config  # read per connection: a reload applies to the next one
-        return TLSConnection(lambda conn: ProxySession(self, conn), config.proxy_protocol,
-                             self.writes, config.proxy_protocol_sources)
+        # TLSConnection has asyncio.Protocol's methods, not that base (see its class).
+        return cast(asyncio.Protocol, TLSConnection(
+            lambda conn: ProxySession(self, conn), config.proxy_protocol, self.writes,
+            config.proxy_protocol_sources))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

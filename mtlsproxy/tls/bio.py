@@ -132,7 +132,11 @@ class HandshakeOver:
         return False
 
 
-class TLSConnection(asyncio.Protocol):
+class TLSConnection:
+    """An ``asyncio.Protocol`` (every method of one), without that base class: compiled
+    (mtlsproxy/compiled.py), an extension type's bases are extension types, and the loops
+    call a protocol's methods, never check its class."""
+
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("_handler_factory", "state", "_proxy_buf", "_proxy_sources", "transport",
                  "_hello_buf", "_hello_need", "server_name",

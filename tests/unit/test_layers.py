@@ -17,6 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mtlsproxy"
 
 # Lowest first. Each entry is a top-level module or sub-package of mtlsproxy.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    # The package's __init__ decides which build of the compiled modules runs before any
+    # is imported (mtlsproxy/compiled.py).
+    ("compiled",),
     ("__init__", "errors", "reasons"),
     ("runtime",),
     ("metrics",),
