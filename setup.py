@@ -20,8 +20,8 @@ from setuptools.command.build_ext import build_ext
 
 # mtlsproxy/compiled.py's MODULES (not imported from there: the build must not import the
 # package it builds); tests/unit/test_compiled_exchange.py checks that the two agree.
-EXCHANGE = ("mtlsproxy.runtime.writes", "mtlsproxy.tls.bio", "mtlsproxy.proxy.upstream",
-            "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
+EXCHANGE = ("mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
+            "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
 MANIFEST = "compiled.sha256"
 
 

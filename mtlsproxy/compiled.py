@@ -31,8 +31,8 @@ from pathlib import Path
 from types import ModuleType
 
 # Lowest layer first: the order setup.py builds them in (each cimports those before it).
-MODULES = ("mtlsproxy.runtime.writes", "mtlsproxy.tls.bio", "mtlsproxy.proxy.upstream",
-           "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
+MODULES = ("mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
+           "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
 MANIFEST = "compiled.sha256"  # in the package's directory, beside the built modules
 PACKAGE = Path(__file__).resolve().parent
 

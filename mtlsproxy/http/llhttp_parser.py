@@ -33,19 +33,24 @@ class _LlhttpHead:
     after a feed is held to the bytes fed, so one endless line meets the limit too.
     """
 
-    _url = b""
-    _headers: Headers | None = None
-    max_header_bytes: int
-    _bound = 0  # bytes fed since before the current head began (an upper bound)
-    # The same, carried from one feed to the next while a head is open (read only then).
-    _raw_size = 0
-    # Inside a chunk (between on_chunk_header and on_chunk_complete), and the bytes of
-    # whole feeds spent there without a byte of data: the last chunk's trailer section.
-    _in_chunk = False
-    _trailer_size = 0
-    # llhttp stands between messages (at the start, or after a message that keeps the
-    # connection): where a head-memo hit may stand in for a parse (see "the head memo").
-    _between = True
+    # Compiled too (mtlsproxy/compiled.py): the fields are the .pxd's.
+    __slots__ = ("_url", "_headers", "max_header_bytes", "_bound", "_raw_size", "_in_chunk",
+                 "_trailer_size", "_between", "__weakref__")
+
+    def __init__(self, max_header_bytes: int) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._url = b""
+        self._headers: Headers | None = None
+        self._bound = 0  # bytes fed since before the current head began (an upper bound)
+        # The same, carried from one feed to the next while a head is open (read only then).
+        self._raw_size = 0
+        # Inside a chunk (between on_chunk_header and on_chunk_complete), and the bytes of
+        # whole feeds spent there without a byte of data: the last chunk's trailer section.
+        self._in_chunk = False
+        self._trailer_size = 0
+        # llhttp stands between messages (at the start, or after a message that keeps the
+        # connection): where a head-memo hit may stand in for a parse (see "the head memo").
+        self._between = True
 
     def on_message_begin(self) -> None:
         self._url = b""
@@ -141,8 +146,10 @@ _ResponseFields = tuple[int, bytes, bytes, Headers, bool, int, frozenset[bytes]]
 class HttptoolsRequestParser(_LlhttpHead):
     """llhttp behind the seam; the default fast path."""
 
+    __slots__ = ("_parser", "_events", "_memo", "_misses", "_keep", "_held")
+
     def __init__(self, max_header_bytes: int = 32768, memos: HeadMemos | None = None) -> None:
-        self.max_header_bytes = max_header_bytes
+        super().__init__(max_header_bytes)
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._memo: Memo[bytes, _RequestFields] = (memos or HeadMemos()).requests(
@@ -180,7 +187,7 @@ class HttptoolsRequestParser(_LlhttpHead):
         methods (a reference cycle), so without this the parser, and everything the
         connection hangs on it, waits for the cyclic GC instead of going at once.
         ``feed`` must not be called afterwards."""
-        vars(self).pop("_parser", None)
+        self._parser = None  # type: ignore[assignment]
 
     @property
     def held(self) -> int:
@@ -270,8 +277,11 @@ class HttptoolsRequestParser(_LlhttpHead):
 
 
 class HttptoolsResponseParser(_LlhttpHead):
+    __slots__ = ("_method", "_events", "_parser", "_stale_parser", "_response", "_done",
+                 "_first", "_memo", "_misses")
+
     def __init__(self, max_header_bytes: int = 65536, memos: HeadMemos | None = None) -> None:
-        self.max_header_bytes = max_header_bytes
+        super().__init__(max_header_bytes)
         self._method = b"GET"
         self._events: list[Event] = []
         self._parser = httptools.HttpResponseParser(self)
