@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -22,7 +23,9 @@ from setuptools.command.build_ext import build_ext
 # package it builds); tests/unit/test_compiled_exchange.py checks that the two agree.
 EXCHANGE = ("mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
             "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
-MANIFEST = "compiled.sha256"
+# One per interpreter (its extension suffix in the name): a build for another Python
+# neither vouches for this one's modules nor removes this one's manifest.
+MANIFEST = f"compiled{sysconfig.get_config_var('EXT_SUFFIX')}.sha256"
 
 
 def manifest_text() -> str:
@@ -49,15 +52,14 @@ class OptionalBuildExt(build_ext):
             self._skip(exc)
             self._failed.append("*")
         # The fast exchange's modules are used all or nothing (mtlsproxy/compiled.py): the
-        # manifest says every one was built, from which sources.
+        # manifest says every one was built, from which sources. (A failed _speedups is
+        # http/speedups.py's business, not theirs.)
         manifest = Path(self.get_ext_fullpath(EXCHANGE[0])).parents[1] / MANIFEST
-        if any(name in EXCHANGE for name in self._built_names()) and not self._failed:
+        built = {ext.name for ext in self.extensions}
+        if built >= set(EXCHANGE) and not set(self._failed) & {"*", *EXCHANGE}:
             manifest.write_text(manifest_text())
         elif manifest.exists():
             manifest.unlink()
-
-    def _built_names(self) -> list[str]:
-        return [ext.name for ext in self.extensions]
 
     def build_extension(self, ext: object) -> None:
         try:
@@ -68,7 +70,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _skip(exc: BaseException) -> None:
-        print(f"mtlsproxy: compiled speedups not built ({exc}); using the pure-Python "
+        print(f"mtlsproxy: a compiled part not built ({exc}); using its pure-Python "
               "path", file=sys.stderr)
 
 
@@ -80,13 +82,25 @@ def extensions() -> list[object]:
     except ImportError:
         print("mtlsproxy: Cython not available; using the pure-Python path", file=sys.stderr)
         return []
-    speedups = cythonize(["mtlsproxy/http/_speedups.pyx"], quiet=True)
-    # Pure Python mode: the types come from the .pxd files alone, never from annotations
-    # (an annotation ``data: bytes`` would make Cython refuse a bytearray the Python
-    # source accepts).
-    exchange = cythonize([str(Path(*m.split(".")).with_suffix(".py")) for m in EXCHANGE],
-                         quiet=True, compiler_directives={"annotation_typing": False,
-                                                          "language_level": 3})
+    # Cython's own errors (a source it cannot translate) are not install failures either:
+    # each part falls back on its own.
+    try:
+        speedups = cythonize(["mtlsproxy/http/_speedups.pyx"], quiet=True)
+    except Exception as exc:  # noqa: BLE001 - Cython.Compiler.Errors.CompileError etc.
+        OptionalBuildExt._skip(exc)
+        speedups = []
+    try:
+        # Pure Python mode: the types come from the .pxd files alone, never from
+        # annotations (an annotation ``data: bytes`` would make Cython refuse a bytearray
+        # the Python source accepts). nonecheck: a None where a .pxd declares a type
+        # raises as the Python source would, instead of reading through a null pointer.
+        exchange = cythonize(
+            [str(Path(*m.split(".")).with_suffix(".py")) for m in EXCHANGE], quiet=True,
+            compiler_directives={"annotation_typing": False, "language_level": 3,
+                                 "nonecheck": True})
+    except Exception as exc:  # noqa: BLE001
+        OptionalBuildExt._skip(exc)
+        exchange = []
     return [*speedups, *exchange]
 
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 from mtlsproxy.config import Upstream
@@ -22,6 +23,14 @@ from mtlsproxy.proxy.h2upstream import H2UpstreamPool, H2UpstreamStream
 from mtlsproxy.proxy.upstream import ACTIVE, IDLE, Exchange, UpstreamConnection
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls.upstream import UpstreamTLSContexts
+
+
+def _new_connection(key: str, parser_kind: str, memos: HeadMemos | None,
+                    writes: WriteBatch | None, pool_key: str) -> asyncio.Protocol:
+    # UpstreamConnection has asyncio.Protocol's methods, not that base (see its class):
+    # typed as one for the loop (``_connect`` casts it back).
+    return cast(asyncio.Protocol, UpstreamConnection(
+        key, response_parser(parser_kind, memos), writes, pool_key))
 
 
 class UpstreamPool:
@@ -76,12 +85,12 @@ class UpstreamPool:
         return await self._connect(upstream, connect_timeout or self.connect_timeout), False
 
     async def _connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
-        key, pool_key = upstream.key, upstream.pool_key
-        # UpstreamConnection has asyncio.Protocol's methods, not that base (see its class):
-        # typed as one for the loop, and back.
+        # A function given its values, not a lambda: compiled, a lambda's scope would be
+        # this coroutine's, which an https:// connection's TLS layer (keeping the factory)
+        # would keep, with the connection, in a cycle of its own.
         _, proto = await connect(
-            upstream, lambda: cast(asyncio.Protocol, UpstreamConnection(
-                key, response_parser(self.parser_kind, self.memos), self.writes, pool_key)),
+            upstream, partial(_new_connection, upstream.key, self.parser_kind, self.memos,
+                              self.writes, upstream.pool_key),
             timeout, self.tls)
         conn = cast(UpstreamConnection, proto)
         self.opened += 1

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,8 @@ def run_probe(package_parent: Path, env_extra: dict[str, str]) -> list[str]:
     probe = ("import importlib, mtlsproxy.compiled as c\n"
              "print(c.WHY_PURE or '-')\n"
              "for m in c.MODULES: print(importlib.import_module(m).__file__)\n")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=package_parent,
+    cwd = package_parent if package_parent.is_dir() else package_parent.parent
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd,
                          capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.splitlines()
 
@@ -179,3 +181,40 @@ def test_a_build_without_its_manifest_is_not_used(package_copy: Path) -> None:
     lines = run_probe(package_copy, {})
     assert "incomplete build" in lines[0], lines
     assert all(line.endswith(".py") for line in lines[1:]), lines
+
+
+def test_a_manifest_of_another_interpreters_build_does_not_vouch_for_this_one(
+        package_copy: Path) -> None:
+    """Each interpreter's build writes its own manifest: one made by another Python (here:
+    this one's, renamed as 3.99's) says nothing about this interpreter's modules."""
+    pkg = package_copy / "mtlsproxy"
+    (pkg / compiled.MANIFEST).rename(pkg / "compiled.cpython-399-x86_64-linux-gnu.so.sha256")
+    lines = run_probe(package_copy, {})
+    assert "incomplete build" in lines[0], lines
+    assert all(line.endswith(".py") for line in lines[1:]), lines
+
+
+def test_a_build_without_its_sources_runs_their_bytecode(package_copy: Path) -> None:
+    """An install of bytecode only (``compileall -b``, the ``.py`` removed): the sources
+    cannot vouch for the build, so the modules run from their ``.pyc``."""
+    pkg = package_copy / "mtlsproxy"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-b", str(pkg)], check=True,
+                   timeout=120)
+    for module in compiled.MODULES:
+        py = package_copy.joinpath(*module.split(".")).with_suffix(".py")
+        py.unlink()
+    lines = run_probe(package_copy, {})
+    assert lines[0].startswith("a source is unreadable"), lines
+    assert all(line.endswith(".pyc") for line in lines[1:]), lines
+
+
+@pytest.mark.parametrize("pure", ["1", "0"])
+def test_the_package_imports_from_a_zip(tmp_path: Path, pure: str) -> None:
+    """A zip holds no built module: the usual finders import the sources from it, with or
+    without MTLSPROXY_PURE."""
+    archive = tmp_path / "mtlsproxy.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted((ROOT / "mtlsproxy").rglob("*.py")):
+            z.write(path, path.relative_to(ROOT))
+    lines = run_probe(archive, {"MTLSPROXY_PURE": pure})
+    assert all(line.endswith(".py") and ".zip" in line for line in lines[1:]), lines
