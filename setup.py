@@ -11,34 +11,30 @@ command either way.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-import sysconfig
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# mtlsproxy/compiled.py's MODULES (not imported from there: the build must not import the
-# package it builds); tests/unit/test_compiled_exchange.py checks that the two agree.
-EXCHANGE = ("mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
-            "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
-# One per interpreter (its extension suffix in the name): a build for another Python
-# neither vouches for this one's modules nor removes this one's manifest.
-MANIFEST = f"compiled{sysconfig.get_config_var('EXT_SUFFIX')}.sha256"
+
+def _compiled() -> ModuleType:
+    """mtlsproxy/compiled.py, loaded by its path: its MODULES, MANIFEST and manifest_text()
+    are what is built and vouched for (importing the package would import what is being
+    built; compiled.py needs only the standard library)."""
+    path = Path(__file__).resolve().parent / "mtlsproxy" / "compiled.py"
+    spec = importlib.util.spec_from_file_location("_mtlsproxy_compiled", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def manifest_text() -> str:
-    """mtlsproxy/compiled.py's ``manifest_text``, over the sources being built."""
-    import hashlib
-
-    lines = []
-    for module in EXCHANGE:
-        rel = Path(*module.split(".")[1:])
-        for path in (rel.with_suffix(".py"), rel.with_suffix(".pxd")):
-            digest = hashlib.sha256((Path("mtlsproxy") / path).read_bytes()).hexdigest()
-            lines.append(f"{digest}  {path}")
-    return "\n".join(lines) + "\n"
+COMPILED = _compiled()
+EXCHANGE: tuple[str, ...] = COMPILED.MODULES
 
 
 class OptionalBuildExt(build_ext):
@@ -54,10 +50,11 @@ class OptionalBuildExt(build_ext):
         # The fast exchange's modules are used all or nothing (mtlsproxy/compiled.py): the
         # manifest says every one was built, from which sources. (A failed _speedups is
         # http/speedups.py's business, not theirs.)
-        manifest = Path(self.get_ext_fullpath(EXCHANGE[0])).parents[1] / MANIFEST
+        # Beside the built modules: the package's directory in the build.
+        manifest = Path(self.get_ext_fullpath("mtlsproxy.compiled")).parent / COMPILED.MANIFEST
         built = {ext.name for ext in self.extensions}
         if built >= set(EXCHANGE) and not set(self._failed) & {"*", *EXCHANGE}:
-            manifest.write_text(manifest_text())
+            manifest.write_text(COMPILED.manifest_text())
         elif manifest.exists():
             manifest.unlink()
 

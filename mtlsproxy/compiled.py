@@ -42,7 +42,8 @@ from pathlib import Path
 from types import ModuleType
 
 # Lowest layer first: the order setup.py builds them in (each cimports those before it).
-MODULES = ("mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
+MODULES = ("mtlsproxy.http.events", "mtlsproxy.http.checks", "mtlsproxy.http.wire",
+           "mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
            "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
 # This interpreter's extension modules, and the manifest of their build (in the package's
 # directory, beside them).
@@ -57,13 +58,13 @@ def sources(module: str) -> list[Path]:
     return [base.with_suffix(".py"), base.with_suffix(".pxd")]
 
 
-def manifest_text(root: Path = PACKAGE) -> str:
-    """What setup.py writes after a complete build (``root``: the source package)."""
+def manifest_text() -> str:
+    """What setup.py writes after a complete build: each source's SHA-256."""
     lines = []
     for module in MODULES:
         for path in sources(module):
             rel = path.relative_to(PACKAGE)
-            lines.append(f"{hashlib.sha256((root / rel).read_bytes()).hexdigest()}  {rel}")
+            lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.set cimport PySet_Contains
+from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy
 
 cdef unsigned char TOKEN[256]
@@ -89,6 +90,28 @@ cdef bint _is_continue(const unsigned char* v, Py_ssize_t n):
     return True
 
 
+# SWAR (SIMD within a register; Sean Anderson's "Bit Twiddling Hacks", "Determine if a word
+# has a byte less than n" and "... greater than n"): 8 bytes tested at once. A word with
+# none below SP and none above "~" is 8 bytes of VALUE; any other word (HTAB, the CR that
+# ends the line, obs-text, a control byte) is read byte by byte, against the table.
+cdef uint64_t _ONES = 0x0101010101010101ULL
+cdef uint64_t _HIGHS = 0x8080808080808080ULL
+
+
+cdef inline Py_ssize_t _value_end(const unsigned char* p, Py_ssize_t n,
+                                  Py_ssize_t i) noexcept:
+    """The offset of the first byte from ``i`` that is not in VALUE (``n`` when none)."""
+    cdef uint64_t w
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        if ((w - _ONES * 0x20) & ~w & _HIGHS) or (((w + _ONES * (127 - 0x7E)) | w) & _HIGHS):
+            break
+        i += 8
+    while i < n and VALUE[p[i]]:
+        i += 1
+    return i
+
+
 cdef inline Py_ssize_t _field(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
                               Py_ssize_t* at) noexcept:
     """The header line at ``i``, of the subset both splits take: a token, ":", and a
@@ -106,8 +129,7 @@ cdef inline Py_ssize_t _field(const unsigned char* p, Py_ssize_t n, Py_ssize_t i
     while i < n and (p[i] == 32 or p[i] == 9):
         i += 1
     vstart = i
-    while i < n and VALUE[p[i]]:
-        i += 1
+    i = _value_end(p, n, i)
     if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
         return -1
     vend = i
@@ -129,6 +151,44 @@ cdef inline bytes _lower(const unsigned char* p, Py_ssize_t n):
     for k in range(n):
         out[k] = <char> LOWER[p[k]]
     return name
+
+
+# The names most requests and responses carry (browsers', API clients', tracing's, servers'),
+# lower-case, one object each: a header of one of them gets the object itself instead of a
+# new one. The name then costs no allocation, and its hash, computed once, is reused by
+# every set and dict look-up of it (the listener's rules, the memos). _KNOWN[n]: those of
+# n bytes.
+_NAMES = (
+    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"cookie",
+    b"authorization", b"traceparent", b"tracestate", b"baggage", b"x-request-id",
+    b"content-type", b"content-length", b"connection", b"referer", b"origin",
+    b"cache-control", b"pragma", b"if-none-match", b"if-modified-since", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded", b"expect",
+    b"sec-fetch-site", b"sec-fetch-mode", b"sec-fetch-dest", b"sec-ch-ua",
+    b"sec-ch-ua-mobile", b"sec-ch-ua-platform", b"upgrade-insecure-requests", b"dnt",
+    b"priority", b"te", b"range", b"x-api-key", b"x-correlation-id", b"keep-alive",
+    b"date", b"server", b"set-cookie", b"etag", b"last-modified", b"vary", b"expires",
+    b"location", b"content-encoding", b"strict-transport-security", b"x-content-type-options",
+    b"x-frame-options", b"access-control-allow-origin", b"age", b"via", b"grpc-status",
+)
+cdef Py_ssize_t _LONGEST = 48
+cdef list _KNOWN = [[] for _ in range(_LONGEST + 1)]
+for _known_name in _NAMES:
+    (<list> _KNOWN[len(_known_name)]).append(_known_name)
+
+
+cdef inline bytes _name(const unsigned char* p, Py_ssize_t n):
+    """``_lower(p, n)``, or the same bytes from ``_NAMES`` when it is one of them."""
+    cdef unsigned char buf[48]
+    cdef Py_ssize_t k
+    if n > _LONGEST:
+        return _lower(p, n)
+    for k in range(n):
+        buf[k] = LOWER[p[k]]
+    for known in <list> _KNOWN[n]:
+        if memcmp(PyBytes_AS_STRING(<bytes> known), buf, n) == 0:
+            return <bytes> known
+    return PyBytes_FromStringAndSize(<const char*> buf, n)
 
 
 def split_request_head(bytes data not None):
@@ -179,7 +239,7 @@ def split_request_head(bytes data not None):
         i = _field(p, n, i, at)
         if i < 0:
             return None
-        name = _lower(p + at[0], at[1] - at[0])
+        name = _name(p + at[0], at[1] - at[0])
         if name == _CL or name == _TE or name == _UP or name == _PC:
             return None
         value = PyBytes_FromStringAndSize(<const char*> p + at[2], at[3] - at[2])
@@ -254,7 +314,7 @@ def split_response_head(bytes data not None):
         i = _field(p, n, i, at)
         if i < 0:
             return None
-        name = _lower(p + at[0], at[1] - at[0])
+        name = _name(p + at[0], at[1] - at[0])
         if name == _TE or name == _UP or name == _PC:
             return None
         value = PyBytes_FromStringAndSize(<const char*> p + at[2], at[3] - at[2])
@@ -283,6 +343,9 @@ cdef enum:
     A_EXPECT = 4
     A_FORWARDED = 5
 ACTIONS = (A_KEEP, A_DROP, A_XFF, A_HOST, A_EXPECT, A_FORWARDED)
+# The version of this module's interface (http/speedups.py uses a module of this one only):
+# 2, upstream_head says whether an X-Request-Id line was kept.
+API = 2
 
 
 
@@ -337,10 +400,12 @@ def upstream_head(bytes method not None, bytes target not None, list headers not
     names nothing beyond hop-by-hop and with nothing ``replaced``, in one buffer: the
     request line, the kept header lines in order, Host (localhost when none came),
     X-Forwarded-For (the client's chain, then ``client_ip``), X-Forwarded-Proto,
-    X-Forwarded-Host, ``cert_block``, ``framing`` and the blank line. None when a
-    header's action is not known yet or is a counted drop, or a Forwarded header came
-    (its chain is checked in Python): the caller's Python loop builds it."""
+    X-Forwarded-Host, ``cert_block``, ``framing`` and the blank line; and whether one of
+    the kept lines is an X-Request-Id (wire.upstream_request_head adds one otherwise).
+    None when a header's action is not known yet or is a counted drop, or a Forwarded
+    header came (its chain is checked in Python): the caller's Python loop builds it."""
     cdef Py_ssize_t n = len(headers), i, size, xff_size = 0
+    cdef bint request_id = False
     cdef tuple header
     cdef bytes name, value
     cdef int action
@@ -390,7 +455,11 @@ def upstream_head(bytes method not None, bytes target not None, list headers not
             if action == A_DROP or action == A_XFF:
                 continue
             header = <tuple> headers[i]
-            out = _put(out, <bytes> header[0])
+            name = <bytes> header[0]
+            if PyBytes_GET_SIZE(name) == 12 and memcmp(PyBytes_AS_STRING(name),
+                                                       "x-request-id", 12) == 0:
+                request_id = True
+            out = _put(out, name)
             out = _put_c(out, ": ", 2)
             out = _put(out, <bytes> header[1])
             out = _put_c(out, "\r\n", 2)
@@ -413,7 +482,7 @@ def upstream_head(bytes method not None, bytes target not None, list headers not
         out = _put_c(out, "\r\n", 2)
         if out - PyBytes_AS_STRING(head) != size:
             raise AssertionError("upstream_head: size mismatch")
-        return head
+        return head, request_id
     finally:
         PyMem_Free(kinds)
 

@@ -1,6 +1,11 @@
 """The events of the HTTP/1.1 parsing seam (http/parser.py): what a message becomes.
 
 Header names are lower-case; values as received, without surrounding spaces.
+
+Rules of this module: setup.py compiles it with the fast exchange (mtlsproxy/compiled.py),
+each dataclass an extension type whose fields events.pxd declares (Cython's dataclass
+support; it has no ``slots=True``, so the pure build's classes have a ``__dict__``). A
+field added here is added there too (test_compiled_exchange compares them).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Protocol
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(slots=True)
+@dataclass
 class Request:
     method: bytes
     target: bytes
@@ -40,7 +45,7 @@ class Request:
         return self.chunked or bool(self.content_length)
 
 
-@dataclass(slots=True)
+@dataclass
 class Response:
     status: int
     reason: bytes
@@ -54,18 +59,18 @@ class Response:
     raw: bytes = b""  # the head's exact bytes, as Request.raw
 
 
-@dataclass(slots=True)
+@dataclass
 class Informational:
     status: int
 
 
-@dataclass(slots=True)
+@dataclass
 class Data:
     # bytes, or a bytearray an Inbox grew from many small pieces (proxy/inbox.py)
     data: bytes | bytearray
 
 
-@dataclass(slots=True)
+@dataclass
 class EndOfMessage:
     # An HTTP/2 upstream's trailers (gRPC's grpc-status); HTTP/1.1 ones are not kept.
     trailers: tuple[tuple[bytes, bytes], ...] = ()

@@ -1,6 +1,8 @@
 # The types of llhttp_parser.py's compiled build (mtlsproxy/compiled.py): each class's
 # fields are its __slots__ (tests/unit/test_compiled_exchange.py compares them).
 cimport cython
+from mtlsproxy.http.checks cimport request_from_split, response_from_split
+from mtlsproxy.http.events cimport Request, Response
 
 
 cdef class _LlhttpHead:

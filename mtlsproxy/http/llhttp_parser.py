@@ -223,7 +223,9 @@ class HttptoolsRequestParser(_LlhttpHead):
             parts = split(data)
             if parts is not None:
                 try:
-                    split_req = request_from_split(*parts)
+                    method, target, headers, host, connection_values, expect = parts
+                    split_req = request_from_split(method, target, headers, host,
+                                                   connection_values, expect)
                 except RemoteProtocolError:
                     # llhttp's path below raises the same error for these bytes, and is
                     # then left where it stops after one (refusing what follows).

@@ -21,9 +21,10 @@ SplitHead = Callable[
 SplitResponse = Callable[
     [bytes], "tuple[int, bytes, Headers, list[bytes] | None, int, int] | None"]
 # method, target, headers, plain names, actions, expect_continue, client address, the
-# certificate lines, the framing line -> the whole upstream head (wire._upstream_head)
+# certificate lines, the framing line -> the whole upstream head (wire._upstream_head) and
+# whether it kept an X-Request-Id line
 UpstreamHead = Callable[[bytes, bytes, Headers, set[bytes], dict[bytes, int], bool, bytes,
-                         bytes, bytes], "bytes | None"]
+                         bytes, bytes], "tuple[bytes, bool] | None"]
 
 # headers, names to drop -> the kept header lines (wire.client_response_head)
 KeptLines = Callable[[Headers, frozenset[bytes]], "bytes | None"]
@@ -41,8 +42,9 @@ if os.environ.get("MTLSPROXY_PURE", "") in ("", "0"):
     else:
         # The compiled loop knows header_rules' actions by number: only while they agree.
         # And all or nothing: a module built from an older _speedups.pyx (an in-place build
-        # left beside the sources for another interpreter) lacks names, and is not used.
-        if getattr(_speedups, "ACTIONS", None) == (
+        # left beside the sources for another interpreter) lacks names or has another
+        # API, and is not used.
+        if getattr(_speedups, "API", 1) == 2 and getattr(_speedups, "ACTIONS", None) == (
                 header_rules.KEEP, header_rules.DROP, header_rules.XFF, header_rules.HOST,
                 header_rules.EXPECT, header_rules.FORWARDED) and all(
                 hasattr(_speedups, name) for name in (

@@ -12,6 +12,7 @@ import re
 
 from mtlsproxy.errors import RemoteProtocolError
 from mtlsproxy.http.checks import BAD_VALUE, TOKEN
+from mtlsproxy.http.events import Request, Response
 from mtlsproxy.http.header_rules import (
     DEFAULT_RULES,
     DROP,
@@ -25,7 +26,6 @@ from mtlsproxy.http.header_rules import (
     valid_forwarded,
 )
 from mtlsproxy.http.memo import HeadMemos
-from mtlsproxy.http.parser import Request, Response
 from mtlsproxy.http.speedups import kept_lines, upstream_head
 from mtlsproxy.identity.headers import fold
 
@@ -87,10 +87,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
     for the access log: 32 hex digits of randomness, nginx's ``$request_id`` (Envoy
     generates one too, a UUID). It is added after the head is built (and memoised), so
     heads that repeat still do."""
-    head = _upstream_head(req, target, client_ip, cert_block, rules, replaced, memos)
-    # Names are lower-case here; values hold no newline. (``find``: bytes ``in`` builds and
-    # drops a TypeError first, proxy/session.py's _try_fast says why.)
-    if head.find(_REQUEST_ID_LINE) >= 0:
+    head, request_id_kept = _upstream_head(req, target, client_ip, cert_block, rules,
+                                           replaced, memos)
+    if request_id_kept:
         return head
     request_id = os.urandom(16).hex().encode()
     req.request_id = request_id
@@ -99,7 +98,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
 
 def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: bytes,
                    rules: HeaderRules, replaced: frozenset[bytes],
-                   memos: HeadMemos | None) -> bytes:
+                   memos: HeadMemos | None) -> tuple[bytes, bool]:
+    """The head, and whether it kept the client's X-Request-Id. (Told by whoever wrote the
+    lines: a search of the whole head for one costs as much as writing it.)"""
     raw = req.raw if memos is not None else b""
     if raw:
         assert memos is not None
@@ -108,7 +109,9 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
         key = (raw, target, client_ip, cert_block, rules, replaced)
         made = memos.upstream_heads.entries.get(key)
         if made is not None:
-            return made
+            # Names are lower-case here; values hold no newline. (``find``: bytes ``in``
+            # builds and drops a TypeError first, proxy/session.py's _try_fast says why.)
+            return made, made.find(_REQUEST_ID_LINE) >= 0
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
     if named and named <= HOP_BY_HOP:
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
@@ -119,13 +122,17 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
     else:
         framing = b""
     head = None
+    request_id_kept = False
     counted = False  # a drop was counted: this head is not memoised (count every one)
     if upstream_head is not None and not named and not replaced:
         # The loop below in one compiled call (http/_speedups.pyx), when every header's
         # action is known, none is a counted drop and no Forwarded header came; None
         # otherwise, and the loop runs.
-        head = upstream_head(req.method, target, req.headers, rules.plain, rules.actions,
-                             req.expect_continue, client_ip.encode(), cert_block, framing)
+        made_here = upstream_head(req.method, target, req.headers, rules.plain,
+                                  rules.actions, req.expect_continue, client_ip.encode(),
+                                  cert_block, framing)
+        if made_here is not None:
+            head, request_id_kept = made_here
     if head is None:
         lines = [_SPACE_JOIN((req.method, target, b"HTTP/1.1"))]
         xff = b""
@@ -161,6 +168,8 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
                     rules.count(action)
                     counted = True
                     continue
+            if name == b"x-request-id":
+                request_id_kept = True
             lines.append(_FIELD_JOIN(header))
         if not host:
             host = b"localhost"
@@ -181,7 +190,7 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
         head = b"".join((b"\r\n".join(lines), cert_block, framing, b"\r\n"))
     if raw and not counted and memos is not None and memos.upstream_heads.admit(key):
         memos.upstream_heads.store(key, head)
-    return head
+    return head, request_id_kept
 
 
 _CONTENT_LENGTH = frozenset({b"content-length"})

@@ -1,11 +1,13 @@
 cimport cython
+from mtlsproxy.http.events cimport Request, Response
 from mtlsproxy.tls.bio cimport TLSConnection
 from mtlsproxy.proxy.upstream cimport UpstreamConnection
 from mtlsproxy.proxy.pool cimport UpstreamPool
 
 @cython.final
 cdef class _Fast:
-    cdef public object req, upstream, route_name, head
+    cdef public Request req
+    cdef public object upstream, route_name, head
     cdef public UpstreamConnection up
     cdef public double start
 
@@ -23,7 +25,8 @@ cdef class ProxySession:
     cpdef _start_task(self, fast)
     cpdef _park(self)
     @cython.locals(pool=UpstreamPool, up=UpstreamConnection)
-    cpdef bint _try_fast(self, req)
-    @cython.locals(up=UpstreamConnection, fast=_Fast, pool=UpstreamPool)
+    cpdef bint _try_fast(self, Request req)
+    @cython.locals(up=UpstreamConnection, fast=_Fast, pool=UpstreamPool, req=Request,
+                   resp=Response)
     cpdef upstream_events(self, list events)
     cpdef _count_fast(self, _Fast fast, status, sent)

@@ -55,18 +55,11 @@ from mtlsproxy.admission.cache import Verdict
 from mtlsproxy.config import ListenerConfig, RouteConfig, Upstream
 from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamError
 from mtlsproxy.http import normalize, speedups, wire
+from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
 from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
-from mtlsproxy.http.parser import (
-    Data,
-    EndOfMessage,
-    Event,
-    Request,
-    Response,
-    request_parser,
-    response_parser,
-)
+from mtlsproxy.http.parser import request_parser, response_parser
 from mtlsproxy.identity.headers import header_block
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.proxy.inbox import Inbox

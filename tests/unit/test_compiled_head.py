@@ -153,6 +153,19 @@ def test_the_split_takes_the_common_head_and_declines_the_rest(split: Any) -> No
         assert split(CORPUS[name]) is None, name
 
 
+@pytest.mark.parametrize("byte", b"\t\x00\x1f\x7f\x80\xff\r\n ~!")
+def test_every_byte_of_a_long_value_is_checked_wherever_it_stands(split: Any,
+                                                                   byte: int) -> None:
+    """The split reads a value 8 bytes at a time (http/_speedups.pyx, ``_value_end``): a
+    byte it must refuse, or read alone, at each offset of a word, the last word and the
+    bytes after it, answers as llhttp does."""
+    for at in range(27):
+        value = bytearray(b"abcdefghijklmnopqrstuvwxyz0")
+        value[at] = byte
+        data = b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + bytes(value) + b"\r\nX-B: 1\r\n\r\n"
+        assert outcome(data, split) == outcome(data, None), data
+
+
 @pytest.mark.parametrize("limit", [60, 200, 400, 32768])
 def test_the_header_limit_is_the_same_either_way(split: Any, limit: int) -> None:
     assert outcome(REALISTIC, split, limit) == outcome(REALISTIC, None, limit)
@@ -389,6 +402,51 @@ def test_mutated_requests_get_the_same_upstream_head_either_way(head: Any,
         assert _heads(data, head, rules_kw) == _heads(data, None, rules_kw), data
 
 
+def _request_id_lines(data: bytes, head: Any, strip: tuple[str, ...] = ()
+                      ) -> tuple[list[bytes], bytes]:
+    """The X-Request-Id lines of the upstream head built (the names known, as on the
+    hot path), and the id the proxy generated (b"" when it kept the client's)."""
+    from mtlsproxy.http import wire
+    from mtlsproxy.http.header_rules import HeaderRules
+    rules = HeaderRules(strip=strip)
+    with mock.patch.object(wire, "upstream_head", head):
+        for _ in range(2):
+            req = HttptoolsRequestParser(32768).feed(data)[0]
+            assert isinstance(req, Request)
+            built = wire.upstream_request_head(req, b"/", "10.0.0.9", b"x-cert: A\r\n", rules)
+    lines = [line for line in built.split(b"\r\n") if line.startswith(b"x-request-id:")]
+    return lines, req.request_id
+
+
+@pytest.mark.parametrize("spelling", [b"X-Request-Id", b"x-request-id", b"X-REQUEST-ID"])
+def test_a_kept_client_x_request_id_is_the_only_one_either_way(head: Any,
+                                                                spelling: bytes) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\n" + spelling + b": abc\r\nX-B: 1\r\n\r\n"
+    for built_by in (head, None):
+        assert _request_id_lines(data, built_by) == ([b"x-request-id: abc"], b"")
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-B: 1\r\n\r\n",
+    # Names that are not it, and values that name it.
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Idx: 1\r\nX-Request-I: 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-B: x-request-id: 1\r\n\r\n",
+])
+def test_a_request_without_x_request_id_gets_exactly_one_either_way(head: Any,
+                                                                     data: bytes) -> None:
+    for built_by in (head, None):
+        lines, generated = _request_id_lines(data, built_by)
+        assert len(generated) == 32 and lines == [b"x-request-id: " + generated]
+
+
+def test_a_stripped_client_x_request_id_is_replaced_by_a_generated_one_either_way(
+        head: Any) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc\r\n\r\n"
+    for built_by in (head, None):
+        lines, generated = _request_id_lines(data, built_by, strip=("x-request-id",))
+        assert len(generated) == 32 and lines == [b"x-request-id: " + generated]
+
+
 def test_the_compiled_head_is_built_once_the_names_are_known(head: Any) -> None:
     from mtlsproxy.http.header_rules import HeaderRules
     rules = HeaderRules()
@@ -400,7 +458,7 @@ def test_the_compiled_head_is_built_once_the_names_are_known(head: Any) -> None:
         rules.action(name)
     assert head(*args) == (
         b"GET /t HTTP/1.1\r\nhost: a\r\nx-a: 1\r\nx-forwarded-for: 1.1.1.1, 10.0.0.9\r\n"
-        b"x-forwarded-proto: https\r\nx-forwarded-host: a\r\nx-cert: A\r\n\r\n")
+        b"x-forwarded-proto: https\r\nx-forwarded-host: a\r\nx-cert: A\r\n\r\n", False)
     rules.action(b"x-debug_flag")  # a counted drop: the Python loop counts it
     assert head(b"GET", b"/t", [*headers, (b"x-debug_flag", b"1")],
                 *args[3:]) is None

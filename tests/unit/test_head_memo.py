@@ -80,8 +80,8 @@ def outcome(parser: HttptoolsRequestParser | HttptoolsResponseParser,
     except RemoteProtocolError as exc:
         return ("rejected", exc.status_hint)
     # ``raw`` aside: it is set on hits only (the key for the memos in wire.py).
-    return ("accepted", [(type(e).__name__, getattr(e, "__slots__", None) and
-                          {s: getattr(e, s) for s in e.__slots__ if s != "raw"})
+    return ("accepted", [(type(e).__name__, {f.name: getattr(e, f.name)
+                                             for f in dataclasses.fields(e) if f.name != "raw"})
                          for e in events])
 
 
