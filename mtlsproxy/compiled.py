@@ -42,8 +42,9 @@ from pathlib import Path
 from types import ModuleType
 
 # Lowest layer first: the order setup.py builds them in (each cimports those before it).
-MODULES = ("mtlsproxy.http.events", "mtlsproxy.http.checks", "mtlsproxy.http.wire",
-           "mtlsproxy.runtime.writes", "mtlsproxy.http.llhttp_parser", "mtlsproxy.tls.bio",
+MODULES = ("mtlsproxy.runtime.writes", "mtlsproxy.runtime.series", "mtlsproxy.http.events",
+           "mtlsproxy.http.checks", "mtlsproxy.http.wire", "mtlsproxy.http.llhttp_parser",
+           "mtlsproxy.tls.bio",
            "mtlsproxy.proxy.upstream", "mtlsproxy.proxy.pool", "mtlsproxy.proxy.session")
 # This interpreter's extension modules, and the manifest of their build (in the package's
 # directory, beside them).

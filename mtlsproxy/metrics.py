@@ -7,7 +7,6 @@ address, so cardinality stays bounded.
 
 from __future__ import annotations
 
-import bisect
 import platform
 import ssl
 from collections.abc import Iterator
@@ -38,12 +37,11 @@ from mtlsproxy.reasons import (
     TUNNEL_KINDS,
 )
 from mtlsproxy.runtime.pacing import pace
+from mtlsproxy.runtime.series import LATENCY_BUCKETS, RequestSeries
 
 # Request latency buckets: a sidecar adds sub-millisecond latency; upstreams take longer.
 # Connections, not requests: a database session lasts minutes or hours.
 TCP_DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            10.0, 30.0, 60.0)
 
 
 _REQUESTS = ("mtlsproxy_requests", "HTTP requests answered, by status code.")
@@ -101,26 +99,6 @@ class RequestCounts(Collector):
                 cumulative.append((bound, total))
             duration.add_metric(list(labels), cumulative, series.sum)
         yield duration
-
-
-class RequestSeries:
-    """One (listener, route): requests by status code, and the duration histogram's
-    bucket counts (the last one +Inf) and sum. Plain ints and floats; one object per
-    series so that counting a request builds no label tuple."""
-
-    __slots__ = ("codes", "buckets", "sum")
-
-    def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, status: int, duration: float) -> None:
-        codes = self.codes
-        codes[status] = codes.get(status, 0) + 1
-        # le is inclusive: a duration equal to a bound belongs to that bound's bucket.
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, duration)] += 1
-        self.sum += duration
 
 
 class LocalValue:

@@ -3,6 +3,7 @@ from mtlsproxy.http.events cimport Request, Response
 from mtlsproxy.tls.bio cimport TLSConnection
 from mtlsproxy.proxy.upstream cimport UpstreamConnection
 from mtlsproxy.proxy.pool cimport UpstreamPool
+from mtlsproxy.runtime.series cimport RequestSeries
 
 @cython.final
 cdef class _Fast:
@@ -20,6 +21,8 @@ cdef class ProxySession:
     cdef public Py_ssize_t served, received
     cdef public double deadline
     cdef public bint _head_bytes_seen, _refusal_counted, _parse_failed
+    cdef public str _series_route
+    cdef public RequestSeries _series
     cdef object __weakref__
     cpdef _wake(self)
     cpdef _start_task(self, fast)

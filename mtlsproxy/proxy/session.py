@@ -68,6 +68,7 @@ from mtlsproxy.proxy.routing import Router
 from mtlsproxy.proxy.tunnel import Tunnel, open_upgrade
 from mtlsproxy.proxy.upstream import ACTIVE as UP_ACTIVE
 from mtlsproxy.proxy.upstream import Exchange, UpstreamConnection
+from mtlsproxy.runtime.series import RequestSeries
 from mtlsproxy.tls.bio import OPEN, TLSConnection
 from mtlsproxy.tls.contexts import ServerContexts
 
@@ -160,6 +161,7 @@ class Listener(Protocol):
                                 detail: str | None = None, domain: str = "") -> None: ...
     def count_request(self, route: str, status: int, duration: float,
                       protocol: str = "http1") -> None: ...
+    def request_series(self, route: str, protocol: str = "http1") -> RequestSeries | None: ...
     def count_upstream_error(self, upstream: str, kind: str) -> None: ...
     def access(self, session: Connection, req: Request, status: int, sent: int,
                duration: float, upstream: str, upstream_status: int | None = None,
@@ -240,7 +242,8 @@ class ProxySession:
     # One per connection: slots make it smaller (no __dict__).
     __slots__ = ("rt", "conn", "domain", "generation", "verdict", "parser", "inbox", "task", "fast",
                  "state", "served", "deadline", "waiting_on", "_head_bytes_seen",
-                 "_refusal_counted", "_parse_failed", "received", "__weakref__")
+                 "_refusal_counted", "_parse_failed", "received", "_series_route",
+                 "_series", "__weakref__")
 
     def __init__(self, rt: Listener, conn: TLSConnection) -> None:
         self.rt = rt
@@ -265,6 +268,12 @@ class ProxySession:
         self._refusal_counted = False
         self._parse_failed = False
         self.received = 0  # plaintext bytes read from the client not yet logged
+        # The request counts of the route this connection's last fast exchange took (the
+        # listener's object, kept here: the next request of the connection usually takes
+        # the same route and then counts with no look-up). None: not known yet, or
+        # prometheus-client's metrics (workers: N).
+        self._series_route = ""
+        self._series: RequestSeries | None = None
         rt.connection_opened(self)
 
     def __repr__(self) -> str:
@@ -533,7 +542,13 @@ class ProxySession:
     def _count_fast(self, fast: _Fast, status: int, sent: int) -> None:
         rt = self.rt
         duration = perf_counter() - fast.start
-        rt.count_request(fast.route_name, status, duration)
+        if fast.route_name != self._series_route or self._series is None:
+            self._series = rt.request_series(fast.route_name)
+            self._series_route = fast.route_name
+        if self._series is not None:
+            self._series.observe(status, duration)
+        else:
+            rt.count_request(fast.route_name, status, duration)
         if rt.access_log is not None:
             # From the forward to the end of the answer: the upstream's time (499: none).
             rt.access(self, fast.req, status, sent, duration, fast.upstream.key,

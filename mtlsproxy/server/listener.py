@@ -23,7 +23,7 @@ from mtlsproxy.http.header_rules import HeaderRules
 from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.peer import ClientIdentity
-from mtlsproxy.metrics import Metrics, RequestSeries
+from mtlsproxy.metrics import Metrics
 from mtlsproxy.proxy.h2session import H2Session
 from mtlsproxy.proxy.pool import UpstreamPool
 from mtlsproxy.proxy.routing import DomainNames, Router, route_host
@@ -31,6 +31,7 @@ from mtlsproxy.proxy.session import Connection, Domain, ProxySession, Snapshot
 from mtlsproxy.proxy.tcp import TcpSession
 from mtlsproxy.revocation.ocsp import OcspClient
 from mtlsproxy.revocation.watcher import RevocationWatcher
+from mtlsproxy.runtime.series import RequestSeries
 from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.server.generation import Generation, GenerationOwner, TruststoreHolder
 from mtlsproxy.server.refusals import RefusalLog
@@ -388,14 +389,21 @@ class ListenerRuntime:
     def count_upstream_error(self, upstream: str, kind: str) -> None:
         self.metrics.upstream_errors.labels(upstream, kind).inc()
 
+    def request_series(self, route: str, protocol: str = "http1") -> RequestSeries | None:
+        """The counts a request of ``route`` adds to, for a caller to keep (a session, for
+        its connection's requests); None with ``workers: N`` (prometheus-client's)."""
+        counts = self.metrics.request_counts
+        if counts is None:
+            return None
+        series = self._series.get((route, protocol))
+        if series is None:
+            series = self._series[route, protocol] = counts.series(self.name, route, protocol)
+        return series
+
     def count_request(self, route: str, status: int, duration: float,
                       protocol: str = "http1") -> None:
-        counts = self.metrics.request_counts
-        if counts is not None:
-            series = self._series.get((route, protocol))
-            if series is None:
-                series = self._series[route, protocol] = counts.series(self.name, route,
-                                                                       protocol)
+        series = self.request_series(route, protocol)
+        if series is not None:
             series.observe(status, duration)
             return
         key = (route, protocol, status)

@@ -86,6 +86,26 @@ def test_later_requests_on_a_keep_alive_connection_take_the_fast_path(proxy: Har
                         code="200") == 4
 
 
+def test_a_connection_alternating_routes_counts_each_request_on_its_route(
+        unstarted: Harness) -> None:
+    h = unstarted
+    h.start_echo()
+    upstream = f"http://127.0.0.1:{h.echo_port}"
+    h.start(h.config(routes=[{"path_prefix": "/a", "upstream": upstream},
+                             {"path_prefix": "/", "upstream": upstream}]))
+    conn = h.https()
+    for path in ("/a/1", "/b", "/a/2", "/a/3", "/b", "/b"):
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["path"] == path
+    conn.close()
+    assert general_path_tasks(h) == 1  # the later five were fast exchanges
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/a",
+                    code="200") == 3
+    assert h.metric("mtlsproxy_requests_total", listener="public", route="/",
+                    code="200") == 3
+
+
 def test_fast_path_forwards_the_same_headers_as_the_general_path(proxy: Harness) -> None:
     conn = proxy.https()
     seen = []
