@@ -272,7 +272,10 @@ class ProxySession:
         # listener's object, kept here: the next request of the connection usually takes
         # the same route and then counts with no look-up). None: not known yet, or
         # prometheus-client's metrics (workers: N).
-        self._series_route = ""
+        # The route whose series ``_series`` is (None: none looked up yet). A None series
+        # is kept too (workers: N count through prometheus-client): asked once, not per
+        # request.
+        self._series_route: str | None = None
         self._series: RequestSeries | None = None
         rt.connection_opened(self)
 
@@ -542,7 +545,7 @@ class ProxySession:
     def _count_fast(self, fast: _Fast, status: int, sent: int) -> None:
         rt = self.rt
         duration = perf_counter() - fast.start
-        if fast.route_name != self._series_route or self._series is None:
+        if fast.route_name != self._series_route:
             self._series = rt.request_series(fast.route_name)
             self._series_route = fast.route_name
         if self._series is not None:

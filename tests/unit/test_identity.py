@@ -372,7 +372,7 @@ def test_request_counts_expose_what_prometheus_clients_histogram_would() -> None
     samples must be exactly those of prometheus-client's Counter and Histogram."""
     from prometheus_client import Counter, Histogram
 
-    from mtlsproxy.metrics import LATENCY_BUCKETS
+    from mtlsproxy.runtime.series import LATENCY_BUCKETS
     ours = CollectorRegistry()
     metrics = Metrics(ours)
     assert metrics.request_counts is not None and metrics.requests is None
