@@ -7,8 +7,7 @@ request at start + (k * CONNS + i) / RATE, whether or not the proxy kept up, and
 latency is measured from that scheduled instant (so a stall is not hidden by the client
 waiting: no coordinated omission). Prints ``p50_ms p99_ms max_ms requests errors``.
 With ``unique``, every request carries its own ``X-Request-Id`` (as traced services'
-requests do), so no two request heads are the same bytes: mtlsproxy's head memo (see
-docs/performance.md) never hits on the request side.
+requests do), so no two request heads are the same bytes, as in real traffic.
 """
 
 from __future__ import annotations

@@ -471,8 +471,8 @@ class Bench:
         self._paced("4b latency at 1,000 req/s, 50 conns (open loop)", False)
 
     def unique(self) -> None:
-        """(4c) as 4b, but no two request heads alike (an X-Request-Id each): mtlsproxy's
-        request-side head memo never hits, so this row shows its miss path's cost."""
+        """(4c) as 4b, but no two request heads alike (an X-Request-Id each), as in real
+        traffic."""
         self._paced("4c as 4b, every request head unique", True)
 
     def _paced(self, label: str, unique: bool) -> None:

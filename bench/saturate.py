@@ -201,7 +201,7 @@ class SaturateBench(base.Bench):
         user = self.row(label, "- of which user us/request")
         system = self.row(label, "- of which system us/request")
         pinned = workers == 1
-        for t in targets:  # warm-up: connections, memos, caches
+        for t in targets:  # warm-up: connections, caches
             self.wrk(t, self.scripts[script], 1 if pinned else 2, pinned)
         for _ in self.rounds():
             for t in targets:

@@ -21,7 +21,7 @@ Rules of this module:
   ``checks.request_from_split`` makes the same Request without another pass.
 - ``split_response_head`` does the same for an upstream's response, under the same rules,
   when the read is one whole response with a Content-Length body and nothing after it
-  (the read the response head memo also stands in for llhttp on: llhttp_parser.py).
+  (llhttp_parser.py: "the compiled split").
 - ``upstream_head`` writes the whole upstream head ``wire._upstream_head`` writes, for
   the requests its docstring names, in one buffer.
 - Pure: no state, nothing kept between calls.
@@ -156,7 +156,7 @@ cdef inline bytes _lower(const unsigned char* p, Py_ssize_t n):
 # The names most requests and responses carry (browsers', API clients', tracing's, servers'),
 # lower-case, one object each: a header of one of them gets the object itself instead of a
 # new one. The name then costs no allocation, and its hash, computed once, is reused by
-# every set and dict look-up of it (the listener's rules, the memos). _KNOWN[n]: those of
+# every set and dict look-up of it (the listener's rules, the checks). _KNOWN[n]: those of
 # n bytes.
 _NAMES = (
     b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"cookie",

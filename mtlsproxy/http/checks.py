@@ -10,8 +10,8 @@ Rules of this module:
 - Errors are ``RemoteProtocolError`` with the status to answer (400, 431, 501, 505).
 - Three module-level sets remember values already checked (``TOKENS_OF``, the good hosts,
   the good reason phrases): memos of pure functions, each bounded (256 or 1024) because
-  clients and upstreams choose the values; unlike the head memos (memo.py) they hold no
-  per-connection state and need no owner.
+  clients and upstreams choose the values; they hold no per-connection state and need no
+  owner.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ cdef class Request:
     cdef public object content_length
     cdef public bint expect_continue
     cdef public frozenset connection
-    cdef public bytes host, raw, request_id, upgrade
+    cdef public bytes host, request_id, upgrade
 
 @cython.final
 cdef class Response:
@@ -21,7 +21,6 @@ cdef class Response:
     cdef public object content_length
     cdef public bint close_delimited
     cdef public frozenset connection
-    cdef public bytes raw
 
 @cython.final
 cdef class Informational:

@@ -28,10 +28,6 @@ class Request:
     expect_continue: bool = False
     connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
     host: bytes = b""  # the Host header's value (there is at most one)
-    # The request's exact bytes when it was a memo hit (see "the head memo"): a request
-    # seen before, byte for byte, whose derived heads are worth memoising too (wire.py).
-    # Empty otherwise, so that traffic that never repeats pays nothing more there.
-    raw: bytes = b""
     # The X-Request-Id the proxy generated and forwarded (http/wire.py), when the client
     # sent none; b"" otherwise.
     request_id: bytes = b""
@@ -56,7 +52,6 @@ class Response:
     content_length: int | None
     close_delimited: bool = False
     connection: frozenset[bytes] = frozenset()
-    raw: bytes = b""  # the head's exact bytes, as Request.raw
 
 
 @dataclass

@@ -17,17 +17,14 @@ cdef class _LlhttpHead:
 
 @cython.final
 cdef class HttptoolsRequestParser(_LlhttpHead):
-    cdef public object _parser, _memo, _held
+    cdef public object _parser, _held
     cdef public list _events
-    cdef public Py_ssize_t _misses
     cdef public bint _keep
-    cpdef _remember(self, data, req)
 
 
 @cython.final
 cdef class HttptoolsResponseParser(_LlhttpHead):
-    cdef public object _method, _parser, _response, _memo
+    cdef public object _method, _parser, _response
     cdef public list _events
     cdef public bint _stale_parser, _done, _first
-    cdef public Py_ssize_t _misses
     cpdef _feed(self, data)

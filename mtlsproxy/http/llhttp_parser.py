@@ -1,4 +1,4 @@
-"""httptools (llhttp) behind the parsing seam: the fast default, with the head memo.
+"""httptools (llhttp) behind the parsing seam: the fast default, with the compiled split.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from mtlsproxy.http.checks import (
     spoil,
 )
 from mtlsproxy.http.events import END, Data, Event, Headers, Informational, Request, Response
-from mtlsproxy.http.memo import HeadMemos, Memo
 from mtlsproxy.http.speedups import split_request_head, split_response_head
 
 
@@ -49,7 +48,8 @@ class _LlhttpHead:
         self._in_chunk = False
         self._trailer_size = 0
         # llhttp stands between messages (at the start, or after a message that keeps the
-        # connection): where a head-memo hit may stand in for a parse (see "the head memo").
+        # connection): where the compiled split may stand in for a parse (see "the compiled
+        # split").
         self._between = True
 
     def on_message_begin(self) -> None:
@@ -102,59 +102,33 @@ class _LlhttpHead:
         return self._raw_size > self.max_header_bytes
 
 
-# -- the head memo -------------------------------------------------------------------------
+# -- the compiled split ----------------------------------------------------------------
 #
-# Rules of the memo (both llhttp parsers):
-# - A read that is exactly one whole message head (requests: a bodyless request; responses:
-#   a head and its whole Content-Length body), arriving where llhttp stands between
-#   messages, is looked up by its bytes. A hit stands for what llhttp and the checks of
-#   this module made of the same bytes from the same state (with the same header limit):
-#   the events are rebuilt from it and llhttp is not fed, so it stays between messages,
-#   where it would be after parsing them.
-# - Only what parsed cleanly is stored, after the full parse; anything else (a partial
-#   head, a body, pipelined bytes, a HEAD answer, an error) takes the full parse.
-# - Hits get fresh Request/Response objects and header lists, never the stored ones, with
-#   ``raw`` set to the bytes (the key of the memos in wire.py; empty on a full parse).
-# - A head is stored the second time it parses, and only the heads and sizes below are
-#   kept (``memo.Memo``: a doorkeeper, bounded, emptied when full; a Date header makes a
-#   new response head every second and the memo refills with current ones).
-# - A parser whose last MISS_STREAK look-ups all missed (a connection whose heads do not
-#   repeat: a tracing id per request) skips the memo for the next RESTING reads, then looks
-#   again: such traffic pays a counter instead of a look-up, a doorkeeper check and the
-#   tests around them.
+# (http/_speedups.pyx, when built.) A read that arrives where llhttp stands between
+# messages and is one whole head of the split's strict subset is split in one C call,
+# which also finds what ``make_request`` scans the headers for, and checked by
+# ``checks.request_from_split`` (make_request for that subset); llhttp is not fed, so it
+# stays between messages, where it would be after parsing them. A request after which
+# llhttp would stop (Connection: close) takes llhttp's path. The errors raised are the ones
+# llhttp's path raises for the same bytes. Responses likewise
+# (``checks.response_from_split``): a first read that is one whole response with a
+# Content-Length body, not a HEAD answer. Without the module, llhttp parses everything
+# (tests/unit/test_compiled_head.py holds the two to one behaviour).
 #
-# The compiled split (http/_speedups.pyx, when built): where a memo look-up could stand
-# in for llhttp, a read that is one whole head of the split's strict subset is split in
-# one C call, which also finds what ``make_request`` scans the headers for, and checked
-# by ``checks.request_from_split`` (make_request for that subset); a request after which
-# llhttp would stop (Connection: close) takes llhttp's path, so llhttp is left between
-# messages, as after a memo hit. The errors raised are the ones llhttp's path raises for
-# the same bytes. Responses likewise (``checks.response_from_split``): a first read that is
-# one whole response with a Content-Length body, not a HEAD answer, where the head memo
-# could have stood in for llhttp. Without the module, llhttp
-# parses everything (tests/unit/test_compiled_head.py holds the two to one behaviour).
-MEMO_HEAD_BYTES = 2048
-MISS_STREAK = 8
-RESTING = 256
-_RequestFields = tuple[bytes, bytes, bytes, Headers, bool, bool, "int | None", bool,
-                       frozenset[bytes], bytes]
-# The Response's fields (keep_alive True, Content-Length framed): status, reason, version,
-# headers, keep, length, connection.
-_ResponseFields = tuple[int, bytes, bytes, Headers, bool, int, frozenset[bytes]]
+# (A memo of whole heads, looked up by their bytes, stood here before the split; it saved
+# nothing measurable with heads like real traffic, which never repeat, and was removed:
+# docs/performance.md.)
 
 
 class HttptoolsRequestParser(_LlhttpHead):
     """llhttp behind the seam; the default fast path."""
 
-    __slots__ = ("_parser", "_events", "_memo", "_misses", "_keep", "_held")
+    __slots__ = ("_parser", "_events", "_keep", "_held")
 
-    def __init__(self, max_header_bytes: int = 32768, memos: HeadMemos | None = None) -> None:
+    def __init__(self, max_header_bytes: int = 32768) -> None:
         super().__init__(max_header_bytes)
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
-        self._memo: Memo[bytes, _RequestFields] = (memos or HeadMemos()).requests(
-            max_header_bytes)
-        self._misses = 0  # look-ups in a row that missed (see MISS_STREAK)
         self._keep = True  # the current request's keep_alive
         # After an upgrade request llhttp parses nothing more: the bytes that follow are
         # the tunnel's, held unparsed (None: no upgrade yet).
@@ -179,7 +153,7 @@ class HttptoolsRequestParser(_LlhttpHead):
     def on_message_complete(self) -> None:
         self._events.append(END)
         # After a request that closes the connection llhttp refuses more bytes: not a
-        # place where a memo hit may stand in for it (by our reading or llhttp's).
+        # place where the split may stand in for it (by our reading or llhttp's).
         self._between = self._keep and self._parser.should_keep_alive()
 
     def close(self) -> None:
@@ -203,21 +177,7 @@ class HttptoolsRequestParser(_LlhttpHead):
         if self._held is not None:
             self._held += data
             return []
-        # "The head memo" above: a read where llhttp stands between messages may be one.
-        memoisable = False
-        misses = self._misses
-        if misses >= MISS_STREAK:
-            self._misses = misses + 1 if misses < MISS_STREAK + RESTING - 1 else 0
-        elif self._between and len(data) <= MEMO_HEAD_BYTES:
-            hit = self._memo.entries.get(data)
-            if hit is not None:
-                self._misses = 0
-                m, t, v, h, keep, chunked, length, expect, connection, host = hit
-                return [Request(m, t, v, list(h), keep, chunked, length, expect, connection,
-                                host, data), END]
-            self._misses = misses + 1
-            memoisable = True
-        # "The compiled split" below: a read that is one whole common head.
+        # "The compiled split" above: a read that is one whole common head.
         split = split_request_head
         if split is not None and self._between and len(data) <= self.max_header_bytes:
             parts = split(data)
@@ -231,8 +191,6 @@ class HttptoolsRequestParser(_LlhttpHead):
                     # then left where it stops after one (refusing what follows).
                     split_req = None
                 if split_req is not None:
-                    if memoisable:
-                        self._remember(data, split_req)
                     return [split_req, END]
         # llhttp buffers a header line until it ends: count the bytes of a head in
         # progress here, so one endless header line meets the limit too.
@@ -263,26 +221,14 @@ class HttptoolsRequestParser(_LlhttpHead):
                 len(data)):
             raise RemoteProtocolError("request trailer section too large", 431)
         events, self._events = self._events, []
-        if memoisable and self._between and len(events) == 2 and events[1] is END:
-            req = events[0]
-            if type(req) is Request and req.content_length is None and not req.chunked:
-                self._remember(data, req)
         return events
-
-    def _remember(self, data: bytes, req: Request) -> None:
-        """Offer the bodyless request that ``data`` was, whole, to the memo (stored on its
-        second sighting: see "the head memo")."""
-        if self._memo.admit(data):
-            self._memo.store(data, (req.method, req.target, req.http_version,
-                                    list(req.headers), req.keep_alive, False, None,
-                                    req.expect_continue, req.connection, req.host))
 
 
 class HttptoolsResponseParser(_LlhttpHead):
     __slots__ = ("_method", "_events", "_parser", "_stale_parser", "_response", "_done",
-                 "_first", "_memo", "_misses")
+                 "_first")
 
-    def __init__(self, max_header_bytes: int = 65536, memos: HeadMemos | None = None) -> None:
+    def __init__(self, max_header_bytes: int = 65536) -> None:
         super().__init__(max_header_bytes)
         self._method = b"GET"
         self._events: list[Event] = []
@@ -291,9 +237,6 @@ class HttptoolsResponseParser(_LlhttpHead):
         self._response: Response | None = None
         self._done = False
         self._first = True  # the next feed starts a response
-        self._memo: Memo[bytes, _ResponseFields] = (memos or HeadMemos()).responses(
-            max_header_bytes)
-        self._misses = 0  # look-ups in a row that missed (see MISS_STREAK)
 
     def expect(self, method: bytes) -> None:
         """Ready for the response to a ``method`` request (one at a time, no pipelining)."""
@@ -352,32 +295,12 @@ class HttptoolsResponseParser(_LlhttpHead):
             self._between = self._response.keep_alive and self._parser.should_keep_alive()
 
     def feed(self, data: bytes) -> list[Event]:
-        # "The head memo" above: the first read of a response (not a HEAD answer) where
-        # llhttp stands between messages may be a head seen before and its whole body.
-        head = b""
-        misses = self._misses
-        whole = self._first and self._between and self._method != b"HEAD"
-        if misses >= MISS_STREAK:
-            self._misses = misses + 1 if misses < MISS_STREAK + RESTING - 1 else 0
-        elif whole:
-            end = data.find(b"\r\n\r\n", 0, MEMO_HEAD_BYTES) + 4
-            self._misses = misses + 1
-            if end > 4:
-                head = data[:end]
-                hit = self._memo.entries.get(head)
-                if hit is not None and len(data) - end == hit[5]:
-                    self._misses = 0
-                    status, reason, version, headers, keep, length, connection = hit
-                    self._first = False
-                    self._done = True
-                    resp = self._response = Response(status, reason, version, list(headers),
-                                                     keep, False, length, False, connection,
-                                                     head)
-                    return [resp, Data(data[end:]), END] if length else [resp, END]
-        # "The compiled split" above, for a response: one whole response of its subset.
+        # "The compiled split" above, for a response: one whole response of its subset, as
+        # the first read of a response (not a HEAD answer) where llhttp stands between
+        # messages.
         split = split_response_head
-        events: list[Event] | None = None
-        if split is not None and whole and len(data) <= self.max_header_bytes:
+        if (split is not None and self._first and self._between and self._method != b"HEAD"
+                and len(data) <= self.max_header_bytes):
             parts = split(data)
             if parts is not None:
                 status, reason, headers, connection_values, length, end = parts
@@ -387,19 +310,9 @@ class HttptoolsResponseParser(_LlhttpHead):
                     self._first = False
                     self._done = True
                     self._response = split_resp
-                    events = ([split_resp, Data(data[end:]), END] if length
-                              else [split_resp, END])
-        if events is None:
-            events = self._feed(data)
-        if head and self._between and 2 <= len(events) <= 3 and events[-1] is END:
-            first = events[0]
-            if (isinstance(first, Response) and first.keep_alive and not first.chunked
-                    and first.content_length == len(data) - len(head)
-                    and first.status not in (204, 304) and self._memo.admit(head)):
-                self._memo.store(head, (first.status, first.reason, first.http_version,
-                                        list(first.headers), True, first.content_length,
-                                        first.connection))
-        return events
+                    return ([split_resp, Data(data[end:]), END] if length
+                            else [split_resp, END])
+        return self._feed(data)
 
     def _feed(self, data: bytes) -> list[Event]:
         if self._done:

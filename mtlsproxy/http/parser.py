@@ -24,7 +24,6 @@ from mtlsproxy.http.events import (
 )
 from mtlsproxy.http.h11_parser import H11RequestParser, H11ResponseParser
 from mtlsproxy.http.llhttp_parser import HttptoolsRequestParser, HttptoolsResponseParser
-from mtlsproxy.http.memo import HeadMemos
 
 __all__ = [
     "END", "Data", "EndOfMessage", "Event", "H11RequestParser", "H11ResponseParser",
@@ -34,15 +33,13 @@ __all__ = [
 ]
 
 
-def request_parser(kind: str, max_header_bytes: int,
-                   memos: HeadMemos | None = None) -> RequestParser:
-    """``memos``: the process's head memos (llhttp only; h11 is the reference, unmemoised)."""
+def request_parser(kind: str, max_header_bytes: int) -> RequestParser:
     if kind == "h11":
         return H11RequestParser(max_header_bytes)
-    return HttptoolsRequestParser(max_header_bytes, memos)
+    return HttptoolsRequestParser(max_header_bytes)
 
 
-def response_parser(kind: str, memos: HeadMemos | None = None) -> ResponseParser:
+def response_parser(kind: str) -> ResponseParser:
     if kind == "h11":
         return H11ResponseParser()
-    return HttptoolsResponseParser(memos=memos)
+    return HttptoolsResponseParser()

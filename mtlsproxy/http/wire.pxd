@@ -4,8 +4,7 @@ from mtlsproxy.http.events cimport Request, Response
 
 cpdef bytes upstream_request_head(Request req, bytes target, str client_ip,
                                   bytes cert_block, object rules=*,
-                                  frozenset replaced=*, object memos=*)
+                                  frozenset replaced=*)
 cpdef tuple _upstream_head(Request req, bytes target, str client_ip, bytes cert_block,
-                           object rules, frozenset replaced, object memos)
-cpdef tuple client_response_head(Request req, Response resp, bint draining,
-                                 object memos=*)
+                           object rules, frozenset replaced)
+cpdef tuple client_response_head(Request req, Response resp, bint draining)

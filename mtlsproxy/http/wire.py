@@ -25,7 +25,6 @@ from mtlsproxy.http.header_rules import (
     forwarded_element,
     valid_forwarded,
 )
-from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.speedups import kept_lines, upstream_head
 from mtlsproxy.identity.headers import fold
 
@@ -52,15 +51,6 @@ _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _NO_NAMES: frozenset[bytes] = frozenset()
 
 
-# With ``memos`` (the process's HeadMemos, memo.py), heads built before for requests and
-# responses that were head-memo hits (``raw``: their bytes, seen before; see
-# llhttp_parser.py) are reused: keyed by the raw bytes and every other input, the
-# listener's header rules included. Stored on a key's second sighting, bounded. Without,
-# every head is built: the functions stay pure either way.
-
-
-_REQUEST_ID_LINE = b"\nx-request-id: "
-
 
 def replaced_names(extra: tuple[tuple[bytes, bytes], ...],
                    strip: frozenset[bytes] = _NO_NAMES) -> frozenset[bytes]:
@@ -75,8 +65,7 @@ def replaced_names(extra: tuple[tuple[bytes, bytes], ...],
 
 def upstream_request_head(req: Request, target: bytes, client_ip: str,
                           cert_block: bytes, rules: HeaderRules = DEFAULT_RULES,
-                          replaced: frozenset[bytes] = _NO_NAMES,
-                          memos: HeadMemos | None = None) -> bytes:
+                          replaced: frozenset[bytes] = _NO_NAMES) -> bytes:
     """The request head sent upstream: hop-by-hop, identity, underscore and the
     operator's headers removed (``rules``: the listener's, see http/header_rules.py),
     X-Forwarded-* set, the certificate headers added (``cert_block``: already rendered,
@@ -85,10 +74,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
 
     A request without an X-Request-Id gets one, forwarded and kept in ``req.request_id``
     for the access log: 32 hex digits of randomness, nginx's ``$request_id`` (Envoy
-    generates one too, a UUID). It is added after the head is built (and memoised), so
-    heads that repeat still do."""
+    generates one too, a UUID), at the end of the head."""
     head, request_id_kept = _upstream_head(req, target, client_ip, cert_block, rules,
-                                           replaced, memos)
+                                           replaced)
     if request_id_kept:
         return head
     request_id = os.urandom(16).hex().encode()
@@ -97,21 +85,9 @@ def upstream_request_head(req: Request, target: bytes, client_ip: str,
 
 
 def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: bytes,
-                   rules: HeaderRules, replaced: frozenset[bytes],
-                   memos: HeadMemos | None) -> tuple[bytes, bool]:
+                   rules: HeaderRules, replaced: frozenset[bytes]) -> tuple[bytes, bool]:
     """The head, and whether it kept the client's X-Request-Id. (Told by whoever wrote the
     lines: a search of the whole head for one costs as much as writing it.)"""
-    raw = req.raw if memos is not None else b""
-    if raw:
-        assert memos is not None
-        # Every input of the head: ``replaced`` too (a route that protects a name must not
-        # be given a head built where the client's header of that name was kept).
-        key = (raw, target, client_ip, cert_block, rules, replaced)
-        made = memos.upstream_heads.entries.get(key)
-        if made is not None:
-            # Names are lower-case here; values hold no newline. (``find``: bytes ``in``
-            # builds and drops a TypeError first, proxy/session.py's _try_fast says why.)
-            return made, made.find(_REQUEST_ID_LINE) >= 0
     named = req.connection  # RFC 9110 section 7.6.1: the options name headers to drop
     if named and named <= HOP_BY_HOP:
         named = _NO_NAMES  # usually so ("keep-alive"): dropped as hop-by-hop anyway
@@ -123,7 +99,6 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
         framing = b""
     head = None
     request_id_kept = False
-    counted = False  # a drop was counted: this head is not memoised (count every one)
     if upstream_head is not None and not named and not replaced:
         # The loop below in one compiled call (http/_speedups.pyx), when every header's
         # action is known, none is a counted drop and no Forwarded header came; None
@@ -166,7 +141,6 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
                     host = header[1]
                 elif action:  # one of the counted drops (header_rules.DROP_REASONS)
                     rules.count(action)
-                    counted = True
                     continue
             if name == b"x-request-id":
                 request_id_kept = True
@@ -188,16 +162,14 @@ def _upstream_head(req: Request, target: bytes, client_ip: str, cert_block: byte
         lines.append(b"x-forwarded-host: " + host)
         lines.append(b"")
         head = b"".join((b"\r\n".join(lines), cert_block, framing, b"\r\n"))
-    if raw and not counted and memos is not None and memos.upstream_heads.admit(key):
-        memos.upstream_heads.store(key, head)
     return head, request_id_kept
 
 
 _CONTENT_LENGTH = frozenset({b"content-length"})
 
 
-def client_response_head(req: Request, resp: Response, draining: bool,
-                         memos: HeadMemos | None = None) -> tuple[bytes, bool, bool]:
+def client_response_head(req: Request, resp: Response, draining: bool
+                         ) -> tuple[bytes, bool, bool]:
     """(response head for the client, re-chunk the body, keep the connection): one framing
     decision for the fast and the general path, and the head that states it.
 
@@ -207,16 +179,6 @@ def client_response_head(req: Request, resp: Response, draining: bool,
     """
     head_request = req.method == b"HEAD"
     http10_client = req.http_version == b"1.0"
-    # The head depends on the request only through these three: keyed by them, not by
-    # the request's bytes, a response head seen before is reused for requests that never
-    # repeat (a tracing id per request) too.
-    memoised = memos is not None and resp.raw
-    if memoised:
-        assert memos is not None
-        key = (resp.raw, draining, head_request, http10_client, req.keep_alive)
-        made = memos.client_heads.entries.get(key)
-        if made is not None:
-            return made
     bodyless = head_request or resp.status in (204, 304)
     unframed = not bodyless and (resp.chunked or resp.close_delimited)
     chunked = unframed and not http10_client
@@ -236,14 +198,11 @@ def client_response_head(req: Request, resp: Response, draining: bool,
         lines = [_FIELD_JOIN(header) for header in resp.headers if header[0] not in drop]
         lines.append(b"")
         block = b"\r\n".join(lines)
-    made = b"".join((status_line, b"\r\n", block,
+    return b"".join((status_line, b"\r\n", block,
                      b"transfer-encoding: chunked\r\n" if chunked else b"",
                      b"connection: close\r\n" if not keep_alive
                      else b"connection: keep-alive\r\n" if http10_client else b"",
                      b"\r\n")), chunked, keep_alive
-    if memoised and memos is not None and memos.client_heads.admit(key):
-        memos.client_heads.store(key, made)
-    return made
 
 
 def h2_response_headers(resp: Response) -> list[tuple[bytes, bytes]]:

@@ -403,7 +403,7 @@ class H2Session(HandshakeOver):
                      else self.verdict.header_block)
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
-                wire.replaced_names(extra, outcome.strip), rt.memos)
+                wire.replaced_names(extra, outcome.strip))
             up_start = perf_counter()
             deadline = wire.grpc_timeout(headers) if stream.grpc else None
             if deadline is None:

@@ -16,7 +16,6 @@ from functools import partial
 from typing import cast
 
 from mtlsproxy.config import Upstream
-from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import response_parser
 from mtlsproxy.proxy.connect import connect
 from mtlsproxy.proxy.h2upstream import H2UpstreamPool, H2UpstreamStream
@@ -25,24 +24,23 @@ from mtlsproxy.runtime.writes import WriteBatch
 from mtlsproxy.tls.upstream import UpstreamTLSContexts
 
 
-def _new_connection(key: str, parser_kind: str, memos: HeadMemos | None,
-                    writes: WriteBatch | None, pool_key: str) -> asyncio.Protocol:
+def _new_connection(key: str, parser_kind: str, writes: WriteBatch | None,
+                    pool_key: str) -> asyncio.Protocol:
     # UpstreamConnection has asyncio.Protocol's methods, not that base (see its class):
     # typed as one for the loop (``_connect`` casts it back).
     return cast(asyncio.Protocol, UpstreamConnection(
-        key, response_parser(parser_kind, memos), writes, pool_key))
+        key, response_parser(parser_kind), writes, pool_key))
 
 
 class UpstreamPool:
-    __slots__ = ("parser_kind", "memos", "writes", "connect_timeout", "max_idle",
+    __slots__ = ("parser_kind", "writes", "connect_timeout", "max_idle",
                  "idle_timeout", "clock", "_idle", "opened", "tls", "h2")
 
     def __init__(self, parser_kind: str = "httptools", connect_timeout: float = 5.0,
                  max_idle_per_upstream: int = 64, idle_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
-                 writes: WriteBatch | None = None, memos: HeadMemos | None = None) -> None:
+                 writes: WriteBatch | None = None) -> None:
         self.parser_kind = parser_kind
-        self.memos = memos  # the process's head memos (http/memo.py), for response parsers
         self.writes = writes  # given to every connection (runtime/writes.py)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_upstream
@@ -89,8 +87,8 @@ class UpstreamPool:
         # this coroutine's, which an https:// connection's TLS layer (keeping the factory)
         # would keep, with the connection, in a cycle of its own.
         _, proto = await connect(
-            upstream, partial(_new_connection, upstream.key, self.parser_kind, self.memos,
-                              self.writes, upstream.pool_key),
+            upstream, partial(_new_connection, upstream.key, self.parser_kind, self.writes,
+                              upstream.pool_key),
             timeout, self.tls)
         conn = cast(UpstreamConnection, proto)
         self.opened += 1

@@ -57,7 +57,6 @@ from mtlsproxy.errors import ConnectionClosed, RemoteProtocolError, UpstreamErro
 from mtlsproxy.http import normalize, speedups, wire
 from mtlsproxy.http.events import Data, EndOfMessage, Event, Request, Response
 from mtlsproxy.http.header_rules import HeaderRules, UnderscoreRejected
-from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.normalize import normalize_target
 from mtlsproxy.http.parser import request_parser, response_parser
 from mtlsproxy.identity.headers import header_block
@@ -135,7 +134,6 @@ class Listener(Protocol):
     header_rules: HeaderRules
     has_domains: bool  # more than one: a request's Host is checked against its SNI's
     pool: UpstreamPool
-    memos: HeadMemos | None
     draining: bool
     loop_time: Callable[[], float]
 
@@ -252,8 +250,7 @@ class ProxySession:
         self.domain = rt.domain_for(None)
         self.generation = rt.generation()  # one snapshot for the connection's life
         self.verdict: Verdict | None = None
-        self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes,
-                                     rt.memos)
+        self.parser = request_parser(rt.parser_kind, rt.config.limits.max_header_bytes)
         self.inbox: Inbox[Event] = Inbox(conn.pause_reading, conn.resume_reading)
         self.task: asyncio.Task[None] | None = None  # only while the general path runs
         self.fast: _Fast | None = None  # a fast exchange in flight
@@ -465,8 +462,7 @@ class ProxySession:
         if up is None:
             return False
         head = wire.upstream_request_head(req, target, self.conn.peername[0],
-                                          verdict.header_block, rt.header_rules, _NO_NAMES,
-                                          rt.memos)
+                                          verdict.header_block, rt.header_rules, _NO_NAMES)
         up.expect(req.method)
         try:
             up.write(head)
@@ -497,7 +493,7 @@ class ProxySession:
         up.direct = None
         self.fast = None
         self.deadline = 0.0
-        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining, rt.memos)
+        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining)
         body = events[1]
         if len(events) == 3 and not rechunk and type(body) is Data:
             data = head + body.data  # the common case: one body piece, framed as it came
@@ -745,7 +741,7 @@ class ProxySession:
             head = wire.upstream_request_head(
                 req, target, self.conn.peername[0], block, rt.header_rules,
                 wire.replaced_names(extra, outcome.strip if isinstance(outcome, Admitted)
-                               else _NO_NAMES), rt.memos)
+                               else _NO_NAMES))
             up_start = perf_counter()
             if upgrade:
                 status, sent = await self._upgrade(req, route, head, start)
@@ -869,7 +865,7 @@ class ProxySession:
             # Its own key (TLS settings included), and never pooled after (below): it
             # carried an upgrade request.
             up = UpstreamConnection(route.upstream.key,
-                                    response_parser(rt.parser_kind, rt.memos), rt.pool.writes,
+                                    response_parser(rt.parser_kind), rt.pool.writes,
                                     route.upstream.pool_key)
             opened.transport.set_protocol(cast(asyncio.Protocol, up))  # see its class
             up.connection_made(opened.transport)
@@ -959,7 +955,7 @@ class ProxySession:
     async def _stream_response(self, req: Request, resp: Response, up: Exchange,
                                pump: asyncio.Task[None] | None) -> tuple[int, int, bool]:
         rt = self.rt
-        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining, rt.memos)
+        head, rechunk, keep = wire.client_response_head(req, resp, rt.draining)
         # Writes are coalesced: the head and whatever body is already here go out as one
         # TLS record and one system call (for small responses, the whole response).
         pending = [head]

@@ -20,7 +20,6 @@ from mtlsproxy.admission.tokens import redact_query
 from mtlsproxy.config import ListenerConfig
 from mtlsproxy.http.client import post
 from mtlsproxy.http.header_rules import HeaderRules
-from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.http.parser import Request
 from mtlsproxy.identity.peer import ClientIdentity
 from mtlsproxy.metrics import Metrics
@@ -123,9 +122,8 @@ class ListenerRuntime:
                  pool: UpstreamPool, cache: ValidationCache, parser_kind: str = "httptools",
                  clock: Callable[[], dt.datetime] = utc_now,
                  access_log: AccessLog | None = None, worker: int | None = None,
-                 writes: WriteBatch | None = None, memos: HeadMemos | None = None) -> None:
+                 writes: WriteBatch | None = None) -> None:
         self.config = config
-        self.memos = memos  # the process's head memos (http/memo.py); None: none
         self.writes = writes  # client connections' sends deferred to the pass's end
         self.worker = worker  # index among ``workers: N``; None when there is one process
         self.name = config.name

@@ -22,7 +22,6 @@ from mtlsproxy import __version__
 from mtlsproxy.admission.cache import ValidationCache
 from mtlsproxy.config import Config, ListenerConfig, load_config
 from mtlsproxy.errors import ConfigError, TruststoreError
-from mtlsproxy.http.memo import HeadMemos
 from mtlsproxy.metrics import (
     Metrics,
     ServerCertMetrics,
@@ -111,10 +110,7 @@ class ProxyServer:
         # One batch for every connection of this process: a pass's sends all go after
         # its reads (runtime/writes.py).
         self.writes = WriteBatch()
-        # The head memos of this process (http/memo.py): made here, handed down, cleared
-        # by their owner.
-        self.memos = HeadMemos()
-        self.pool = UpstreamPool(config.parser, writes=self.writes, memos=self.memos)
+        self.pool = UpstreamPool(config.parser, writes=self.writes)
         self.access_log = AccessLog(access_stream) if config.access_log else None
         self.truststore_metrics = TruststoreMetrics(self.registry)
         self.s3_client_factory = s3_client_factory
@@ -151,7 +147,7 @@ class ProxyServer:
             runtime = ListenerRuntime(lc, owners, self.metrics, self.pool,
                                       self.cache, config.parser, clock, self.access_log,
                                       worker=None if worker is None else worker.index,
-                                      writes=self.writes, memos=self.memos)
+                                      writes=self.writes)
             for owner, (source, data) in zip(owners, sources, strict=True):
                 self._setup_revocation(owner)
                 self.cert_watchers.append(ServerCertWatcher(owner, self.server_cert_metrics))

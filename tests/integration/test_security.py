@@ -192,7 +192,7 @@ def test_underscore_headers_are_dropped_by_default_and_counted(
 def test_identity_headers_are_dropped_and_counted(unstarted: Harness) -> None:
     h = unstarted
     h.start()
-    for _ in range(6):  # identical requests are counted too (past the head memos' doorkeepers)
+    for _ in range(6):  # identical requests are each counted
         status, _, body = h.get("/", headers={"X-SSL-Client-S-DN": FORGED,
                                               "X-Amzn-Mtls-Clientcert": FORGED})
         assert status == 200 and FORGED.encode() not in body

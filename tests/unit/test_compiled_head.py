@@ -260,6 +260,33 @@ def test_after_a_refused_head_the_next_feed_is_answered_the_same_either_way(
         assert isinstance(answers[0][0], tuple)  # the bad head was refused
 
 
+_COMMON = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize("before", [b"GET /x", b"POST / HTTP/1.1\r\nHost: x\r\n",
+                                    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n",
+                                    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                                    b"\r\n\r\n46\r\n"],
+                         ids=["mid_request_line", "mid_head", "mid_body", "mid_chunk"])
+def test_a_whole_head_read_inside_a_message_is_parsed_as_its_continuation(
+        split: Any, before: bytes) -> None:
+    """The split stands in for llhttp only between messages: a read that is one whole
+    common head, arriving inside another message, is that message's next bytes."""
+    answers = []
+    for chosen in (split, None):
+        with mock.patch.object(llhttp_parser, "split_request_head", chosen):
+            p = HttptoolsRequestParser(32768)
+            got: list[object] = []
+            try:
+                for piece in (before, _COMMON):
+                    got.extend(p.feed(piece))
+            except RemoteProtocolError as exc:
+                got.append((exc.status_hint, str(exc)))
+            answers.append(got)
+    assert answers[0] == answers[1]
+    assert not any(isinstance(e, Request) and e.target == b"/a" for e in answers[0])
+
+
 def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) -> None:
     # "pip install . must still work on a machine without a compiler" (issue 26): the
     # wheel builds, without the extension, and says why.
