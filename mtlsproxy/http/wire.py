@@ -51,7 +51,6 @@ _STATUS_PREFIX = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _NO_NAMES: frozenset[bytes] = frozenset()
 
 
-
 def replaced_names(extra: tuple[tuple[bytes, bytes], ...],
                    strip: frozenset[bytes] = _NO_NAMES) -> frozenset[bytes]:
     """``upstream_request_head``'s ``replaced``: the folded names of the headers admission

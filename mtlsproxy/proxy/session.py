@@ -267,11 +267,9 @@ class ProxySession:
         self.received = 0  # plaintext bytes read from the client not yet logged
         # The request counts of the route this connection's last fast exchange took (the
         # listener's object, kept here: the next request of the connection usually takes
-        # the same route and then counts with no look-up). None: not known yet, or
-        # prometheus-client's metrics (workers: N).
-        # The route whose series ``_series`` is (None: none looked up yet). A None series
-        # is kept too (workers: N count through prometheus-client): asked once, not per
-        # request.
+        # the same route and then counts with no look-up), and that route's name (None:
+        # none looked up yet). A None series is kept too: with workers: N the counts are
+        # prometheus-client's, and the listener is asked once, not per request.
         self._series_route: str | None = None
         self._series: RequestSeries | None = None
         rt.connection_opened(self)

@@ -240,24 +240,29 @@ def test_a_compiled_module_from_older_sources_is_not_used() -> None:
     assert out.stdout.split() == ["False", "None"]
 
 
+def fed(pieces: tuple[bytes, ...], split: Any) -> list[object]:
+    """What one fresh parser answers to each of ``pieces`` in turn (its events, or the
+    refusal's status and words), with the compiled split (``split``) or without (None)."""
+    with mock.patch.object(llhttp_parser, "split_request_head", split):
+        p = HttptoolsRequestParser(32768)
+        got: list[object] = []
+        for piece in pieces:
+            try:
+                got.append(p.feed(piece))
+            except RemoteProtocolError as exc:
+                got.append((exc.status_hint, str(exc)))
+        return got
+
+
 def test_after_a_refused_head_the_next_feed_is_answered_the_same_either_way(
         split: Any) -> None:
     # The proxy stops reading after a refusal, but the parser stays where llhttp leaves
     # it either way: refusing what follows.
     for bad in (EXTRA["host_bad"], EXTRA["host_last_bad"], EXTRA["unknown_upper_method"]):
-        answers = []
-        for chosen in (split, None):
-            with mock.patch.object(llhttp_parser, "split_request_head", chosen):
-                p = HttptoolsRequestParser(32768)
-                got: list[object] = []
-                for piece in (bad, b"GET / HTTP/1.1\r\nHost: ok\r\n\r\n"):
-                    try:
-                        got.append(p.feed(piece))
-                    except RemoteProtocolError as exc:
-                        got.append((exc.status_hint, str(exc)))
-                answers.append(got)
-        assert answers[0] == answers[1], bad
-        assert isinstance(answers[0][0], tuple)  # the bad head was refused
+        pieces = (bad, b"GET / HTTP/1.1\r\nHost: ok\r\n\r\n")
+        answers = fed(pieces, split)
+        assert answers == fed(pieces, None), bad
+        assert isinstance(answers[0], tuple)  # the bad head was refused
 
 
 _COMMON = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
@@ -272,19 +277,10 @@ def test_a_whole_head_read_inside_a_message_is_parsed_as_its_continuation(
         split: Any, before: bytes) -> None:
     """The split stands in for llhttp only between messages: a read that is one whole
     common head, arriving inside another message, is that message's next bytes."""
-    answers = []
-    for chosen in (split, None):
-        with mock.patch.object(llhttp_parser, "split_request_head", chosen):
-            p = HttptoolsRequestParser(32768)
-            got: list[object] = []
-            try:
-                for piece in (before, _COMMON):
-                    got.extend(p.feed(piece))
-            except RemoteProtocolError as exc:
-                got.append((exc.status_hint, str(exc)))
-            answers.append(got)
-    assert answers[0] == answers[1]
-    assert not any(isinstance(e, Request) and e.target == b"/a" for e in answers[0])
+    answers = fed((before, _COMMON), split)
+    assert answers == fed((before, _COMMON), None)
+    assert not any(isinstance(e, Request) and e.target == b"/a"
+                   for events in answers if isinstance(events, list) for e in events)
 
 
 def test_a_build_without_a_c_compiler_still_installs_pure_python(tmp_path: Any) -> None:
